@@ -1,0 +1,382 @@
+//! Every string a client can see, in one place (PROTOCOL.md §1.4, §1.7, §2.5, §3.2, §6.3, §9.4).
+//!
+//! No other code writes a reason, an error body or a `system` message literal: it names a
+//! variant here. The golden test at the bottom pins every string byte for byte.
+
+use std::borrow::Cow;
+
+/// Why a WebSocket upgrade was refused (PROTOCOL.md §1.4): HTTP status and `{"error": ...}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpgradeError {
+    /// Row 1: not a GET. Empty body.
+    NotGet,
+    /// Row 2: `vsn` not negotiable. Empty body.
+    VsnUnsupported,
+    /// Row 5.
+    ApiKeyMissing,
+    /// Row 6 (also other claim failures, §0.4).
+    NotJwt,
+    /// Row 7.
+    NoSigner {
+        /// The `kid` looked up, if any.
+        kid: Option<String>,
+    },
+    /// Row 8.
+    BadSignature,
+    /// Row 9.
+    Expired,
+    /// Row 10.
+    MissingClaims,
+    /// Row 11.
+    TooManyUsers,
+    /// Row 12.
+    TooManyJoins,
+    /// Row 13.
+    Internal,
+}
+
+impl UpgradeError {
+    /// HTTP status code.
+    pub fn status(&self) -> u16 {
+        match self {
+            UpgradeError::NotGet => 400,
+            UpgradeError::VsnUnsupported => 403,
+            UpgradeError::ApiKeyMissing
+            | UpgradeError::NotJwt
+            | UpgradeError::NoSigner { .. }
+            | UpgradeError::BadSignature
+            | UpgradeError::Expired
+            | UpgradeError::MissingClaims => 401,
+            UpgradeError::TooManyUsers | UpgradeError::TooManyJoins => 429,
+            UpgradeError::Internal => 500,
+        }
+    }
+
+    /// The `error` text of the JSON body; `None` for the empty-body rows.
+    pub fn message(&self) -> Option<Cow<'static, str>> {
+        Some(match self {
+            UpgradeError::NotGet | UpgradeError::VsnUnsupported => return None,
+            UpgradeError::ApiKeyMissing => "API key is missing".into(),
+            UpgradeError::NotJwt => NOT_JWT.into(),
+            UpgradeError::NoSigner { kid } => no_signer(kid.as_deref()),
+            UpgradeError::BadSignature => BAD_SIGNATURE.into(),
+            UpgradeError::Expired => "Token has expired".into(),
+            UpgradeError::MissingClaims => MISSING_CLAIMS.into(),
+            UpgradeError::TooManyUsers => "Too many connected users".into(),
+            UpgradeError::TooManyJoins => "Too many joins per second".into(),
+            UpgradeError::Internal => "Error connecting to Realtime".into(),
+        })
+    }
+
+    /// Whether the response is delayed by the connect error delay (rows 3 and later).
+    pub fn delayed(&self) -> bool {
+        !matches!(self, UpgradeError::NotGet | UpgradeError::VsnUnsupported)
+    }
+}
+
+/// The `reason` of a join error reply (PROTOCOL.md §2.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinError {
+    /// `realtime:` with an empty sub-topic.
+    TopicNameRequired,
+    /// The server is shutting down.
+    RealtimeRestarting,
+    /// Concurrent users limit.
+    ConnectionRateLimitReached,
+    /// Joins per second limit (the socket is closed afterwards).
+    ClientJoinRateLimitReached,
+    /// Channels per socket limit.
+    ChannelRateLimitReached,
+    /// Channel token expired.
+    TokenExpired {
+        /// `now - exp`, seconds.
+        seconds_ago: i64,
+    },
+    /// Channel token lacks `role` or `exp`.
+    MissingClaims,
+    /// Channel token is not a JWT.
+    MalformedJwt,
+    /// Channel token signature invalid.
+    JwtSignatureError,
+    /// No key for the channel token.
+    JwtSignerError {
+        /// The `kid` looked up, if any.
+        kid: Option<String>,
+    },
+    /// The feature needs the project database and none is configured or reachable.
+    UnableToConnectToProject,
+    /// Replay on a public channel.
+    ReplayPublic,
+    /// The join payload is not an object, or anything unexpected.
+    Unknown,
+}
+
+impl JoinError {
+    /// The reason text, `"<Code>: <message>"` as upstream sends it.
+    pub fn reason(&self) -> Cow<'static, str> {
+        match self {
+            JoinError::TopicNameRequired => "TopicNameRequired: You must provide a topic name".into(),
+            JoinError::RealtimeRestarting => {
+                "RealtimeRestarting: Realtime is restarting, please standby".into()
+            }
+            JoinError::ConnectionRateLimitReached => {
+                "ConnectionRateLimitReached: Too many connected users".into()
+            }
+            JoinError::ClientJoinRateLimitReached => {
+                "ClientJoinRateLimitReached: Too many joins per second".into()
+            }
+            JoinError::ChannelRateLimitReached => "ChannelRateLimitReached: Too many channels".into(),
+            JoinError::TokenExpired { seconds_ago } => {
+                format!("InvalidJWTToken: {}", token_expired(*seconds_ago)).into()
+            }
+            JoinError::MissingClaims => format!("InvalidJWTToken: {MISSING_CLAIMS}").into(),
+            JoinError::MalformedJwt => format!("MalformedJWT: {NOT_JWT}").into(),
+            JoinError::JwtSignatureError => format!("JwtSignatureError: {BAD_SIGNATURE}").into(),
+            JoinError::JwtSignerError { kid } => {
+                format!("JwtSignerError: {}", no_signer(kid.as_deref())).into()
+            }
+            JoinError::UnableToConnectToProject => format!(
+                "UnableToConnectToProject: {DB_UNREACHABLE}"
+            )
+            .into(),
+            JoinError::ReplayPublic => {
+                "UnableToReplayMessages: Replay is not allowed for public channels".into()
+            }
+            JoinError::Unknown => "Unknown Error on Channel".into(),
+        }
+    }
+}
+
+/// Reasons of non-join error replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyError {
+    /// An event for a topic this socket has not joined (PROTOCOL.md §1.7).
+    UnmatchedTopic,
+    /// A broadcast over the payload limit, with `ack` (§3.2). Upstream sends a bare string as
+    /// `response`, not an object.
+    PayloadSizeExceeded,
+    /// A presence track whose payload is not an object (§4.3).
+    PresencePayloadNotMap,
+}
+
+impl ReplyError {
+    /// The text.
+    pub fn text(self) -> &'static str {
+        match self {
+            ReplyError::UnmatchedTopic => "unmatched topic",
+            ReplyError::PayloadSizeExceeded => "payload_size_exceeded",
+            ReplyError::PresencePayloadNotMap => "Presence track payload must be a map",
+        }
+    }
+}
+
+/// Messages of `system` pushes that close a channel (PROTOCOL.md §9.4) and notices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SystemMessage {
+    /// Token refresh or re-check found the token expired.
+    TokenExpired {
+        /// `now - exp`, seconds.
+        seconds_ago: i64,
+    },
+    /// Refreshed token lacks claims.
+    MissingClaims,
+    /// Refreshed token is not a JWT.
+    NotJwt,
+    /// Refreshed token has a bad signature.
+    BadSignature,
+    /// No signer for a refreshed token.
+    NoSigner {
+        /// The `kid`, if any.
+        kid: Option<String>,
+    },
+    /// Tenant events per second exceeded.
+    TooManyMessages,
+    /// Tenant presence events per second exceeded.
+    TooManyPresenceMessages,
+    /// Per-channel presence rate exceeded.
+    ClientPresenceRateLimit,
+    /// Presence payload too large.
+    TrackMessageSizeExceeded,
+    /// Shutdown notice (ok status), followed by close 1012.
+    ServerRequestedDisconnect,
+}
+
+impl SystemMessage {
+    /// The text.
+    pub fn text(&self) -> Cow<'static, str> {
+        match self {
+            SystemMessage::TokenExpired { seconds_ago } => token_expired(*seconds_ago).into(),
+            SystemMessage::MissingClaims => MISSING_CLAIMS.into(),
+            SystemMessage::NotJwt => NOT_JWT.into(),
+            SystemMessage::BadSignature => BAD_SIGNATURE.into(),
+            SystemMessage::NoSigner { kid } => no_signer(kid.as_deref()),
+            SystemMessage::TooManyMessages => "Too many messages per second".into(),
+            SystemMessage::TooManyPresenceMessages => "Too many presence messages per second".into(),
+            SystemMessage::ClientPresenceRateLimit => "Client presence rate limit exceeded".into(),
+            SystemMessage::TrackMessageSizeExceeded => "Track message size exceeded".into(),
+            SystemMessage::ServerRequestedDisconnect => "Server requested disconnect".into(),
+        }
+    }
+
+    /// `"ok"` for notices, `"error"` for the closing messages.
+    pub fn status(&self) -> &'static str {
+        match self {
+            SystemMessage::ServerRequestedDisconnect => "ok",
+            _ => "error",
+        }
+    }
+}
+
+/// WebSocket close reasons the server sends (code, reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// No frame received for the idle timeout.
+    IdleTimeout,
+    /// A message over the frame limit.
+    MessageTooBig,
+    /// A WebSocket protocol violation (unmasked client frame, bad opcode, ...).
+    ProtocolError,
+    /// The outbound queue overflowed.
+    SlowConsumer,
+    /// The joins-per-second limit closed the socket.
+    GoingAway,
+    /// Shutdown.
+    ServiceRestart,
+}
+
+impl CloseReason {
+    /// WebSocket close code.
+    pub fn code(self) -> u16 {
+        match self {
+            CloseReason::IdleTimeout => 1000,
+            CloseReason::MessageTooBig => 1009,
+            CloseReason::ProtocolError => 1002,
+            CloseReason::SlowConsumer => 1008,
+            CloseReason::GoingAway => 1001,
+            CloseReason::ServiceRestart => 1012,
+        }
+    }
+
+    /// Close reason text (at most 123 bytes).
+    pub fn text(self) -> &'static str {
+        match self {
+            CloseReason::IdleTimeout => "idle timeout",
+            CloseReason::MessageTooBig => "message too big",
+            CloseReason::ProtocolError => "protocol error",
+            CloseReason::SlowConsumer => "slow consumer: outbound queue full",
+            CloseReason::GoingAway => "going away",
+            CloseReason::ServiceRestart => "server restarting",
+        }
+    }
+}
+
+/// Bodies of plain HTTP answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpMessage {
+    /// 404 for unknown paths.
+    NotFound,
+    /// 400 for a GET on a WebSocket path without upgrade headers.
+    UpgradeRequired,
+}
+
+impl HttpMessage {
+    /// The text.
+    pub fn text(self) -> &'static str {
+        match self {
+            HttpMessage::NotFound => "Not found",
+            HttpMessage::UpgradeRequired => "WebSocket upgrade required",
+        }
+    }
+}
+
+const NOT_JWT: &str = "The token provided is not a valid JWT";
+const BAD_SIGNATURE: &str = "Failed to validate JWT signature";
+const MISSING_CLAIMS: &str = "Fields `role` and `exp` are required in JWT";
+const DB_UNREACHABLE: &str = "Realtime was unable to connect to the project database";
+
+fn token_expired(seconds_ago: i64) -> String {
+    format!("Token has expired {seconds_ago} seconds ago")
+}
+
+fn no_signer(kid: Option<&str>) -> Cow<'static, str> {
+    match kid {
+        Some(kid) => format!(
+            "Failed to generate JWT signer for key ID (kid) \"{kid}\", check your JWT secret or JWKS configuration"
+        )
+        .into(),
+        None => "Failed to generate JWT signer, check your JWT secret or JWKS configuration".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Golden list: every client-visible string, byte for byte as PROTOCOL.md gives it.
+    #[test]
+    fn golden_strings() {
+        let upgrade = [
+            (UpgradeError::ApiKeyMissing, 401, "API key is missing"),
+            (UpgradeError::NotJwt, 401, "The token provided is not a valid JWT"),
+            (UpgradeError::NoSigner { kid: None }, 401, "Failed to generate JWT signer, check your JWT secret or JWKS configuration"),
+            (UpgradeError::NoSigner { kid: Some("k1".into()) }, 401, "Failed to generate JWT signer for key ID (kid) \"k1\", check your JWT secret or JWKS configuration"),
+            (UpgradeError::BadSignature, 401, "Failed to validate JWT signature"),
+            (UpgradeError::Expired, 401, "Token has expired"),
+            (UpgradeError::MissingClaims, 401, "Fields `role` and `exp` are required in JWT"),
+            (UpgradeError::TooManyUsers, 429, "Too many connected users"),
+            (UpgradeError::TooManyJoins, 429, "Too many joins per second"),
+            (UpgradeError::Internal, 500, "Error connecting to Realtime"),
+        ];
+        for (error, status, text) in upgrade {
+            assert_eq!(error.status(), status);
+            assert_eq!(error.message().unwrap(), text);
+            assert!(error.delayed());
+        }
+        assert_eq!(UpgradeError::NotGet.status(), 400);
+        assert_eq!(UpgradeError::VsnUnsupported.status(), 403);
+        assert_eq!(UpgradeError::VsnUnsupported.message(), None);
+
+        let join = [
+            (JoinError::TopicNameRequired, "TopicNameRequired: You must provide a topic name"),
+            (JoinError::RealtimeRestarting, "RealtimeRestarting: Realtime is restarting, please standby"),
+            (JoinError::ConnectionRateLimitReached, "ConnectionRateLimitReached: Too many connected users"),
+            (JoinError::ClientJoinRateLimitReached, "ClientJoinRateLimitReached: Too many joins per second"),
+            (JoinError::ChannelRateLimitReached, "ChannelRateLimitReached: Too many channels"),
+            (JoinError::TokenExpired { seconds_ago: 30 }, "InvalidJWTToken: Token has expired 30 seconds ago"),
+            (JoinError::MissingClaims, "InvalidJWTToken: Fields `role` and `exp` are required in JWT"),
+            (JoinError::MalformedJwt, "MalformedJWT: The token provided is not a valid JWT"),
+            (JoinError::JwtSignatureError, "JwtSignatureError: Failed to validate JWT signature"),
+            (JoinError::JwtSignerError { kid: None }, "JwtSignerError: Failed to generate JWT signer, check your JWT secret or JWKS configuration"),
+            (JoinError::JwtSignerError { kid: Some("abc".into()) }, "JwtSignerError: Failed to generate JWT signer for key ID (kid) \"abc\", check your JWT secret or JWKS configuration"),
+            (JoinError::UnableToConnectToProject, "UnableToConnectToProject: Realtime was unable to connect to the project database"),
+            (JoinError::ReplayPublic, "UnableToReplayMessages: Replay is not allowed for public channels"),
+            (JoinError::Unknown, "Unknown Error on Channel"),
+        ];
+        for (error, text) in join {
+            assert_eq!(error.reason(), text);
+        }
+
+        assert_eq!(ReplyError::UnmatchedTopic.text(), "unmatched topic");
+        assert_eq!(ReplyError::PayloadSizeExceeded.text(), "payload_size_exceeded");
+        assert_eq!(ReplyError::PresencePayloadNotMap.text(), "Presence track payload must be a map");
+
+        let system = [
+            (SystemMessage::TokenExpired { seconds_ago: 2 }, "error", "Token has expired 2 seconds ago"),
+            (SystemMessage::MissingClaims, "error", "Fields `role` and `exp` are required in JWT"),
+            (SystemMessage::NotJwt, "error", "The token provided is not a valid JWT"),
+            (SystemMessage::BadSignature, "error", "Failed to validate JWT signature"),
+            (SystemMessage::TooManyMessages, "error", "Too many messages per second"),
+            (SystemMessage::TooManyPresenceMessages, "error", "Too many presence messages per second"),
+            (SystemMessage::ClientPresenceRateLimit, "error", "Client presence rate limit exceeded"),
+            (SystemMessage::TrackMessageSizeExceeded, "error", "Track message size exceeded"),
+            (SystemMessage::ServerRequestedDisconnect, "ok", "Server requested disconnect"),
+        ];
+        for (message, status, text) in system {
+            assert_eq!(message.status(), status);
+            assert_eq!(message.text(), text);
+        }
+        assert_eq!(CloseReason::IdleTimeout.code(), 1000);
+        assert_eq!(CloseReason::MessageTooBig.code(), 1009);
+        assert!(CloseReason::SlowConsumer.text().len() <= 123);
+    }
+}

@@ -1,0 +1,7 @@
+//! Everything that touches bytes on the wire: WebSocket framing, the Phoenix frame codec,
+//! join payloads, HTTP, the per-connection session and the glommio drivers.
+#![deny(unreachable_pub)]
+#![warn(missing_docs)]
+
+pub mod frame;
+pub mod ws;
