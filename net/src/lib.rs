@@ -5,3 +5,6 @@
 
 pub mod frame;
 pub mod ws;
+pub mod fanout;
+pub mod join;
+pub mod session;

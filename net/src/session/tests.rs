@@ -1,0 +1,317 @@
+//! The channel state machine, driven without sockets: a harness holds several sessions on one
+//! shard and pumps shard messages synchronously.
+
+use super::*;
+use crate::fanout;
+use serde_json::{json, Value};
+
+const SECRET: &[u8] = b"secret";
+const NOW: i64 = 1_800_000_000;
+
+fn token(role: &str, exp_in: i64) -> String {
+    let claims = json!({"role": role, "exp": NOW + exp_in});
+    auth::sign_hs256(SECRET, claims.as_object().unwrap())
+}
+
+struct Harness {
+    state: ShardState,
+    sessions: Vec<Session>,
+    written: Vec<Vec<Bytes>>,
+    delayed: Vec<Vec<Bytes>>,
+    closed: Vec<Option<CloseReason>>,
+    limits: Limits,
+    keys: KeyStore,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Harness {
+            state: ShardState::new(ShardId(0), 1),
+            sessions: Vec::new(),
+            written: Vec::new(),
+            delayed: Vec::new(),
+            closed: Vec::new(),
+            limits: Limits::default(),
+            keys: KeyStore::new(SECRET.to_vec()),
+        }
+    }
+
+    fn connect(&mut self, format: Format) -> usize {
+        let index = self.sessions.len();
+        self.sessions.push(Session::new(format, ShardId(0), ConnId(index as u64), token("anon", 3600)));
+        self.written.push(Vec::new());
+        self.delayed.push(Vec::new());
+        self.closed.push(None);
+        index
+    }
+
+    fn ctx(&self) -> (Limits, KeyStore) {
+        (self.limits.clone(), self.keys.clone())
+    }
+
+    fn text(&mut self, conn: usize, frame: &str) {
+        let (limits, keys) = self.ctx();
+        let ctx = Context { limits: &limits, keys: &keys, database: false, now_secs: NOW };
+        let mut fx = Effects::default();
+        self.sessions[conn].on_text(&mut self.state, ctx, frame.as_bytes(), &mut fx);
+        self.apply(conn, fx);
+    }
+
+    fn binary(&mut self, conn: usize, bytes: &[u8]) {
+        let (limits, keys) = self.ctx();
+        let ctx = Context { limits: &limits, keys: &keys, database: false, now_secs: NOW };
+        let mut fx = Effects::default();
+        self.sessions[conn].on_binary(&mut self.state, ctx, bytes, &mut fx);
+        self.apply(conn, fx);
+    }
+
+    fn apply(&mut self, conn: usize, fx: Effects) {
+        self.written[conn].extend(fx.frames);
+        self.delayed[conn].extend(fx.delayed);
+        if fx.close.is_some() {
+            self.closed[conn] = fx.close;
+        }
+        let mut queue: std::collections::VecDeque<_> = fx.shard.into();
+        while let Some((_, msg)) = queue.pop_front() {
+            let mut out = Vec::new();
+            match self.state.handle(msg, &mut out) {
+                Some(engine::shard::LocalEffect::JoinAcked { topic, subscriber }) => {
+                    let target = subscriber.conn.0 as usize;
+                    let mut fx = Effects::default();
+                    self.sessions[target].on_join_ack(&topic, subscriber.channel, &mut fx);
+                    self.written[target].extend(fx.frames);
+                }
+                Some(engine::shard::LocalEffect::Deliver { topic, message }) => {
+                    let subs = self.state.local_subscribers(&topic).to_vec();
+                    let written = &mut self.written;
+                    fanout::deliver(ShardId(0), &subs, &topic, &message, |c, bytes| written[c.0 as usize].push(bytes.clone()));
+                }
+                None => {}
+            }
+            queue.extend(out);
+        }
+    }
+
+    /// Frames written to `conn` since the last call, as JSON (binary frames as `{"binary": [...]}`).
+    fn take(&mut self, conn: usize) -> Vec<Value> {
+        self.written[conn].drain(..).map(|f| decode_server_frame(&f)).collect()
+    }
+
+    fn take_delayed(&mut self, conn: usize) -> Vec<Value> {
+        self.delayed[conn].drain(..).map(|f| decode_server_frame(&f)).collect()
+    }
+}
+
+fn decode_server_frame(frame: &[u8]) -> Value {
+    let payload = match frame[1] & 0x7F {
+        126 => &frame[4..],
+        127 => &frame[10..],
+        _ => &frame[2..],
+    };
+    if frame[0] & 0x0F == 0x2 {
+        json!({"binary": payload})
+    } else {
+        serde_json::from_slice(payload).unwrap()
+    }
+}
+
+fn v2_join(topic: &str, config: Value) -> String {
+    json!(["1", "1", topic, "phx_join", {"config": config}]).to_string()
+}
+
+#[test]
+fn heartbeat_is_answered_in_both_formats() {
+    let mut h = Harness::new();
+    let v2 = h.connect(Format::V2);
+    let v1 = h.connect(Format::V1);
+    h.text(v2, r#"[null,"7","phoenix","heartbeat",{}]"#);
+    h.text(v1, r#"{"topic":"phoenix","event":"heartbeat","payload":{},"ref":null}"#);
+    assert_eq!(h.take(v2), vec![json!([null, "7", "phoenix", "phx_reply", {"status": "ok", "response": {}}])]);
+    assert_eq!(h.take(v1), vec![json!({"topic": "phoenix", "event": "phx_reply", "payload": {"status": "ok", "response": {}}, "ref": null})]);
+}
+
+#[test]
+fn join_broadcast_and_leave() {
+    let mut h = Harness::new();
+    let a = h.connect(Format::V2);
+    let b = h.connect(Format::V1);
+    h.text(a, &v2_join("realtime:room1", json!({"broadcast": {"ack": true, "self": false}})));
+    assert_eq!(h.take(a), vec![json!(["1", "1", "realtime:room1", "phx_reply", {"status": "ok", "response": {"postgres_changes": []}}])]);
+    // V1 client joins the same channel without the prefix (product docs style, no join_ref).
+    h.text(b, r#"{"topic":"room1","event":"phx_join","payload":{"config":{"broadcast":{"self":true}}},"ref":"1"}"#);
+    assert_eq!(h.take(b), vec![json!({"topic": "room1", "event": "phx_reply", "payload": {"status": "ok", "response": {"postgres_changes": []}}, "ref": "1"})]);
+
+    h.text(a, r#"["1","5","realtime:room1","broadcast",{"type":"broadcast","event":"cursor","payload":{"x":1}}]"#);
+    assert_eq!(h.take(a), vec![json!(["1", "5", "realtime:room1", "phx_reply", {"status": "ok", "response": {}}])]);
+    assert_eq!(h.take(b), vec![json!({"topic": "room1", "event": "broadcast", "payload": {"type": "broadcast", "event": "cursor", "payload": {"x": 1}}, "ref": null})]);
+
+    // b has self: true and receives its own message; a receives it as a V2 array.
+    h.text(b, r#"{"topic":"room1","event":"broadcast","payload":{"type":"broadcast","event":"e","payload":2},"ref":"2"}"#);
+    assert_eq!(h.take(b), vec![json!({"topic": "room1", "event": "broadcast", "payload": {"type": "broadcast", "event": "e", "payload": 2}, "ref": null})]);
+    assert_eq!(h.take(a), vec![json!([null, null, "realtime:room1", "broadcast", {"type": "broadcast", "event": "e", "payload": 2}])]);
+
+    h.text(a, r#"["1","12","realtime:room1","phx_leave",{}]"#);
+    assert_eq!(
+        h.take(a),
+        vec![
+            json!(["1", "12", "realtime:room1", "phx_reply", {"status": "ok", "response": {}}]),
+            json!(["1", "1", "realtime:room1", "phx_close", {}]),
+        ]
+    );
+    h.text(b, r#"{"topic":"room1","event":"broadcast","payload":{},"ref":"3"}"#);
+    assert!(h.take(a).is_empty(), "a left and must not receive");
+}
+
+#[test]
+fn binary_broadcast_reaches_v1_as_json_and_v2_as_kind_4() {
+    let mut h = Harness::new();
+    let sender = h.connect(Format::V2);
+    let v2 = h.connect(Format::V2);
+    let v1 = h.connect(Format::V1);
+    h.text(sender, &v2_join("realtime:room1", json!({"broadcast": {"self": true}})));
+    h.text(v2, &v2_join("realtime:room1", json!({})));
+    h.text(v1, r#"{"topic":"realtime:room1","event":"phx_join","payload":{"config":{}},"ref":"1","join_ref":"1"}"#);
+    for conn in [sender, v2, v1] {
+        h.take(conn);
+    }
+    let push = frame::encode_user_broadcast_push("1", "5", "realtime:room1", "cursor", true, br#"{"x":1,"y":2}"#);
+    h.binary(sender, &push);
+    let mut expected = vec![4u8, 14, 6, 0, 1];
+    expected.extend_from_slice(b"realtime:room1cursor{\"x\":1,\"y\":2}");
+    assert_eq!(h.take(sender), vec![json!({"binary": expected.clone()})]);
+    assert_eq!(h.take(v2), vec![json!({"binary": expected})]);
+    assert_eq!(
+        h.take(v1),
+        vec![json!({"topic": "realtime:room1", "event": "broadcast", "payload": {"type": "broadcast", "event": "cursor", "payload": {"x": 1, "y": 2}}, "ref": null})]
+    );
+    // Raw binary payloads never reach V1.
+    let push = frame::encode_user_broadcast_push("1", "6", "realtime:room1", "bin", false, &[0, 159, 146, 150]);
+    h.binary(sender, &push);
+    assert_eq!(h.take(v2).len(), 1);
+    assert!(h.take(v1).is_empty());
+}
+
+#[test]
+fn unmatched_topics_and_leave_of_unjoined() {
+    let mut h = Harness::new();
+    let a = h.connect(Format::V2);
+    h.text(a, r#"["4","4","realtime:nope","broadcast",{}]"#);
+    h.text(a, r#"["4","5","realtime:nope","phx_leave",{}]"#);
+    assert_eq!(
+        h.take(a),
+        vec![
+            json!([null, "4", "realtime:nope", "phx_reply", {"status": "error", "response": {"reason": "unmatched topic"}}]),
+            json!(["4", "5", "realtime:nope", "phx_reply", {"status": "ok", "response": {}}]),
+        ]
+    );
+}
+
+#[test]
+fn join_errors_are_delayed_and_exact() {
+    let mut h = Harness::new();
+    let a = h.connect(Format::V2);
+    h.text(a, &v2_join("realtime:", json!({})));
+    let expired = json!(["1", "2", "realtime:x", "phx_join", {"config": {}, "access_token": token("authenticated", -30)}]).to_string();
+    h.text(a, &expired);
+    h.text(a, r#"["1","3","realtime:y","phx_join",{"config":{},"access_token":"garbage"}]"#);
+    h.text(a, r#"["1","4","realtime:z","phx_join",{"config":{"private":true}}]"#);
+    h.text(a, r#"["1","5","realtime:w","phx_join",[1]]"#);
+    assert!(h.take(a).is_empty(), "errors wait for the join error delay");
+    let reasons: Vec<_> = h.take_delayed(a).into_iter().map(|f| f[4]["response"]["reason"].clone()).collect();
+    assert_eq!(
+        reasons,
+        vec![
+            json!("TopicNameRequired: You must provide a topic name"),
+            json!("InvalidJWTToken: Token has expired 30 seconds ago"),
+            json!("MalformedJWT: The token provided is not a valid JWT"),
+            json!("UnableToConnectToProject: Realtime was unable to connect to the project database"),
+            json!("Unknown Error on Channel"),
+        ]
+    );
+}
+
+#[test]
+fn channel_limit_and_duplicate_join() {
+    let mut h = Harness::new();
+    h.limits.channels_per_client_max = 2;
+    let a = h.connect(Format::V2);
+    h.text(a, &v2_join("realtime:a", json!({})));
+    h.text(a, &v2_join("realtime:b", json!({})));
+    h.text(a, &v2_join("realtime:c", json!({})));
+    assert_eq!(h.take(a).len(), 2);
+    assert_eq!(h.take_delayed(a)[0][4]["response"]["reason"], json!("ChannelRateLimitReached: Too many channels"));
+    // Re-join of `a` with a new join_ref closes the old channel first.
+    h.text(a, r#"["9","9","realtime:a","phx_join",{"config":{}}]"#);
+    assert_eq!(
+        h.take(a),
+        vec![
+            json!(["1", "1", "realtime:a", "phx_close", {}]),
+            json!(["9", "9", "realtime:a", "phx_reply", {"status": "ok", "response": {"postgres_changes": []}}]),
+        ]
+    );
+    assert_eq!(h.sessions[a].channel_count(), 2);
+}
+
+#[test]
+fn oversized_broadcast_with_ack_is_refused() {
+    let mut h = Harness::new();
+    h.limits.payload_bytes_max = 100;
+    let a = h.connect(Format::V2);
+    let b = h.connect(Format::V2);
+    h.text(a, &v2_join("realtime:r", json!({"broadcast": {"ack": true}})));
+    h.text(b, &v2_join("realtime:r", json!({})));
+    h.take(a);
+    h.take(b);
+    let big = "x".repeat(1000);
+    h.text(a, &json!(["1", "2", "realtime:r", "broadcast", {"type": "broadcast", "event": "e", "payload": big}]).to_string());
+    assert_eq!(h.take(a), vec![json!(["1", "2", "realtime:r", "phx_reply", {"status": "error", "response": "payload_size_exceeded"}])]);
+    assert!(h.take(b).is_empty());
+}
+
+#[test]
+fn access_token_refresh() {
+    let mut h = Harness::new();
+    let a = h.connect(Format::V2);
+    h.text(a, &v2_join("realtime:r", json!({})));
+    h.take(a);
+    // A valid refresh: no reply.
+    h.text(a, &json!(["1", "3", "realtime:r", "access_token", {"access_token": token("authenticated", 600)}]).to_string());
+    assert!(h.take(a).is_empty());
+    // An expired one closes the channel with a system message.
+    h.text(a, &json!(["1", "4", "realtime:r", "access_token", {"access_token": token("authenticated", -5)}]).to_string());
+    assert_eq!(
+        h.take(a),
+        vec![
+            json!(["1", null, "realtime:r", "system", {"extension": "system", "status": "error", "message": "Token has expired 5 seconds ago", "channel": "r"}]),
+            json!(["1", "1", "realtime:r", "phx_close", {}]),
+        ]
+    );
+    assert_eq!(h.sessions[a].channel_count(), 0);
+}
+
+#[test]
+fn close_unsubscribes_everything() {
+    let mut h = Harness::new();
+    let a = h.connect(Format::V2);
+    for i in 0..10 {
+        h.text(a, &v2_join(&format!("realtime:t{i}"), json!({})));
+    }
+    assert_eq!(h.state.local_topics(), 10);
+    let mut fx = Effects::default();
+    h.sessions[a].on_close(&mut h.state, &mut fx);
+    h.apply(a, fx);
+    assert_eq!(h.state.local_topics(), 0);
+    assert_eq!(h.state.owned_topics(), 0);
+}
+
+#[test]
+fn malformed_frames_are_dropped_silently() {
+    let mut h = Harness::new();
+    let a = h.connect(Format::V2);
+    for frame in ["", "garbage", "{}", "[1,2]", r#"["1","1","t","e"]"#, "\u{0}"] {
+        h.text(a, frame);
+    }
+    h.binary(a, &[9, 9, 9]);
+    assert!(h.take(a).is_empty());
+    assert!(h.take_delayed(a).is_empty());
+}
