@@ -1,1 +1,156 @@
-fn main(){}
+//! `powa-realtime`: a Supabase Realtime compatible server.
+//!
+//! Commands (CONTRACT.md): `serve`, `dev`, `token`. Configuration comes from the environment.
+
+mod config;
+
+use std::io::Read as _;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::{Map, Value};
+
+const USAGE: &str = "\
+powa-realtime — a Supabase Realtime compatible server
+
+USAGE:
+    powa-realtime serve                 serve, configured by the environment (JWT_SECRET required)
+    powa-realtime dev                   the embedded default: keep a secret under ./.powa/, print keys, serve
+    powa-realtime token --role ROLE [--sub ID] [--exp SECONDS] [--claim K=V]...
+                                        print a JWT signed with JWT_SECRET (exp: lifetime from now,
+                                        default 3600; negative for an already expired token)
+
+ENVIRONMENT: REALTIME_ADDR (127.0.0.1:4000), JWT_SECRET, JWT_JWKS, REALTIME_SHARDS (cores),
+    DATABASE_URL, REALTIME_MAX_* limits, REALTIME_IDLE_TIMEOUT_SECS, REALTIME_JOIN_ERROR_DELAY_MS,
+    REALTIME_CONNECT_ERROR_DELAY_MS, RUST_LOG (info). See README.md.
+";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") => serve(),
+        Some("dev") => dev(),
+        Some("token") => token(&args[1..]),
+        Some("-h" | "--help" | "help") | None => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(anyhow::anyhow!("unknown command {other:?}\n\n{USAGE}")),
+    };
+    if let Err(error) = result {
+        eprintln!("powa-realtime: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+fn serve() -> Result<()> {
+    init_logging();
+    let secret = std::env::var("JWT_SECRET").context("JWT_SECRET is required by `serve` (the HS256 secret project tokens are signed with)")?;
+    let server = config::server_config(secret.into_bytes())?;
+    tracing::info!(addr = %server.addr, shards = server.shards, "powa-realtime serving");
+    net::server::run(server)?;
+    Ok(())
+}
+
+/// Reads or creates the dev secret under `./.powa/`.
+fn dev_secret(dir: &Path) -> Result<String> {
+    let path = dir.join("jwt_secret");
+    if let Ok(secret) = std::fs::read_to_string(&path) {
+        let secret = secret.trim().to_string();
+        if !secret.is_empty() {
+            return Ok(secret);
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    use base64::Engine as _;
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    std::fs::write(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(secret)
+}
+
+/// Lifetime of the keys `dev` prints: ten years, like Supabase's API keys.
+const DEV_KEY_LIFETIME_SECS: i64 = 10 * 365 * 24 * 3600;
+
+fn dev() -> Result<()> {
+    init_logging();
+    let dir = Path::new(".powa");
+    let secret = match std::env::var("JWT_SECRET") {
+        Ok(secret) => secret,
+        Err(_) => dev_secret(dir)?,
+    };
+    let server = config::server_config(secret.clone().into_bytes())?;
+    let exp = now() + DEV_KEY_LIFETIME_SECS;
+    let key = |role: &str| {
+        let mut claims = Map::new();
+        claims.insert("role".into(), Value::from(role));
+        claims.insert("exp".into(), Value::from(exp));
+        auth::sign_hs256(secret.as_bytes(), &claims)
+    };
+    println!("powa-realtime dev");
+    println!("  WebSocket:        ws://{}/realtime/v1/websocket?apikey=<key>&vsn=1.0.0", server.addr);
+    println!("  realtime-js URL:  ws://{}/realtime/v1", server.addr);
+    println!("  REST broadcast:   http://{}/realtime/v1/api/broadcast", server.addr);
+    println!("  JWT secret:       kept in {}", dir.join("jwt_secret").display());
+    println!("  anon key:         {}", key("anon"));
+    println!("  service_role key: {}", key("service_role"));
+    println!("  database:         none yet (Postgres Changes arrive with the embedded PostgreSQL)");
+    net::server::run(server)?;
+    Ok(())
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn token(args: &[String]) -> Result<()> {
+    let secret = std::env::var("JWT_SECRET").context("JWT_SECRET is required by `token`")?;
+    let mut claims = Map::new();
+    let mut lifetime: i64 = 3600;
+    let mut role = None;
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = || -> Result<String> {
+            match &inline {
+                Some(value) => Ok(value.clone()),
+                None => iter.next().cloned().with_context(|| format!("{flag} needs a value")),
+            }
+        };
+        match flag {
+            "--role" => role = Some(value()?),
+            "--sub" => {
+                claims.insert("sub".into(), Value::from(value()?));
+            }
+            "--exp" => lifetime = value()?.parse().context("--exp takes whole seconds (e.g. 3600, or --exp=-30)")?,
+            "--claim" => {
+                let pair = value()?;
+                let (key, raw) = pair.split_once('=').context("--claim takes K=V")?;
+                let parsed = serde_json::from_str(raw).unwrap_or_else(|_| Value::from(raw));
+                claims.insert(key.to_string(), parsed);
+            }
+            other => bail!("unknown option {other:?}\n\n{USAGE}"),
+        }
+    }
+    let Some(role) = role else { bail!("--role is required\n\n{USAGE}") };
+    claims.insert("role".into(), Value::from(role));
+    claims.insert("exp".into(), Value::from(now() + lifetime));
+    claims.entry("iat").or_insert_with(|| Value::from(now()));
+    println!("{}", auth::sign_hs256(secret.as_bytes(), &claims));
+    Ok(())
+}

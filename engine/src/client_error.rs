@@ -230,6 +230,8 @@ impl SystemMessage {
 /// WebSocket close reasons the server sends (code, reason).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
+    /// The client closed: echo a normal close.
+    Normal,
     /// No frame received for the idle timeout.
     IdleTimeout,
     /// A message over the frame limit.
@@ -248,7 +250,7 @@ impl CloseReason {
     /// WebSocket close code.
     pub fn code(self) -> u16 {
         match self {
-            CloseReason::IdleTimeout => 1000,
+            CloseReason::Normal | CloseReason::IdleTimeout => 1000,
             CloseReason::MessageTooBig => 1009,
             CloseReason::ProtocolError => 1002,
             CloseReason::SlowConsumer => 1008,
@@ -260,6 +262,7 @@ impl CloseReason {
     /// Close reason text (at most 123 bytes).
     pub fn text(self) -> &'static str {
         match self {
+            CloseReason::Normal => "",
             CloseReason::IdleTimeout => "idle timeout",
             CloseReason::MessageTooBig => "message too big",
             CloseReason::ProtocolError => "protocol error",

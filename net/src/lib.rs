@@ -8,3 +8,5 @@ pub mod ws;
 pub mod fanout;
 pub mod join;
 pub mod session;
+pub mod http;
+pub mod server;

@@ -38,6 +38,10 @@ pub struct Effects {
     pub shard: Vec<(ShardId, ShardMsg)>,
     /// Close the connection after writing `frames`.
     pub close: Option<CloseReason>,
+    /// Broadcasts accepted from this client (for metrics).
+    pub published: u64,
+    /// Frames dropped as malformed (for metrics).
+    pub malformed: u64,
 }
 
 /// Shared, read-only context of a call.
@@ -116,6 +120,7 @@ impl Session {
     /// Handles a text message. Malformed frames are dropped (PROTOCOL.md §1.10).
     pub fn on_text(&mut self, state: &mut ShardState, ctx: Context<'_>, bytes: &[u8], fx: &mut Effects) {
         let Ok(frame) = frame::decode_text(self.format, bytes) else {
+            fx.malformed += 1;
             tracing::debug!(conn = self.conn.0, "MalformedWebSocketMessage");
             return;
         };
@@ -129,7 +134,10 @@ impl Session {
         }
         match frame::decode_binary(bytes) {
             Ok(push) => self.on_user_broadcast(state, ctx, push, fx),
-            Err(error) => tracing::debug!(conn = self.conn.0, %error, "MalformedWebSocketMessage"),
+            Err(error) => {
+                fx.malformed += 1;
+                tracing::debug!(conn = self.conn.0, %error, "MalformedWebSocketMessage");
+            }
         }
     }
 
@@ -216,6 +224,7 @@ impl Session {
             return;
         }
         let key = channel.key.clone();
+        fx.published += 1;
         fx.shard.push((state.owner(&key), ShardMsg::Publish { topic: key, message: Arc::new(message) }));
     }
 

@@ -1,0 +1,213 @@
+//! One shard's driver: its topic state, its connections and its links to the other shards.
+//!
+//! Cross-shard messages go over glommio's SPSC mesh (one bounded queue per ordered pair of
+//! shards, [`SHARD_QUEUE_MESSAGES_MAX`] each). Sending never blocks the caller: `try_send`,
+//! and when the queue is full the message waits in a per-destination overflow queue that a
+//! flusher task drains in order. The overflow is bounded by [`SHARD_OVERFLOW_MESSAGES_MAX`]
+//! for broadcasts (beyond it they are dropped and counted); join/leave bookkeeping is never
+//! dropped (it is bounded by connections × channels). Because no receive path ever awaits a
+//! send, two shards can never deadlock on each other's full queues.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use ahash::AHashMap;
+use glommio::channels::channel_mesh::Senders;
+use glommio::channels::shared_channel::ConnectedReceiver;
+use glommio::{GlommioError, ResourceType};
+
+use engine::client_error::CloseReason;
+use engine::limits::SHARD_OVERFLOW_MESSAGES_MAX;
+use engine::shard::LocalEffect;
+use engine::{ConnId, ShardId, ShardMsg, ShardState};
+
+use super::metrics::{self, ShardCounters};
+use super::outbox::{Outbox, OutboxState};
+use super::ServerConfig;
+use crate::fanout;
+use crate::session::{Effects, Session};
+
+/// A connection as its shard holds it.
+pub(crate) struct Conn {
+    pub(crate) outbox: Outbox,
+    pub(crate) session: RefCell<Session>,
+    pub(crate) fd: RawFd,
+}
+
+pub(crate) struct Shard {
+    pub(crate) id: ShardId,
+    pub(crate) config: Arc<ServerConfig>,
+    pub(crate) state: RefCell<ShardState>,
+    pub(crate) conns: RefCell<AHashMap<ConnId, Rc<Conn>>>,
+    pub(crate) metrics: Arc<super::Metrics>,
+    senders: Senders<ShardMsg>,
+    overflow: RefCell<Vec<VecDeque<ShardMsg>>>,
+    flushing: Vec<Cell<bool>>,
+    next_conn: Cell<u64>,
+}
+
+impl Shard {
+    pub(crate) fn new(id: ShardId, config: Arc<ServerConfig>, senders: Senders<ShardMsg>, metrics: Arc<super::Metrics>) -> Shard {
+        let shards = config.shards;
+        Shard {
+            id,
+            state: RefCell::new(ShardState::new(id, shards)),
+            conns: RefCell::new(AHashMap::new()),
+            metrics,
+            senders,
+            overflow: RefCell::new((0..shards).map(|_| VecDeque::new()).collect()),
+            flushing: (0..shards).map(|_| Cell::new(false)).collect(),
+            next_conn: Cell::new(1),
+            config,
+        }
+    }
+
+    pub(crate) fn counters(&self) -> &ShardCounters {
+        &self.metrics.shards[self.id.index()]
+    }
+
+    pub(crate) fn next_conn_id(&self) -> ConnId {
+        let id = self.next_conn.get();
+        self.next_conn.set(id + 1);
+        ConnId(id)
+    }
+
+    /// Carries out a session's effects for connection `conn`.
+    pub(crate) fn apply(self: &Rc<Self>, conn: &Rc<Conn>, fx: Effects) {
+        for frame in fx.frames {
+            self.push(conn, frame);
+        }
+        for frame in fx.delayed {
+            let delay = self.config.limits.join_error_delay;
+            if delay.is_zero() {
+                self.push(conn, frame);
+            } else {
+                let (shard, conn) = (Rc::clone(self), Rc::clone(conn));
+                glommio::spawn_local(async move {
+                    glommio::timer::sleep(delay).await;
+                    shard.push(&conn, frame);
+                })
+                .detach();
+            }
+        }
+        if fx.published > 0 {
+            metrics::add(&self.counters().broadcasts_in, fx.published);
+        }
+        if fx.malformed > 0 {
+            metrics::add(&self.counters().malformed_frames, fx.malformed);
+        }
+        if let Some(reason) = fx.close {
+            conn.outbox.close(reason);
+        }
+        self.route(fx.shard);
+    }
+
+    /// Queues a frame on a connection; counts the connection once if this push overflowed it.
+    fn push(&self, conn: &Conn, frame: bytes::Bytes) {
+        let was_open = conn.outbox.state() == OutboxState::Open;
+        if !conn.outbox.push(frame) && was_open && conn.outbox.state() == OutboxState::Closing(CloseReason::SlowConsumer) {
+            metrics::add(&self.counters().slow_consumer_closes, 1);
+            tracing::info!(shard = self.id.0, "slow consumer disconnected: outbound queue full");
+        }
+    }
+
+    /// Routes messages: local ones are handled here (in order), remote ones queued.
+    pub(crate) fn route(self: &Rc<Self>, messages: Vec<(ShardId, ShardMsg)>) {
+        let mut local = VecDeque::new();
+        for (dest, msg) in messages {
+            self.dispatch(dest, msg, &mut local);
+        }
+        while let Some(msg) = local.pop_front() {
+            let mut out = Vec::new();
+            let effect = self.state.borrow_mut().handle(msg, &mut out);
+            for (dest, msg) in out {
+                self.dispatch(dest, msg, &mut local);
+            }
+            if let Some(effect) = effect {
+                self.local_effect(effect);
+            }
+        }
+    }
+
+    fn dispatch(self: &Rc<Self>, dest: ShardId, msg: ShardMsg, local: &mut VecDeque<ShardMsg>) {
+        if dest == self.id {
+            local.push_back(msg);
+        } else {
+            self.send_remote(dest, msg);
+        }
+    }
+
+    fn send_remote(self: &Rc<Self>, dest: ShardId, msg: ShardMsg) {
+        let index = dest.index();
+        let mut overflow = self.overflow.borrow_mut();
+        let queue = &mut overflow[index];
+        if !self.flushing[index].get() {
+            match self.senders.try_send_to(index, msg) {
+                Ok(()) => return,
+                Err(GlommioError::WouldBlock(ResourceType::Channel(msg))) => queue.push_back(msg),
+                Err(error) => {
+                    // The peer's receiver is gone: only at shutdown.
+                    tracing::debug!(shard = self.id.0, peer = dest.0, %error, "shard queue closed");
+                    return;
+                }
+            }
+        } else if queue.len() >= SHARD_OVERFLOW_MESSAGES_MAX && msg.is_droppable() {
+            metrics::add(&self.counters().shard_messages_dropped, 1);
+            return;
+        } else {
+            queue.push_back(msg);
+        }
+        if !self.flushing[index].get() {
+            self.flushing[index].set(true);
+            let shard = Rc::clone(self);
+            glommio::spawn_local(async move { shard.flush(dest).await }).detach();
+        }
+    }
+
+    /// Drains the overflow queue for `dest` in order, waiting for room in the SPSC queue.
+    async fn flush(self: Rc<Self>, dest: ShardId) {
+        let index = dest.index();
+        loop {
+            let next = self.overflow.borrow_mut()[index].pop_front();
+            let Some(msg) = next else { break };
+            if self.senders.send_to(index, msg).await.is_err() {
+                break;
+            }
+        }
+        self.flushing[index].set(false);
+    }
+
+    fn local_effect(self: &Rc<Self>, effect: LocalEffect) {
+        match effect {
+            LocalEffect::Deliver { topic, message } => {
+                let state = self.state.borrow();
+                let conns = self.conns.borrow();
+                let subscribers = state.local_subscribers(&topic);
+                let delivered = fanout::deliver(self.id, subscribers, &topic, &message, |conn, bytes| {
+                    if let Some(conn) = conns.get(&conn) {
+                        self.push(conn, bytes.clone());
+                    }
+                });
+                metrics::add(&self.counters().deliveries, delivered as u64);
+            }
+            LocalEffect::JoinAcked { topic, subscriber } => {
+                let conn = self.conns.borrow().get(&subscriber.conn).cloned();
+                if let Some(conn) = conn {
+                    let mut fx = Effects::default();
+                    conn.session.borrow_mut().on_join_ack(&topic, subscriber.channel, &mut fx);
+                    self.apply(&conn, fx);
+                }
+            }
+        }
+    }
+
+    /// Delivers everything another shard sends us.
+    pub(crate) async fn receive(self: Rc<Self>, receiver: ConnectedReceiver<ShardMsg>) {
+        while let Some(msg) = receiver.recv().await {
+            self.route(vec![(self.id, msg)]);
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! Server configuration from the environment (CONTRACT.md "Environment").
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+
+use auth::KeyStore;
+use engine::Limits;
+use net::server::ServerConfig;
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn number<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+    match var(name) {
+        None => Ok(default),
+        Some(raw) => raw.trim().parse().map_err(|_| anyhow::anyhow!("{name}={raw:?} is not a valid number")),
+    }
+}
+
+/// Builds the server configuration; `secret` is the HS256 secret.
+pub(crate) fn server_config(secret: Vec<u8>) -> Result<ServerConfig> {
+    let addr_text = var("REALTIME_ADDR").unwrap_or_else(|| "127.0.0.1:4000".into());
+    let addr: SocketAddr = addr_text
+        .to_socket_addrs()
+        .with_context(|| format!("REALTIME_ADDR={addr_text:?} is not an address"))?
+        .next()
+        .with_context(|| format!("REALTIME_ADDR={addr_text:?} resolves to nothing"))?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let shards: usize = number("REALTIME_SHARDS", cores)?;
+    if shards == 0 || shards > 256 {
+        bail!("REALTIME_SHARDS must be in 1..=256");
+    }
+    if var("REALTIME_TENANTS").is_some() {
+        bail!("REALTIME_TENANTS (multi-tenant mode) is not supported yet; unset it to run single-tenant");
+    }
+    let defaults = Limits::default();
+    let limits = Limits {
+        concurrent_users_max: number("REALTIME_MAX_CONCURRENT_USERS", defaults.concurrent_users_max)?,
+        events_per_second_max: number("REALTIME_MAX_EVENTS_PER_SECOND", defaults.events_per_second_max)?,
+        joins_per_second_max: number("REALTIME_MAX_JOINS_PER_SECOND", defaults.joins_per_second_max)?,
+        presence_events_per_second_max: number("REALTIME_MAX_PRESENCE_EVENTS_PER_SECOND", defaults.presence_events_per_second_max)?,
+        channels_per_client_max: number("REALTIME_MAX_CHANNELS_PER_CLIENT", defaults.channels_per_client_max)?,
+        payload_bytes_max: number("REALTIME_MAX_PAYLOAD_BYTES", defaults.payload_bytes_max)?,
+        idle_timeout: Duration::from_secs(number("REALTIME_IDLE_TIMEOUT_SECS", defaults.idle_timeout.as_secs())?),
+        join_error_delay: Duration::from_millis(number("REALTIME_JOIN_ERROR_DELAY_MS", defaults.join_error_delay.as_millis() as u64)?),
+        connect_error_delay: Duration::from_millis(number("REALTIME_CONNECT_ERROR_DELAY_MS", defaults.connect_error_delay.as_millis() as u64)?),
+    };
+    limits.validate()?;
+    for (name, value) in [
+        ("REALTIME_MAX_CONCURRENT_USERS", limits.concurrent_users_max),
+        ("REALTIME_MAX_EVENTS_PER_SECOND", limits.events_per_second_max),
+        ("REALTIME_MAX_JOINS_PER_SECOND", limits.joins_per_second_max),
+        ("REALTIME_MAX_PRESENCE_EVENTS_PER_SECOND", limits.presence_events_per_second_max),
+    ] {
+        if value != 0 {
+            bail!("{name}={value}: tenant-wide rate limits are not enforced yet; leave it unset (0 = unlimited)");
+        }
+    }
+    let mut keys = KeyStore::new(secret);
+    if let Some(path) = var("JWT_JWKS") {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading JWT_JWKS file {path}"))?;
+        keys = keys.with_jwks_json(&text).with_context(|| format!("JWT_JWKS file {path} is not a JWKS"))?;
+    }
+    if var("DATABASE_URL").is_some() {
+        bail!("DATABASE_URL is set, but this build has no database support yet (Postgres Changes, private channels); unset it");
+    }
+    Ok(ServerConfig { addr, shards, limits, keys, database: false })
+}

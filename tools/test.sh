@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole test suite, with its own set-up. README's test command; .ci/run calls it.
+#
+# Needs: cargo, Node 20 + npm (realtime-js client tests), the PostgreSQL 15 server binaries
+# (installed here from Debian packages when missing and we are root). Missing tools fail the
+# run loudly; nothing is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+fail() { echo "tools/test.sh: $*" >&2; exit 1; }
+
+command -v cargo >/dev/null || fail "cargo is missing"
+command -v node >/dev/null || fail "node is missing (Node 20 is required for the realtime-js tests)"
+command -v npm >/dev/null || fail "npm is missing (required for the realtime-js tests)"
+
+pg_bin() {
+  for dir in /usr/lib/postgresql/*/bin; do
+    [ -x "$dir/initdb" ] && { echo "$dir"; return 0; }
+  done
+  return 1
+}
+if ! pg_bin >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "tools/test.sh: installing the PostgreSQL server binaries (Debian package postgresql-15)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null \
+      || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  fi
+  pg_bin >/dev/null || fail "PostgreSQL server binaries (initdb, pg_ctl) not found and could not be installed"
+fi
+
+# Node packages for the official-client tests, pinned by tests/js/package-lock.json.
+if [ -f tests/js/package-lock.json ]; then
+  (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+exec cargo test --workspace --all-targets "$@"
