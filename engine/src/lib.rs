@@ -18,6 +18,7 @@ pub mod broadcast;
 pub mod client_error;
 pub mod ids;
 pub mod limits;
+pub mod presence;
 pub mod shard;
 pub mod topic;
 

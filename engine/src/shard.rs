@@ -26,7 +26,7 @@ pub enum Format {
 }
 
 /// One subscription as the topic owner sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Subscriber {
     /// Shard of the subscribing connection.
     pub shard: ShardId,
