@@ -47,6 +47,7 @@ pub(crate) fn server_config(secret: Vec<u8>) -> Result<ServerConfig> {
         idle_timeout: Duration::from_secs(number("REALTIME_IDLE_TIMEOUT_SECS", defaults.idle_timeout.as_secs())?),
         join_error_delay: Duration::from_millis(number("REALTIME_JOIN_ERROR_DELAY_MS", defaults.join_error_delay.as_millis() as u64)?),
         connect_error_delay: Duration::from_millis(number("REALTIME_CONNECT_ERROR_DELAY_MS", defaults.connect_error_delay.as_millis() as u64)?),
+        presence_coalesce: Duration::from_millis(number("REALTIME_PRESENCE_COALESCE_MS", defaults.presence_coalesce.as_millis() as u64)?),
     };
     limits.validate()?;
     for (name, value) in [

@@ -4,8 +4,11 @@
 //! receiving shards encode it once per wire format and write the same bytes to every
 //! subscriber.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
+use crate::presence::Diff;
 use crate::{ChannelSerial, ConnId, ShardId};
 
 /// The channel a broadcast came from, so that `self: false` can skip it.
@@ -49,6 +52,8 @@ pub enum BroadcastBody {
         /// Empty, or a JSON object (kept for database rows; ignored from clients).
         metadata: Bytes,
     },
+    /// A `presence_diff` (PROTOCOL.md §4.4), sent to every subscriber of the topic.
+    PresenceDiff(Arc<Diff>),
 }
 
 /// A broadcast on one topic.
@@ -66,6 +71,7 @@ impl Broadcast {
         match &self.body {
             BroadcastBody::Json { payload } => payload.len(),
             BroadcastBody::User { payload, .. } => payload.len(),
+            BroadcastBody::PresenceDiff(_) => 0,
         }
     }
 }

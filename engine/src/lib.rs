@@ -25,5 +25,5 @@ pub mod topic;
 pub use broadcast::{Broadcast, BroadcastBody, Origin};
 pub use ids::{ChannelSerial, ConnId, ShardId};
 pub use limits::Limits;
-pub use shard::{Format, LocalSub, ShardMsg, ShardState, Subscriber};
+pub use shard::{Format, LocalSub, PresenceCoalescing, ShardMsg, ShardState, Subscriber};
 pub use topic::TopicKey;

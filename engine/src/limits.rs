@@ -26,8 +26,20 @@ pub const SHARD_OVERFLOW_MESSAGES_MAX: usize = 65_536;
 /// the whole head gets a bit more).
 pub const HTTP_HEAD_BYTES_MAX: usize = 16 * 1024;
 
+/// Presence frames a channel may send per [`PRESENCE_WINDOW`] (upstream
+/// `CLIENT_PRESENCE_MAX_CALLS`); the next one closes the channel (PROTOCOL.md §4.6).
+pub const PRESENCE_CALLS_PER_WINDOW_MAX: u32 = 5;
+
+/// The per-channel presence window (upstream `CLIENT_PRESENCE_WINDOW_MS`).
+pub const PRESENCE_WINDOW: Duration = Duration::from_secs(30);
+
 /// Largest REST body.
 pub const HTTP_BODY_BYTES_MAX: usize = WS_MESSAGE_BYTES_MAX;
+
+/// Default presence coalescing window: short enough to be invisible in a who-is-online list,
+/// long enough that a burst of N joins to one topic costs each member a handful of diffs instead
+/// of N (measured in benches/RESULTS.md, "Presence churn").
+pub const PRESENCE_COALESCE_DEFAULT_MS: u64 = 50;
 
 const _: () = assert!(OUTBOUND_QUEUED_BYTES_MAX > WS_MESSAGE_BYTES_MAX);
 const _: () = assert!(SHARD_OVERFLOW_MESSAGES_MAX >= SHARD_QUEUE_MESSAGES_MAX);
@@ -53,6 +65,9 @@ pub struct Limits {
     pub join_error_delay: Duration,
     /// Delay before a failed upgrade's response (upstream `CONNECT_ERROR_BACKOFF_MS`).
     pub connect_error_delay: Duration,
+    /// Presence diffs of one topic are merged over this window (0 = send each change at once,
+    /// as upstream). See README "Presence".
+    pub presence_coalesce: Duration,
 }
 
 impl Default for Limits {
@@ -67,6 +82,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(60),
             join_error_delay: Duration::from_millis(5000),
             connect_error_delay: Duration::from_millis(2000),
+            presence_coalesce: Duration::from_millis(PRESENCE_COALESCE_DEFAULT_MS),
         }
     }
 }
@@ -93,6 +109,9 @@ impl Limits {
         }
         if self.channels_per_client_max == 0 {
             return Err(LimitsError("REALTIME_MAX_CHANNELS_PER_CLIENT must be at least 1".into()));
+        }
+        if self.presence_coalesce > Duration::from_secs(5) {
+            return Err(LimitsError("REALTIME_PRESENCE_COALESCE_MS must be at most 5000".into()));
         }
         if self.idle_timeout < Duration::from_secs(1) {
             return Err(LimitsError("REALTIME_IDLE_TIMEOUT_SECS must be at least 1".into()));

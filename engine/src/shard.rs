@@ -14,7 +14,13 @@ use std::sync::Arc;
 
 use ahash::{AHashMap, AHashSet};
 
-use crate::{Broadcast, ChannelSerial, ConnId, ShardId, TopicKey};
+use bytes::Bytes;
+
+use crate::presence::{Diff, Dot, Element, PresenceState, ReplicaId};
+use crate::{Broadcast, BroadcastBody, ChannelSerial, ConnId, ShardId, TopicKey};
+
+/// A snapshot of a topic's presence, sent with a join acknowledgement (`presence_state`).
+pub type PresenceSnapshot = Arc<Vec<(Dot, Element)>>;
 
 /// Wire format of a subscriber's connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,8 +67,28 @@ pub enum ShardMsg {
         topic: TopicKey,
         /// Who.
         subscriber: Subscriber,
+        /// Whether the channel wants the presence state with the acknowledgement.
+        presence: bool,
     },
-    /// To the owner: remove a subscription.
+    /// To the owner: the channel tracks `meta` under `key` (PROTOCOL.md §4.3).
+    Track {
+        /// Topic.
+        topic: TopicKey,
+        /// Who.
+        subscriber: Subscriber,
+        /// Presence key.
+        key: Arc<str>,
+        /// Normalised JSON object.
+        meta: Bytes,
+    },
+    /// To the owner: the channel untracks.
+    Untrack {
+        /// Topic.
+        topic: TopicKey,
+        /// Who.
+        subscriber: Subscriber,
+    },
+    /// To the owner: remove a subscription (and its presence).
     Leave {
         /// Topic.
         topic: TopicKey,
@@ -90,14 +116,21 @@ pub enum ShardMsg {
         topic: TopicKey,
         /// Who.
         subscriber: Subscriber,
+        /// The presence state at registration, when asked for.
+        presence: Option<PresenceSnapshot>,
     },
 }
 
 impl ShardMsg {
     /// Whether dropping this message (when a peer's queue overflows) only loses a delivery,
-    /// never corrupts state. Only broadcasts may be dropped.
+    /// never corrupts state. Only broadcasts may be dropped; presence diffs never are (a lost
+    /// diff would leave a client's view wrong until it rejoins).
     pub fn is_droppable(&self) -> bool {
-        matches!(self, ShardMsg::Publish { .. } | ShardMsg::Deliver { .. })
+        match self {
+            ShardMsg::Publish { .. } => true,
+            ShardMsg::Deliver { message, .. } => !matches!(message.body, BroadcastBody::PresenceDiff(_)),
+            _ => false,
+        }
     }
 }
 
@@ -117,6 +150,14 @@ pub enum LocalEffect {
         topic: TopicKey,
         /// Who.
         subscriber: Subscriber,
+        /// The presence state, when asked for.
+        presence: Option<PresenceSnapshot>,
+    },
+    /// A presence diff for `topic` started its coalescing window: call
+    /// [`ShardState::flush_presence`] when the window ends.
+    SchedulePresenceFlush {
+        /// Topic.
+        topic: TopicKey,
     },
 }
 
@@ -126,6 +167,31 @@ struct OwnedTopic {
     subscribers: AHashSet<Subscriber>,
     /// Subscribers per shard, indexed by `ShardId`.
     per_shard: Vec<u32>,
+    /// Created on the first track.
+    presence: Option<PresenceState>,
+    /// Changes waiting for the end of the coalescing window.
+    pending_diff: Option<Diff>,
+}
+
+impl OwnedTopic {
+    fn new(shards: usize) -> OwnedTopic {
+        OwnedTopic { subscribers: AHashSet::new(), per_shard: vec![0; shards], presence: None, pending_diff: None }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.subscribers.is_empty() && self.presence.as_ref().is_none_or(PresenceState::is_empty) && self.pending_diff.is_none()
+    }
+}
+
+/// Presence diff coalescing (beyond upstream): with `Window`, diffs of one topic are merged until
+/// the driver calls [`ShardState::flush_presence`]; with `Immediate` every change is sent at
+/// once, as upstream does for local changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceCoalescing {
+    /// Send each change at once.
+    Immediate,
+    /// Merge changes over a window the driver times.
+    Window,
 }
 
 /// The subscriptions of local connections to one topic. Removal is O(1) (swap-remove plus a
@@ -168,11 +234,25 @@ impl SubList {
     }
 }
 
+/// One `Deliver` per shard that has subscribers of the topic.
+fn fan_out(topic: &TopicKey, owned: &OwnedTopic, message: Arc<Broadcast>, out: &mut Vec<(ShardId, ShardMsg)>) {
+    for (index, &count) in owned.per_shard.iter().enumerate() {
+        if count > 0 {
+            out.push((ShardId(index as u16), ShardMsg::Deliver { topic: topic.clone(), message: Arc::clone(&message) }));
+        }
+    }
+}
+
+fn presence_message(diff: Diff) -> Arc<Broadcast> {
+    Arc::new(Broadcast { origin: None, body: BroadcastBody::PresenceDiff(Arc::new(diff)) })
+}
+
 /// All topic state of one shard.
 #[derive(Debug)]
 pub struct ShardState {
     id: ShardId,
     shards: usize,
+    coalescing: PresenceCoalescing,
     owned: AHashMap<TopicKey, OwnedTopic>,
     local: AHashMap<TopicKey, SubList>,
 }
@@ -181,7 +261,13 @@ impl ShardState {
     /// A shard `id` of `shards`.
     pub fn new(id: ShardId, shards: usize) -> ShardState {
         assert!(id.index() < shards);
-        ShardState { id, shards, owned: AHashMap::new(), local: AHashMap::new() }
+        ShardState { id, shards, coalescing: PresenceCoalescing::Immediate, owned: AHashMap::new(), local: AHashMap::new() }
+    }
+
+    /// Sets presence diff coalescing.
+    pub fn with_coalescing(mut self, coalescing: PresenceCoalescing) -> ShardState {
+        self.coalescing = coalescing;
+        self
     }
 
     /// This shard's id.
@@ -201,10 +287,10 @@ impl ShardState {
 
     /// A local connection joins `topic`: index it here and tell the owner. The driver sends the
     /// join reply when the owner's `JoinAck` comes back.
-    pub fn local_join(&mut self, topic: TopicKey, sub: LocalSub) -> (ShardId, ShardMsg) {
+    pub fn local_join(&mut self, topic: TopicKey, sub: LocalSub, presence: bool) -> (ShardId, ShardMsg) {
         self.local.entry(topic.clone()).or_default().insert(sub);
         let subscriber = Subscriber { shard: self.id, conn: sub.conn, channel: sub.channel };
-        (self.owner(&topic), ShardMsg::Join { topic, subscriber })
+        (self.owner(&topic), ShardMsg::Join { topic, subscriber, presence })
     }
 
     /// A local channel leaves `topic` (leave, duplicate join, close): it stops receiving at
@@ -245,48 +331,107 @@ impl ShardState {
     /// are pushed on `out`; what must happen on local connections is returned.
     pub fn handle(&mut self, msg: ShardMsg, out: &mut Vec<(ShardId, ShardMsg)>) -> Option<LocalEffect> {
         match msg {
-            ShardMsg::Join { topic, subscriber } => {
+            ShardMsg::Join { topic, subscriber, presence } => {
                 assert_eq!(self.owner(&topic), self.id, "join routed to a shard that does not own the topic");
-                let owned = self.owned.entry(topic.clone()).or_insert_with(|| OwnedTopic {
-                    subscribers: AHashSet::new(),
-                    per_shard: vec![0; self.shards],
-                });
+                let shards = self.shards;
+                let owned = self.owned.entry(topic.clone()).or_insert_with(|| OwnedTopic::new(shards));
                 if owned.subscribers.insert(subscriber) {
                     owned.per_shard[subscriber.shard.index()] += 1;
                 }
-                out.push((subscriber.shard, ShardMsg::JoinAck { topic, subscriber }));
+                let presence = presence.then(|| {
+                    let state = owned.presence.as_ref();
+                    Arc::new(state.map(|p| p.elements().map(|(d, e)| (*d, e.clone())).collect()).unwrap_or_default())
+                });
+                out.push((subscriber.shard, ShardMsg::JoinAck { topic, subscriber, presence }));
                 None
             }
             ShardMsg::Leave { topic, subscriber } => {
                 assert_eq!(self.owner(&topic), self.id, "leave routed to a shard that does not own the topic");
-                if let Some(owned) = self.owned.get_mut(&topic) {
-                    if owned.subscribers.remove(&subscriber) {
-                        owned.per_shard[subscriber.shard.index()] -= 1;
-                    }
-                    if owned.subscribers.is_empty() {
-                        self.owned.remove(&topic);
-                    }
+                let Some(owned) = self.owned.get_mut(&topic) else { return None };
+                if owned.subscribers.remove(&subscriber) {
+                    owned.per_shard[subscriber.shard.index()] -= 1;
                 }
-                None
+                let diff = owned.presence.as_mut().map(|p| p.untrack(subscriber).1).unwrap_or_default();
+                self.presence_changed(&topic, diff, out)
+            }
+            ShardMsg::Track { topic, subscriber, key, meta } => {
+                assert_eq!(self.owner(&topic), self.id, "track routed to a shard that does not own the topic");
+                let replica = ReplicaId(u32::from(self.id.0));
+                // A track from a channel whose leave already arrived is stale: drop it.
+                let Some(owned) = self.owned.get_mut(&topic) else { return None };
+                if !owned.subscribers.contains(&subscriber) {
+                    return None;
+                }
+                let presence = owned.presence.get_or_insert_with(|| PresenceState::new(replica));
+                let diff = presence.track(subscriber, key, meta).1;
+                self.presence_changed(&topic, diff, out)
+            }
+            ShardMsg::Untrack { topic, subscriber } => {
+                assert_eq!(self.owner(&topic), self.id, "untrack routed to a shard that does not own the topic");
+                let Some(owned) = self.owned.get_mut(&topic) else { return None };
+                let diff = owned.presence.as_mut().map(|p| p.untrack(subscriber).1).unwrap_or_default();
+                self.presence_changed(&topic, diff, out)
             }
             ShardMsg::Publish { topic, message } => {
                 assert_eq!(self.owner(&topic), self.id, "publish routed to a shard that does not own the topic");
                 if let Some(owned) = self.owned.get(&topic) {
-                    for (index, &count) in owned.per_shard.iter().enumerate() {
-                        if count > 0 {
-                            let deliver = ShardMsg::Deliver { topic: topic.clone(), message: Arc::clone(&message) };
-                            out.push((ShardId(index as u16), deliver));
-                        }
-                    }
+                    fan_out(&topic, owned, message, out);
                 }
                 None
             }
             ShardMsg::Deliver { topic, message } => Some(LocalEffect::Deliver { topic, message }),
-            ShardMsg::JoinAck { topic, subscriber } => {
+            ShardMsg::JoinAck { topic, subscriber, presence } => {
                 assert_eq!(subscriber.shard, self.id, "join ack routed to the wrong shard");
-                Some(LocalEffect::JoinAcked { topic, subscriber })
+                Some(LocalEffect::JoinAcked { topic, subscriber, presence })
             }
         }
+    }
+
+    /// Sends a presence change now, or holds it for the coalescing window.
+    fn presence_changed(&mut self, topic: &TopicKey, diff: Diff, out: &mut Vec<(ShardId, ShardMsg)>) -> Option<LocalEffect> {
+        let owned = self.owned.get_mut(topic).expect("caller found the topic");
+        let mut effect = None;
+        if !diff.is_empty() {
+            match self.coalescing {
+                PresenceCoalescing::Immediate => {
+                    let message = presence_message(diff);
+                    fan_out(topic, owned, message, out);
+                }
+                PresenceCoalescing::Window => match &mut owned.pending_diff {
+                    Some(pending) => pending.coalesce(diff),
+                    None => {
+                        owned.pending_diff = Some(diff);
+                        effect = Some(LocalEffect::SchedulePresenceFlush { topic: topic.clone() });
+                    }
+                },
+            }
+        }
+        if owned.is_idle() {
+            self.owned.remove(topic);
+        }
+        effect
+    }
+
+    /// The coalescing window of `topic` ended: send what accumulated.
+    pub fn flush_presence(&mut self, topic: &TopicKey, out: &mut Vec<(ShardId, ShardMsg)>) {
+        let Some(owned) = self.owned.get_mut(topic) else { return };
+        if let Some(diff) = owned.pending_diff.take() {
+            if !diff.is_empty() {
+                fan_out(topic, owned, presence_message(diff), out);
+            }
+        }
+        if owned.is_idle() {
+            self.owned.remove(topic);
+        }
+    }
+
+    /// Live presence elements of a topic this shard owns (tests, metrics).
+    pub fn presence_of(&self, topic: &TopicKey) -> Vec<(Dot, Element)> {
+        self.owned
+            .get(topic)
+            .and_then(|o| o.presence.as_ref())
+            .map(|p| p.elements().map(|(d, e)| (*d, e.clone())).collect())
+            .unwrap_or_default()
     }
 }
 

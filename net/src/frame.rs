@@ -406,6 +406,10 @@ pub fn encode_broadcast(format: Format, topic: &str, message: &Broadcast) -> Opt
             out.put_slice(payload);
             Some(out.freeze())
         }
+        (BroadcastBody::PresenceDiff(diff), format) => {
+            let payload = crate::presence::render_diff(diff);
+            Some(encode_message(format, Ref::NULL, Ref::NULL, topic, "presence_diff", &payload))
+        }
         (BroadcastBody::User { encoding: PayloadEncoding::Binary, .. }, Format::V1) => None,
         (BroadcastBody::User { event, payload, metadata, .. }, Format::V1) => {
             let event = std::str::from_utf8(event).ok()?;

@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod frame;
+pub mod presence;
 pub mod ws;
 pub mod fanout;
 pub mod join;

@@ -15,10 +15,13 @@ use auth::{AuthError, Claims, KeyStore};
 use engine::broadcast::PayloadEncoding;
 use engine::client_error::{CloseReason, JoinError, ReplyError, SystemMessage};
 use engine::topic::{sub_topic, PREFIX};
-use engine::{Broadcast, BroadcastBody, ChannelSerial, ConnId, Format, Limits, LocalSub, Origin, ShardId, ShardMsg, ShardState, TopicKey};
+use engine::limits::{PRESENCE_CALLS_PER_WINDOW_MAX, PRESENCE_WINDOW};
+use engine::shard::PresenceSnapshot;
+use engine::{Broadcast, BroadcastBody, ChannelSerial, ConnId, Format, Limits, LocalSub, Origin, ShardId, ShardMsg, ShardState, Subscriber, TopicKey};
 
 use crate::frame::{self, Event, Ref, TextFrame, UserBroadcastFrame};
 use crate::join::{parse_join, ChannelToken, JoinRequest};
+use crate::presence::{self, PresenceRequest};
 
 /// The topic heartbeats go to.
 const PHOENIX_TOPIC: &str = "phoenix";
@@ -55,6 +58,8 @@ pub struct Context<'a> {
     pub database: bool,
     /// Current Unix time, seconds.
     pub now_secs: i64,
+    /// Current Unix time, milliseconds (presence rate windows, generated presence keys).
+    pub now_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +79,13 @@ struct Channel {
     key: TopicKey,
     state: ChannelState,
     broadcast_ack: bool,
+    /// Whether the channel receives `presence_state` (PROTOCOL.md §4.1).
+    presence_enabled: bool,
+    /// Presence key: `config.presence.key` or a UUID generated at join.
+    presence_key: Arc<str>,
+    /// Presence frames counted in the current window, and when the window opened (ms).
+    presence_calls: u32,
+    presence_window_start_ms: i64,
     /// The channel token and its claims (drive private-channel and RLS checks later).
     token: String,
     #[allow(dead_code)]
@@ -91,6 +103,8 @@ pub struct Session {
     /// Joined channels by topic as the client spelled it.
     channels: AHashMap<Box<str>, Channel>,
     next_serial: u32,
+    /// Generated presence keys made by this session (uniqueness within one millisecond).
+    presence_keys_made: u32,
 }
 
 fn raw(r: Ref<'_>) -> Bytes {
@@ -104,7 +118,7 @@ fn as_ref(bytes: &Bytes) -> Ref<'_> {
 impl Session {
     /// A new session for a connection that passed the upgrade with `conn_token`.
     pub fn new(format: Format, shard: ShardId, conn: ConnId, conn_token: String) -> Session {
-        Session { format, shard, conn, conn_token, channels: AHashMap::new(), next_serial: 1 }
+        Session { format, shard, conn, conn_token, channels: AHashMap::new(), next_serial: 1, presence_keys_made: 0 }
     }
 
     /// The connection's wire format.
@@ -173,14 +187,17 @@ impl Session {
                 self.publish(state, ctx, topic, frame.ref_, BroadcastBody::Json { payload }, fx);
             }
             Event::Presence => {
-                // Presence arrives with its own issue; until then a track is refused, never
-                // silently accepted (README "What does not work yet").
-                fx.frames.push(frame::encode_reply(self.format, as_ref(&join_ref), frame.ref_, topic, "error", b"{}"));
+                let request = presence::parse_presence(frame.payload.get());
+                self.presence(state, ctx, topic, frame.ref_, request, fx);
+            }
+            Event::PresenceDiff => {
+                if let Some(request) = presence::parse_docs_presence(frame.payload.get()) {
+                    self.presence(state, ctx, topic, frame.ref_, request, fx);
+                }
             }
             Event::AccessToken => self.access_token(state, ctx, topic, frame.payload.get(), fx),
-            // Unknown events (and the product docs' `presence_diff` until presence lands) are
-            // ignored without a reply (PROTOCOL.md §1.10).
-            Event::PresenceDiff | Event::Heartbeat | Event::Other(_) | Event::Join => {}
+            // Unknown events are ignored without a reply (PROTOCOL.md §1.10).
+            Event::Heartbeat | Event::Other(_) | Event::Join => {}
         }
     }
 
@@ -248,7 +265,11 @@ impl Session {
                     prefixed: topic.starts_with(PREFIX),
                     receive_own: request.broadcast_self,
                 };
-                fx.shard.push(state.local_join(key.clone(), local));
+                fx.shard.push(state.local_join(key.clone(), local, request.presence_enabled));
+                let presence_key: Arc<str> = match &request.presence_key {
+                    Some(key) => Arc::from(key.as_str()),
+                    None => Arc::from(self.generate_presence_key(ctx).as_str()),
+                };
                 self.channels.insert(
                     topic.into(),
                     Channel {
@@ -258,6 +279,10 @@ impl Session {
                         key,
                         state: ChannelState::Joining,
                         broadcast_ack: request.broadcast_ack,
+                        presence_enabled: request.presence_enabled,
+                        presence_key,
+                        presence_calls: 0,
+                        presence_window_start_ms: 0,
                         token,
                         claims,
                     },
@@ -304,7 +329,7 @@ impl Session {
 
     /// The topic owner registered a join: send the ok reply. Stale acks (the channel left or
     /// re-joined meanwhile) are ignored.
-    pub fn on_join_ack(&mut self, key: &TopicKey, serial: ChannelSerial, fx: &mut Effects) {
+    pub fn on_join_ack(&mut self, key: &TopicKey, serial: ChannelSerial, presence: Option<PresenceSnapshot>, fx: &mut Effects) {
         let Some((topic, channel)) = self.channels.iter_mut().find(|(_, c)| c.serial == serial && &c.key == key) else {
             return;
         };
@@ -321,6 +346,86 @@ impl Session {
             br#"{"postgres_changes":[]}"#,
         );
         fx.frames.push(reply);
+        if let (true, Some(snapshot)) = (channel.presence_enabled, presence) {
+            let payload = presence::render_state(&snapshot);
+            fx.frames.push(frame::encode_push(self.format, as_ref(&channel.join_ref), topic, "presence_state", &payload));
+        }
+    }
+
+    /// A UUID v1 string for a channel that joined without a presence key (PROTOCOL.md §2.2).
+    fn generate_presence_key(&mut self, ctx: Context<'_>) -> String {
+        self.presence_keys_made = self.presence_keys_made.wrapping_add(1);
+        let millis = ctx.now_ms.max(0) as u64;
+        // Sub-millisecond nanos from the per-session counter keep keys unique per session; the
+        // node id (shard, connection) keeps them unique across sessions.
+        // UUID v1 time has a 100 ns resolution: 10,000 distinct keys per millisecond.
+        let nanos = (millis % 1000) as u32 * 1_000_000 + (self.presence_keys_made % 10_000) * 100;
+        let ts = uuid::Timestamp::from_unix(uuid::timestamp::context::NoContext, millis / 1000, nanos);
+        let conn = self.conn.0.to_be_bytes();
+        let shard = self.shard.0.to_be_bytes();
+        let node = [shard[0], shard[1], conn[4], conn[5], conn[6], conn[7]];
+        uuid::Uuid::new_v1(ts, &node).to_string()
+    }
+
+    /// A `presence` frame (PROTOCOL.md §4.3), or the product docs' `presence_diff` form.
+    fn presence(&mut self, state: &mut ShardState, ctx: Context<'_>, topic: &str, ref_: Ref<'_>, request: PresenceRequest, fx: &mut Effects) {
+        let channel = self.channels.get_mut(topic).expect("caller checked the channel exists");
+        let join_ref = channel.join_ref.clone();
+        let ok = |fx: &mut Effects| fx.frames.push(frame::encode_reply(self.format, as_ref(&join_ref), ref_, topic, "ok", b"{}"));
+        if request == PresenceRequest::NoEvent {
+            ok(fx);
+            return;
+        }
+        // Every frame with an event counts toward the per-channel window (§4.6).
+        if ctx.now_ms - channel.presence_window_start_ms >= PRESENCE_WINDOW.as_millis() as i64 {
+            channel.presence_window_start_ms = ctx.now_ms;
+            channel.presence_calls = 0;
+        }
+        channel.presence_calls += 1;
+        if channel.presence_calls > PRESENCE_CALLS_PER_WINDOW_MAX {
+            self.close_channel(state, topic, SystemMessage::ClientPresenceRateLimit, fx);
+            return;
+        }
+        let subscriber = Subscriber { shard: self.shard, conn: self.conn, channel: channel.serial };
+        let key = channel.key.clone();
+        match request {
+            PresenceRequest::NoEvent => unreachable!("handled above"),
+            PresenceRequest::Track(payload) => {
+                let object = match payload {
+                    None => serde_json::Map::new(),
+                    Some(serde_json::Value::Object(object)) => object,
+                    Some(_) => {
+                        let response = format!(r#"{{"reason":{}}}"#, serde_json::to_string(ReplyError::PresencePayloadNotMap.text()).expect("string"));
+                        fx.frames.push(frame::encode_reply(self.format, as_ref(&join_ref), ref_, topic, "error", response.as_bytes()));
+                        return;
+                    }
+                };
+                let meta = presence::normalize_meta(object);
+                if meta.len() > ctx.limits.payload_bytes_max {
+                    self.close_channel(state, topic, SystemMessage::TrackMessageSizeExceeded, fx);
+                    return;
+                }
+                let presence_key = Arc::clone(&channel.presence_key);
+                fx.shard.push((state.owner(&key), ShardMsg::Track { topic: key, subscriber, key: presence_key, meta }));
+                ok(fx);
+            }
+            PresenceRequest::Untrack => {
+                fx.shard.push((state.owner(&key), ShardMsg::Untrack { topic: key, subscriber }));
+                ok(fx);
+            }
+            PresenceRequest::Other => {
+                fx.frames.push(frame::encode_reply(self.format, as_ref(&join_ref), ref_, topic, "error", b"{}"));
+            }
+        }
+    }
+
+    /// Closes one channel from the server side: `system` error, `phx_close`, unsubscribe.
+    fn close_channel(&mut self, state: &mut ShardState, topic: &str, message: SystemMessage, fx: &mut Effects) {
+        let Some(channel) = self.channels.get(topic) else { return };
+        let join_ref = channel.join_ref.clone();
+        fx.frames.push(frame::encode_system(self.format, as_ref(&join_ref), topic, "system", message.status(), &message.text()));
+        fx.frames.push(frame::encode_close(self.format, as_ref(&join_ref), topic, "phx_close"));
+        self.leave(state, topic, fx);
     }
 
     /// `access_token` (PROTOCOL.md §6.3): never a reply; a bad token closes the channel.
@@ -342,13 +447,7 @@ impl Session {
                 channel.token = token;
                 channel.claims = claims;
             }
-            Err(error) => {
-                let join_ref = channel.join_ref.clone();
-                let message = system_message(error);
-                fx.frames.push(frame::encode_system(self.format, as_ref(&join_ref), topic, "system", "error", &message.text()));
-                fx.frames.push(frame::encode_close(self.format, as_ref(&join_ref), topic, "phx_close"));
-                self.leave(state, topic, fx);
-            }
+            Err(error) => self.close_channel(state, topic, system_message(error), fx),
         }
     }
 

@@ -33,7 +33,11 @@ const READ_CHUNK_BYTES: usize = 4096;
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
 pub(crate) fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    unix_now_ms() / 1000
+}
+
+pub(crate) fn unix_now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
@@ -163,11 +167,13 @@ async fn read_loop(shard: &Rc<Shard>, conn: &Rc<Conn>, mut reader: ReadHalf<TcpS
 }
 
 fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, message: WsMessage) -> Option<CloseReason> {
+    let now_ms = unix_now_ms();
     let ctx = Context {
         limits: &shard.config.limits,
         keys: &shard.config.keys,
         database: shard.config.database,
-        now_secs: unix_now(),
+        now_secs: now_ms / 1000,
+        now_ms,
     };
     let mut fx = Effects::default();
     match message {

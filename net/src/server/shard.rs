@@ -22,7 +22,7 @@ use glommio::{GlommioError, ResourceType};
 use engine::client_error::CloseReason;
 use engine::limits::SHARD_OVERFLOW_MESSAGES_MAX;
 use engine::shard::LocalEffect;
-use engine::{ConnId, ShardId, ShardMsg, ShardState};
+use engine::{ConnId, PresenceCoalescing, ShardId, ShardMsg, ShardState};
 
 use super::metrics::{self, ShardCounters};
 use super::outbox::{Outbox, OutboxState};
@@ -54,7 +54,11 @@ impl Shard {
         let shards = config.shards;
         Shard {
             id,
-            state: RefCell::new(ShardState::new(id, shards)),
+            state: RefCell::new(ShardState::new(id, shards).with_coalescing(if config.limits.presence_coalesce.is_zero() {
+                PresenceCoalescing::Immediate
+            } else {
+                PresenceCoalescing::Window
+            })),
             conns: RefCell::new(AHashMap::new()),
             metrics,
             senders,
@@ -193,11 +197,22 @@ impl Shard {
                 });
                 metrics::add(&self.counters().deliveries, delivered as u64);
             }
-            LocalEffect::JoinAcked { topic, subscriber } => {
+            LocalEffect::SchedulePresenceFlush { topic } => {
+                let shard = Rc::clone(self);
+                let window = self.config.limits.presence_coalesce;
+                glommio::spawn_local(async move {
+                    glommio::timer::sleep(window).await;
+                    let mut out = Vec::new();
+                    shard.state.borrow_mut().flush_presence(&topic, &mut out);
+                    shard.route(out);
+                })
+                .detach();
+            }
+            LocalEffect::JoinAcked { topic, subscriber, presence } => {
                 let conn = self.conns.borrow().get(&subscriber.conn).cloned();
                 if let Some(conn) = conn {
                     let mut fx = Effects::default();
-                    conn.session.borrow_mut().on_join_ack(&topic, subscriber.channel, &mut fx);
+                    conn.session.borrow_mut().on_join_ack(&topic, subscriber.channel, presence, &mut fx);
                     self.apply(&conn, fx);
                 }
             }

@@ -21,6 +21,8 @@ struct Harness {
     closed: Vec<Option<CloseReason>>,
     limits: Limits,
     keys: KeyStore,
+    /// Milliseconds added to the fixed clock (presence rate windows).
+    clock_ms: i64,
 }
 
 impl Harness {
@@ -33,6 +35,7 @@ impl Harness {
             closed: Vec::new(),
             limits: Limits::default(),
             keys: KeyStore::new(SECRET.to_vec()),
+            clock_ms: 0,
         }
     }
 
@@ -51,7 +54,7 @@ impl Harness {
 
     fn text(&mut self, conn: usize, frame: &str) {
         let (limits, keys) = self.ctx();
-        let ctx = Context { limits: &limits, keys: &keys, database: false, now_secs: NOW };
+        let ctx = Context { limits: &limits, keys: &keys, database: false, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms };
         let mut fx = Effects::default();
         self.sessions[conn].on_text(&mut self.state, ctx, frame.as_bytes(), &mut fx);
         self.apply(conn, fx);
@@ -59,7 +62,7 @@ impl Harness {
 
     fn binary(&mut self, conn: usize, bytes: &[u8]) {
         let (limits, keys) = self.ctx();
-        let ctx = Context { limits: &limits, keys: &keys, database: false, now_secs: NOW };
+        let ctx = Context { limits: &limits, keys: &keys, database: false, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms };
         let mut fx = Effects::default();
         self.sessions[conn].on_binary(&mut self.state, ctx, bytes, &mut fx);
         self.apply(conn, fx);
@@ -75,10 +78,10 @@ impl Harness {
         while let Some((_, msg)) = queue.pop_front() {
             let mut out = Vec::new();
             match self.state.handle(msg, &mut out) {
-                Some(engine::shard::LocalEffect::JoinAcked { topic, subscriber }) => {
+                Some(engine::shard::LocalEffect::JoinAcked { topic, subscriber, presence }) => {
                     let target = subscriber.conn.0 as usize;
                     let mut fx = Effects::default();
-                    self.sessions[target].on_join_ack(&topic, subscriber.channel, &mut fx);
+                    self.sessions[target].on_join_ack(&topic, subscriber.channel, presence, &mut fx);
                     self.written[target].extend(fx.frames);
                 }
                 Some(engine::shard::LocalEffect::Deliver { topic, message }) => {
@@ -86,7 +89,7 @@ impl Harness {
                     let written = &mut self.written;
                     fanout::deliver(ShardId(0), &subs, &topic, &message, |c, bytes| written[c.0 as usize].push(bytes.clone()));
                 }
-                None => {}
+                Some(engine::shard::LocalEffect::SchedulePresenceFlush { .. }) | None => {}
             }
             queue.extend(out);
         }
@@ -314,4 +317,130 @@ fn malformed_frames_are_dropped_silently() {
     h.binary(a, &[9, 9, 9]);
     assert!(h.take(a).is_empty());
     assert!(h.take_delayed(a).is_empty());
+}
+
+fn presence_join(h: &mut Harness, conn: usize, key: &str) {
+    let config = json!({"presence": {"enabled": true, "key": key}});
+    h.text(conn, &json!(["1", "1", "realtime:doc", "phx_join", {"config": config}]).to_string());
+}
+
+fn metas(value: &Value, key: &str) -> Vec<Value> {
+    value[key]["metas"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn presence_state_track_diff_and_leave() {
+    let mut h = Harness::new();
+    let a = h.connect(Format::V2);
+    let b = h.connect(Format::V1);
+    presence_join(&mut h, a, "ann");
+    let frames = h.take(a);
+    assert_eq!(frames[1], json!(["1", null, "realtime:doc", "presence_state", {}]));
+
+    h.text(a, r#"["1","2","realtime:doc","presence",{"type":"presence","event":"track","payload":{"name":"Ann","phx_ref":"spoof"}}]"#);
+    let frames = h.take(a);
+    assert_eq!(frames[0], json!(["1", "2", "realtime:doc", "phx_reply", {"status": "ok", "response": {}}]));
+    // The diff reaches the sender too (PROTOCOL.md §4.4), as a fan-out frame.
+    assert_eq!(frames[1][0], Value::Null);
+    assert_eq!(frames[1][3], json!("presence_diff"));
+    let joined = metas(&frames[1][4]["joins"], "ann");
+    assert_eq!(joined.len(), 1);
+    assert_eq!(joined[0]["name"], json!("Ann"));
+    assert_ne!(joined[0]["phx_ref"], json!("spoof"), "payload phx_ref is overwritten");
+
+    // b joins (V1, Python style presence frames) and sees ann in presence_state.
+    h.text(b, r#"{"topic":"realtime:doc","event":"phx_join","payload":{"config":{"presence":{"enabled":true,"key":"bob"}}},"ref":"1","join_ref":"1"}"#);
+    let frames = h.take(b);
+    assert_eq!(frames[1]["event"], json!("presence_state"));
+    assert_eq!(metas(&frames[1]["payload"], "ann")[0]["name"], json!("Ann"));
+
+    // Identical re-track: ok, no diff. Different payload: diff with phx_ref_prev.
+    h.text(a, r#"["1","3","realtime:doc","presence",{"event":"track","payload":{"name":"Ann"}}]"#);
+    assert_eq!(h.take(a).len(), 1);
+    assert!(h.take(b).is_empty());
+    h.text(a, r#"["1","4","realtime:doc","presence",{"event":"track","payload":{"name":"Ann B."}}]"#);
+    h.take(a);
+    let diff = &h.take(b)[0]["payload"];
+    assert_eq!(metas(&diff["joins"], "ann")[0]["phx_ref_prev"], joined[0]["phx_ref"]);
+    assert_eq!(metas(&diff["leaves"], "ann")[0]["name"], json!("Ann"));
+
+    // a leaves: b sees the leave.
+    h.text(a, r#"["1","5","realtime:doc","phx_leave",{}]"#);
+    let diff = &h.take(b)[0]["payload"];
+    assert_eq!(metas(&diff["leaves"], "ann")[0]["name"], json!("Ann B."));
+    assert_eq!(diff["joins"], json!({}));
+}
+
+#[test]
+fn presence_replies_and_docs_frames() {
+    let mut h = Harness::new();
+    let a = h.connect(Format::V1);
+    let b = h.connect(Format::V1);
+    h.text(a, r#"{"topic":"presence:doc-1","event":"phx_join","payload":{"config":{"presence":{"key":"u1"}}},"ref":"1"}"#);
+    h.text(b, r#"{"topic":"presence:doc-1","event":"phx_join","payload":{"config":{"presence":{"key":"u2"}}},"ref":"1"}"#);
+    h.take(a);
+    h.take(b);
+    // The product docs' frame tracks...
+    h.text(a, r#"{"topic":"presence:doc-1","event":"presence_diff","payload":{"action":"track","data":{"user_id":"u1"}},"ref":"2"}"#);
+    assert_eq!(h.take(a)[0]["payload"], json!({"status": "ok", "response": {}}));
+    let diff = h.take(b);
+    assert_eq!(diff[0]["event"], json!("presence_diff"));
+    assert_eq!(metas(&diff[0]["payload"]["joins"], "u1")[0]["user_id"], json!("u1"));
+    // ...and untracks.
+    h.text(a, r#"{"topic":"presence:doc-1","event":"presence_diff","payload":{"action":"untrack"},"ref":"3"}"#);
+    h.take(a);
+    assert_eq!(metas(&h.take(b)[0]["payload"]["leaves"], "u1").len(), 1);
+    // Reply table of §4.3.
+    h.text(a, r#"{"topic":"presence:doc-1","event":"presence","payload":{"type":"presence"},"ref":"4"}"#);
+    h.text(a, r#"{"topic":"presence:doc-1","event":"presence","payload":{"event":"track","payload":[1]},"ref":"5"}"#);
+    h.text(a, r#"{"topic":"presence:doc-1","event":"presence","payload":{"event":"wave"},"ref":"6"}"#);
+    let replies: Vec<_> = h.take(a).into_iter().map(|f| f["payload"].clone()).collect();
+    assert_eq!(
+        replies,
+        vec![
+            json!({"status": "ok", "response": {}}),
+            json!({"status": "error", "response": {"reason": "Presence track payload must be a map"}}),
+            json!({"status": "error", "response": {}}),
+        ]
+    );
+}
+
+#[test]
+fn presence_rate_limit_closes_the_channel() {
+    let mut h = Harness::new();
+    let a = h.connect(Format::V2);
+    presence_join(&mut h, a, "k");
+    h.take(a);
+    for i in 0..5 {
+        h.text(a, &json!(["1", format!("r{i}"), "realtime:doc", "presence", {"event": "track", "payload": {"i": i}}]).to_string());
+    }
+    h.take(a);
+    h.text(a, r#"["1","r6","realtime:doc","presence",{"event":"untrack"}]"#);
+    let frames = h.take(a);
+    assert_eq!(frames[0][4]["message"], json!("Client presence rate limit exceeded"));
+    assert_eq!(frames[1], json!(["1", "1", "realtime:doc", "phx_close", {}]));
+    // After 30 s the window reopens (on a new join).
+    h.clock_ms += 30_000;
+    presence_join(&mut h, a, "k");
+    h.take(a);
+    h.text(a, r#"["1","x","realtime:doc","presence",{"event":"track","payload":{}}]"#);
+    assert_eq!(h.take(a)[0][4], json!({"status": "ok", "response": {}}));
+}
+
+#[test]
+fn generated_presence_keys_are_unique_uuids() {
+    let mut h = Harness::new();
+    let a = h.connect(Format::V2);
+    let mut keys = std::collections::BTreeSet::new();
+    for i in 0..20 {
+        let topic = format!("realtime:p{i}");
+        h.text(a, &json!(["1", "1", topic, "phx_join", {"config": {"presence": {"key": ""}}}]).to_string());
+        h.text(a, &json!(["1", "2", topic, "presence", {"event": "track", "payload": {}}]).to_string());
+        let frames = h.take(a);
+        let joins = frames.last().unwrap()[4]["joins"].as_object().unwrap().clone();
+        let key = joins.keys().next().unwrap().clone();
+        assert_eq!(uuid::Uuid::parse_str(&key).unwrap().get_version_num(), 1);
+        keys.insert(key);
+    }
+    assert_eq!(keys.len(), 20);
 }
