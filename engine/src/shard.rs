@@ -178,6 +178,20 @@ impl OwnedTopic {
         OwnedTopic { subscribers: AHashSet::new(), per_shard: vec![0; shards], presence: None, pending_diff: None }
     }
 
+    /// The presence members have been told about: the state without the changes still waiting
+    /// in the coalescing window. A join gets this as `presence_state`, then the pending diff
+    /// with everyone else, so its view never holds an element whose leave it will not get.
+    fn sent_view(&self) -> Vec<(Dot, Element)> {
+        let Some(state) = &self.presence else { return Vec::new() };
+        let mut view: Vec<(Dot, Element)> = state.elements().map(|(d, e)| (*d, e.clone())).collect();
+        if let Some(pending) = &self.pending_diff {
+            view.retain(|(dot, _)| !pending.joins.iter().any(|(d, _)| d == dot));
+            view.extend(pending.leaves.iter().cloned());
+            view.sort_by_key(|(dot, _)| *dot);
+        }
+        view
+    }
+
     fn is_idle(&self) -> bool {
         self.subscribers.is_empty() && self.presence.as_ref().is_none_or(PresenceState::is_empty) && self.pending_diff.is_none()
     }
@@ -255,13 +269,24 @@ pub struct ShardState {
     coalescing: PresenceCoalescing,
     owned: AHashMap<TopicKey, OwnedTopic>,
     local: AHashMap<TopicKey, SubList>,
+    /// Local joins the owner has not acknowledged yet. They enter `local` only with the
+    /// `JoinAck`, which the owner sends before any `Deliver` that includes them (same FIFO), so
+    /// a channel never receives a broadcast or presence diff before its join reply.
+    pending: AHashMap<(TopicKey, ConnId, ChannelSerial), LocalSub>,
 }
 
 impl ShardState {
     /// A shard `id` of `shards`.
     pub fn new(id: ShardId, shards: usize) -> ShardState {
         assert!(id.index() < shards);
-        ShardState { id, shards, coalescing: PresenceCoalescing::Immediate, owned: AHashMap::new(), local: AHashMap::new() }
+        ShardState {
+            id,
+            shards,
+            coalescing: PresenceCoalescing::Immediate,
+            owned: AHashMap::new(),
+            local: AHashMap::new(),
+            pending: AHashMap::new(),
+        }
     }
 
     /// Sets presence diff coalescing.
@@ -288,7 +313,7 @@ impl ShardState {
     /// A local connection joins `topic`: index it here and tell the owner. The driver sends the
     /// join reply when the owner's `JoinAck` comes back.
     pub fn local_join(&mut self, topic: TopicKey, sub: LocalSub, presence: bool) -> (ShardId, ShardMsg) {
-        self.local.entry(topic.clone()).or_default().insert(sub);
+        self.pending.insert((topic.clone(), sub.conn, sub.channel), sub);
         let subscriber = Subscriber { shard: self.id, conn: sub.conn, channel: sub.channel };
         (self.owner(&topic), ShardMsg::Join { topic, subscriber, presence })
     }
@@ -301,12 +326,14 @@ impl ShardState {
         conn: ConnId,
         channel: ChannelSerial,
     ) -> Option<(ShardId, ShardMsg)> {
-        let list = self.local.get_mut(topic)?;
-        if !list.remove(conn, channel) {
-            return None;
-        }
-        if list.is_empty() {
-            self.local.remove(topic);
+        if self.pending.remove(&(topic.clone(), conn, channel)).is_none() {
+            let list = self.local.get_mut(topic)?;
+            if !list.remove(conn, channel) {
+                return None;
+            }
+            if list.is_empty() {
+                self.local.remove(topic);
+            }
         }
         let subscriber = Subscriber { shard: self.id, conn, channel };
         Some((self.owner(topic), ShardMsg::Leave { topic: topic.clone(), subscriber }))
@@ -322,9 +349,9 @@ impl ShardState {
         self.owned.len()
     }
 
-    /// Number of topics with local subscribers.
+    /// Number of topics with local subscribers (acknowledged or pending).
     pub fn local_topics(&self) -> usize {
-        self.local.len()
+        self.local.len() + self.pending.len()
     }
 
     /// Handles one message addressed to this shard. Messages to other shards (and to itself)
@@ -338,10 +365,7 @@ impl ShardState {
                 if owned.subscribers.insert(subscriber) {
                     owned.per_shard[subscriber.shard.index()] += 1;
                 }
-                let presence = presence.then(|| {
-                    let state = owned.presence.as_ref();
-                    Arc::new(state.map(|p| p.elements().map(|(d, e)| (*d, e.clone())).collect()).unwrap_or_default())
-                });
+                let presence = presence.then(|| Arc::new(owned.sent_view()));
                 out.push((subscriber.shard, ShardMsg::JoinAck { topic, subscriber, presence }));
                 None
             }
@@ -382,6 +406,9 @@ impl ShardState {
             ShardMsg::Deliver { topic, message } => Some(LocalEffect::Deliver { topic, message }),
             ShardMsg::JoinAck { topic, subscriber, presence } => {
                 assert_eq!(subscriber.shard, self.id, "join ack routed to the wrong shard");
+                // Absent when the channel left before the ack: its Leave is already on its way.
+                let sub = self.pending.remove(&(topic.clone(), subscriber.conn, subscriber.channel))?;
+                self.local.entry(topic.clone()).or_default().insert(sub);
                 Some(LocalEffect::JoinAcked { topic, subscriber, presence })
             }
         }

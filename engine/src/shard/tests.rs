@@ -231,3 +231,214 @@ proptest! {
         }
     }
 }
+
+/// Presence across shards: members of one topic sit on different shards; joins, tracks,
+/// untracks and connection closes interleave with arbitrary cross-shard delays (and, with
+/// coalescing, arbitrary flush points). Every member's view — its `presence_state` snapshot
+/// plus every diff delivered after it, applied idempotently by `phx_ref` as the clients do —
+/// must equal the owner's state once the queues drain.
+mod presence {
+    use super::*;
+    use crate::presence::{Dot, Element};
+    use crate::PresenceCoalescing;
+
+    #[derive(Debug, Clone)]
+    enum POp {
+        Join { conn: u8 },
+        Track { conn: u8, meta: u8 },
+        Untrack { conn: u8 },
+        Close { conn: u8 },
+        Step { queue: u8 },
+        Flush,
+    }
+
+    fn pop() -> impl Strategy<Value = POp> {
+        prop_oneof![
+            (0u8..6).prop_map(|conn| POp::Join { conn }),
+            (0u8..6, 0u8..3).prop_map(|(conn, meta)| POp::Track { conn, meta }),
+            (0u8..6).prop_map(|conn| POp::Untrack { conn }),
+            (0u8..6).prop_map(|conn| POp::Close { conn }),
+            any::<u8>().prop_map(|queue| POp::Step { queue }),
+            any::<u8>().prop_map(|queue| POp::Step { queue }),
+            Just(POp::Flush),
+        ]
+    }
+
+    struct PSim {
+        shards: Vec<ShardState>,
+        queues: BTreeMap<(usize, usize), VecDeque<ShardMsg>>,
+        joined: BTreeMap<u8, ChannelSerial>,
+        next_serial: u32,
+        /// Per (conn, serial): the view built from snapshot + diffs, and whether the snapshot came.
+        views: BTreeMap<(u8, ChannelSerial), (bool, BTreeMap<Dot, Element>)>,
+        flushes: Vec<(usize, TopicKey)>,
+    }
+
+    fn topic() -> TopicKey {
+        TopicKey::new("realtime:doc", false)
+    }
+
+    impl PSim {
+        fn new(n: usize, coalescing: PresenceCoalescing) -> PSim {
+            PSim {
+                shards: (0..n).map(|i| ShardState::new(ShardId(i as u16), n).with_coalescing(coalescing)).collect(),
+                queues: BTreeMap::new(),
+                joined: BTreeMap::new(),
+                next_serial: 1,
+                views: BTreeMap::new(),
+                flushes: Vec::new(),
+            }
+        }
+
+        fn send(&mut self, from: usize, out: Vec<(ShardId, ShardMsg)>) {
+            for (to, msg) in out {
+                self.queues.entry((from, to.index())).or_default().push_back(msg);
+            }
+        }
+
+        fn subscriber(&self, conn: u8) -> Option<Subscriber> {
+            let n = self.shards.len();
+            self.joined.get(&conn).map(|&channel| Subscriber { shard: ShardId(home(conn, n) as u16), conn: ConnId(conn.into()), channel })
+        }
+
+        fn apply(&mut self, op: POp) {
+            let n = self.shards.len();
+            match op {
+                POp::Join { conn } => {
+                    if self.joined.contains_key(&conn) {
+                        return;
+                    }
+                    let serial = ChannelSerial(self.next_serial);
+                    self.next_serial += 1;
+                    self.joined.insert(conn, serial);
+                    self.views.insert((conn, serial), (false, BTreeMap::new()));
+                    let sub = LocalSub { conn: ConnId(conn.into()), channel: serial, format: Format::V2, prefixed: true, receive_own: false };
+                    let at = home(conn, n);
+                    let out = self.shards[at].local_join(topic(), sub, true);
+                    self.send(at, vec![out]);
+                }
+                POp::Track { conn, meta } => {
+                    let Some(subscriber) = self.subscriber(conn) else { return };
+                    let at = home(conn, n);
+                    let msg = ShardMsg::Track { topic: topic(), subscriber, key: Arc::from(format!("user-{}", conn % 3)), meta: Bytes::from(vec![meta]) };
+                    let owner = self.shards[at].owner(&topic());
+                    self.send(at, vec![(owner, msg)]);
+                }
+                POp::Untrack { conn } => {
+                    let Some(subscriber) = self.subscriber(conn) else { return };
+                    let at = home(conn, n);
+                    let owner = self.shards[at].owner(&topic());
+                    self.send(at, vec![(owner, ShardMsg::Untrack { topic: topic(), subscriber })]);
+                }
+                POp::Close { conn } => {
+                    let Some(serial) = self.joined.remove(&conn) else { return };
+                    self.views.remove(&(conn, serial));
+                    let at = home(conn, n);
+                    let out = self.shards[at].local_leave(&topic(), ConnId(conn.into()), serial);
+                    self.send(at, out.into_iter().collect());
+                }
+                POp::Step { queue } => {
+                    let nonempty: Vec<_> = self.queues.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| *k).collect();
+                    if !nonempty.is_empty() {
+                        self.step(nonempty[usize::from(queue) % nonempty.len()]);
+                    }
+                }
+                POp::Flush => {
+                    if !self.flushes.is_empty() {
+                        let (at, topic) = self.flushes.remove(0);
+                        let mut out = Vec::new();
+                        self.shards[at].flush_presence(&topic, &mut out);
+                        self.send(at, out);
+                    }
+                }
+            }
+        }
+
+        fn step(&mut self, (from, to): (usize, usize)) {
+            let msg = self.queues.get_mut(&(from, to)).unwrap().pop_front().unwrap();
+            let mut out = Vec::new();
+            let effect = self.shards[to].handle(msg, &mut out);
+            self.send(to, out);
+            match effect {
+                Some(LocalEffect::JoinAcked { subscriber, presence, .. }) => {
+                    let key = (subscriber.conn.0 as u8, subscriber.channel);
+                    if let Some(view) = self.views.get_mut(&key) {
+                        view.0 = true;
+                        for (dot, element) in presence.expect("joined with presence").iter() {
+                            view.1.insert(*dot, element.clone());
+                        }
+                    }
+                }
+                Some(LocalEffect::Deliver { topic, message }) => {
+                    let BroadcastBody::PresenceDiff(diff) = &message.body else { unreachable!() };
+                    for sub in self.shards[to].local_subscribers(&topic) {
+                        let Some(view) = self.views.get_mut(&(sub.conn.0 as u8, sub.channel)) else { continue };
+                        assert!(view.0, "a diff arrived before the join's presence_state");
+                        for (dot, _) in &diff.leaves {
+                            view.1.remove(dot);
+                        }
+                        for (dot, element) in &diff.joins {
+                            view.1.insert(*dot, element.clone());
+                        }
+                    }
+                }
+                Some(LocalEffect::SchedulePresenceFlush { topic }) => self.flushes.push((to, topic)),
+                None => {}
+            }
+        }
+
+        fn drain(&mut self) {
+            loop {
+                if let Some(key) = self.queues.iter().find(|(_, q)| !q.is_empty()).map(|(k, _)| *k) {
+                    self.step(key);
+                } else if !self.flushes.is_empty() {
+                    self.apply(POp::Flush);
+                } else {
+                    break;
+                }
+            }
+        }
+
+        fn check(&self) {
+            let owner = self.shards[0].owner(&topic()).index();
+            let truth: BTreeMap<Dot, Element> = self.shards[owner].presence_of(&topic()).into_iter().collect();
+            // Only live channels' elements remain.
+            for element in truth.values() {
+                assert_eq!(self.joined.get(&(element.owner.conn.0 as u8)), Some(&element.owner.channel), "a closed channel's presence survived");
+            }
+            for ((conn, serial), (acked, view)) in &self.views {
+                assert!(acked, "member {conn}/{serial:?} never got presence_state");
+                assert_eq!(view, &truth, "member {conn} diverged");
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn members_on_any_shard_converge(
+            shard_count in 1usize..4,
+            window in any::<bool>(),
+            ops in proptest::collection::vec(pop(), 0..150),
+        ) {
+            let coalescing = if window { PresenceCoalescing::Window } else { PresenceCoalescing::Immediate };
+            let mut sim = PSim::new(shard_count, coalescing);
+            for op in ops {
+                sim.apply(op);
+            }
+            sim.drain();
+            sim.check();
+            // Everyone closes: no state is left anywhere.
+            let conns: Vec<u8> = sim.joined.keys().copied().collect();
+            for conn in conns {
+                sim.apply(POp::Close { conn });
+            }
+            sim.drain();
+            for shard in &sim.shards {
+                prop_assert_eq!(shard.owned_topics(), 0);
+                prop_assert_eq!(shard.local_topics(), 0);
+            }
+        }
+    }
+}
