@@ -185,9 +185,9 @@ impl OwnedTopic {
         let Some(state) = &self.presence else { return Vec::new() };
         let mut view: Vec<(Dot, Element)> = state.elements().map(|(d, e)| (*d, e.clone())).collect();
         if let Some(pending) = &self.pending_diff {
-            view.retain(|(dot, _)| !pending.joins.iter().any(|(d, _)| d == dot));
+            let unsent: AHashSet<Dot> = pending.joins.iter().map(|(dot, _)| *dot).collect();
+            view.retain(|(dot, _)| !unsent.contains(dot));
             view.extend(pending.leaves.iter().cloned());
-            view.sort_by_key(|(dot, _)| *dot);
         }
         view
     }

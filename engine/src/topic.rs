@@ -35,6 +35,12 @@ impl TopicKey {
         TopicKey { private, sub: Arc::from(sub_topic(topic)) }
     }
 
+    /// Builds the key of a sub-topic given as is (REST and database broadcasts address
+    /// sub-topics: `realtime:x` there means the channel `realtime:realtime:x`, PROTOCOL.md §8.1).
+    pub fn new_sub(sub: &str, private: bool) -> TopicKey {
+        TopicKey { private, sub: Arc::from(sub) }
+    }
+
     /// The shard that owns this topic: `hash(kind, sub-topic) % shards`.
     pub fn owner(&self, shards: usize) -> ShardId {
         assert!(shards > 0 && shards <= usize::from(u16::MAX));

@@ -92,6 +92,8 @@ pub enum Route {
     Metrics,
     /// `GET /api/ping`.
     Ping,
+    /// A REST broadcast path.
+    Rest(crate::rest::RestRoute),
     /// Anything else.
     NotFound,
 }
@@ -104,7 +106,10 @@ pub fn route(head: &Head) -> Route {
         "/healthz" => Route::Health,
         "/metrics" => Route::Metrics,
         "/api/ping" | "/realtime/v1/api/ping" => Route::Ping,
-        _ => Route::NotFound,
+        _ => match crate::rest::route(path) {
+            Some(rest) => Route::Rest(rest),
+            None => Route::NotFound,
+        },
     }
 }
 
@@ -176,6 +181,8 @@ fn reason_phrase(status: u16) -> &'static str {
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
+        405 => "Method Not Allowed",
+        411 => "Length Required",
         413 => "Payload Too Large",
         415 => "Unsupported Media Type",
         422 => "Unprocessable Entity",
@@ -187,8 +194,13 @@ fn reason_phrase(status: u16) -> &'static str {
 
 /// A complete response that closes the connection.
 pub fn response(status: u16, content_type: &str, body: &[u8]) -> Bytes {
+    response_with_headers(status, content_type, "", body)
+}
+
+/// A complete response with extra header lines (each ending in CRLF).
+pub fn response_with_headers(status: u16, content_type: &str, extra_headers: &str, body: &[u8]) -> Bytes {
     let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n",
         reason_phrase(status),
         body.len()
     )

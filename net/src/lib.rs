@@ -5,6 +5,7 @@
 
 pub mod frame;
 pub mod presence;
+pub mod rest;
 pub mod ws;
 pub mod fanout;
 pub mod join;

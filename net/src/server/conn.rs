@@ -16,12 +16,13 @@ use glommio::net::TcpStream;
 
 use auth::AuthError;
 use engine::client_error::{CloseReason, UpgradeError};
-use engine::limits::WS_MESSAGE_BYTES_MAX;
+use engine::limits::{HTTP_BODY_BYTES_MAX, WS_MESSAGE_BYTES_MAX};
 
 use super::metrics;
 use super::outbox::{Next, Outbox, OutboxState};
 use super::shard::{Conn, Shard};
 use crate::http::{self, Route, UpgradeRefusal};
+use crate::rest;
 use crate::session::{Context, Effects, Session};
 use crate::ws::{self, OpCode, WsDecoder, WsError, WsMessage};
 
@@ -66,9 +67,47 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         Route::Health => http::response(200, "text/plain", b"ok"),
         Route::Metrics => http::response(200, "text/plain; version=0.0.4", shard.metrics.render().as_bytes()),
         Route::Ping => http::json_message(200, "message", "Success"),
+        Route::Rest(route) => rest_call(&shard, &mut stream, &head, buf, &route).await,
         Route::NotFound => http::not_found(),
     };
     let _ = stream.write_all(&response).await;
+}
+
+/// Reads the body of a REST call (Content-Length only, at most `HTTP_BODY_BYTES_MAX`), runs it
+/// and publishes what it produced.
+async fn rest_call(shard: &Rc<Shard>, stream: &mut TcpStream, head: &http::Head, mut body: BytesMut, route: &rest::RestRoute) -> Bytes {
+    match head.method.as_str() {
+        "OPTIONS" => return rest::response(204, b""),
+        "POST" => {}
+        _ => return rest::response(405, b""),
+    }
+    if head.header("transfer-encoding").is_some() {
+        return rest::response(411, b"");
+    }
+    let length: usize = match head.header("content-length").map(|v| v.trim().parse()) {
+        None => 0,
+        Some(Ok(length)) => length,
+        Some(Err(_)) => return rest::response(400, b""),
+    };
+    if length > HTTP_BODY_BYTES_MAX {
+        return rest::response(413, b"");
+    }
+    let mut chunk = vec![0u8; 16 * 1024];
+    while body.len() < length {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return rest::response(400, b""),
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    body.truncate(length);
+    let result = rest::handle(route, head, &body, &shard.config.keys, shard.config.limits.payload_bytes_max, unix_now());
+    let messages = result
+        .outgoing
+        .into_iter()
+        .map(|o| (o.topic.owner(shard.config.shards), engine::ShardMsg::Publish { topic: o.topic, message: o.message }))
+        .collect();
+    shard.route(messages);
+    result.response
 }
 
 fn upgrade_error(error: AuthError) -> UpgradeError {
