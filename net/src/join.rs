@@ -74,7 +74,7 @@ pub fn parse_join(payload: &RawValue) -> Result<JoinRequest, JoinPayloadNotObjec
         broadcast_ack: flag(broadcast, "ack"),
         replay: broadcast.and_then(|b| b.get("replay")).and_then(parse_replay),
         replication_ready: flag(broadcast, "replication_ready"),
-        presence_enabled: flag(presence, "enabled"),
+        presence_enabled: presence_enabled(presence),
         presence_key: presence.and_then(|p| p.get("key")).and_then(presence_key),
         private: config.and_then(|c| c.get("private")).and_then(coerce_bool).unwrap_or(false),
         postgres_changes: config
@@ -84,6 +84,18 @@ pub fn parse_join(payload: &RawValue) -> Result<JoinRequest, JoinPayloadNotObjec
             .unwrap_or_default(),
         token: channel_token(&payload),
     })
+}
+
+/// `config.presence.enabled`; when the key is absent (raw sockets: the product docs' Recipe 2
+/// joins with `{presence: {key}}` only) a non-empty `key` enables presence, so the recipe's
+/// initial `presence_state` arrives. The official clients always send `enabled`, so this never
+/// changes what they get (README, "Deviations").
+fn presence_enabled(presence: Option<&Map<String, Value>>) -> bool {
+    let Some(presence) = presence else { return false };
+    match presence.get("enabled") {
+        Some(value) => coerce_bool(value).unwrap_or(false),
+        None => presence.get("key").and_then(presence_key).is_some(),
+    }
 }
 
 /// `true`/`false`, or the strings `"true"`/`"false"` in any case (§2.2).
@@ -153,6 +165,9 @@ mod tests {
         assert_eq!(join.postgres_changes.len(), 1);
         assert!(!join.private);
         assert_eq!(join.token, ChannelToken::Connection);
+        assert!(parse(r#"{"config":{"presence":{"key":"u1"}}}"#).presence_enabled, "docs' Recipe 2 join");
+        assert!(!parse(r#"{"config":{"presence":{"key":"u1","enabled":false}}}"#).presence_enabled);
+        assert!(!parse(r#"{"config":{"presence":{"key":""}}}"#).presence_enabled);
         let join = parse(r#"{"config":["x"]}"#);
         assert!(join.has_config && !join.broadcast_self);
         let join = parse(r#"{"config":{"broadcast":null,"postgres_changes":null}}"#);

@@ -393,3 +393,87 @@ export function dumpFrames(client, limit = 40) {
   })
   return `frames of ${client.label} (last ${lines.length}):\n${lines.join('\n')}`
 }
+
+// ---------------------------------------------------------------------------
+// Presence helpers (used by presence.test.mjs)
+// ---------------------------------------------------------------------------
+
+/**
+ * Registers `sync`, `join` and `leave` presence listeners on a (not yet
+ * subscribed) channel — which also makes realtime-js join with
+ * `presence.enabled: true` — and returns a recorder:
+ *   .events          every callback payload in order, plus `at` (ms)
+ *   .waitUntil(fn, ms, what)
+ *                    resolves once `fn(channel.presenceState(), events)` is
+ *                    truthy (checked now and after every presence event);
+ *                    on timeout the error shows the current state and events.
+ */
+export function recordPresence(channel) {
+  const recorder = {
+    events: [],
+    checks: [],
+    waitUntil(predicate, ms = 5000, what = 'a presence condition') {
+      const check = () => {
+        try {
+          return predicate(channel.presenceState(), recorder.events)
+        } catch {
+          return false
+        }
+      }
+      if (check()) return Promise.resolve(channel.presenceState())
+      const reached = new Promise((resolve) => {
+        recorder.checks.push({ check, resolve })
+      })
+      return withTimeout(reached, ms, what).catch((err) => {
+        recorder.checks = recorder.checks.filter((c) => c.check !== check)
+        throw new Error(
+          `${err.message} on ${channel.topic}\n  presenceState: ` +
+            `${JSON.stringify(channel.presenceState())}\n  events: ${describePresenceEvents(recorder.events)}`
+        )
+      })
+    },
+  }
+  const record = (payload) => {
+    recorder.events.push({ ...payload, at: Date.now() })
+    recorder.checks = recorder.checks.filter((c) => {
+      if (c.check()) {
+        c.resolve(channel.presenceState())
+        return false
+      }
+      return true
+    })
+  }
+  channel.on('presence', { event: 'sync' }, () => record({ event: 'sync' }))
+  channel.on('presence', { event: 'join' }, (payload) => record(payload))
+  channel.on('presence', { event: 'leave' }, (payload) => record(payload))
+  return recorder
+}
+
+/** A one-line rendering of recorded presence events, for assertion messages. */
+export function describePresenceEvents(events) {
+  return JSON.stringify(
+    events.map(({ event, key, newPresences, leftPresences, currentPresences }) => {
+      if (event === 'sync') return 'sync'
+      return { event, key, newPresences, leftPresences, currentPresences }
+    })
+  )
+}
+
+/**
+ * `client.disconnect()`, but the 10 s safety timer realtime-js arms inside it
+ * is unref'd so it cannot keep node alive after the tests. The socket-level
+ * behaviour (close the WebSocket, stop reconnecting) is unchanged.
+ */
+export function disconnectUnreffed(client, code, reason) {
+  const originalSetTimeout = globalThis.setTimeout
+  globalThis.setTimeout = (...args) => {
+    const timer = originalSetTimeout(...args)
+    timer?.unref?.()
+    return timer
+  }
+  try {
+    return client.disconnect(code, reason)
+  } finally {
+    globalThis.setTimeout = originalSetTimeout
+  }
+}
