@@ -65,8 +65,6 @@ pub(crate) fn server_config(secret: Vec<u8>) -> Result<ServerConfig> {
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading JWT_JWKS file {path}"))?;
         keys = keys.with_jwks_json(&text).with_context(|| format!("JWT_JWKS file {path} is not a JWKS"))?;
     }
-    if var("DATABASE_URL").is_some() {
-        bail!("DATABASE_URL is set, but this build has no database support yet (Postgres Changes, private channels); unset it");
-    }
-    Ok(ServerConfig { addr, shards, limits, keys, database: false })
+    let database_url = var("DATABASE_URL");
+    Ok(ServerConfig { addr, shards, limits, keys, database: database_url.is_some(), postgres: None })
 }

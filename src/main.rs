@@ -3,6 +3,7 @@
 //! Commands (CONTRACT.md): `serve`, `dev`, `token`. Configuration comes from the environment.
 
 mod config;
+mod dev;
 
 use std::io::Read as _;
 use std::path::Path;
@@ -52,9 +53,22 @@ fn init_logging() {
 fn serve() -> Result<()> {
     init_logging();
     let secret = std::env::var("JWT_SECRET").context("JWT_SECRET is required by `serve` (the HS256 secret project tokens are signed with)")?;
-    let server = config::server_config(secret.into_bytes())?;
-    tracing::info!(addr = %server.addr, shards = server.shards, "powa-realtime serving");
+    let mut server = config::server_config(secret.into_bytes())?;
+    attach_database(&mut server)?;
+    tracing::info!(addr = %server.addr, shards = server.shards, database = server.database, "powa-realtime serving");
     net::server::run(server)?;
+    Ok(())
+}
+
+/// With `DATABASE_URL`: install the schema and start the replication side.
+fn attach_database(server: &mut net::server::ServerConfig) -> Result<()> {
+    let Ok(url) = std::env::var("DATABASE_URL") else { return Ok(()) };
+    if url.trim().is_empty() {
+        return Ok(());
+    }
+    let postgres = replication::start::start(url.trim(), server.shards).context("DATABASE_URL")?;
+    server.database = true;
+    server.postgres = Some(net::server::PgLink { commands: postgres.commands, inboxes: postgres.inboxes });
     Ok(())
 }
 
@@ -86,12 +100,18 @@ const DEV_KEY_LIFETIME_SECS: i64 = 10 * 365 * 24 * 3600;
 
 fn dev() -> Result<()> {
     init_logging();
+    // Before any other thread exists: Ctrl-C must stop the embedded PostgreSQL too.
+    dev::install_signal_handling()?;
     let dir = Path::new(".powa");
     let secret = match std::env::var("JWT_SECRET") {
         Ok(secret) => secret,
         Err(_) => dev_secret(dir)?,
     };
     let server = config::server_config(secret.clone().into_bytes())?;
+    let database = match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => None,
+        _ => Some(dev::start_database(dir)?),
+    };
     let exp = now() + DEV_KEY_LIFETIME_SECS;
     let key = |role: &str| {
         let mut claims = Map::new();
@@ -106,8 +126,20 @@ fn dev() -> Result<()> {
     println!("  JWT secret:       kept in {}", dir.join("jwt_secret").display());
     println!("  anon key:         {}", key("anon"));
     println!("  service_role key: {}", key("service_role"));
-    println!("  database:         none yet (Postgres Changes arrive with the embedded PostgreSQL)");
-    net::server::run(server)?;
+    match &database {
+        Some(database) => {
+            println!("  DATABASE_URL:     {}", database.url);
+            println!("  PostgreSQL:       data in {}, log in {}", database.data_dir.display(), database.log.display());
+            println!("  Postgres Changes: stream a table's changes by adding it to the supabase_realtime publication:");
+            println!("                      psql {} -c 'CREATE PUBLICATION supabase_realtime'", database.url);
+            println!("                      psql {} -c 'ALTER PUBLICATION supabase_realtime ADD TABLE public.<table>'", database.url);
+        }
+        None => println!("  DATABASE_URL:     from the environment"),
+    }
+    println!("  Ctrl-C stops the server{}.", if database.is_some() { " and PostgreSQL" } else { "" });
+    let result = net::server::run(server);
+    dev::shutdown();
+    result?;
     Ok(())
 }
 

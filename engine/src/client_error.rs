@@ -107,6 +107,8 @@ pub enum JoinError {
     UnableToConnectToProject,
     /// Replay on a public channel.
     ReplayPublic,
+    /// A private channel: not supported by this build yet (typed refusal, README).
+    PrivateChannelsUnsupported,
     /// The join payload is not an object, or anything unexpected.
     Unknown,
 }
@@ -142,6 +144,7 @@ impl JoinError {
             JoinError::ReplayPublic => {
                 "UnableToReplayMessages: Replay is not allowed for public channels".into()
             }
+            JoinError::PrivateChannelsUnsupported => "PrivateChannelsUnsupported: Private channels are not supported by this server yet".into(),
             JoinError::Unknown => "Unknown Error on Channel".into(),
         }
     }
@@ -353,6 +356,7 @@ mod tests {
             (JoinError::JwtSignerError { kid: Some("abc".into()) }, "JwtSignerError: Failed to generate JWT signer for key ID (kid) \"abc\", check your JWT secret or JWKS configuration"),
             (JoinError::UnableToConnectToProject, "UnableToConnectToProject: Realtime was unable to connect to the project database"),
             (JoinError::ReplayPublic, "UnableToReplayMessages: Replay is not allowed for public channels"),
+            (JoinError::PrivateChannelsUnsupported, "PrivateChannelsUnsupported: Private channels are not supported by this server yet"),
             (JoinError::Unknown, "Unknown Error on Channel"),
         ];
         for (error, text) in join {

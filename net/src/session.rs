@@ -19,6 +19,8 @@ use engine::limits::{PRESENCE_CALLS_PER_WINDOW_MAX, PRESENCE_WINDOW};
 use engine::shard::PresenceSnapshot;
 use engine::{Broadcast, BroadcastBody, ChannelSerial, ConnId, Format, Limits, LocalSub, Origin, ShardId, ShardMsg, ShardState, Subscriber, TopicKey};
 
+use replication::changes::{ChannelKey, Command as PgCommand, Subscription};
+
 use crate::frame::{self, Event, Ref, TextFrame, UserBroadcastFrame};
 use crate::join::{parse_join, ChannelToken, JoinRequest};
 use crate::presence::{self, PresenceRequest};
@@ -45,6 +47,8 @@ pub struct Effects {
     pub published: u64,
     /// Frames dropped as malformed (for metrics).
     pub malformed: u64,
+    /// Commands for the Postgres Changes core.
+    pub pg: Vec<PgCommand>,
 }
 
 /// Shared, read-only context of a call.
@@ -86,9 +90,12 @@ struct Channel {
     /// Presence frames counted in the current window, and when the window opened (ms).
     presence_calls: u32,
     presence_window_start_ms: i64,
+    /// Postgres Changes bindings as sent (subscribed after the ok reply), and the ok reply's
+    /// `response` JSON echoing them with their ids.
+    pg_bindings: Vec<serde_json::Map<String, serde_json::Value>>,
+    join_response: Bytes,
     /// The channel token and its claims (drive private-channel and RLS checks later).
     token: String,
-    #[allow(dead_code)]
     claims: Claims,
 }
 
@@ -266,6 +273,7 @@ impl Session {
                     receive_own: request.broadcast_self,
                 };
                 fx.shard.push(state.local_join(key.clone(), local, request.presence_enabled));
+                let join_response = join_response(&request.postgres_changes);
                 let presence_key: Arc<str> = match &request.presence_key {
                     Some(key) => Arc::from(key.as_str()),
                     None => Arc::from(self.generate_presence_key(ctx).as_str()),
@@ -283,6 +291,8 @@ impl Session {
                         presence_key,
                         presence_calls: 0,
                         presence_window_start_ms: 0,
+                        pg_bindings: request.postgres_changes,
+                        join_response,
                         token,
                         claims,
                     },
@@ -324,6 +334,9 @@ impl Session {
         if needs_database && !ctx.database {
             return Err(JoinError::UnableToConnectToProject);
         }
+        if request.private {
+            return Err(JoinError::PrivateChannelsUnsupported);
+        }
         Ok((request, token, claims))
     }
 
@@ -337,15 +350,13 @@ impl Session {
             return;
         }
         channel.state = ChannelState::Joined;
-        let reply = frame::encode_reply(
-            self.format,
-            as_ref(&channel.join_ref),
-            as_ref(&channel.join_reply_ref),
-            topic,
-            "ok",
-            br#"{"postgres_changes":[]}"#,
-        );
+        let reply = frame::encode_reply(self.format, as_ref(&channel.join_ref), as_ref(&channel.join_reply_ref), topic, "ok", &channel.join_response);
         fx.frames.push(reply);
+        if !channel.pg_bindings.is_empty() {
+            // Subscribed after the reply, so the `system` status never precedes it.
+            let key = ChannelKey { shard: self.shard, conn: self.conn, channel: channel.serial };
+            fx.pg.push(PgCommand::Subscribe(subscription(key, &channel.claims, &channel.pg_bindings)));
+        }
         if let (true, Some(snapshot)) = (channel.presence_enabled, presence) {
             let payload = presence::render_state(&snapshot);
             fx.frames.push(frame::encode_push(self.format, as_ref(&channel.join_ref), topic, "presence_state", &payload));
@@ -446,6 +457,11 @@ impl Session {
             Ok(claims) => {
                 channel.token = token;
                 channel.claims = claims;
+                if !channel.pg_bindings.is_empty() {
+                    // Re-subscribe with the new claims (PROTOCOL.md §6.3): a new status follows.
+                    let key = ChannelKey { shard: self.shard, conn: self.conn, channel: channel.serial };
+                    fx.pg.push(PgCommand::Subscribe(subscription(key, &channel.claims, &channel.pg_bindings)));
+                }
             }
             Err(error) => self.close_channel(state, topic, system_message(error), fx),
         }
@@ -454,15 +470,57 @@ impl Session {
     /// Removes a channel and unsubscribes it; no frames.
     fn leave(&mut self, state: &mut ShardState, topic: &str, fx: &mut Effects) {
         if let Some(channel) = self.channels.remove(topic) {
-            fx.shard.extend(state.local_leave(&channel.key, self.conn, channel.serial));
+            self.unsubscribe(state, &channel, fx);
+        }
+    }
+
+    fn unsubscribe(&self, state: &mut ShardState, channel: &Channel, fx: &mut Effects) {
+        fx.shard.extend(state.local_leave(&channel.key, self.conn, channel.serial));
+        if !channel.pg_bindings.is_empty() {
+            fx.pg.push(PgCommand::Unsubscribe(ChannelKey { shard: self.shard, conn: self.conn, channel: channel.serial }));
         }
     }
 
     /// The connection is gone: unsubscribe every channel.
     pub fn on_close(&mut self, state: &mut ShardState, fx: &mut Effects) {
-        for (_, channel) in self.channels.drain() {
-            fx.shard.extend(state.local_leave(&channel.key, self.conn, channel.serial));
+        let channels: Vec<Channel> = self.channels.drain().map(|(_, c)| c).collect();
+        for channel in &channels {
+            self.unsubscribe(state, channel, fx);
         }
+    }
+
+    /// The topic, wire format and join_ref of a live channel (for pushes from the Postgres
+    /// Changes core, which addresses channels by serial).
+    pub fn channel_by_serial(&self, serial: ChannelSerial) -> Option<(&str, &Bytes)> {
+        self.channels.iter().find(|(_, c)| c.serial == serial && c.state == ChannelState::Joined).map(|(topic, c)| (&**topic, &c.join_ref))
+    }
+
+    /// A `system` push from the Postgres Changes core for channel `serial`.
+    pub fn postgres_changes_system(&self, serial: ChannelSerial, status: &str, message: &str) -> Option<Bytes> {
+        let (topic, join_ref) = self.channel_by_serial(serial)?;
+        Some(frame::encode_system(self.format, as_ref(join_ref), topic, "postgres_changes", status, message))
+    }
+}
+
+/// The ok reply's `response`: `{"postgres_changes":[<each binding as sent, plus "id">]}`.
+fn join_response(bindings: &[serde_json::Map<String, serde_json::Value>]) -> Bytes {
+    let echoed: Vec<serde_json::Value> = bindings
+        .iter()
+        .map(|binding| {
+            let mut echoed = binding.clone();
+            echoed.insert("id".into(), serde_json::Value::from(replication::binding::binding_id(binding)));
+            serde_json::Value::Object(echoed)
+        })
+        .collect();
+    Bytes::from(serde_json::to_vec(&serde_json::json!({ "postgres_changes": echoed })).expect("JSON serialises"))
+}
+
+fn subscription(key: ChannelKey, claims: &Claims, bindings: &[serde_json::Map<String, serde_json::Value>]) -> Subscription {
+    Subscription {
+        key,
+        role: claims.role.clone(),
+        claims_json: serde_json::to_string(&claims.all).expect("claims serialise"),
+        bindings: bindings.to_vec(),
     }
 }
 

@@ -38,6 +38,18 @@ pub struct ServerConfig {
     pub keys: KeyStore,
     /// Whether a project database is configured.
     pub database: bool,
+    /// The Postgres Changes core, when a database is configured.
+    pub postgres: Option<PgLink>,
+}
+
+/// Queues between the shards and the Postgres Changes core (both bounded: commands
+/// `replication::changes::COMMANDS_MAX`, each inbox `SHARD_INBOX_MAX`).
+#[derive(Debug)]
+pub struct PgLink {
+    /// Sessions' commands to the core.
+    pub commands: flume::Sender<replication::changes::Command>,
+    /// One inbox per shard, indexed by shard id.
+    pub inboxes: Vec<flume::Receiver<replication::changes::PgOut>>,
 }
 
 /// Start-up failures.
@@ -98,6 +110,10 @@ async fn shard_main(config: Arc<ServerConfig>, mesh: MeshBuilder<ShardMsg, glomm
     let shard = Rc::new(shard::Shard::new(id, Arc::clone(&config), senders, metrics));
     for (_, receiver) in receivers.streams() {
         glommio::spawn_local(Rc::clone(&shard).receive(receiver)).detach();
+    }
+    if let Some(link) = &config.postgres {
+        let inbox = link.inboxes[id.index()].clone();
+        glommio::spawn_local(Rc::clone(&shard).postgres_inbox(inbox)).detach();
     }
     tracing::info!(shard = id.0, addr = %config.addr, "shard listening");
     loop {

@@ -106,7 +106,61 @@ impl Shard {
         if let Some(reason) = fx.close {
             conn.outbox.close(reason);
         }
+        if let Some(link) = &self.config.postgres {
+            for command in fx.pg {
+                if link.commands.try_send(command).is_err() {
+                    tracing::warn!(shard = self.id.0, "Postgres Changes command queue full: a subscription change was dropped");
+                }
+            }
+        }
         self.route(fx.shard);
+    }
+
+    /// Writes what the Postgres Changes core sends: `system` statuses and change payloads,
+    /// encoded once per (topic, format) within a delivery.
+    pub(crate) async fn postgres_inbox(self: Rc<Self>, inbox: flume::Receiver<replication::changes::PgOut>) {
+        use replication::changes::PgOut;
+        while let Ok(out) = inbox.recv_async().await {
+            match out {
+                PgOut::System { conn, channel, status, message } => {
+                    let conn = self.conns.borrow().get(&conn).cloned();
+                    if let Some(conn) = conn {
+                        let frame = conn.session.borrow().postgres_changes_system(channel, status, &message);
+                        if let Some(frame) = frame {
+                            self.push(&conn, frame);
+                        }
+                    }
+                }
+                PgOut::Change(delivery) => {
+                    let mut cache: Vec<(String, engine::Format, bytes::Bytes)> = Vec::new();
+                    let conns = self.conns.borrow();
+                    let mut delivered = 0u64;
+                    for (conn_id, serial) in &delivery.targets {
+                        let Some(conn) = conns.get(conn_id) else { continue };
+                        let session = conn.session.borrow();
+                        let format = session.format();
+                        let Some((topic, _)) = session.channel_by_serial(*serial) else { continue };
+                        let frame = match cache.iter().find(|(t, f, _)| t == topic && *f == format) {
+                            Some((_, _, frame)) => frame.clone(),
+                            None => {
+                                let payload = match format {
+                                    engine::Format::V1 => &delivery.payload_v1,
+                                    engine::Format::V2 => &delivery.payload_v2,
+                                };
+                                let frame = crate::frame::encode_message(format, crate::frame::Ref::NULL, crate::frame::Ref::NULL, topic, "postgres_changes", payload);
+                                cache.push((topic.to_string(), format, frame.clone()));
+                                frame
+                            }
+                        };
+                        drop(session);
+                        self.push(conn, frame);
+                        delivered += 1;
+                    }
+                    metrics::add(&self.counters().deliveries, delivered);
+                }
+            }
+            glommio::yield_if_needed().await;
+        }
     }
 
     /// Queues a frame on a connection; counts the connection once if this push overflowed it.

@@ -1,0 +1,1018 @@
+//! The Postgres Changes core: subscriptions, matching, batched RLS, payloads.
+//!
+//! Runs on its own thread (a current-thread tokio runtime, because the SQL client is
+//! tokio-postgres). Sessions send [`Command`]s; the replication reader sends [`WalEvent`]s; the
+//! core sends [`PgOut`] to the shards that own the subscribing connections.
+//!
+//! For each committed transaction: every row change is matched against the bindings of its
+//! table (event, then filters evaluated in Rust); changes to tables with RLS enabled are then
+//! checked **once per (table × distinct role+claims) for the whole batch** — subscribers with
+//! identical claims share one result — and each change is delivered once per channel with the
+//! ids of the channel's matching bindings. The `data` JSON is built once per change and column
+//! visibility; channels with the same ids share one payload.
+//!
+//! Beyond upstream: a subscription is acknowledged ("Subscribed to PostgreSQL") only once it is
+//! registered here *and* the replication stream is up, so every change committed after the
+//! acknowledgement reaches it; a binding whose table is not published gets a message naming the
+//! fix and starts by itself once the table is added (publication polled every 2 s), while the
+//! channel's other bindings work; an RLS check that fails affects only the claims group it was
+//! run for.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ahash::{AHashMap, AHashSet};
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use smallvec::SmallVec;
+use tokio_postgres::Client;
+
+use engine::{ChannelSerial, ConnId, ShardId};
+
+use crate::binding::{self, Binding, EventFilter};
+use crate::filter::{self, Filter};
+use crate::pgoutput::{Cell, OldKind, Relation, Tuple};
+use crate::reader::{RowChange, Txn, WalEvent};
+use crate::sql::{self, TableInfo};
+use crate::value;
+
+/// Capacity of each shard's inbox from the core (batches of deliveries).
+pub const SHARD_INBOX_MAX: usize = 4096;
+/// Capacity of the sessions → core command queue.
+pub const COMMANDS_MAX: usize = 65_536;
+/// A change whose record JSON is longer than this is cut down (PROTOCOL.md §5.6, rule 7).
+pub const RECORD_BYTES_MAX: usize = 1_048_576;
+/// In a cut-down record, fields whose JSON is longer than this are dropped.
+pub const FIELD_BYTES_MAX_WHEN_CUT: usize = 64;
+/// Most transactions taken from the reader queue into one batch (one round of RLS checks).
+const BATCH_TXNS_MAX: usize = 64;
+const PUBLICATION_POLL: Duration = Duration::from_secs(2);
+
+/// A channel, as the core addresses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelKey {
+    /// Shard of the connection.
+    pub shard: ShardId,
+    /// Connection.
+    pub conn: ConnId,
+    /// Join.
+    pub channel: ChannelSerial,
+}
+
+/// A channel's Postgres Changes subscription.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// The channel.
+    pub key: ChannelKey,
+    /// The channel token's `role`.
+    pub role: String,
+    /// The channel token's claims, as JSON (for `request.jwt.claims`).
+    pub claims_json: String,
+    /// Bindings as the client sent them, in order.
+    pub bindings: Vec<Map<String, Value>>,
+}
+
+/// From sessions to the core.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Subscribe (or re-subscribe with new claims: the old subscription is replaced).
+    Subscribe(Subscription),
+    /// The channel left or its connection closed.
+    Unsubscribe(ChannelKey),
+}
+
+/// From the core to a shard.
+#[derive(Debug, Clone)]
+pub enum PgOut {
+    /// A `system` push for one channel.
+    System {
+        /// Connection.
+        conn: ConnId,
+        /// Join.
+        channel: ChannelSerial,
+        /// `ok` or `error`.
+        status: &'static str,
+        /// Message.
+        message: String,
+    },
+    /// A change for several channels (same payload).
+    Change(Arc<ChangeDelivery>),
+}
+
+/// One payload and the channels that get it.
+#[derive(Debug)]
+pub struct ChangeDelivery {
+    /// `{"ids":[…],"data":{…}}` for V1 sockets (with `eventType`/`new`/`old`, PROTOCOL.md §0.4).
+    pub payload_v1: Bytes,
+    /// `{"ids":[…],"data":{…}}` for V2 sockets.
+    pub payload_v2: Bytes,
+    /// Channels on this shard.
+    pub targets: Vec<(ConnId, ChannelSerial)>,
+}
+
+/// Status message of a working subscription.
+pub const SUBSCRIBED: &str = "Subscribed to PostgreSQL";
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct CoreStats {
+    /// Changes delivered (per channel).
+    pub deliveries: std::sync::atomic::AtomicU64,
+    /// RLS check queries run.
+    pub rls_queries: std::sync::atomic::AtomicU64,
+    /// Subscriptions active.
+    pub channels: std::sync::atomic::AtomicU64,
+}
+
+type TableKey = (Arc<str>, Arc<str>);
+
+/// A binding with its table-specific compiled parts.
+#[derive(Debug)]
+struct Bound {
+    binding: Binding,
+    /// Per matched table: filters compiled against its columns, and visible columns.
+    tables: AHashMap<TableKey, Compiled>,
+}
+
+#[derive(Debug, Clone)]
+struct Compiled {
+    filters: Vec<(String, Filter)>,
+    /// Columns delivered (privileges ∩ select + primary key), by `attnum` order.
+    visible: Arc<Vec<bool>>,
+    /// The role can read every primary-key column.
+    key_visible: bool,
+}
+
+#[derive(Debug)]
+struct ChannelState {
+    generation: u64,
+    role: Arc<str>,
+    claims: Arc<str>,
+    bypasses_rls: bool,
+    active: Vec<Bound>,
+    /// Bindings waiting for their table to be published.
+    waiting: Vec<Binding>,
+    /// "Subscribed" not sent yet because the stream was down.
+    ack_pending: bool,
+}
+
+struct RelInfo {
+    schema: Arc<str>,
+    table: Arc<str>,
+    relation: Relation,
+    index: AHashMap<String, usize>,
+}
+
+struct Core {
+    shards: Vec<flume::Sender<PgOut>>,
+    stream_up: bool,
+    relations: AHashMap<u32, RelInfo>,
+    tables: AHashMap<TableKey, Arc<TableInfo>>,
+    channels: AHashMap<ChannelKey, ChannelState>,
+    by_table: AHashMap<TableKey, AHashSet<(ChannelKey, usize)>>,
+    wildcards: AHashSet<(ChannelKey, usize)>,
+    next_generation: u64,
+    stats: Arc<CoreStats>,
+}
+
+/// Handles to a running core.
+pub struct CoreHandle {
+    /// Where sessions send commands.
+    pub commands: flume::Sender<Command>,
+    /// One inbox per shard.
+    pub shard_inboxes: Vec<flume::Receiver<PgOut>>,
+    /// Counters.
+    pub stats: Arc<CoreStats>,
+}
+
+/// Starts the core thread: `url` for SQL, `events` from the reader.
+pub fn spawn(url: String, shards: usize, events: flume::Receiver<WalEvent>) -> CoreHandle {
+    let (commands, command_rx) = flume::bounded(COMMANDS_MAX);
+    let (senders, inboxes): (Vec<_>, Vec<_>) = (0..shards).map(|_| flume::bounded(SHARD_INBOX_MAX)).unzip();
+    let stats = Arc::new(CoreStats::default());
+    let thread_stats = Arc::clone(&stats);
+    std::thread::Builder::new()
+        .name("changes".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, run(url, senders, command_rx, events, thread_stats));
+        })
+        .expect("spawn the changes thread");
+    CoreHandle { commands, shard_inboxes: inboxes, stats }
+}
+
+async fn connect_retrying(url: &str) -> Client {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match sql::connect(url).await {
+            Ok(client) => return client,
+            Err(error) => {
+                tracing::warn!(error = %sql::error_text(&error), "database connection failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+async fn run(url: String, shards: Vec<flume::Sender<PgOut>>, commands: flume::Receiver<Command>, events: flume::Receiver<WalEvent>, stats: Arc<CoreStats>) {
+    let meta = Rc::new(connect_retrying(&url).await);
+    let rls = connect_retrying(&url).await;
+    let core = Rc::new(RefCell::new(Core {
+        shards,
+        stream_up: false,
+        relations: AHashMap::new(),
+        tables: AHashMap::new(),
+        channels: AHashMap::new(),
+        by_table: AHashMap::new(),
+        wildcards: AHashSet::new(),
+        next_generation: 1,
+        stats,
+    }));
+    // Commands: each subscription is validated in its own task (metadata queries), so a join
+    // storm never stalls change delivery.
+    {
+        let core = Rc::clone(&core);
+        let meta = Rc::clone(&meta);
+        tokio::task::spawn_local(async move {
+            while let Ok(command) = commands.recv_async().await {
+                match command {
+                    Command::Subscribe(subscription) => {
+                        let generation = core.borrow_mut().begin(subscription.key);
+                        tokio::task::spawn_local(subscribe(Rc::clone(&core), Rc::clone(&meta), subscription, generation));
+                    }
+                    Command::Unsubscribe(key) => core.borrow_mut().remove(key),
+                }
+            }
+        });
+    }
+    // Publication polling for waiting bindings and wildcards.
+    {
+        let core = Rc::clone(&core);
+        let meta = Rc::clone(&meta);
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::time::sleep(PUBLICATION_POLL).await;
+                let wanted = {
+                    let core = core.borrow();
+                    core.channels.values().any(|c| !c.waiting.is_empty()) || !core.wildcards.is_empty()
+                };
+                if wanted {
+                    if let Err(error) = poll_publication(&core, &meta).await {
+                        tracing::warn!(error = %sql::error_text(&error), "publication poll failed");
+                    }
+                }
+            }
+        });
+    }
+    // WAL events, in order.
+    while let Ok(event) = events.recv_async().await {
+        let mut batch = Vec::new();
+        let mut next = Some(event);
+        while let Some(event) = next.take() {
+            match event {
+                WalEvent::Txn(txn) => {
+                    batch.push(txn);
+                    if batch.len() < BATCH_TXNS_MAX {
+                        next = events.try_recv().ok();
+                    }
+                }
+                other => {
+                    if !batch.is_empty() {
+                        process(&core, &rls, std::mem::take(&mut batch)).await;
+                    }
+                    handle_event(&core, &meta, other).await;
+                    next = events.try_recv().ok();
+                }
+            }
+        }
+        if !batch.is_empty() {
+            process(&core, &rls, batch).await;
+        }
+    }
+}
+
+async fn handle_event(core: &Rc<RefCell<Core>>, meta: &Client, event: WalEvent) {
+    match event {
+        WalEvent::StreamUp => {
+            let mut core = core.borrow_mut();
+            core.stream_up = true;
+            let keys: Vec<ChannelKey> = core.channels.iter().filter(|(_, c)| !c.active.is_empty()).map(|(k, _)| *k).collect();
+            for key in keys {
+                core.channels.get_mut(&key).expect("listed").ack_pending = false;
+                core.system(key, "ok", SUBSCRIBED.into());
+            }
+        }
+        WalEvent::StreamDown(reason) => {
+            let mut core = core.borrow_mut();
+            core.stream_up = false;
+            let keys: Vec<ChannelKey> = core.channels.iter().filter(|(_, c)| !c.active.is_empty()).map(|(k, _)| *k).collect();
+            let message = format!("The replication connection to the database was lost ({reason}); changes are not delivered until it is back, when a new \"{SUBSCRIBED}\" follows");
+            for key in keys {
+                core.system(key, "error", message.clone());
+            }
+        }
+        WalEvent::Relation(relation) => {
+            let schema: Arc<str> = Arc::from(relation.namespace.as_str());
+            let table: Arc<str> = Arc::from(relation.name.as_str());
+            let index = relation.columns.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
+            let key: TableKey = (Arc::clone(&schema), Arc::clone(&table));
+            let known = core.borrow().tables.contains_key(&key);
+            core.borrow_mut().relations.insert(relation.oid, RelInfo { schema, table, relation, index });
+            if known {
+                // The table may have changed (ALTER TABLE): refresh what we know about it.
+                if let Ok(Some(info)) = sql::table_info(meta, &key.0, &key.1).await {
+                    core.borrow_mut().tables.insert(key, info);
+                }
+            }
+        }
+        WalEvent::Type(_) | WalEvent::Txn(_) => {}
+    }
+}
+
+impl Core {
+    fn send(&self, shard: ShardId, out: PgOut) {
+        if let Some(sender) = self.shards.get(shard.index()) {
+            if sender.try_send(out).is_err() {
+                tracing::warn!(shard = shard.0, "shard inbox full: a Postgres Changes message was dropped");
+            }
+        }
+    }
+
+    fn system(&self, key: ChannelKey, status: &'static str, message: String) {
+        self.send(key.shard, PgOut::System { conn: key.conn, channel: key.channel, status, message });
+    }
+
+    /// Registers an incoming subscription (replacing an older one of the same channel).
+    fn begin(&mut self, key: ChannelKey) -> u64 {
+        self.remove(key);
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        self.channels.insert(
+            key,
+            ChannelState {
+                generation,
+                role: Arc::from(""),
+                claims: Arc::from(""),
+                bypasses_rls: false,
+                active: Vec::new(),
+                waiting: Vec::new(),
+                ack_pending: false,
+            },
+        );
+        generation
+    }
+
+    fn remove(&mut self, key: ChannelKey) {
+        if let Some(state) = self.channels.remove(&key) {
+            for (index, bound) in state.active.iter().enumerate() {
+                if bound.binding.is_wildcard() {
+                    self.wildcards.remove(&(key, index));
+                } else {
+                    let table: TableKey = (Arc::from(bound.binding.schema.as_str()), Arc::from(bound.binding.table.as_str()));
+                    if let Some(set) = self.by_table.get_mut(&table) {
+                        set.remove(&(key, index));
+                        if set.is_empty() {
+                            self.by_table.remove(&table);
+                        }
+                    }
+                }
+            }
+            self.stats.channels.store(self.channels.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn activate(&mut self, key: ChannelKey, bound: Bound) {
+        let state = self.channels.get_mut(&key).expect("caller checked");
+        let index = state.active.len();
+        if bound.binding.is_wildcard() {
+            self.wildcards.insert((key, index));
+        } else {
+            let table: TableKey = (Arc::from(bound.binding.schema.as_str()), Arc::from(bound.binding.table.as_str()));
+            self.by_table.entry(table).or_default().insert((key, index));
+        }
+        state.active.push(bound);
+        self.stats.channels.store(self.channels.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Compiles a binding for one table: filters against its columns, visible columns for the role.
+async fn compile_for_table(meta: &Client, role: &str, binding: &Binding, table: &TableInfo) -> Result<Compiled, String> {
+    let privileges = sql::selectable_columns(meta, role, table.oid).await.map_err(|e| sql::error_text(&e))?;
+    let mut filters = Vec::with_capacity(binding.filters.len());
+    for raw in &binding.filters {
+        let position = table.columns.iter().position(|c| c.name == raw.column);
+        let Some(index) = position.filter(|i| privileges.get(*i).copied().unwrap_or(false)) else {
+            return Err(format!("invalid column for filter {}", raw.column));
+        };
+        let compiled = filter::compile(raw, index, &table.columns[index].type_name).map_err(|e| e.0)?;
+        filters.push((raw.column.clone(), compiled));
+    }
+    let mut visible: Vec<bool> = privileges.clone();
+    if let Some(select) = &binding.select {
+        for column in select {
+            let known = table.columns.iter().position(|c| &c.name == column);
+            if !known.is_some_and(|i| privileges[i]) {
+                return Err(format!("invalid column for select {column}"));
+            }
+        }
+        for (i, column) in table.columns.iter().enumerate() {
+            visible[i] = privileges[i] && (select.contains(&column.name) || table.primary_key.contains(&column.name));
+        }
+    }
+    let key_visible = table
+        .primary_key
+        .iter()
+        .all(|k| table.columns.iter().position(|c| &c.name == k).is_some_and(|i| privileges[i]));
+    Ok(Compiled { filters, visible: Arc::new(visible), key_visible })
+}
+
+/// Validates a subscription and activates what can be (PROTOCOL.md §5.1–5.4).
+async fn subscribe(core: Rc<RefCell<Core>>, meta: Rc<Client>, subscription: Subscription, generation: u64) {
+    let key = subscription.key;
+    let role = subscription.role.clone();
+    let outcome = validate(&meta, &subscription).await;
+    let mut core = core.borrow_mut();
+    let Some(state) = core.channels.get_mut(&key) else { return };
+    if state.generation != generation {
+        return; // replaced or left meanwhile
+    }
+    let (bypasses_rls, results) = match outcome {
+        Ok(outcome) => outcome,
+        Err(message) => {
+            core.system(key, "error", message);
+            return;
+        }
+    };
+    state.role = Arc::from(role.as_str());
+    state.claims = Arc::from(subscription.claims_json.as_str());
+    state.bypasses_rls = bypasses_rls;
+    let mut any_active = false;
+    for result in results {
+        match result {
+            BindingResult::Active(bound, infos) => {
+                for info in infos {
+                    core.tables.insert((Arc::from(info.schema.as_str()), Arc::from(info.table.as_str())), info);
+                }
+                core.activate(key, bound);
+                any_active = true;
+            }
+            BindingResult::Waiting(binding, message) => {
+                core.system(key, "error", message);
+                core.channels.get_mut(&key).expect("present").waiting.push(binding);
+            }
+            BindingResult::Failed(message) => core.system(key, "error", message),
+        }
+    }
+    if any_active {
+        if core.stream_up {
+            core.system(key, "ok", SUBSCRIBED.into());
+        } else {
+            core.channels.get_mut(&key).expect("present").ack_pending = true;
+        }
+    }
+}
+
+enum BindingResult {
+    Active(Bound, Vec<Arc<TableInfo>>),
+    Waiting(Binding, String),
+    Failed(String),
+}
+
+async fn validate(meta: &Client, subscription: &Subscription) -> Result<(bool, Vec<BindingResult>), String> {
+    let role_info = sql::role_info(meta, &subscription.role).await.map_err(|e| sql::error_text(&e))?;
+    let (publication_exists, published) = sql::published_tables(meta).await.map_err(|e| sql::error_text(&e))?;
+    let mut results = Vec::with_capacity(subscription.bindings.len());
+    for raw in &subscription.bindings {
+        let binding = match binding::parse_binding(raw) {
+            Ok(binding) => binding,
+            Err(message) => {
+                results.push(BindingResult::Failed(message));
+                continue;
+            }
+        };
+        let Some(role) = role_info else {
+            let message = binding::exception_message(&binding, &format!("role \"{}\" does not exist", subscription.role));
+            results.push(BindingResult::Failed(message));
+            continue;
+        };
+        let _ = role;
+        results.push(bind(meta, &subscription.role, binding, publication_exists, &published).await);
+    }
+    Ok((role_info.is_some_and(|r| r.bypasses_rls), results))
+}
+
+async fn bind(meta: &Client, role: &str, binding: Binding, publication_exists: bool, published: &[(String, String)]) -> BindingResult {
+    let tables: Vec<&(String, String)> = published
+        .iter()
+        .filter(|(s, t)| (binding.schema == "*" || &binding.schema == s) && (binding.table == "*" || &binding.table == t))
+        .collect();
+    if tables.is_empty() {
+        let message = binding::not_published_message(&binding, publication_exists);
+        return BindingResult::Waiting(binding, message);
+    }
+    let mut compiled = AHashMap::new();
+    let mut infos = Vec::new();
+    for (schema, table) in tables {
+        let info = match sql::table_info(meta, schema, table).await {
+            Ok(Some(info)) => info,
+            Ok(None) => continue,
+            Err(error) => return BindingResult::Failed(binding::exception_message(&binding, &sql::error_text(&error))),
+        };
+        match compile_for_table(meta, role, &binding, &info).await {
+            Ok(c) => {
+                compiled.insert((Arc::from(schema.as_str()), Arc::from(table.as_str())), c);
+                infos.push(info);
+            }
+            Err(message) if !binding.is_wildcard() => return BindingResult::Failed(binding::exception_message(&binding, &message)),
+            Err(_) => {} // a wildcard skips tables its filters do not fit
+        }
+    }
+    BindingResult::Active(Bound { binding, tables: compiled }, infos)
+}
+
+/// Activates waiting bindings whose table got published, and extends wildcards.
+async fn poll_publication(core: &Rc<RefCell<Core>>, meta: &Client) -> Result<(), sql::SqlError> {
+    let (exists, published) = sql::published_tables(meta).await?;
+    let waiting: Vec<(ChannelKey, u64, Arc<str>, Binding)> = core
+        .borrow()
+        .channels
+        .iter()
+        .flat_map(|(key, c)| c.waiting.iter().map(move |b| (*key, c.generation, Arc::clone(&c.role), b.clone())))
+        .collect();
+    for (key, generation, role, binding) in waiting {
+        let result = bind(meta, &role, binding.clone(), exists, &published).await;
+        if let BindingResult::Waiting(..) = result {
+            continue;
+        }
+        let mut core = core.borrow_mut();
+        let Some(state) = core.channels.get_mut(&key) else { continue };
+        if state.generation != generation {
+            continue;
+        }
+        state.waiting.retain(|b| b != &binding);
+        match result {
+            BindingResult::Active(bound, infos) => {
+                for info in infos {
+                    core.tables.insert((Arc::from(info.schema.as_str()), Arc::from(info.table.as_str())), info);
+                }
+                core.activate(key, bound);
+                if core.stream_up {
+                    core.system(key, "ok", SUBSCRIBED.into());
+                } else {
+                    core.channels.get_mut(&key).expect("present").ack_pending = true;
+                }
+            }
+            BindingResult::Failed(message) => core.system(key, "error", message),
+            BindingResult::Waiting(..) => unreachable!("skipped above"),
+        }
+    }
+    // Wildcards: compile for newly published tables.
+    let wildcards: Vec<(ChannelKey, usize)> = core.borrow().wildcards.iter().copied().collect();
+    for (key, index) in wildcards {
+        let (role, binding, known) = {
+            let core = core.borrow();
+            let Some(state) = core.channels.get(&key) else { continue };
+            let bound = &state.active[index];
+            (Arc::clone(&state.role), bound.binding.clone(), bound.tables.keys().cloned().collect::<AHashSet<_>>())
+        };
+        for (schema, table) in &published {
+            let table_key: TableKey = (Arc::from(schema.as_str()), Arc::from(table.as_str()));
+            let matches = (binding.schema == "*" || &binding.schema == schema) && (binding.table == "*" || &binding.table == table);
+            if !matches || known.contains(&table_key) {
+                continue;
+            }
+            let Some(info) = sql::table_info(meta, schema, table).await? else { continue };
+            if let Ok(compiled) = compile_for_table(meta, &role, &binding, &info).await {
+                let mut core = core.borrow_mut();
+                core.tables.insert(table_key.clone(), info);
+                if let Some(state) = core.channels.get_mut(&key) {
+                    if let Some(bound) = state.active.get_mut(index) {
+                        bound.tables.insert(table_key, compiled);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The kind of a row change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Insert => "INSERT",
+            Kind::Update => "UPDATE",
+            Kind::Delete => "DELETE",
+        }
+    }
+
+    fn wanted_by(self, event: EventFilter) -> bool {
+        matches!(
+            (event, self),
+            (EventFilter::All, _) | (EventFilter::Insert, Kind::Insert) | (EventFilter::Update, Kind::Update) | (EventFilter::Delete, Kind::Delete)
+        )
+    }
+}
+
+/// A change ready to match: its rows as cell accessors.
+struct Row<'a> {
+    kind: Kind,
+    relation: &'a RelInfo,
+    new: Option<&'a Tuple>,
+    old: Option<(OldKind, &'a Tuple)>,
+}
+
+impl<'a> Row<'a> {
+    fn of(change: &'a RowChange, relations: &'a AHashMap<u32, RelInfo>) -> Option<Row<'a>> {
+        Some(match change {
+            RowChange::Insert { relation, new } => Row { kind: Kind::Insert, relation: relations.get(relation)?, new: Some(new), old: None },
+            RowChange::Update { relation, old, new } => {
+                Row { kind: Kind::Update, relation: relations.get(relation)?, new: Some(new), old: old.as_ref().map(|(k, t)| (*k, t)) }
+            }
+            RowChange::Delete { relation, old } => Row { kind: Kind::Delete, relation: relations.get(relation)?, new: None, old: Some((old.0, &old.1)) },
+        })
+    }
+
+    /// A cell of the new row (INSERT/UPDATE): `None` = absent (unchanged TOAST without a full
+    /// old row), `Some(None)` = NULL.
+    fn new_cell(&self, index: usize) -> Option<Option<&'a [u8]>> {
+        let new = self.new?;
+        match new.0.get(index)? {
+            Cell::Null => Some(None),
+            Cell::Text(bytes) | Cell::Binary(bytes) => Some(Some(&bytes[..])),
+            Cell::UnchangedToast => match self.old {
+                Some((OldKind::Full, old)) => match old.0.get(index)? {
+                    Cell::Text(bytes) | Cell::Binary(bytes) => Some(Some(&bytes[..])),
+                    Cell::Null => Some(None),
+                    Cell::UnchangedToast => None,
+                },
+                _ => None,
+            },
+        }
+    }
+
+    /// A cell of the old row: only replica-identity columns for key-only images.
+    fn old_cell(&self, index: usize) -> Option<Option<&'a [u8]>> {
+        let (kind, old) = self.old?;
+        if kind == OldKind::Key && !self.relation.relation.columns.get(index)?.key {
+            return None;
+        }
+        match old.0.get(index)? {
+            Cell::Null => Some(None),
+            Cell::Text(bytes) | Cell::Binary(bytes) => Some(Some(&bytes[..])),
+            Cell::UnchangedToast => None,
+        }
+    }
+
+    /// The image filters test: the new row, or the old one for DELETE (PROTOCOL.md §5.2).
+    fn filter_cell(&self, index: usize) -> Option<Option<&'a [u8]>> {
+        match self.kind {
+            Kind::Delete => self.old_cell(index),
+            _ => self.new_cell(index),
+        }
+    }
+}
+
+/// One channel's interest in one change.
+struct Interest {
+    key: ChannelKey,
+    ids: SmallVec<[u32; 4]>,
+    visible: Arc<Vec<bool>>,
+    key_visible: bool,
+    claims_group: Option<(Arc<str>, Arc<str>)>,
+}
+
+async fn process(core: &Rc<RefCell<Core>>, rls: &Client, batch: Vec<Arc<Txn>>) {
+    // 1. Match (no awaits: the core is borrowed).
+    let mut matched: Vec<(Arc<Txn>, usize, Vec<Interest>)> = Vec::new();
+    {
+        let core = core.borrow();
+        for txn in &batch {
+            for (index, change) in txn.changes.iter().enumerate() {
+                let Some(row) = Row::of(change, &core.relations) else { continue };
+                let interests = match_change(&core, &row);
+                if !interests.is_empty() {
+                    matched.push((Arc::clone(txn), index, interests));
+                }
+            }
+        }
+    }
+    if matched.is_empty() {
+        return;
+    }
+    // 2. RLS: one query per (table, role + claims) for the whole batch.
+    let mut requests: AHashMap<(TableKey, Arc<str>, Arc<str>), Vec<(usize, Vec<String>)>> = AHashMap::new();
+    {
+        let core = core.borrow();
+        for (m, (txn, index, interests)) in matched.iter().enumerate() {
+            let Some(row) = Row::of(&txn.changes[*index], &core.relations) else { continue };
+            let table_key: TableKey = (Arc::clone(&row.relation.schema), Arc::clone(&row.relation.table));
+            let Some(table) = core.tables.get(&table_key) else { continue };
+            if row.kind == Kind::Delete || !table.rls_enabled || table.primary_key.is_empty() {
+                continue;
+            }
+            let Some(pk) = primary_key_values(&row, table) else { continue };
+            let mut seen = AHashSet::new();
+            for interest in interests {
+                if let Some((role, claims)) = &interest.claims_group {
+                    if seen.insert((Arc::clone(role), Arc::clone(claims))) {
+                        requests.entry((table_key.clone(), Arc::clone(role), Arc::clone(claims))).or_default().push((m, pk.clone()));
+                    }
+                }
+            }
+        }
+    }
+    // (matched index, role, claims) → visible / error.
+    let mut verdicts: AHashMap<(usize, Arc<str>, Arc<str>), Result<bool, Arc<str>>> = AHashMap::new();
+    for ((table_key, role, claims), rows) in requests {
+        let table = core.borrow().tables.get(&table_key).cloned();
+        let Some(table) = table else { continue };
+        let keys: Vec<Vec<String>> = rows.iter().map(|(_, pk)| pk.clone()).collect();
+        core.borrow().stats.rls_queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match sql::rls_visible(rls, &role, &claims, &table, &keys).await {
+            Ok(visible) => {
+                for ((m, _), ok) in rows.iter().zip(visible) {
+                    verdicts.insert((*m, Arc::clone(&role), Arc::clone(&claims)), Ok(ok));
+                }
+            }
+            Err(error) => {
+                let message: Arc<str> = Arc::from(sql::error_text(&error).as_str());
+                tracing::warn!(role = %role, table = %table.table, error = %message, "RLS check failed for one claims group");
+                for (m, _) in &rows {
+                    verdicts.insert((*m, Arc::clone(&role), Arc::clone(&claims)), Err(Arc::clone(&message)));
+                }
+            }
+        }
+    }
+    // 3. Payloads and delivery.
+    let core = core.borrow();
+    for (m, (txn, index, interests)) in matched.iter().enumerate() {
+        let Some(row) = Row::of(&txn.changes[*index], &core.relations) else { continue };
+        let table_key: TableKey = (Arc::clone(&row.relation.schema), Arc::clone(&row.relation.table));
+        let Some(table) = core.tables.get(&table_key) else { continue };
+        deliver_change(&core, txn, &row, table, m, interests, &verdicts);
+    }
+}
+
+fn primary_key_values(row: &Row<'_>, table: &TableInfo) -> Option<Vec<String>> {
+    table
+        .primary_key
+        .iter()
+        .map(|name| {
+            let index = *row.relation.index.get(name)?;
+            row.new_cell(index)?.map(|b| String::from_utf8_lossy(b).into_owned())
+        })
+        .collect()
+}
+
+fn match_change(core: &Core, row: &Row<'_>) -> Vec<Interest> {
+    let table_key: TableKey = (Arc::clone(&row.relation.schema), Arc::clone(&row.relation.table));
+    let mut by_channel: AHashMap<ChannelKey, Interest> = AHashMap::new();
+    let exact = core.by_table.get(&table_key).into_iter().flatten();
+    for &(key, index) in exact.chain(core.wildcards.iter()) {
+        let Some(state) = core.channels.get(&key) else { continue };
+        let Some(bound) = state.active.get(index) else { continue };
+        if !row.kind.wanted_by(bound.binding.event) {
+            continue;
+        }
+        let Some(compiled) = bound.tables.get(&table_key) else { continue };
+        let passes = compiled.filters.iter().all(|(column, filter)| {
+            let Some(&position) = row.relation.index.get(column) else { return false };
+            filter.matches(|_| row.filter_cell(position))
+        });
+        if !passes {
+            continue;
+        }
+        let interest = by_channel.entry(key).or_insert_with(|| Interest {
+            key,
+            ids: SmallVec::new(),
+            visible: Arc::clone(&compiled.visible),
+            key_visible: compiled.key_visible,
+            claims_group: (!state.bypasses_rls).then(|| (Arc::clone(&state.role), Arc::clone(&state.claims))),
+        });
+        if !interest.ids.contains(&bound.binding.id) {
+            interest.ids.push(bound.binding.id);
+        }
+    }
+    by_channel.into_values().collect()
+}
+
+/// What a channel gets for a change.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Variant {
+    Row(Arc<Vec<bool>>),
+    Error(Arc<str>),
+}
+
+fn deliver_change(
+    core: &Core,
+    txn: &Txn,
+    row: &Row<'_>,
+    table: &TableInfo,
+    m: usize,
+    interests: &[Interest],
+    verdicts: &AHashMap<(usize, Arc<str>, Arc<str>), Result<bool, Arc<str>>>,
+) {
+    let no_key = table.primary_key.is_empty() && row.kind != Kind::Delete;
+    let mut groups: AHashMap<(SmallVec<[u32; 4]>, Variant), Vec<ChannelKey>> = AHashMap::new();
+    for interest in interests {
+        let variant = if no_key {
+            Variant::Error(Arc::from("Error 400: Bad Request, no primary key"))
+        } else if !interest.key_visible && row.kind != Kind::Delete {
+            Variant::Error(Arc::from("Error 401: Unauthorized"))
+        } else {
+            match (&interest.claims_group, row.kind) {
+                (Some((role, claims)), Kind::Insert | Kind::Update) if table.rls_enabled => {
+                    match verdicts.get(&(m, Arc::clone(role), Arc::clone(claims))) {
+                        Some(Ok(true)) => Variant::Row(Arc::clone(&interest.visible)),
+                        Some(Ok(false)) | None => continue,
+                        Some(Err(message)) => Variant::Error(Arc::clone(message)),
+                    }
+                }
+                _ => Variant::Row(Arc::clone(&interest.visible)),
+            }
+        };
+        let mut ids = interest.ids.clone();
+        ids.sort_unstable();
+        groups.entry((ids, variant)).or_default().push(interest.key);
+    }
+    let mut data_cache: AHashMap<Variant, (Bytes, Bytes)> = AHashMap::new();
+    for ((ids, variant), keys) in groups {
+        let (data_v1, data_v2) = data_cache
+            .entry(variant.clone())
+            .or_insert_with(|| build_data(txn, row, table, &variant))
+            .clone();
+        let ids_json = format!("[{}]", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+        let wrap = |data: &Bytes| {
+            let mut out = Vec::with_capacity(data.len() + ids_json.len() + 20);
+            out.extend_from_slice(b"{\"ids\":");
+            out.extend_from_slice(ids_json.as_bytes());
+            out.extend_from_slice(b",\"data\":");
+            out.extend_from_slice(data);
+            out.push(b'}');
+            Bytes::from(out)
+        };
+        let (payload_v1, payload_v2) = (wrap(&data_v1), wrap(&data_v2));
+        let mut per_shard: AHashMap<ShardId, Vec<(ConnId, ChannelSerial)>> = AHashMap::new();
+        for key in &keys {
+            per_shard.entry(key.shard).or_default().push((key.conn, key.channel));
+        }
+        core.stats.deliveries.fetch_add(keys.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        for (shard, targets) in per_shard {
+            let delivery = ChangeDelivery { payload_v1: payload_v1.clone(), payload_v2: payload_v2.clone(), targets };
+            core.send(shard, PgOut::Change(Arc::new(delivery)));
+        }
+    }
+}
+
+fn write_str(out: &mut Vec<u8>, text: &str) {
+    serde_json::to_writer(&mut *out, text).expect("writing to a Vec cannot fail");
+}
+
+/// Writes `{"col": value, ...}` for the columns `cell` yields, visible ones only; returns
+/// whether anything was cut for size.
+fn write_record<'a>(out: &mut Vec<u8>, row: &Row<'a>, table: &TableInfo, visible: &[bool], cell: impl Fn(usize) -> Option<Option<&'a [u8]>>, only_key: bool, cut: bool) {
+    out.push(b'{');
+    let mut first = true;
+    for (i, column) in row.relation.relation.columns.iter().enumerate() {
+        let table_index = table.columns.iter().position(|c| c.name == column.name);
+        if !table_index.is_some_and(|t| visible.get(t).copied().unwrap_or(false)) {
+            continue;
+        }
+        if only_key && !table.primary_key.contains(&column.name) {
+            continue;
+        }
+        let Some(value) = cell(i) else { continue };
+        let mut rendered = Vec::new();
+        match value {
+            None => rendered.extend_from_slice(b"null"),
+            Some(text) => value::write_json_value(column.type_oid, text, &mut rendered),
+        }
+        if cut && rendered.len() > FIELD_BYTES_MAX_WHEN_CUT {
+            continue;
+        }
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        write_str(out, &column.name);
+        out.push(b':');
+        out.extend_from_slice(&rendered);
+    }
+    out.push(b'}');
+}
+
+/// The `data` object for V1 and V2 (PROTOCOL.md §5.5, §5.6).
+fn build_data(txn: &Txn, row: &Row<'_>, table: &TableInfo, variant: &Variant) -> (Bytes, Bytes) {
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"{\"schema\":");
+    write_str(&mut head, &table.schema);
+    head.extend_from_slice(b",\"table\":");
+    write_str(&mut head, &table.table);
+    head.extend_from_slice(b",\"type\":");
+    write_str(&mut head, row.kind.name());
+    let (v2, record, old_record) = match variant {
+        Variant::Error(message) => {
+            let mut body = head.clone();
+            body.extend_from_slice(b",\"columns\":[],\"commit_timestamp\":null");
+            let (record, old_record): (Option<&[u8]>, Option<&[u8]>) = match row.kind {
+                Kind::Insert => (Some(b"{}"), None),
+                Kind::Update => (Some(b"{}"), Some(b"{}")),
+                Kind::Delete => (None, Some(b"{}")),
+            };
+            if let Some(r) = record {
+                body.extend_from_slice(b",\"record\":");
+                body.extend_from_slice(r);
+            }
+            if let Some(o) = old_record {
+                body.extend_from_slice(b",\"old_record\":");
+                body.extend_from_slice(o);
+            }
+            body.extend_from_slice(b",\"errors\":[");
+            write_str(&mut body, message);
+            body.push(b']');
+            (body, record.map(<[u8]>::to_vec), old_record.map(<[u8]>::to_vec))
+        }
+        Variant::Row(visible) => {
+            let mut body = head.clone();
+            body.extend_from_slice(b",\"commit_timestamp\":");
+            write_str(&mut body, &value::format_commit_timestamp(txn.commit_time));
+            body.extend_from_slice(b",\"columns\":[");
+            let mut first = true;
+            for (i, column) in table.columns.iter().enumerate() {
+                if !visible.get(i).copied().unwrap_or(false) {
+                    continue;
+                }
+                if !first {
+                    body.push(b',');
+                }
+                first = false;
+                body.extend_from_slice(b"{\"name\":");
+                write_str(&mut body, &column.name);
+                body.extend_from_slice(b",\"type\":");
+                write_str(&mut body, &column.type_name);
+                body.push(b'}');
+            }
+            body.push(b']');
+            let render = |cut: bool| {
+                let record = (row.kind != Kind::Delete).then(|| {
+                    let mut out = Vec::new();
+                    write_record(&mut out, row, table, visible, |i| row.new_cell(i), false, cut);
+                    out
+                });
+                let old_record = (row.kind != Kind::Insert).then(|| {
+                    let mut out = Vec::new();
+                    let reduce_to_key = row.kind == Kind::Delete && table.rls_enabled;
+                    if row.old.is_some() {
+                        write_record(&mut out, row, table, visible, |i| row.old_cell(i), reduce_to_key, cut);
+                    } else if row.relation.relation.replica_identity == b'n' {
+                        out.extend_from_slice(b"{}");
+                    } else {
+                        // Default identity and an unchanged key: the key, from the new row.
+                        write_record(&mut out, row, table, visible, |i| row.new_cell(i), true, cut);
+                    }
+                    out
+                });
+                (record, old_record)
+            };
+            let (mut record, mut old_record) = render(false);
+            let size = record.as_ref().map_or(0, Vec::len) + old_record.as_ref().map_or(0, Vec::len);
+            let too_big = size > RECORD_BYTES_MAX;
+            if too_big {
+                (record, old_record) = render(true);
+            }
+            if let Some(r) = &record {
+                body.extend_from_slice(b",\"record\":");
+                body.extend_from_slice(r);
+            }
+            if let Some(o) = &old_record {
+                body.extend_from_slice(b",\"old_record\":");
+                body.extend_from_slice(o);
+            }
+            body.extend_from_slice(if too_big { b",\"errors\":[\"Error 413: Payload Too Large\"]" } else { b",\"errors\":null" });
+            (body, record, old_record)
+        }
+    };
+    let mut v1 = v2.clone();
+    v1.extend_from_slice(b",\"eventType\":");
+    write_str(&mut v1, row.kind.name());
+    v1.extend_from_slice(b",\"new\":");
+    v1.extend_from_slice(record.as_deref().unwrap_or(b"{}"));
+    v1.extend_from_slice(b",\"old\":");
+    v1.extend_from_slice(old_record.as_deref().unwrap_or(b"{}"));
+    v1.push(b'}');
+    let mut v2 = v2;
+    v2.push(b'}');
+    (Bytes::from(v1), Bytes::from(v2))
+}

@@ -1,0 +1,618 @@
+//! Postgres Changes row filters (PROTOCOL.md §5.2): parsing, validation against the table's
+//! column types, and evaluation in Rust on the decoded row.
+//!
+//! Filter values never reach SQL: they are parsed into typed values once, at subscribe time,
+//! and compared with each change's column text. Comparison follows the column's type: integers
+//! and decimals numerically, booleans by truth value, `uuid` case-insensitively, everything else
+//! by bytes (the `C` collation; a database with a linguistic collation may order `lt`/`gt` on
+//! text differently — README, Limits).
+
+use std::fmt;
+
+use regex::bytes::Regex;
+
+/// Most values an `in` filter may list.
+pub const IN_VALUES_MAX: usize = 100;
+
+/// A filter operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `=`
+    Eq,
+    /// `!=`
+    Neq,
+    /// `<`
+    Lt,
+    /// `<=`
+    Lte,
+    /// `>`
+    Gt,
+    /// `>=`
+    Gte,
+    /// `= ANY(...)`
+    In,
+    /// `LIKE`
+    Like,
+    /// `ILIKE`
+    Ilike,
+    /// `IS`
+    Is,
+    /// `~`
+    Match,
+    /// `~*`
+    Imatch,
+    /// `IS DISTINCT FROM`
+    IsDistinct,
+}
+
+impl Op {
+    fn parse(name: &str) -> Option<Op> {
+        Some(match name {
+            "eq" => Op::Eq,
+            "neq" => Op::Neq,
+            "lt" => Op::Lt,
+            "lte" => Op::Lte,
+            "gt" => Op::Gt,
+            "gte" => Op::Gte,
+            "in" => Op::In,
+            "like" => Op::Like,
+            "ilike" => Op::Ilike,
+            "is" => Op::Is,
+            "match" => Op::Match,
+            "imatch" => Op::Imatch,
+            "isdistinct" => Op::IsDistinct,
+            _ => return None,
+        })
+    }
+
+    /// The operator's name in filters.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Eq => "eq",
+            Op::Neq => "neq",
+            Op::Lt => "lt",
+            Op::Lte => "lte",
+            Op::Gt => "gt",
+            Op::Gte => "gte",
+            Op::In => "in",
+            Op::Like => "like",
+            Op::Ilike => "ilike",
+            Op::Is => "is",
+            Op::Match => "match",
+            Op::Imatch => "imatch",
+            Op::IsDistinct => "isdistinct",
+        }
+    }
+}
+
+/// One parsed `column=[not.]op.value` segment, before validation against the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFilter {
+    /// Column name.
+    pub column: String,
+    /// Operator.
+    pub op: Op,
+    /// Value text (unquoted; for `in`, the text between the parentheses).
+    pub value: String,
+    /// `not.` prefix.
+    pub negate: bool,
+}
+
+/// A filter parse error, with upstream's exact message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterParseError(pub String);
+
+impl fmt::Display for FilterParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn elixir_list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("{:?}", i)).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+fn parse_error(detail: impl fmt::Display) -> FilterParseError {
+    FilterParseError(format!("Error parsing `filter` params: {detail}"))
+}
+
+/// Splits on commas outside parentheses and outside quoted sections.
+fn split_segments(filter: &str) -> Vec<&str> {
+    let bytes = filter.as_bytes();
+    let (mut depth, mut quoted, mut escaped) = (0usize, false, false);
+    let mut start = 0;
+    let mut segments = Vec::new();
+    for (i, &b) in bytes.iter().enumerate() {
+        if quoted {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                quoted = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' if i > 0 && (bytes[i - 1] == b'.' || bytes[i - 1] == b'(' || (depth > 0 && bytes[i - 1] == b',')) => quoted = true,
+            b'(' => depth += 1,
+            b')' => depth = depth.saturating_sub(1),
+            b',' if depth == 0 => {
+                segments.push(&filter[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    segments.push(&filter[start..]);
+    segments
+}
+
+/// Removes the quotes of a value that is exactly one quoted string; anything else as is.
+fn unquote(value: &str) -> String {
+    let Some(inner) = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) else {
+        return value.to_string();
+    };
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(next) => out.push(next),
+                None => return value.to_string(),
+            },
+            '"' => return value.to_string(), // an unescaped quote inside: not one quoted string
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Parses a filter string (AND of segments). A whitespace-only filter is no filter.
+pub fn parse(filter: &str) -> Result<Vec<RawFilter>, FilterParseError> {
+    if filter.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut filters = Vec::new();
+    for segment in split_segments(filter) {
+        let segment = segment.trim();
+        if segment.is_empty() {
+            return Err(parse_error("filter must not contain empty segments (check for extra commas)"));
+        }
+        let Some((column, rest)) = segment.split_once('=') else {
+            return Err(parse_error(elixir_list(&segment.split('=').collect::<Vec<_>>())));
+        };
+        let (negate, rest) = match rest.strip_prefix("not.") {
+            Some(rest) => (true, rest),
+            None => (false, rest),
+        };
+        let Some((op_name, value)) = rest.split_once('.') else {
+            return Err(parse_error(elixir_list(&[rest])));
+        };
+        let Some(op) = Op::parse(op_name) else {
+            return Err(parse_error(elixir_list(&[op_name, value])));
+        };
+        let value = if op == Op::In {
+            let Some(inner) = value.strip_prefix('(').and_then(|v| v.strip_suffix(')')) else {
+                return Err(parse_error("`in` filter value must be wrapped by parentheses"));
+            };
+            inner.to_string()
+        } else {
+            unquote(value)
+        };
+        filters.push(RawFilter { column: column.trim().to_string(), op, value, negate });
+    }
+    Ok(filters)
+}
+
+/// Parses the items of an `in` list as a PostgreSQL array literal body (`a,"b,c",NULL`).
+fn array_items(body: &str) -> Result<Vec<Option<String>>, String> {
+    let mut items = Vec::new();
+    let mut chars = body.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut item = String::new();
+        let mut was_quoted = false;
+        if chars.peek() == Some(&'"') {
+            was_quoted = true;
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('\\') => item.push(chars.next().ok_or_else(|| format!("malformed array literal: \"{{{body}}}\""))?),
+                    Some('"') => break,
+                    Some(c) => item.push(c),
+                    None => return Err(format!("malformed array literal: \"{{{body}}}\"")),
+                }
+            }
+            while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                chars.next();
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == ',' {
+                    break;
+                }
+                item.push(c);
+                chars.next();
+            }
+            item = item.trim_end().to_string();
+        }
+        if !was_quoted && item.eq_ignore_ascii_case("NULL") {
+            items.push(None);
+        } else {
+            items.push(Some(item));
+        }
+        match chars.next() {
+            None => break,
+            Some(',') => continue,
+            Some(_) => return Err(format!("malformed array literal: \"{{{body}}}\"")),
+        }
+    }
+    Ok(items)
+}
+
+/// How a column's values compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// int2/int4/int8/oid.
+    Integer,
+    /// numeric/float4/float8.
+    Decimal,
+    /// bool.
+    Boolean,
+    /// uuid (case-insensitive).
+    Uuid,
+    /// Text-like types (LIKE and regex allowed).
+    Text,
+    /// Anything else: compared by its text.
+    Other,
+}
+
+impl Kind {
+    /// The comparison kind of a column type, by `pg_type.typname`.
+    pub fn of(type_name: &str) -> Kind {
+        match type_name {
+            "int2" | "int4" | "int8" | "oid" => Kind::Integer,
+            "numeric" | "float4" | "float8" | "money" => Kind::Decimal,
+            "bool" => Kind::Boolean,
+            "uuid" => Kind::Uuid,
+            "text" | "varchar" | "bpchar" | "name" | "citext" | "char" => Kind::Text,
+            _ => Kind::Other,
+        }
+    }
+}
+
+/// A typed operand.
+#[derive(Debug, Clone)]
+enum Operand {
+    Integer(i128),
+    Decimal(f64),
+    Boolean(bool),
+    Text(Vec<u8>),
+}
+
+/// `IS` keywords.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IsKeyword {
+    Null,
+    True,
+    False,
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+enum Test {
+    Compare(Op, Operand),
+    In(Vec<Option<Operand>>),
+    Pattern(Regex),
+    Is(IsKeyword),
+    IsDistinct(Operand),
+}
+
+/// A filter validated against its column: ready to evaluate.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    /// Index of the column in the relation.
+    pub column: usize,
+    kind: Kind,
+    test: Test,
+    negate: bool,
+}
+
+/// Why a filter does not fit the table (upstream reports these as database exceptions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterCheckError(pub String);
+
+fn type_label(type_name: &str) -> &str {
+    match type_name {
+        "int2" => "smallint",
+        "int4" => "integer",
+        "int8" => "bigint",
+        "float4" => "real",
+        "float8" => "double precision",
+        "bool" => "boolean",
+        other => other,
+    }
+}
+
+fn operand(kind: Kind, type_name: &str, text: &str) -> Result<Operand, FilterCheckError> {
+    let invalid = || FilterCheckError(format!("invalid input syntax for type {}: \"{text}\"", type_label(type_name)));
+    Ok(match kind {
+        Kind::Integer => Operand::Integer(text.trim().parse().map_err(|_| invalid())?),
+        Kind::Decimal => {
+            let value: f64 = text.trim().parse().map_err(|_| invalid())?;
+            Operand::Decimal(value)
+        }
+        Kind::Boolean => Operand::Boolean(parse_bool(text.trim().as_bytes()).ok_or_else(invalid)?),
+        Kind::Uuid => {
+            let normalized = normalize_uuid(text.trim().as_bytes()).ok_or_else(|| FilterCheckError(format!("invalid input syntax for type uuid: \"{text}\"")))?;
+            Operand::Text(normalized)
+        }
+        Kind::Text | Kind::Other => Operand::Text(text.as_bytes().to_vec()),
+    })
+}
+
+fn parse_bool(text: &[u8]) -> Option<bool> {
+    let lower = text.to_ascii_lowercase();
+    match lower.as_slice() {
+        b"t" | b"true" | b"yes" | b"y" | b"on" | b"1" => Some(true),
+        b"f" | b"false" | b"no" | b"n" | b"off" | b"0" => Some(false),
+        _ => None,
+    }
+}
+
+fn normalize_uuid(text: &[u8]) -> Option<Vec<u8>> {
+    let text = text.strip_prefix(b"{").and_then(|t| t.strip_suffix(b"}")).unwrap_or(text);
+    let hex: Vec<u8> = text.iter().filter(|b| **b != b'-').map(u8::to_ascii_lowercase).collect();
+    (hex.len() == 32 && hex.iter().all(u8::is_ascii_hexdigit)).then_some(hex)
+}
+
+/// Translates a LIKE pattern (`%`, `_`, `\` escapes) to an anchored regex.
+fn like_regex(pattern: &str, case_insensitive: bool) -> Regex {
+    let mut out = String::from(if case_insensitive { "(?is)^" } else { "(?s)^" });
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '%' => out.push_str(".*"),
+            '_' => out.push('.'),
+            '\\' => {
+                if let Some(next) = chars.next() {
+                    out.push_str(&regex::escape(&next.to_string()));
+                }
+            }
+            c => out.push_str(&regex::escape(&c.to_string())),
+        }
+    }
+    out.push('$');
+    Regex::new(&out).expect("escaped LIKE pattern is a valid regex")
+}
+
+/// Validates `raw` against the column (`index`, `type_name`) and prepares it for evaluation.
+pub fn compile(raw: &RawFilter, index: usize, type_name: &str) -> Result<Filter, FilterCheckError> {
+    let kind = Kind::of(type_name);
+    let test = match raw.op {
+        Op::Eq | Op::Neq | Op::Lt | Op::Lte | Op::Gt | Op::Gte => Test::Compare(raw.op, operand(kind, type_name, &raw.value)?),
+        Op::IsDistinct => Test::IsDistinct(operand(kind, type_name, &raw.value)?),
+        Op::In => {
+            let items = array_items(&raw.value).map_err(FilterCheckError)?;
+            if items.len() > IN_VALUES_MAX {
+                return Err(FilterCheckError(format!("too many values for `in` filter. Maximum {IN_VALUES_MAX}")));
+            }
+            let items = items
+                .into_iter()
+                .map(|item| item.map(|text| operand(kind, type_name, &text)).transpose())
+                .collect::<Result<Vec<_>, _>>()?;
+            Test::In(items)
+        }
+        Op::Like | Op::Ilike => {
+            if kind != Kind::Text {
+                return Err(FilterCheckError(format!("operator {} requires a text-compatible column type, got {type_name}", raw.op.name())));
+            }
+            Test::Pattern(like_regex(&raw.value, raw.op == Op::Ilike))
+        }
+        Op::Match | Op::Imatch => {
+            if kind != Kind::Text {
+                return Err(FilterCheckError(format!("operator {} requires a text-compatible column type, got {type_name}", raw.op.name())));
+            }
+            let pattern = if raw.op == Op::Imatch { format!("(?i){}", raw.value) } else { raw.value.clone() };
+            let regex = Regex::new(&pattern).map_err(|e| FilterCheckError(format!("invalid regular expression for {} filter: {e}", raw.op.name())))?;
+            Test::Pattern(regex)
+        }
+        Op::Is => {
+            let keyword = match raw.value.to_ascii_lowercase().as_str() {
+                "null" => IsKeyword::Null,
+                "true" => IsKeyword::True,
+                "false" => IsKeyword::False,
+                "unknown" => IsKeyword::Unknown,
+                _ => return Err(FilterCheckError("invalid value for is filter: must be null, true, false, or unknown".into())),
+            };
+            if keyword != IsKeyword::Null && kind != Kind::Boolean {
+                return Err(FilterCheckError(format!("is {} filter requires a boolean column, got {type_name}", raw.value.to_ascii_lowercase())));
+            }
+            Test::Is(keyword)
+        }
+    };
+    Ok(Filter { column: index, kind, test, negate: raw.negate })
+}
+
+fn compare(kind: Kind, value: &[u8], operand: &Operand) -> Option<std::cmp::Ordering> {
+    match (kind, operand) {
+        (Kind::Integer, Operand::Integer(b)) => std::str::from_utf8(value).ok()?.trim().parse::<i128>().ok().map(|a| a.cmp(b)),
+        (Kind::Decimal, Operand::Decimal(b)) => std::str::from_utf8(value).ok()?.trim().parse::<f64>().ok()?.partial_cmp(b),
+        (Kind::Boolean, Operand::Boolean(b)) => parse_bool(value).map(|a| a.cmp(b)),
+        (Kind::Uuid, Operand::Text(b)) => normalize_uuid(value).map(|a| a.cmp(b)),
+        (_, Operand::Text(b)) => Some(value.cmp(b.as_slice())),
+        _ => None,
+    }
+}
+
+impl Filter {
+    /// Evaluates the filter on a row: `value(column)` is `None` when the column is absent from
+    /// the change, `Some(None)` for SQL NULL, `Some(Some(text))` otherwise.
+    pub fn matches<'a>(&self, value: impl Fn(usize) -> Option<Option<&'a [u8]>>) -> bool {
+        let Some(cell) = value(self.column) else { return false };
+        match (&self.test, cell) {
+            (Test::Is(keyword), cell) => {
+                let result = match keyword {
+                    IsKeyword::Null | IsKeyword::Unknown => cell.is_none(),
+                    IsKeyword::True => cell.and_then(parse_bool) == Some(true),
+                    IsKeyword::False => cell.and_then(parse_bool) == Some(false),
+                };
+                result != self.negate
+            }
+            (Test::IsDistinct(operand), None) => {
+                let _ = operand;
+                !self.negate
+            }
+            (Test::IsDistinct(operand), Some(text)) => {
+                let distinct = compare(self.kind, text, operand) != Some(std::cmp::Ordering::Equal);
+                distinct != self.negate
+            }
+            // NULL fails every other operator, `not.` included.
+            (_, None) => false,
+            (test, Some(text)) => {
+                let result = match test {
+                    Test::Compare(op, operand) => match compare(self.kind, text, operand) {
+                        None => false,
+                        Some(order) => match op {
+                            Op::Eq => order.is_eq(),
+                            Op::Neq => order.is_ne(),
+                            Op::Lt => order.is_lt(),
+                            Op::Lte => order.is_le(),
+                            Op::Gt => order.is_gt(),
+                            Op::Gte => order.is_ge(),
+                            _ => unreachable!("compare ops only"),
+                        },
+                    },
+                    Test::In(items) => items.iter().flatten().any(|item| compare(self.kind, text, item).is_some_and(|o| o.is_eq())),
+                    Test::Pattern(regex) => regex.is_match(text),
+                    Test::Is(_) | Test::IsDistinct(_) => unreachable!("handled above"),
+                };
+                result != self.negate
+            }
+        }
+    }
+}
+
+/// Renders filters as upstream prints them in `system` messages: an Elixir list of
+/// `{column, op, value, negate}` tuples.
+pub fn render(filters: &[RawFilter]) -> String {
+    let items: Vec<String> = filters
+        .iter()
+        .map(|f| {
+            let value = if f.op == Op::In { format!("{{{}}}", f.value) } else { f.value.clone() };
+            format!("{{{:?}, {:?}, {:?}, {}}}", f.column, f.op.name(), value, f.negate)
+        })
+        .collect();
+    format!("[{}]", items.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn err(filter: &str) -> String {
+        parse(filter).unwrap_err().0
+    }
+
+    #[test]
+    fn parse_errors_are_upstream_texts() {
+        assert_eq!(err("subject=foo.hey"), r#"Error parsing `filter` params: ["foo", "hey"]"#);
+        assert_eq!(err("undefined"), r#"Error parsing `filter` params: ["undefined"]"#);
+        assert_eq!(err("id=eq5"), r#"Error parsing `filter` params: ["eq5"]"#);
+        assert_eq!(err("id=in.1,2"), "Error parsing `filter` params: `in` filter value must be wrapped by parentheses");
+        assert_eq!(err("id=eq.1,"), "Error parsing `filter` params: filter must not contain empty segments (check for extra commas)");
+    }
+
+    #[test]
+    fn parses_segments_quotes_and_lists() {
+        let filters = parse(r#"status=in.("a,b",c), name=eq."x,y", owner=not.is.null, url=eq.a.b=c"#).unwrap();
+        assert_eq!(filters.len(), 4);
+        assert_eq!(filters[0], RawFilter { column: "status".into(), op: Op::In, value: r#""a,b",c"#.into(), negate: false });
+        assert_eq!(filters[1].value, "x,y");
+        assert!(filters[2].negate && filters[2].op == Op::Is);
+        assert_eq!(filters[3].value, "a.b=c");
+        assert!(parse("  ").unwrap().is_empty());
+        assert_eq!(render(&filters[..1]), r#"[{"status", "in", "{\"a,b\",c}", false}]"#);
+    }
+
+    fn eval(filter: &str, type_name: &str, value: Option<&str>) -> bool {
+        let raw = &parse(filter).unwrap()[0];
+        let compiled = compile(raw, 0, type_name).unwrap();
+        compiled.matches(|_| Some(value.map(str::as_bytes)))
+    }
+
+    #[test]
+    fn typed_evaluation() {
+        assert!(eval("id=eq.5", "int4", Some("5")));
+        assert!(!eval("id=eq.5", "int4", Some("50")));
+        assert!(eval("n=gt.9", "int8", Some("10")), "numeric, not lexical");
+        assert!(eval("n=lte.2.5", "numeric", Some("2.50")));
+        assert!(eval("id=in.(1,2,3)", "int4", Some("2")));
+        assert!(!eval("id=not.in.(1,2,3)", "int4", Some("2")));
+        assert!(eval("s=in.(\"a,b\",c)", "text", Some("a,b")));
+        assert!(eval("done=eq.true", "bool", Some("t")));
+        assert!(eval("u=eq.9F1C0000-0000-0000-0000-000000000001", "uuid", Some("9f1c0000-0000-0000-0000-000000000001")));
+        assert!(eval("t=like.%foo%", "text", Some("a foo b")));
+        assert!(eval("t=ilike.FOO%", "text", Some("foobar")));
+        assert!(eval("t=match.^A", "text", Some("Abc")));
+        assert!(eval("t=imatch.^a", "varchar", Some("Abc")));
+        assert!(eval("d=is.null", "timestamptz", None));
+        assert!(eval("d=not.is.null", "timestamptz", Some("2024-01-01")));
+        assert!(eval("b=is.true", "bool", Some("t")));
+        assert!(eval("o=isdistinct.42", "int4", None), "NULL is distinct from 42");
+        assert!(!eval("o=not.isdistinct.42", "int4", None));
+        assert!(!eval("o=eq.42", "int4", None), "NULL fails eq");
+        assert!(!eval("o=not.eq.42", "int4", None), "and not.eq");
+        assert!(eval("s=neq.draft", "text", Some("open")));
+        // Absent column: fails.
+        let compiled = compile(&parse("id=eq.1").unwrap()[0], 0, "int4").unwrap();
+        assert!(!compiled.matches(|_| None));
+    }
+
+    #[test]
+    fn check_errors() {
+        let check = |filter: &str, type_name: &str| compile(&parse(filter).unwrap()[0], 0, type_name).unwrap_err().0;
+        assert_eq!(check("id=eq.abc", "int4"), r#"invalid input syntax for type integer: "abc""#);
+        assert_eq!(check("id=is.maybe", "int4"), "invalid value for is filter: must be null, true, false, or unknown");
+        assert_eq!(check("id=is.true", "int4"), "is true filter requires a boolean column, got int4");
+        assert_eq!(check("id=like.1%", "int4"), "operator like requires a text-compatible column type, got int4");
+        assert!(check("t=match.(", "text").starts_with("invalid regular expression for match filter: "));
+        let list = format!("id=in.({})", (0..101).map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+        assert_eq!(check(&list, "int4"), "too many values for `in` filter. Maximum 100");
+        let huge = format!("id=in.({})", (0..10_000).map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+        assert_eq!(check(&huge, "int4"), "too many values for `in` filter. Maximum 100");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_filters_never_panic(filter in "\\PC{0,60}", value in proptest::option::of("\\PC{0,20}")) {
+            if let Ok(filters) = parse(&filter) {
+                for raw in &filters {
+                    for type_name in ["int4", "numeric", "bool", "uuid", "text", "jsonb"] {
+                        if let Ok(compiled) = compile(raw, 0, type_name) {
+                            let _ = compiled.matches(|_| Some(value.as_deref().map(str::as_bytes)));
+                        }
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn hostile_values_stay_values(payload in "[';\"\\\\()a-z0-9 ]{0,40}") {
+            // Quotes, semicolons and parentheses are data: eq matches exactly that text.
+            let filter = format!("t=eq.{}", payload.replace(',', ""));
+            if let Ok(filters) = parse(&filter) {
+                if filters.len() == 1 {
+                    let compiled = compile(&filters[0], 0, "text").unwrap();
+                    let expected = filters[0].value.clone();
+                    prop_assert!(compiled.matches(|_| Some(Some(expected.as_bytes()))));
+                }
+            }
+        }
+    }
+}
