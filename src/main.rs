@@ -68,7 +68,7 @@ fn attach_database(server: &mut net::server::ServerConfig) -> Result<()> {
     }
     let postgres = replication::start::start(url.trim(), server.shards).context("DATABASE_URL")?;
     server.database = true;
-    server.postgres = Some(net::server::PgLink { commands: postgres.commands, inboxes: postgres.inboxes });
+    server.postgres = Some(net::server::PgLink { commands: postgres.commands, inboxes: postgres.inboxes, healthy: postgres.healthy });
     Ok(())
 }
 

@@ -187,8 +187,9 @@ pub struct CoreHandle {
     pub stats: Arc<CoreStats>,
 }
 
-/// Starts the core thread: `url` for SQL, `events` from the reader.
-pub fn spawn(url: String, shards: usize, events: flume::Receiver<WalEvent>) -> CoreHandle {
+/// Starts the core thread: `url` for SQL, `events` from the reader; `health` is kept true
+/// while its database connections are up.
+pub fn spawn(url: String, shards: usize, events: flume::Receiver<WalEvent>, health: Arc<std::sync::atomic::AtomicBool>) -> CoreHandle {
     let (commands, command_rx) = flume::bounded(COMMANDS_MAX);
     let (senders, inboxes): (Vec<_>, Vec<_>) = (0..shards).map(|_| flume::bounded(SHARD_INBOX_MAX)).unzip();
     let stats = Arc::new(CoreStats::default());
@@ -198,10 +199,38 @@ pub fn spawn(url: String, shards: usize, events: flume::Receiver<WalEvent>) -> C
         .spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
             let local = tokio::task::LocalSet::new();
-            local.block_on(&runtime, run(url, senders, command_rx, events, thread_stats));
+            local.block_on(&runtime, run(url, senders, command_rx, events, thread_stats, health));
         })
         .expect("spawn the changes thread");
     CoreHandle { commands, shard_inboxes: inboxes, stats }
+}
+
+/// A database connection that reconnects (with backoff) when the server restarts or the
+/// connection drops; `health` tells `/healthz` whether it is up.
+pub(crate) struct Db {
+    url: String,
+    client: RefCell<Option<Rc<Client>>>,
+    health: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Db {
+    fn new(url: &str, health: Arc<std::sync::atomic::AtomicBool>) -> Db {
+        Db { url: url.to_string(), client: RefCell::new(None), health }
+    }
+
+    /// A live client, reconnecting first when needed.
+    async fn get(&self) -> Rc<Client> {
+        if let Some(client) = self.client.borrow().as_ref() {
+            if !client.is_closed() {
+                return Rc::clone(client);
+            }
+        }
+        self.health.store(false, std::sync::atomic::Ordering::Relaxed);
+        let client = Rc::new(connect_retrying(&self.url).await);
+        self.health.store(true, std::sync::atomic::Ordering::Relaxed);
+        *self.client.borrow_mut() = Some(Rc::clone(&client));
+        client
+    }
 }
 
 async fn connect_retrying(url: &str) -> Client {
@@ -218,9 +247,10 @@ async fn connect_retrying(url: &str) -> Client {
     }
 }
 
-async fn run(url: String, shards: Vec<flume::Sender<PgOut>>, commands: flume::Receiver<Command>, events: flume::Receiver<WalEvent>, stats: Arc<CoreStats>) {
-    let meta = Rc::new(connect_retrying(&url).await);
-    let rls = connect_retrying(&url).await;
+async fn run(url: String, shards: Vec<flume::Sender<PgOut>>, commands: flume::Receiver<Command>, events: flume::Receiver<WalEvent>, stats: Arc<CoreStats>, health: Arc<std::sync::atomic::AtomicBool>) {
+    let meta = Rc::new(Db::new(&url, Arc::clone(&health)));
+    let rls = Db::new(&url, health);
+    meta.get().await;
     let core = Rc::new(RefCell::new(Core {
         shards,
         stream_up: false,
@@ -261,7 +291,7 @@ async fn run(url: String, shards: Vec<flume::Sender<PgOut>>, commands: flume::Re
                     core.channels.values().any(|c| !c.waiting.is_empty()) || !core.wildcards.is_empty()
                 };
                 if wanted {
-                    if let Err(error) = poll_publication(&core, &meta).await {
+                    if let Err(error) = poll_publication(&core, &*meta.get().await).await {
                         tracing::warn!(error = %sql::error_text(&error), "publication poll failed");
                     }
                 }
@@ -295,7 +325,7 @@ async fn run(url: String, shards: Vec<flume::Sender<PgOut>>, commands: flume::Re
     }
 }
 
-async fn handle_event(core: &Rc<RefCell<Core>>, meta: &Client, event: WalEvent) {
+async fn handle_event(core: &Rc<RefCell<Core>>, meta: &Db, event: WalEvent) {
     match event {
         WalEvent::StreamUp => {
             let mut core = core.borrow_mut();
@@ -324,7 +354,7 @@ async fn handle_event(core: &Rc<RefCell<Core>>, meta: &Client, event: WalEvent) 
             core.borrow_mut().relations.insert(relation.oid, RelInfo { schema, table, relation, index });
             if known {
                 // The table may have changed (ALTER TABLE): refresh what we know about it.
-                if let Ok(Some(info)) = sql::table_info(meta, &key.0, &key.1).await {
+                if let Ok(Some(info)) = sql::table_info(&*meta.get().await, &key.0, &key.1).await {
                     core.borrow_mut().tables.insert(key, info);
                 }
             }
@@ -431,10 +461,11 @@ async fn compile_for_table(meta: &Client, role: &str, binding: &Binding, table: 
 }
 
 /// Validates a subscription and activates what can be (PROTOCOL.md §5.1–5.4).
-async fn subscribe(core: Rc<RefCell<Core>>, meta: Rc<Client>, subscription: Subscription, generation: u64) {
+async fn subscribe(core: Rc<RefCell<Core>>, meta: Rc<Db>, subscription: Subscription, generation: u64) {
     let key = subscription.key;
     let role = subscription.role.clone();
-    let outcome = validate(&meta, &subscription).await;
+    let client = meta.get().await;
+    let outcome = validate(&client, &subscription).await;
     let mut core = core.borrow_mut();
     let Some(state) = core.channels.get_mut(&key) else { return };
     if state.generation != generation {
@@ -693,7 +724,7 @@ struct Interest {
     claims_group: Option<(Arc<str>, Arc<str>)>,
 }
 
-async fn process(core: &Rc<RefCell<Core>>, rls: &Client, batch: Vec<Arc<Txn>>) {
+async fn process(core: &Rc<RefCell<Core>>, rls: &Db, batch: Vec<Arc<Txn>>) {
     // 1. Match (no awaits: the core is borrowed).
     let mut matched: Vec<(Arc<Txn>, usize, Vec<Interest>)> = Vec::new();
     {
@@ -733,24 +764,38 @@ async fn process(core: &Rc<RefCell<Core>>, rls: &Client, batch: Vec<Arc<Txn>>) {
             }
         }
     }
-    // (matched index, role, claims) → visible / error.
+    // (matched index, role, claims) → visible / error. One round trip per table for all of
+    // its claims groups.
     let mut verdicts: AHashMap<(usize, Arc<str>, Arc<str>), Result<bool, Arc<str>>> = AHashMap::new();
+    let mut by_table: AHashMap<TableKey, Vec<((Arc<str>, Arc<str>), Vec<(usize, Vec<String>)>)>> = AHashMap::new();
     for ((table_key, role, claims), rows) in requests {
+        by_table.entry(table_key).or_default().push(((role, claims), rows));
+    }
+    for (table_key, groups) in by_table {
         let table = core.borrow().tables.get(&table_key).cloned();
         let Some(table) = table else { continue };
-        let keys: Vec<Vec<String>> = rows.iter().map(|(_, pk)| pk.clone()).collect();
+        let keys: Vec<Vec<Vec<String>>> = groups.iter().map(|(_, rows)| rows.iter().map(|(_, pk)| pk.clone()).collect()).collect();
+        let request: Vec<sql::RlsGroup<'_>> = groups
+            .iter()
+            .zip(&keys)
+            .map(|(((role, claims), _), rows)| sql::RlsGroup { role, claims_json: claims, rows })
+            .collect();
         core.borrow().stats.rls_queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match sql::rls_visible(rls, &role, &claims, &table, &keys).await {
-            Ok(visible) => {
-                for ((m, _), ok) in rows.iter().zip(visible) {
-                    verdicts.insert((*m, Arc::clone(&role), Arc::clone(&claims)), Ok(ok));
+        let client = rls.get().await;
+        let results = sql::rls_visible_groups(&client, &table, &request).await;
+        for (((role, claims), rows), result) in groups.iter().zip(results) {
+            match result {
+                Ok(visible) => {
+                    for ((m, _), ok) in rows.iter().zip(visible) {
+                        verdicts.insert((*m, Arc::clone(role), Arc::clone(claims)), Ok(ok));
+                    }
                 }
-            }
-            Err(error) => {
-                let message: Arc<str> = Arc::from(sql::error_text(&error).as_str());
-                tracing::warn!(role = %role, table = %table.table, error = %message, "RLS check failed for one claims group");
-                for (m, _) in &rows {
-                    verdicts.insert((*m, Arc::clone(&role), Arc::clone(&claims)), Err(Arc::clone(&message)));
+                Err(error) => {
+                    let message: Arc<str> = Arc::from(sql::error_text(&error).as_str());
+                    tracing::warn!(role = %role, table = %table.table, error = %message, "RLS check failed for one claims group");
+                    for (m, _) in rows {
+                        verdicts.insert((*m, Arc::clone(role), Arc::clone(claims)), Err(Arc::clone(&message)));
+                    }
                 }
             }
         }

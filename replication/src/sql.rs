@@ -147,9 +147,62 @@ fn array_element(text: &str) -> String {
     format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// Which of `rows` (primary-key values as text, in key order) the role + claims may SELECT:
-/// one transaction-scoped round trip for the whole batch.
-pub async fn rls_visible(client: &Client, role: &str, claims_json: &str, table: &TableInfo, rows: &[Vec<String>]) -> Result<Vec<bool>, SqlError> {
+/// One claims group's share of an RLS check: who, and which primary keys to test.
+#[derive(Debug, Clone)]
+pub struct RlsGroup<'a> {
+    /// Role claim.
+    pub role: &'a str,
+    /// Claims JSON.
+    pub claims_json: &'a str,
+    /// Primary-key values (text, key order) of the changes to test.
+    pub rows: &'a [Vec<String>],
+}
+
+/// RLS checks for several claims groups on one table in **one** round trip: a single
+/// read-only transaction that, for each group, sets the role and claims and selects which of
+/// its keys are visible. If any group's query fails (a policy raising an error, an unknown
+/// role), the groups are re-run one by one so that only the failing group gets the error.
+pub async fn rls_visible_groups(client: &Client, table: &TableInfo, groups: &[RlsGroup<'_>]) -> Vec<Result<Vec<bool>, SqlError>> {
+    let mut sql = String::from("BEGIN READ ONLY; ");
+    for (index, group) in groups.iter().enumerate() {
+        sql.push_str(&format!(
+            "SELECT 'cfg', set_config('role', {}, true), set_config('request.jwt.claims', {}, true); ",
+            literal(group.role),
+            literal(group.claims_json)
+        ));
+        sql.push_str(&visible_select(table, group.rows, &format!("'row', '{index}'")));
+    }
+    sql.push_str("ROLLBACK;");
+    match client.simple_query(&sql).await {
+        Ok(messages) => {
+            let mut visible: Vec<ahash::AHashSet<Vec<String>>> = vec![ahash::AHashSet::new(); groups.len()];
+            for message in messages {
+                if let SimpleQueryMessage::Row(row) = message {
+                    if row.get(0) != Some("row") {
+                        continue;
+                    }
+                    let Some(index) = row.get(1).and_then(|i| i.parse::<usize>().ok()) else { continue };
+                    let key = (2..row.len()).map(|i| row.get(i).unwrap_or("").to_string()).collect();
+                    if let Some(set) = visible.get_mut(index) {
+                        set.insert(key);
+                    }
+                }
+            }
+            groups.iter().zip(visible).map(|(group, set)| Ok(group.rows.iter().map(|r| set.contains(r)).collect())).collect()
+        }
+        Err(_) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            let mut results = Vec::with_capacity(groups.len());
+            for group in groups {
+                results.push(rls_visible(client, group.role, group.claims_json, table, group.rows).await);
+            }
+            results
+        }
+    }
+}
+
+/// `SELECT <tag>, <pk>::text… FROM <table> WHERE (<pk>) IN (<the given keys>);`
+fn visible_select(table: &TableInfo, rows: &[Vec<String>], tag: &str) -> String {
     let key: Vec<&ColumnInfo> = table
         .primary_key
         .iter()
@@ -168,13 +221,17 @@ pub async fn rls_visible(client: &Client, role: &str, claims_json: &str, table: 
         .join(", ");
     let names = (0..key.len()).map(|i| format!("v{i}")).collect::<Vec<_>>().join(", ");
     let casts = key.iter().enumerate().map(|(i, c)| format!("v{i}::{}", c.type_sql)).collect::<Vec<_>>().join(", ");
+    format!("SELECT {tag}, {key_text} FROM {qualified} WHERE ({key_list}) IN (SELECT {casts} FROM unnest({arrays}) AS u({names})); ")
+}
+
+/// Which of `rows` (primary-key values as text, in key order) the role + claims may SELECT:
+/// one transaction-scoped round trip.
+pub async fn rls_visible(client: &Client, role: &str, claims_json: &str, table: &TableInfo, rows: &[Vec<String>]) -> Result<Vec<bool>, SqlError> {
     let sql = format!(
-        "BEGIN READ ONLY; \
-         SELECT set_config('role', {role}, true), set_config('request.jwt.claims', {claims}, true); \
-         SELECT {key_text} FROM {qualified} WHERE ({key_list}) IN (SELECT {casts} FROM unnest({arrays}) AS u({names})); \
-         ROLLBACK;",
-        role = literal(role),
-        claims = literal(claims_json),
+        "BEGIN READ ONLY; SELECT 'cfg', set_config('role', {}, true), set_config('request.jwt.claims', {}, true); {}ROLLBACK;",
+        literal(role),
+        literal(claims_json),
+        visible_select(table, rows, "'row', '0'")
     );
     let messages = match client.simple_query(&sql).await {
         Ok(messages) => messages,
@@ -187,8 +244,8 @@ pub async fn rls_visible(client: &Client, role: &str, claims_json: &str, table: 
     let mut visible_keys: ahash::AHashSet<Vec<String>> = ahash::AHashSet::new();
     for message in messages {
         if let SimpleQueryMessage::Row(row) = message {
-            if row.len() == key.len() {
-                visible_keys.insert((0..key.len()).map(|i| row.get(i).unwrap_or("").to_string()).collect());
+            if row.get(0) == Some("row") {
+                visible_keys.insert((2..row.len()).map(|i| row.get(i).unwrap_or("").to_string()).collect());
             }
         }
     }

@@ -41,6 +41,8 @@ pub struct Postgres {
     pub reader_stats: Arc<ReaderStats>,
     /// Core counters.
     pub core_stats: Arc<CoreStats>,
+    /// True while the core's database connections are up (`/healthz`).
+    pub healthy: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Checks and installs (blocking, before the server listens), then starts the threads.
@@ -60,6 +62,7 @@ pub fn start(url: &str, shards: usize) -> Result<Postgres, StartError> {
     let (events_tx, events_rx) = flume::bounded(reader::QUEUE_EVENTS_MAX);
     let reader_stats = Arc::new(ReaderStats::default());
     reader::spawn(params, events_tx, Arc::clone(&reader_stats));
-    let core = changes::spawn(url.to_string(), shards, events_rx);
-    Ok(Postgres { commands: core.commands, inboxes: core.shard_inboxes, reader_stats, core_stats: core.stats })
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let core = changes::spawn(url.to_string(), shards, events_rx, Arc::clone(&healthy));
+    Ok(Postgres { commands: core.commands, inboxes: core.shard_inboxes, reader_stats, core_stats: core.stats, healthy })
 }

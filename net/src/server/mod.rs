@@ -50,6 +50,8 @@ pub struct PgLink {
     pub commands: flume::Sender<replication::changes::Command>,
     /// One inbox per shard, indexed by shard id.
     pub inboxes: Vec<flume::Receiver<replication::changes::PgOut>>,
+    /// Whether the database connection is up (`/healthz` answers 503 otherwise).
+    pub healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Start-up failures.
