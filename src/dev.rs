@@ -27,7 +27,6 @@ static DATABASE_URL: OnceLock<String> = OnceLock::new();
 static LOCK: OnceLock<File> = OnceLock::new();
 
 /// The URL of the cluster `dev` started, if it started one (not when `DATABASE_URL` was set).
-#[allow(dead_code)] // Wired into the server configuration by the database support.
 pub(crate) fn database_url() -> Option<String> {
     DATABASE_URL.get().cloned()
 }

@@ -62,11 +62,14 @@ fn serve() -> Result<()> {
 
 /// With `DATABASE_URL`: install the schema and start the replication side.
 fn attach_database(server: &mut net::server::ServerConfig) -> Result<()> {
-    let Ok(url) = std::env::var("DATABASE_URL") else { return Ok(()) };
-    if url.trim().is_empty() {
-        return Ok(());
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => attach_database_url(server, url.trim()),
+        _ => Ok(()),
     }
-    let postgres = replication::start::start(url.trim(), server.shards).context("DATABASE_URL")?;
+}
+
+fn attach_database_url(server: &mut net::server::ServerConfig, url: &str) -> Result<()> {
+    let postgres = replication::start::start(url, server.shards).context("DATABASE_URL")?;
     server.database = true;
     server.postgres = Some(net::server::PgLink { commands: postgres.commands, inboxes: postgres.inboxes, healthy: postgres.healthy });
     Ok(())
@@ -107,11 +110,21 @@ fn dev() -> Result<()> {
         Ok(secret) => secret,
         Err(_) => dev_secret(dir)?,
     };
-    let server = config::server_config(secret.clone().into_bytes())?;
+    let mut server = config::server_config(secret.clone().into_bytes())?;
     let database = match std::env::var("DATABASE_URL") {
         Ok(url) if !url.trim().is_empty() => None,
         _ => Some(dev::start_database(dir)?),
     };
+    let url = match &database {
+        Some(_) => dev::database_url(),
+        None => std::env::var("DATABASE_URL").ok(),
+    };
+    if let Some(url) = url {
+        if let Err(error) = attach_database_url(&mut server, url.trim()) {
+            dev::shutdown();
+            return Err(error);
+        }
+    }
     let exp = now() + DEV_KEY_LIFETIME_SECS;
     let key = |role: &str| {
         let mut claims = Map::new();
