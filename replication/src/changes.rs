@@ -279,6 +279,18 @@ async fn run(url: String, shards: Vec<flume::Sender<PgOut>>, commands: flume::Re
             }
         });
     }
+    // Housekeeping of realtime.messages partitions (bounded: 72 h), hourly.
+    {
+        let meta = Rc::clone(&meta);
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                if let Err(error) = meta.get().await.simple_query(crate::install::MAINTAIN_SQL).await {
+                    tracing::warn!(error = %sql::error_text(&error), "realtime.messages partition maintenance failed");
+                }
+            }
+        });
+    }
     // Publication polling for waiting bindings and wildcards.
     {
         let core = Rc::clone(&core);
@@ -739,6 +751,7 @@ async fn process(core: &Rc<RefCell<Core>>, rls: &Db, batch: Vec<Arc<Txn>>) {
             }
         }
     }
+    tracing::debug!(txns = batch.len(), matched = matched.len(), "batch matched");
     if matched.is_empty() {
         return;
     }

@@ -257,6 +257,7 @@ fn handle_wal(data: Bytes, txn: &mut Option<Txn>, overflow: &mut u64, events: &f
             if let Some(mut done) = txn.take() {
                 done.commit_time = commit.commit_time;
                 if !done.changes.is_empty() {
+                    tracing::debug!(changes = done.changes.len(), "transaction decoded");
                     match events.try_send(WalEvent::Txn(Arc::new(done))) {
                         Ok(()) => {}
                         Err(flume::TrySendError::Full(_)) => {

@@ -199,7 +199,11 @@ mod tests {
         let input = hex("6b 00000000015732b8 0002d5b8a4e0c000 01");
         assert_eq!(
             ReplicationMessage::try_from(input).unwrap(),
-            ReplicationMessage::Keepalive { wal_end: 0x15732b8, send_time: 0x0002_d5b8_a4e0_c000, reply_requested: true }
+            ReplicationMessage::Keepalive {
+                wal_end: 0x15732b8,
+                send_time: 0x0002_d5b8_a4e0_c000,
+                reply_requested: true
+            }
         );
         let input = hex("6b 00000000015732b8 0000000000000000 00");
         let ReplicationMessage::Keepalive { reply_requested, .. } = ReplicationMessage::try_from(input).unwrap() else {
@@ -223,10 +227,7 @@ mod tests {
     #[test]
     fn standby_status_update_layout() {
         let bytes = standby_status_update(0x10, 0x20, 0x30, 0x40, true);
-        assert_eq!(
-            bytes,
-            hex("72 0000000000000010 0000000000000020 0000000000000030 0000000000000040 01")
-        );
+        assert_eq!(bytes, hex("72 0000000000000010 0000000000000020 0000000000000030 0000000000000040 01"));
         assert_eq!(
             StandbyStatusUpdate::try_from(bytes).unwrap(),
             StandbyStatusUpdate { written: 0x10, flushed: 0x20, applied: 0x30, now: 0x40, reply_requested: true }
@@ -282,7 +283,8 @@ mod tests {
 
         #[test]
         fn status_update_round_trip(written: u64, flushed: u64, applied: u64, now: i64, reply_requested: bool) {
-            let decoded = StandbyStatusUpdate::try_from(standby_status_update(written, flushed, applied, now, reply_requested)).unwrap();
+            let bytes = standby_status_update(written, flushed, applied, now, reply_requested);
+            let decoded = StandbyStatusUpdate::try_from(bytes).unwrap();
             prop_assert_eq!(decoded, StandbyStatusUpdate { written, flushed, applied, now, reply_requested });
         }
     }

@@ -393,7 +393,8 @@ fn is_json_number(text: &[u8]) -> bool {
 
 /// The length of the JSON number at the start of `text`, if one starts there.
 fn json_number_length(text: &[u8]) -> Option<usize> {
-    let digits = |from: usize| text.get(from..).map_or(0, |rest| rest.iter().take_while(|byte| byte.is_ascii_digit()).count());
+    let digits =
+        |from: usize| text.get(from..).map_or(0, |rest| rest.iter().take_while(|byte| byte.is_ascii_digit()).count());
     let mut position = usize::from(text.first() == Some(&b'-'));
     match text.get(position)? {
         b'0' => position += 1,

@@ -132,6 +132,7 @@ impl Shard {
                     }
                 }
                 PgOut::Change(delivery) => {
+                    tracing::debug!(targets = delivery.targets.len(), "postgres change received by shard");
                     let mut cache: Vec<(String, engine::Format, bytes::Bytes)> = Vec::new();
                     let conns = self.conns.borrow();
                     let mut delivered = 0u64;
