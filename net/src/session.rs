@@ -489,6 +489,26 @@ impl Session {
         }
     }
 
+    /// Closes every channel whose token has expired (PROTOCOL.md §6.4): `system` "Token has
+    /// expired N seconds ago", then `phx_close`. The driver calls this about once a second, so a
+    /// channel closes at most a second after its `exp`; the socket stays open.
+    pub fn expire_channels(&mut self, state: &mut ShardState, now_secs: i64, fx: &mut Effects) {
+        let expired: Vec<(Box<str>, i64)> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.claims.exp <= now_secs)
+            .map(|(topic, c)| (topic.clone(), now_secs - c.claims.exp))
+            .collect();
+        for (topic, seconds_ago) in expired {
+            self.close_channel(state, &topic, SystemMessage::TokenExpired { seconds_ago }, fx);
+        }
+    }
+
+    /// The earliest `exp` of the session's channels, so the driver can skip idle sessions.
+    pub fn next_expiry(&self) -> Option<i64> {
+        self.channels.values().map(|c| c.claims.exp).min()
+    }
+
     /// The topic, wire format and join_ref of a live channel (for pushes from the Postgres
     /// Changes core, which addresses channels by serial).
     pub fn channel_by_serial(&self, serial: ChannelSerial) -> Option<(&str, &Bytes)> {

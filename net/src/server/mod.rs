@@ -113,6 +113,7 @@ async fn shard_main(config: Arc<ServerConfig>, mesh: MeshBuilder<ShardMsg, glomm
     for (_, receiver) in receivers.streams() {
         glommio::spawn_local(Rc::clone(&shard).receive(receiver)).detach();
     }
+    glommio::spawn_local(Rc::clone(&shard).expire_tokens()).detach();
     if let Some(link) = &config.postgres {
         let inbox = link.inboxes[id.index()].clone();
         glommio::spawn_local(Rc::clone(&shard).postgres_inbox(inbox)).detach();

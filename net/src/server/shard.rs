@@ -274,6 +274,30 @@ impl Shard {
         }
     }
 
+    /// Once a second: close channels whose token expired (PROTOCOL.md §6.4). A timer in its own
+    /// task, racing no read.
+    pub(crate) async fn expire_tokens(self: Rc<Self>) {
+        loop {
+            glommio::timer::sleep(std::time::Duration::from_secs(1)).await;
+            let now = super::conn::unix_now();
+            let due: Vec<Rc<Conn>> = self
+                .conns
+                .borrow()
+                .values()
+                .filter(|c| c.session.borrow().next_expiry().is_some_and(|exp| exp <= now))
+                .cloned()
+                .collect();
+            for conn in due {
+                let mut fx = Effects::default();
+                {
+                    let mut state = self.state.borrow_mut();
+                    conn.session.borrow_mut().expire_channels(&mut state, now, &mut fx);
+                }
+                self.apply(&conn, fx);
+            }
+        }
+    }
+
     /// Delivers everything another shard sends us.
     pub(crate) async fn receive(self: Rc<Self>, receiver: ConnectedReceiver<ShardMsg>) {
         while let Some(msg) = receiver.recv().await {

@@ -444,3 +444,29 @@ fn generated_presence_keys_are_unique_uuids() {
     }
     assert_eq!(keys.len(), 20);
 }
+
+#[test]
+fn channel_tokens_expire_while_connected() {
+    let mut h = Harness::new();
+    let a = h.connect(Format::V2);
+    let short = token("authenticated", 5);
+    h.text(a, &json!(["1", "1", "realtime:r", "phx_join", {"config": {}, "access_token": short}]).to_string());
+    h.text(a, &v2_join("realtime:long", json!({})));
+    h.take(a);
+    assert_eq!(h.sessions[a].next_expiry(), Some(NOW + 5));
+    let mut fx = Effects::default();
+    h.sessions[a].expire_channels(&mut h.state, NOW + 4, &mut fx);
+    h.apply(a, fx);
+    assert!(h.take(a).is_empty(), "not expired yet");
+    let mut fx = Effects::default();
+    h.sessions[a].expire_channels(&mut h.state, NOW + 7, &mut fx);
+    h.apply(a, fx);
+    assert_eq!(
+        h.take(a),
+        vec![
+            json!(["1", null, "realtime:r", "system", {"extension": "system", "status": "error", "message": "Token has expired 2 seconds ago", "channel": "r"}]),
+            json!(["1", "1", "realtime:r", "phx_close", {}]),
+        ]
+    );
+    assert_eq!(h.sessions[a].channel_count(), 1, "the other channel and the socket stay");
+}
