@@ -99,6 +99,14 @@ pub enum PgOut {
     },
     /// A change for several channels (same payload).
     Change(Arc<ChangeDelivery>),
+    /// A broadcast from the database (`realtime.send`, PROTOCOL.md §3.4), sent to the shard
+    /// that owns its topic, which fans it out like any broadcast.
+    Publish {
+        /// Topic.
+        topic: engine::TopicKey,
+        /// The message (a user broadcast with metadata `{"id": …}`).
+        message: Arc<engine::Broadcast>,
+    },
 }
 
 /// One payload and the channels that get it.
@@ -189,7 +197,7 @@ pub struct CoreHandle {
 
 /// Starts the core thread: `url` for SQL, `events` from the reader; `health` is kept true
 /// while its database connections are up.
-pub fn spawn(url: String, shards: usize, events: flume::Receiver<WalEvent>, health: Arc<std::sync::atomic::AtomicBool>) -> CoreHandle {
+pub fn spawn(url: String, shards: usize, events: flume::Receiver<WalEvent>, health: Arc<std::sync::atomic::AtomicBool>, control: Arc<crate::reader::ReaderControl>) -> CoreHandle {
     let (commands, command_rx) = flume::bounded(COMMANDS_MAX);
     let (senders, inboxes): (Vec<_>, Vec<_>) = (0..shards).map(|_| flume::bounded(SHARD_INBOX_MAX)).unzip();
     let stats = Arc::new(CoreStats::default());
@@ -199,7 +207,7 @@ pub fn spawn(url: String, shards: usize, events: flume::Receiver<WalEvent>, heal
         .spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
             let local = tokio::task::LocalSet::new();
-            local.block_on(&runtime, run(url, senders, command_rx, events, thread_stats, health));
+            local.block_on(&runtime, run(url, senders, command_rx, events, thread_stats, health, control));
         })
         .expect("spawn the changes thread");
     CoreHandle { commands, shard_inboxes: inboxes, stats }
@@ -247,7 +255,15 @@ async fn connect_retrying(url: &str) -> Client {
     }
 }
 
-async fn run(url: String, shards: Vec<flume::Sender<PgOut>>, commands: flume::Receiver<Command>, events: flume::Receiver<WalEvent>, stats: Arc<CoreStats>, health: Arc<std::sync::atomic::AtomicBool>) {
+async fn run(
+    url: String,
+    shards: Vec<flume::Sender<PgOut>>,
+    commands: flume::Receiver<Command>,
+    events: flume::Receiver<WalEvent>,
+    stats: Arc<CoreStats>,
+    health: Arc<std::sync::atomic::AtomicBool>,
+    control: Arc<crate::reader::ReaderControl>,
+) {
     let meta = Rc::new(Db::new(&url, Arc::clone(&health)));
     let rls = Db::new(&url, health);
     meta.get().await;
@@ -298,6 +314,15 @@ async fn run(url: String, shards: Vec<flume::Sender<PgOut>>, commands: flume::Re
         tokio::task::spawn_local(async move {
             loop {
                 tokio::time::sleep(PUBLICATION_POLL).await;
+                let reads_publication = control.reads_publication.load(std::sync::atomic::Ordering::Relaxed);
+                if !reads_publication {
+                    if let Ok((true, _)) = sql::published_tables(&*meta.get().await).await {
+                        // Until the restarted stream reads the publication, no subscription may
+                        // be acknowledged: its "Subscribed" waits for the next StreamUp.
+                        core.borrow_mut().stream_up = false;
+                        control.restart.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
                 let wanted = {
                     let core = core.borrow();
                     core.channels.values().any(|c| !c.waiting.is_empty()) || !core.wildcards.is_empty()
@@ -744,6 +769,12 @@ async fn process(core: &Rc<RefCell<Core>>, rls: &Db, batch: Vec<Arc<Txn>>) {
         for txn in &batch {
             for (index, change) in txn.changes.iter().enumerate() {
                 let Some(row) = Row::of(change, &core.relations) else { continue };
+                if row.kind == Kind::Insert && &*row.relation.schema == "realtime" && &*row.relation.table == "messages" {
+                    if let Some((topic, message)) = database_broadcast(&row) {
+                        let owner = topic.owner(core.shards.len());
+                        core.send(owner, PgOut::Publish { topic, message });
+                    }
+                }
                 let interests = match_change(&core, &row);
                 if !interests.is_empty() {
                     matched.push((Arc::clone(txn), index, interests));
@@ -821,6 +852,57 @@ async fn process(core: &Rc<RefCell<Core>>, rls: &Db, batch: Vec<Arc<Txn>>) {
         let Some(table) = core.tables.get(&table_key) else { continue };
         deliver_change(&core, txn, &row, table, m, interests, &verdicts);
     }
+}
+
+/// A row inserted into `realtime.messages` as a broadcast (PROTOCOL.md §3.4): topic, event,
+/// `binary_payload` if set else `payload`, metadata `{"id": "<row id>"}`; rows missing any of
+/// them (or over the payload limit) are skipped.
+fn database_broadcast(row: &Row<'_>) -> Option<(engine::TopicKey, Arc<engine::Broadcast>)> {
+    let cell = |name: &str| -> Option<Option<&[u8]>> { row.new_cell(*row.relation.index.get(name)?) };
+    let text = |name: &str| cell(name).flatten().and_then(|b| std::str::from_utf8(b).ok());
+    let topic = text("topic")?;
+    let event = text("event")?;
+    let id = text("id")?;
+    let private = match cell("private").flatten()? {
+        b"t" => true,
+        b"f" => false,
+        _ => return None,
+    };
+    text("inserted_at")?;
+    let (encoding, payload) = match (cell("binary_payload").flatten(), cell("payload").flatten()) {
+        (Some(hex), _) => {
+            let digits = hex.strip_prefix(b"\\x").unwrap_or(hex);
+            (engine::broadcast::PayloadEncoding::Binary, Bytes::from(decode_hex(digits)?))
+        }
+        (None, Some(json)) => (engine::broadcast::PayloadEncoding::Json, Bytes::copy_from_slice(json)),
+        (None, None) => return None,
+    };
+    if payload.len() > engine::Limits::default().payload_bytes_max {
+        tracing::warn!(topic, "database broadcast over the payload limit dropped");
+        return None;
+    }
+    let mut metadata = Vec::with_capacity(id.len() + 10);
+    metadata.extend_from_slice(b"{\"id\":");
+    write_str(&mut metadata, id);
+    metadata.push(b'}');
+    let message = engine::Broadcast {
+        origin: None,
+        body: engine::BroadcastBody::User { event: Bytes::copy_from_slice(event.as_bytes()), encoding, payload, metadata: Bytes::from(metadata) },
+    };
+    Some((engine::TopicKey::new_sub(topic, private), Arc::new(message)))
+}
+
+fn decode_hex(digits: &[u8]) -> Option<Vec<u8>> {
+    if digits.len() % 2 != 0 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    digits.chunks(2).map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?)).collect()
 }
 
 fn primary_key_values(row: &Row<'_>, table: &TableInfo) -> Option<Vec<String>> {

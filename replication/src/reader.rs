@@ -34,8 +34,22 @@ use crate::pgconn::{ConnParams, PgConn, PgError};
 use crate::pgoutput::{self, Message, OldKind, Relation, Tuple, TypeMessage};
 use crate::stream::{self, ReplicationMessage, PG_EPOCH_OFFSET_SECS};
 
-/// The publication Postgres Changes reads (PROTOCOL.md §5.8).
+/// The publication Postgres Changes reads (PROTOCOL.md §5.8); the project owner creates it.
 pub const PUBLICATION: &str = "supabase_realtime";
+
+/// The server's own publication of `realtime.messages` inserts (broadcasts from SQL).
+pub const MESSAGES_PUBLICATION: &str = "supabase_realtime_messages_publication";
+
+/// Shared between the reader and the core: which publications the stream reads, and a request
+/// to restart it (when `supabase_realtime` appears after the stream started without it: the
+/// publication list of a pgoutput stream is fixed at `START_REPLICATION`).
+#[derive(Debug, Default)]
+pub struct ReaderControl {
+    /// The stream includes `supabase_realtime`.
+    pub reads_publication: std::sync::atomic::AtomicBool,
+    /// Restart the stream at the next tick.
+    pub restart: std::sync::atomic::AtomicBool,
+}
 
 /// Most row changes one transaction may carry through the queue; the rest are dropped
 /// (counted) so a huge transaction cannot exhaust memory.
@@ -120,23 +134,29 @@ pub struct ReaderStats {
 }
 
 /// Starts the reader thread.
-pub fn spawn(params: ConnParams, events: flume::Sender<WalEvent>, stats: Arc<ReaderStats>) -> std::thread::JoinHandle<()> {
+pub fn spawn(params: ConnParams, events: flume::Sender<WalEvent>, stats: Arc<ReaderStats>, control: Arc<ReaderControl>) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("replication".into())
-        .spawn(move || run(params, events, stats))
+        .spawn(move || run(params, events, stats, control))
         .expect("spawn the replication thread")
 }
 
-fn run(params: ConnParams, events: flume::Sender<WalEvent>, stats: Arc<ReaderStats>) {
+fn run(params: ConnParams, events: flume::Sender<WalEvent>, stats: Arc<ReaderStats>, control: Arc<ReaderControl>) {
     let mut backoff = BACKOFF_MIN;
     let mut up = false;
     let mut attempt: u64 = 0;
     loop {
         attempt += 1;
         let slot = format!("powa_realtime_{}_{}", std::process::id(), attempt);
-        let result = stream_once(&params, &slot, &events, &stats, &mut up);
+        let result = stream_once(&params, &slot, &events, &stats, &control, &mut up);
         if events.is_disconnected() {
             return;
+        }
+        if control.restart.swap(false, Ordering::Relaxed) && result.is_ok() {
+            // A planned restart to read a publication that appeared: no down/up notices (no
+            // Postgres Changes binding can be active before its publication exists).
+            tracing::info!("restarting the replication stream to read {PUBLICATION}");
+            continue;
         }
         let reason = match &result {
             Ok(()) => "the replication stream ended".to_string(),
@@ -160,7 +180,7 @@ fn pg_now_micros() -> i64 {
 }
 
 /// Connects, waits for the publication, creates the slot and streams until an error.
-fn stream_once(params: &ConnParams, slot: &str, events: &flume::Sender<WalEvent>, stats: &ReaderStats, up: &mut bool) -> Result<(), PgError> {
+fn stream_once(params: &ConnParams, slot: &str, events: &flume::Sender<WalEvent>, stats: &ReaderStats, control: &ReaderControl, up: &mut bool) -> Result<(), PgError> {
     let startup = [
         ("replication", "database"),
         ("application_name", "powa-realtime"),
@@ -172,9 +192,16 @@ fn stream_once(params: &ConnParams, slot: &str, events: &flume::Sender<WalEvent>
         ("client_encoding", "UTF8"),
     ];
     let mut conn = PgConn::connect(params, &startup, Duration::from_secs(10))?;
-    let check = format!("SELECT 1 FROM pg_publication WHERE pubname = '{PUBLICATION}'");
+    // pgoutput on PostgreSQL 15 aborts the stream when a requested publication is missing, so
+    // read only those that exist; wait while neither does.
+    let check = format!("SELECT pubname::text FROM pg_publication WHERE pubname IN ('{PUBLICATION}', '{MESSAGES_PUBLICATION}') ORDER BY 1 DESC");
     let mut waited = false;
-    while conn.simple_query(&check)?.is_empty() {
+    let publications = loop {
+        let rows = conn.simple_query(&check)?;
+        let names: Vec<String> = rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect();
+        if !names.is_empty() {
+            break names;
+        }
         if !waited {
             tracing::info!(publication = PUBLICATION, "waiting for the publication to exist (CREATE PUBLICATION supabase_realtime ...)");
             waited = true;
@@ -183,10 +210,12 @@ fn stream_once(params: &ConnParams, slot: &str, events: &flume::Sender<WalEvent>
             return Ok(());
         }
         std::thread::sleep(PUBLICATION_POLL);
-    }
+    };
+    control.reads_publication.store(publications.iter().any(|p| p == PUBLICATION), Ordering::Relaxed);
     conn.simple_query(&format!("CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'nothing')"))?;
     conn.start_copy_both(&format!(
-        "START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '1', publication_names '{PUBLICATION}')"
+        "START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '1', publication_names '{}')",
+        publications.join(",")
     ))?;
     conn.set_read_timeout(READ_TICK)?;
     tracing::info!(slot, "replication stream started");
@@ -223,7 +252,7 @@ fn stream_once(params: &ConnParams, slot: &str, events: &flume::Sender<WalEvent>
                 _ => {}
             }
         }
-        if events.is_disconnected() {
+        if events.is_disconnected() || control.restart.load(Ordering::Relaxed) {
             return Ok(());
         }
         if reply_requested || last_status.elapsed() >= STATUS_INTERVAL {

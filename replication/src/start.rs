@@ -61,8 +61,9 @@ pub fn start(url: &str, shards: usize) -> Result<Postgres, StartError> {
     })?;
     let (events_tx, events_rx) = flume::bounded(reader::QUEUE_EVENTS_MAX);
     let reader_stats = Arc::new(ReaderStats::default());
-    reader::spawn(params, events_tx, Arc::clone(&reader_stats));
+    let control = Arc::new(reader::ReaderControl::default());
+    reader::spawn(params, events_tx, Arc::clone(&reader_stats), Arc::clone(&control));
     let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let core = changes::spawn(url.to_string(), shards, events_rx, Arc::clone(&healthy));
+    let core = changes::spawn(url.to_string(), shards, events_rx, Arc::clone(&healthy), control);
     Ok(Postgres { commands: core.commands, inboxes: core.shard_inboxes, reader_stats, core_stats: core.stats, healthy })
 }

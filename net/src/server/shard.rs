@@ -131,6 +131,10 @@ impl Shard {
                         }
                     }
                 }
+                PgOut::Publish { topic, message } => {
+                    let owner = topic.owner(self.config.shards);
+                    self.route(vec![(owner, engine::ShardMsg::Publish { topic, message })]);
+                }
                 PgOut::Change(delivery) => {
                     tracing::debug!(targets = delivery.targets.len(), "postgres change received by shard");
                     let mut cache: Vec<(String, engine::Format, bytes::Bytes)> = Vec::new();
