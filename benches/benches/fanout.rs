@@ -22,6 +22,8 @@ fn subscribers() -> Vec<LocalSub> {
             format: if i % 10 == 0 { Format::V1 } else { Format::V2 },
             prefixed: i % 20 != 0,
             receive_own: false,
+            receive_broadcasts: true,
+            receive_presence: true,
         })
         .collect()
 }

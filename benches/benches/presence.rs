@@ -79,7 +79,7 @@ fn churn(per_window: Option<u64>) -> (u64, u64) {
         }
     };
     for i in 0..MEMBERS {
-        let sub = LocalSub { conn: ConnId(i), channel: ChannelSerial(1), format: Format::V2, prefixed: true, receive_own: false };
+        let sub = LocalSub { conn: ConnId(i), channel: ChannelSerial(1), format: Format::V2, prefixed: true, receive_own: false, receive_broadcasts: true, receive_presence: true };
         let join = shard.local_join(topic.clone(), sub, true);
         let track = (ShardId(0), ShardMsg::Track { topic: topic.clone(), subscriber: owner(i), key: Arc::from(format!("u{i}")), meta: meta(i) });
         run(&mut shard, vec![join, track], &mut pending_flush);

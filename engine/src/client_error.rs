@@ -107,8 +107,13 @@ pub enum JoinError {
     UnableToConnectToProject,
     /// Replay on a public channel.
     ReplayPublic,
-    /// A private channel: not supported by this build yet (typed refusal, README).
-    PrivateChannelsUnsupported,
+    /// Private join without broadcast or presence read permission.
+    Unauthorized {
+        /// The sub-topic.
+        sub_topic: String,
+    },
+    /// Replay could not run.
+    ReplayFailed,
     /// The join payload is not an object, or anything unexpected.
     Unknown,
 }
@@ -144,7 +149,8 @@ impl JoinError {
             JoinError::ReplayPublic => {
                 "UnableToReplayMessages: Replay is not allowed for public channels".into()
             }
-            JoinError::PrivateChannelsUnsupported => "PrivateChannelsUnsupported: Private channels are not supported by this server yet".into(),
+            JoinError::Unauthorized { sub_topic } => format!("Unauthorized: {}", no_read_permission(sub_topic)).into(),
+            JoinError::ReplayFailed => "UnableToReplayMessages: Realtime was unable to replay messages".into(),
             JoinError::Unknown => "Unknown Error on Channel".into(),
         }
     }
@@ -202,6 +208,18 @@ pub enum SystemMessage {
     TrackMessageSizeExceeded,
     /// Shutdown notice (ok status), followed by close 1012.
     ServerRequestedDisconnect,
+    /// A refreshed token grants no read on a private channel.
+    NoReadPermission {
+        /// The sub-topic.
+        sub_topic: String,
+    },
+    /// A refreshed token lost a read permission it had.
+    ReadPermissionRevoked {
+        /// The sub-topic.
+        sub_topic: String,
+    },
+    /// A policy re-check could not run.
+    DatabaseUnreachable,
 }
 
 impl SystemMessage {
@@ -218,6 +236,9 @@ impl SystemMessage {
             SystemMessage::ClientPresenceRateLimit => "Client presence rate limit exceeded".into(),
             SystemMessage::TrackMessageSizeExceeded => "Track message size exceeded".into(),
             SystemMessage::ServerRequestedDisconnect => "Server requested disconnect".into(),
+            SystemMessage::NoReadPermission { sub_topic } => no_read_permission(sub_topic).into(),
+            SystemMessage::ReadPermissionRevoked { sub_topic } => format!("You no longer have permission to read from this Channel topic: {sub_topic}").into(),
+            SystemMessage::DatabaseUnreachable => DB_UNREACHABLE.into(),
         }
     }
 
@@ -300,6 +321,10 @@ const BAD_SIGNATURE: &str = "Failed to validate JWT signature";
 const MISSING_CLAIMS: &str = "Fields `role` and `exp` are required in JWT";
 const DB_UNREACHABLE: &str = "Realtime was unable to connect to the project database";
 
+fn no_read_permission(sub_topic: &str) -> String {
+    format!("You do not have permissions to read from this Channel topic: {sub_topic}")
+}
+
 fn token_expired(seconds_ago: i64) -> String {
     format!("Token has expired {seconds_ago} seconds ago")
 }
@@ -356,7 +381,8 @@ mod tests {
             (JoinError::JwtSignerError { kid: Some("abc".into()) }, "JwtSignerError: Failed to generate JWT signer for key ID (kid) \"abc\", check your JWT secret or JWKS configuration"),
             (JoinError::UnableToConnectToProject, "UnableToConnectToProject: Realtime was unable to connect to the project database"),
             (JoinError::ReplayPublic, "UnableToReplayMessages: Replay is not allowed for public channels"),
-            (JoinError::PrivateChannelsUnsupported, "PrivateChannelsUnsupported: Private channels are not supported by this server yet"),
+            (JoinError::Unauthorized { sub_topic: "room-1".into() }, "Unauthorized: You do not have permissions to read from this Channel topic: room-1"),
+            (JoinError::ReplayFailed, "UnableToReplayMessages: Realtime was unable to replay messages"),
             (JoinError::Unknown, "Unknown Error on Channel"),
         ];
         for (error, text) in join {
@@ -377,6 +403,9 @@ mod tests {
             (SystemMessage::ClientPresenceRateLimit, "error", "Client presence rate limit exceeded"),
             (SystemMessage::TrackMessageSizeExceeded, "error", "Track message size exceeded"),
             (SystemMessage::ServerRequestedDisconnect, "ok", "Server requested disconnect"),
+            (SystemMessage::NoReadPermission { sub_topic: "r".into() }, "error", "You do not have permissions to read from this Channel topic: r"),
+            (SystemMessage::ReadPermissionRevoked { sub_topic: "r".into() }, "error", "You no longer have permission to read from this Channel topic: r"),
+            (SystemMessage::DatabaseUnreachable, "error", "Realtime was unable to connect to the project database"),
         ];
         for (message, status, text) in system {
             assert_eq!(message.status(), status);

@@ -55,6 +55,10 @@ pub struct LocalSub {
     pub prefixed: bool,
     /// `config.broadcast.self`.
     pub receive_own: bool,
+    /// Broadcast read granted (always for public channels; by policy for private ones).
+    pub receive_broadcasts: bool,
+    /// Presence read granted (always for public channels; by policy for private ones).
+    pub receive_presence: bool,
 }
 
 /// Messages between shards. Payloads are shared (`Arc`/`Bytes`), so crossing a shard copies

@@ -60,7 +60,12 @@ pub fn deliver(
 ) -> usize {
     let mut cache = EncodeCache::new(topic, message);
     let mut delivered = 0;
+    let is_presence = matches!(message.body, engine::BroadcastBody::PresenceDiff(_));
     for sub in subscribers {
+        let readable = if is_presence { sub.receive_presence } else { sub.receive_broadcasts };
+        if !readable {
+            continue;
+        }
         if !sub.receive_own {
             if let Some(origin) = message.origin {
                 if origin.shard == shard && origin.conn == sub.conn && origin.channel == sub.channel {

@@ -68,6 +68,8 @@ pub struct Context<'a> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ChannelState {
+    /// A private channel waiting for its read check (PROTOCOL.md §6.5).
+    Authorizing,
     /// Waiting for the topic owner's acknowledgement; the ok reply goes out when it comes.
     Joining,
     Joined,
@@ -90,6 +92,15 @@ struct Channel {
     /// Presence frames counted in the current window, and when the window opened (ms).
     presence_calls: u32,
     presence_window_start_ms: i64,
+    /// `config.private`.
+    private: bool,
+    /// `config.broadcast.self`.
+    broadcast_self: bool,
+    /// Read permissions (always true on public channels).
+    broadcast_read: bool,
+    presence_read: bool,
+    /// Write permissions of a private channel, checked at the first send/track.
+    write: private::WriteState,
     /// Postgres Changes bindings as sent (subscribed after the ok reply), and the ok reply's
     /// `response` JSON echoing them with their ids.
     pg_bindings: Vec<serde_json::Map<String, serde_json::Value>>,
@@ -228,6 +239,20 @@ impl Session {
     }
 
     fn publish(&mut self, state: &mut ShardState, ctx: Context<'_>, topic: &str, ref_: Ref<'_>, body: BroadcastBody, fx: &mut Effects) {
+        if self.channels[topic].private {
+            match self.write_permission(topic, private::PendingWrite::Broadcast { ref_: raw(ref_), body: body.clone() }, fx) {
+                Some(true) => {}
+                // Denied: dropped silently, no reply even with `ack` (PROTOCOL.md §3.2).
+                Some(false) => return,
+                // Queued until the write check answers.
+                None => return,
+            }
+        }
+        self.publish_checked(state, ctx, topic, ref_, body, fx);
+    }
+
+    /// Publishes a broadcast whose write permission is settled.
+    fn publish_checked(&mut self, state: &mut ShardState, ctx: Context<'_>, topic: &str, ref_: Ref<'_>, body: BroadcastBody, fx: &mut Effects) {
         let channel = &self.channels[topic];
         let message = Broadcast {
             origin: Some(Origin { shard: self.shard, conn: self.conn, channel: channel.serial }),
@@ -265,14 +290,6 @@ impl Session {
                 let serial = ChannelSerial(self.next_serial);
                 self.next_serial += 1;
                 let key = TopicKey::new(topic, request.private);
-                let local = LocalSub {
-                    conn: self.conn,
-                    channel: serial,
-                    format: self.format,
-                    prefixed: topic.starts_with(PREFIX),
-                    receive_own: request.broadcast_self,
-                };
-                fx.shard.push(state.local_join(key.clone(), local, request.presence_enabled));
                 let join_response = join_response(&request.postgres_changes);
                 let presence_key: Arc<str> = match &request.presence_key {
                     Some(key) => Arc::from(key.as_str()),
@@ -285,7 +302,12 @@ impl Session {
                         join_ref: raw(frame.join_ref),
                         join_reply_ref: raw(frame.ref_),
                         key,
-                        state: ChannelState::Joining,
+                        state: if request.private { ChannelState::Authorizing } else { ChannelState::Joining },
+                        private: request.private,
+                        broadcast_self: request.broadcast_self,
+                        broadcast_read: !request.private,
+                        presence_read: !request.private,
+                        write: private::WriteState::Unknown,
                         broadcast_ack: request.broadcast_ack,
                         presence_enabled: request.presence_enabled,
                         presence_key,
@@ -297,6 +319,12 @@ impl Session {
                         claims,
                     },
                 );
+                let channel = &self.channels[topic];
+                if channel.private {
+                    fx.pg.push(self.authorize(channel, replication::policy::CheckKind::Read));
+                } else {
+                    fx.shard.push(self.subscribe_local(state, topic));
+                }
             }
             Err(error) => {
                 let reason = error.reason();
@@ -304,6 +332,21 @@ impl Session {
                 fx.delayed.push(frame::encode_error_reason(self.format, frame.join_ref, frame.ref_, topic, &reason));
             }
         }
+    }
+
+    /// Registers a channel with its topic's owner (the join reply follows the owner's ack).
+    fn subscribe_local(&self, state: &mut ShardState, topic: &str) -> (ShardId, ShardMsg) {
+        let channel = &self.channels[topic];
+        let local = LocalSub {
+            conn: self.conn,
+            channel: channel.serial,
+            format: self.format,
+            prefixed: topic.starts_with(PREFIX),
+            receive_own: channel.broadcast_self,
+            receive_broadcasts: channel.broadcast_read,
+            receive_presence: channel.presence_read,
+        };
+        state.local_join(channel.key.clone(), local, channel.presence_enabled && channel.presence_read)
     }
 
     /// PROTOCOL.md §2.4, the steps that apply without a database.
@@ -324,18 +367,16 @@ impl Session {
             ChannelToken::Given(token) => auth::clean_token(token),
         };
         let claims = ctx.keys.verify(&token, ctx.now_secs).map_err(join_error)?;
-        if let Some(replay) = &request.replay {
-            if !request.private {
-                return Err(JoinError::ReplayPublic);
-            }
-            let _ = replay;
+        if request.replay.is_some() && !request.private {
+            return Err(JoinError::ReplayPublic);
         }
         let needs_database = request.private || !request.postgres_changes.is_empty() || request.replay.is_some();
         if needs_database && !ctx.database {
             return Err(JoinError::UnableToConnectToProject);
         }
-        if request.private {
-            return Err(JoinError::PrivateChannelsUnsupported);
+        if request.replay.is_some() {
+            // Replay is not implemented yet: refused explicitly (README).
+            return Err(JoinError::ReplayFailed);
         }
         Ok((request, token, claims))
     }
@@ -382,7 +423,8 @@ impl Session {
     fn presence(&mut self, state: &mut ShardState, ctx: Context<'_>, topic: &str, ref_: Ref<'_>, request: PresenceRequest, fx: &mut Effects) {
         let channel = self.channels.get_mut(topic).expect("caller checked the channel exists");
         let join_ref = channel.join_ref.clone();
-        let ok = |fx: &mut Effects| fx.frames.push(frame::encode_reply(self.format, as_ref(&join_ref), ref_, topic, "ok", b"{}"));
+        let format = self.format;
+        let ok = |fx: &mut Effects| fx.frames.push(frame::encode_reply(format, as_ref(&join_ref), ref_, topic, "ok", b"{}"));
         if request == PresenceRequest::NoEvent {
             ok(fx);
             return;
@@ -416,6 +458,18 @@ impl Session {
                     self.close_channel(state, topic, SystemMessage::TrackMessageSizeExceeded, fx);
                     return;
                 }
+                if channel.private {
+                    let pending = private::PendingWrite::Track { ref_: raw(ref_), meta: meta.clone() };
+                    match self.write_permission(topic, pending, fx) {
+                        Some(true) => {}
+                        Some(false) => {
+                            fx.frames.push(frame::encode_reply(self.format, as_ref(&join_ref), ref_, topic, "error", b"{}"));
+                            return;
+                        }
+                        None => return,
+                    }
+                }
+                let channel = &self.channels[topic];
                 let presence_key = Arc::clone(&channel.presence_key);
                 fx.shard.push((state.owner(&key), ShardMsg::Track { topic: key, subscriber, key: presence_key, meta }));
                 ok(fx);
@@ -457,6 +511,13 @@ impl Session {
             Ok(claims) => {
                 channel.token = token;
                 channel.claims = claims;
+                if channel.private {
+                    // Re-check reads with the new claims; writes are re-checked at next use.
+                    channel.write = private::WriteState::Unknown;
+                    let channel = &self.channels[topic];
+                    fx.pg.push(self.authorize(channel, replication::policy::CheckKind::Read));
+                }
+                let channel = self.channels.get_mut(topic).expect("present");
                 if !channel.pg_bindings.is_empty() {
                     // Re-subscribe with the new claims (PROTOCOL.md §6.3): a new status follows.
                     let key = ChannelKey { shard: self.shard, conn: self.conn, channel: channel.serial };
@@ -507,6 +568,11 @@ impl Session {
     /// The earliest `exp` of the session's channels, so the driver can skip idle sessions.
     pub fn next_expiry(&self) -> Option<i64> {
         self.channels.values().map(|c| c.claims.exp).min()
+    }
+
+    /// The topic of a channel by serial, whatever its state.
+    fn topic_of(&self, serial: ChannelSerial) -> Option<Box<str>> {
+        self.channels.iter().find(|(_, c)| c.serial == serial).map(|(topic, _)| topic.clone())
     }
 
     /// The topic, wire format and join_ref of a live channel (for pushes from the Postgres
@@ -569,6 +635,8 @@ fn system_message(error: AuthError) -> SystemMessage {
 pub fn join_error_delay(limits: &Limits) -> Duration {
     limits.join_error_delay
 }
+
+mod private;
 
 #[cfg(test)]
 mod tests;

@@ -74,6 +74,15 @@ pub struct Subscription {
     pub bindings: Vec<Map<String, Value>>,
 }
 
+/// Where an authorization answer goes.
+#[derive(Debug, Clone)]
+pub enum AuthzReply {
+    /// To a channel, through its shard's inbox.
+    Channel(ChannelKey),
+    /// To a waiting caller (REST).
+    Caller(flume::Sender<crate::policy::AuthzResult>),
+}
+
 /// From sessions to the core.
 #[derive(Debug, Clone)]
 pub enum Command {
@@ -81,6 +90,13 @@ pub enum Command {
     Subscribe(Subscription),
     /// The channel left or its connection closed.
     Unsubscribe(ChannelKey),
+    /// A private-channel policy check.
+    Authorize {
+        /// What to check.
+        request: crate::policy::AuthzRequest,
+        /// Where the answer goes.
+        reply: AuthzReply,
+    },
 }
 
 /// From the core to a shard.
@@ -99,6 +115,17 @@ pub enum PgOut {
     },
     /// A change for several channels (same payload).
     Change(Arc<ChangeDelivery>),
+    /// The answer to a channel's policy check.
+    Authorized {
+        /// Connection.
+        conn: ConnId,
+        /// Join.
+        channel: ChannelSerial,
+        /// Read or write.
+        kind: crate::policy::CheckKind,
+        /// The answer.
+        result: crate::policy::AuthzResult,
+    },
     /// A broadcast from the database (`realtime.send`, PROTOCOL.md §3.4), sent to the shard
     /// that owns its topic, which fans it out like any broadcast.
     Publish {
@@ -279,10 +306,12 @@ async fn run(
         stats,
     }));
     // Commands: each subscription is validated in its own task (metadata queries), so a join
-    // storm never stalls change delivery.
+    // storm never stalls change delivery. Policy checks run on their own connection, cached and
+    // single-flight.
     {
         let core = Rc::clone(&core);
         let meta = Rc::clone(&meta);
+        let authz = Rc::new(Authz { db: Db::new(&url, Arc::new(std::sync::atomic::AtomicBool::new(true))), cache: RefCell::new(AHashMap::new()), inflight: RefCell::new(AHashMap::new()) });
         tokio::task::spawn_local(async move {
             while let Ok(command) = commands.recv_async().await {
                 match command {
@@ -291,6 +320,7 @@ async fn run(
                         tokio::task::spawn_local(subscribe(Rc::clone(&core), Rc::clone(&meta), subscription, generation));
                     }
                     Command::Unsubscribe(key) => core.borrow_mut().remove(key),
+                    Command::Authorize { request, reply } => authorize(&core, &authz, request, reply),
                 }
             }
         });
@@ -360,6 +390,57 @@ async fn run(
             process(&core, &rls, batch).await;
         }
     }
+}
+
+/// Policy checks: cache (bounded, TTL) and in-flight requests.
+struct Authz {
+    db: Db,
+    cache: RefCell<AHashMap<crate::policy::AuthzRequest, (std::time::Instant, crate::policy::AuthzResult)>>,
+    inflight: RefCell<AHashMap<crate::policy::AuthzRequest, Vec<AuthzReply>>>,
+}
+
+fn send_authz(core: &Core, request: &crate::policy::AuthzRequest, reply: AuthzReply, result: crate::policy::AuthzResult) {
+    match reply {
+        AuthzReply::Channel(key) => core.send(key.shard, PgOut::Authorized { conn: key.conn, channel: key.channel, kind: request.kind, result }),
+        AuthzReply::Caller(sender) => {
+            let _ = sender.try_send(result);
+        }
+    }
+}
+
+fn authorize(core: &Rc<RefCell<Core>>, authz: &Rc<Authz>, request: crate::policy::AuthzRequest, reply: AuthzReply) {
+    let cached = authz.cache.borrow().get(&request).filter(|(at, r)| at.elapsed() < crate::policy::CACHE_TTL && r.error.is_none()).map(|(_, r)| r.clone());
+    if let Some(result) = cached {
+        send_authz(&core.borrow(), &request, reply, result);
+        return;
+    }
+    let mut inflight = authz.inflight.borrow_mut();
+    if let Some(waiters) = inflight.get_mut(&request) {
+        waiters.push(reply);
+        return;
+    }
+    inflight.insert(request.clone(), vec![reply]);
+    drop(inflight);
+    let (core, authz) = (Rc::clone(core), Rc::clone(authz));
+    tokio::task::spawn_local(async move {
+        let client = authz.db.get().await;
+        let result = crate::policy::check(&client, &request).await;
+        if let Some(error) = &result.error {
+            tracing::warn!(role = %request.role, topic = %request.topic, %error, "policy check failed (counts as a denial)");
+        }
+        {
+            let mut cache = authz.cache.borrow_mut();
+            if cache.len() >= crate::policy::CACHE_ENTRIES_MAX {
+                cache.clear();
+            }
+            cache.insert(request.clone(), (std::time::Instant::now(), result.clone()));
+        }
+        let waiters = authz.inflight.borrow_mut().remove(&request).unwrap_or_default();
+        let core = core.borrow();
+        for reply in waiters {
+            send_authz(&core, &request, reply, result.clone());
+        }
+    });
 }
 
 async fn handle_event(core: &Rc<RefCell<Core>>, meta: &Db, event: WalEvent) {

@@ -49,6 +49,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 3, name: "functions", sql: include_str!("../sql/0003_functions.sql") },
     Migration { version: 4, name: "auth", sql: include_str!("../sql/0004_auth.sql") },
     Migration { version: 5, name: "messages_publication", sql: include_str!("../sql/0005_messages_publication.sql") },
+    Migration { version: 6, name: "policy_checks", sql: include_str!("../sql/0006_policy_checks.sql") },
 ];
 
 /// Run first, inside the install transaction: serializes concurrent installers and creates the

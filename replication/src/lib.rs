@@ -18,3 +18,4 @@ pub mod start;
 pub mod reader;
 pub mod sql;
 pub mod changes;
+pub mod policy;

@@ -85,7 +85,7 @@ impl Sim {
                 let serial = ChannelSerial(self.next_serial);
                 self.next_serial += 1;
                 self.joined.insert((conn, topic), serial);
-                let sub = LocalSub { conn: ConnId(conn.into()), channel: serial, format: Format::V2, prefixed: true, receive_own: true };
+                let sub = LocalSub { conn: ConnId(conn.into()), channel: serial, format: Format::V2, prefixed: true, receive_own: true, receive_broadcasts: true, receive_presence: true };
                 let at = home(conn, n);
                 let out = self.shards[at].local_join(topic_key(topic), sub, false);
                 self.send(at, vec![out]);
@@ -312,7 +312,7 @@ mod presence {
                     self.next_serial += 1;
                     self.joined.insert(conn, serial);
                     self.views.insert((conn, serial), (false, BTreeMap::new()));
-                    let sub = LocalSub { conn: ConnId(conn.into()), channel: serial, format: Format::V2, prefixed: true, receive_own: false };
+                    let sub = LocalSub { conn: ConnId(conn.into()), channel: serial, format: Format::V2, prefixed: true, receive_own: false, receive_broadcasts: true, receive_presence: true };
                     let at = home(conn, n);
                     let out = self.shards[at].local_join(topic(), sub, true);
                     self.send(at, vec![out]);

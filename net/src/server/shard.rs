@@ -131,6 +131,25 @@ impl Shard {
                         }
                     }
                 }
+                PgOut::Authorized { conn, channel, kind, result } => {
+                    let conn = self.conns.borrow().get(&conn).cloned();
+                    if let Some(conn) = conn {
+                        let now_ms = super::conn::unix_now_ms();
+                        let ctx = crate::session::Context {
+                            limits: &self.config.limits,
+                            keys: &self.config.keys,
+                            database: self.config.database,
+                            now_secs: now_ms / 1000,
+                            now_ms,
+                        };
+                        let mut fx = Effects::default();
+                        {
+                            let mut state = self.state.borrow_mut();
+                            conn.session.borrow_mut().on_authorized(&mut state, ctx, channel, kind, result, &mut fx);
+                        }
+                        self.apply(&conn, fx);
+                    }
+                }
                 PgOut::Publish { topic, message } => {
                     let owner = topic.owner(self.config.shards);
                     self.route(vec![(owner, engine::ShardMsg::Publish { topic, message })]);

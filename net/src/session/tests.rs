@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::fanout;
+use replication::changes::Command as PgCommand;
 use serde_json::{json, Value};
 
 const SECRET: &[u8] = b"secret";
@@ -23,6 +24,10 @@ struct Harness {
     keys: KeyStore,
     /// Milliseconds added to the fixed clock (presence rate windows).
     clock_ms: i64,
+    /// Whether a database is configured.
+    database: bool,
+    /// Commands sent to the Postgres core.
+    pg: Vec<PgCommand>,
 }
 
 impl Harness {
@@ -36,6 +41,8 @@ impl Harness {
             limits: Limits::default(),
             keys: KeyStore::new(SECRET.to_vec()),
             clock_ms: 0,
+            database: false,
+            pg: Vec::new(),
         }
     }
 
@@ -54,7 +61,7 @@ impl Harness {
 
     fn text(&mut self, conn: usize, frame: &str) {
         let (limits, keys) = self.ctx();
-        let ctx = Context { limits: &limits, keys: &keys, database: false, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms };
+        let ctx = Context { limits: &limits, keys: &keys, database: self.database, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms };
         let mut fx = Effects::default();
         self.sessions[conn].on_text(&mut self.state, ctx, frame.as_bytes(), &mut fx);
         self.apply(conn, fx);
@@ -62,13 +69,14 @@ impl Harness {
 
     fn binary(&mut self, conn: usize, bytes: &[u8]) {
         let (limits, keys) = self.ctx();
-        let ctx = Context { limits: &limits, keys: &keys, database: false, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms };
+        let ctx = Context { limits: &limits, keys: &keys, database: self.database, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms };
         let mut fx = Effects::default();
         self.sessions[conn].on_binary(&mut self.state, ctx, bytes, &mut fx);
         self.apply(conn, fx);
     }
 
     fn apply(&mut self, conn: usize, fx: Effects) {
+        self.pg.extend(fx.pg);
         self.written[conn].extend(fx.frames);
         self.delayed[conn].extend(fx.delayed);
         if fx.close.is_some() {
@@ -469,4 +477,87 @@ fn channel_tokens_expire_while_connected() {
         ]
     );
     assert_eq!(h.sessions[a].channel_count(), 1, "the other channel and the socket stay");
+}
+
+/// Answers the pending policy check of `conn` (the core's role in these tests).
+fn answer(h: &mut Harness, conn: usize, broadcast: bool, presence: bool) -> replication::policy::CheckKind {
+    let index = h.pg.iter().position(|c| matches!(c, PgCommand::Authorize { reply: replication::changes::AuthzReply::Channel(k), .. } if k.conn.0 as usize == conn)).expect("a check was requested");
+    let PgCommand::Authorize { request, reply: replication::changes::AuthzReply::Channel(key) } = h.pg.remove(index) else { unreachable!() };
+    let (limits, keys) = h.ctx();
+    let ctx = Context { limits: &limits, keys: &keys, database: true, now_secs: NOW, now_ms: NOW * 1000 };
+    let mut fx = Effects::default();
+    let result = replication::policy::AuthzResult { broadcast, presence, error: None };
+    h.sessions[conn].on_authorized(&mut h.state, ctx, key.channel, request.kind, result, &mut fx);
+    h.apply(conn, fx);
+    request.kind
+}
+
+#[test]
+fn private_join_waits_for_the_read_check() {
+    let mut h = Harness::new();
+    h.database = true;
+    let a = h.connect(Format::V2);
+    h.text(a, &v2_join("realtime:secret", json!({"private": true})));
+    assert!(h.take(a).is_empty(), "no reply before the check");
+    assert_eq!(answer(&mut h, a, false, false), replication::policy::CheckKind::Read);
+    assert_eq!(
+        h.take_delayed(a)[0][4]["response"]["reason"],
+        json!("Unauthorized: You do not have permissions to read from this Channel topic: secret")
+    );
+    assert_eq!(h.sessions[a].channel_count(), 0);
+    h.text(a, &v2_join("realtime:secret", json!({"private": true})));
+    answer(&mut h, a, true, false);
+    assert_eq!(h.take(a)[0][4], json!({"status": "ok", "response": {"postgres_changes": []}}));
+}
+
+#[test]
+fn private_writes_are_checked_once_and_denied_silently() {
+    let mut h = Harness::new();
+    h.database = true;
+    let a = h.connect(Format::V2);
+    let b = h.connect(Format::V2);
+    let public = h.connect(Format::V2);
+    for conn in [a, b] {
+        h.text(conn, &v2_join("realtime:room", json!({"private": true, "broadcast": {"ack": true}})));
+        answer(&mut h, conn, true, true);
+        h.take(conn);
+    }
+    h.text(public, &v2_join("realtime:room", json!({})));
+    h.take(public);
+    // First send: queued behind a write check; granted → delivered and acked.
+    h.text(a, r#"["1","2","realtime:room","broadcast",{"type":"broadcast","event":"e","payload":1}]"#);
+    h.text(a, r#"["1","3","realtime:room","broadcast",{"type":"broadcast","event":"e","payload":2}]"#);
+    assert!(h.take(b).is_empty());
+    assert_eq!(answer(&mut h, a, true, false), replication::policy::CheckKind::Write);
+    assert_eq!(h.take(a).len(), 2, "two acks");
+    assert_eq!(h.take(b).len(), 2);
+    assert!(h.take(public).is_empty(), "private and public channels of one name never meet");
+    // Later sends need no new check.
+    h.text(a, r#"["1","4","realtime:room","broadcast",{"type":"broadcast","event":"e","payload":3}]"#);
+    assert!(h.pg.is_empty());
+    assert_eq!(h.take(b).len(), 1);
+    assert_eq!(h.take(a).len(), 1, "its ack");
+    // b may not write: dropped, no reply even with ack.
+    h.text(b, r#"["1","5","realtime:room","broadcast",{"type":"broadcast","event":"e","payload":4}]"#);
+    answer(&mut h, b, false, false);
+    assert!(h.take(b).is_empty());
+    assert!(h.take(a).is_empty());
+    // Track needs presence write: denied → error reply.
+    h.text(b, r#"["1","6","realtime:room","presence",{"event":"track","payload":{}}]"#);
+    assert_eq!(h.take(b)[0][4], json!({"status": "error", "response": {}}));
+}
+
+#[test]
+fn refresh_rechecks_reads() {
+    let mut h = Harness::new();
+    h.database = true;
+    let a = h.connect(Format::V2);
+    h.text(a, &v2_join("realtime:room", json!({"private": true})));
+    answer(&mut h, a, true, false);
+    h.take(a);
+    h.text(a, &json!(["1", "9", "realtime:room", "access_token", {"access_token": token("authenticated", 600)}]).to_string());
+    answer(&mut h, a, false, false);
+    let frames = h.take(a);
+    assert_eq!(frames[0][4]["message"], json!("You do not have permissions to read from this Channel topic: room"));
+    assert_eq!(frames[1][3], json!("phx_close"));
 }
