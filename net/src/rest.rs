@@ -28,10 +28,32 @@ pub struct Outgoing {
 /// The outcome of a REST call.
 #[derive(Debug)]
 pub struct RestResult {
-    /// The HTTP response.
+    /// The HTTP response (replaced by [`private_response`] for a single private message).
     pub response: Bytes,
     /// Broadcasts to publish.
     pub outgoing: Vec<Outgoing>,
+    /// Private messages that need the caller's write permission per topic first.
+    pub private_checks: Option<PrivateChecks>,
+}
+
+/// Private messages waiting for `INSERT` policy checks (one per topic).
+#[derive(Debug)]
+pub struct PrivateChecks {
+    /// The caller's claims.
+    pub claims: Claims,
+    /// The messages.
+    pub messages: Vec<Outgoing>,
+    /// From the single-message endpoint (a denial is a 403, not a silent drop).
+    pub single: bool,
+}
+
+/// The single endpoint's answer once its write check is known (PROTOCOL.md §8.3).
+pub fn private_response(granted: bool, error: Option<&str>) -> Bytes {
+    match (granted, error) {
+        (_, Some(_)) => message(422, "RLS policy error"),
+        (true, None) => response(202, b""),
+        (false, None) => message(403, "Unauthorized"),
+    }
 }
 
 /// The REST routes.
@@ -91,24 +113,33 @@ fn is_uuid(text: &str) -> bool {
     uuid::Uuid::parse_str(text).is_ok()
 }
 
-/// Handles a REST broadcast call.
-pub fn handle(route: &RestRoute, head: &Head, body: &[u8], keys: &KeyStore, payload_bytes_max: usize, now: i64) -> RestResult {
-    let refuse = |response| RestResult { response, outgoing: Vec::new() };
+/// Handles a REST broadcast call. With a `database`, private messages of callers subject to
+/// RLS are returned in `private_checks`; without one they cannot be checked and are refused.
+pub fn handle(route: &RestRoute, head: &Head, body: &[u8], keys: &KeyStore, payload_bytes_max: usize, database: bool, now: i64) -> RestResult {
+    let refuse = |response| RestResult { response, outgoing: Vec::new(), private_checks: None };
     let Some(claims) = authorize(head, keys, now) else {
         return refuse(message(401, "Unauthorized"));
     };
     let bypasses_rls = claims.role == "service_role";
-    match route {
-        RestRoute::Batch => batch(body, bypasses_rls, payload_bytes_max),
+    let mut result = match route {
+        RestRoute::Batch => batch(body, bypasses_rls, database, payload_bytes_max),
         RestRoute::Single { topic, event } => {
             let private = head.query_param("private") == Some("true");
-            single(topic, event, head.header("content-type"), body, private, bypasses_rls, payload_bytes_max)
+            single(topic, event, head.header("content-type"), body, private, bypasses_rls, database, payload_bytes_max)
         }
+    };
+    if let Some(checks) = &mut result.private_checks {
+        checks.claims = claims;
     }
+    result
 }
 
-fn batch(body: &[u8], bypasses_rls: bool, payload_bytes_max: usize) -> RestResult {
-    let invalid = |errors: Value| RestResult { response: response(422, json!({ "errors": errors }).to_string().as_bytes()), outgoing: Vec::new() };
+fn placeholder_claims() -> Claims {
+    Claims { role: String::new(), exp: 0, sub: None, all: Map::new() }
+}
+
+fn batch(body: &[u8], bypasses_rls: bool, database: bool, payload_bytes_max: usize) -> RestResult {
+    let invalid = |errors: Value| RestResult { response: response(422, json!({ "errors": errors }).to_string().as_bytes()), outgoing: Vec::new(), private_checks: None };
     let parsed: Value = match serde_json::from_slice(body) {
         Ok(value) => value,
         Err(_) => return invalid(json!({"messages": ["can't be blank"]})),
@@ -129,9 +160,10 @@ fn batch(body: &[u8], bypasses_rls: bool, payload_bytes_max: usize) -> RestResul
         return invalid(json!({ "messages": errors }));
     }
     let mut outgoing = Vec::with_capacity(messages.len());
+    let mut pending = Vec::new();
     for message in messages {
         let private = message.get("private").and_then(Value::as_bool).unwrap_or(false);
-        if private && !bypasses_rls {
+        if private && !bypasses_rls && !database {
             continue; // no write policy can be checked without the database: dropped (§8.2)
         }
         let topic = message["topic"].as_str().expect("validated");
@@ -140,12 +172,15 @@ fn batch(body: &[u8], bypasses_rls: bool, payload_bytes_max: usize) -> RestResul
             payload["meta"] = json!({ "id": id });
         }
         let payload = Bytes::from(serde_json::to_vec(&payload).expect("JSON value serialises"));
-        outgoing.push(Outgoing {
-            topic: TopicKey::new_sub(topic, private),
-            message: Arc::new(Broadcast { origin: None, body: BroadcastBody::Json { payload } }),
-        });
+        let item = Outgoing { topic: TopicKey::new_sub(topic, private), message: Arc::new(Broadcast { origin: None, body: BroadcastBody::Json { payload } }) };
+        if private && !bypasses_rls {
+            pending.push(item);
+        } else {
+            outgoing.push(item);
+        }
     }
-    RestResult { response: response(202, b""), outgoing }
+    let private_checks = (!pending.is_empty()).then(|| PrivateChecks { claims: placeholder_claims(), messages: pending, single: false });
+    RestResult { response: response(202, b""), outgoing, private_checks }
 }
 
 /// Per-message errors of §8.2 (`{}` when valid).
@@ -195,8 +230,9 @@ fn validate(message: &Value, payload_bytes_max: usize) -> Map<String, Value> {
     errors
 }
 
-fn single(topic: &str, event: &str, content_type: Option<&str>, body: &[u8], private: bool, bypasses_rls: bool, payload_bytes_max: usize) -> RestResult {
-    let refuse = |response| RestResult { response, outgoing: Vec::new() };
+#[allow(clippy::too_many_arguments)]
+fn single(topic: &str, event: &str, content_type: Option<&str>, body: &[u8], private: bool, bypasses_rls: bool, database: bool, payload_bytes_max: usize) -> RestResult {
+    let refuse = |response| RestResult { response, outgoing: Vec::new(), private_checks: None };
     let media = content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
     let (encoding, payload) = match media.as_deref() {
         None | Some("") | Some("application/json") => {
@@ -221,12 +257,17 @@ fn single(topic: &str, event: &str, content_type: Option<&str>, body: &[u8], pri
     if payload.len() > payload_bytes_max {
         return refuse(response(422, br#"{"errors":{"payload":["Payload size exceeds tenant limit"]}}"#));
     }
-    if private && !bypasses_rls {
+    if private && !bypasses_rls && !database {
         return refuse(message(422, "Tenant database unavailable"));
     }
     let event = Bytes::copy_from_slice(event.as_bytes());
     let message = Broadcast { origin: None, body: BroadcastBody::User { event, encoding, payload, metadata: Bytes::new() } };
-    RestResult { response: response(202, b""), outgoing: vec![Outgoing { topic: TopicKey::new_sub(topic, private), message: Arc::new(message) }] }
+    let item = Outgoing { topic: TopicKey::new_sub(topic, private), message: Arc::new(message) };
+    if private && !bypasses_rls {
+        let checks = PrivateChecks { claims: placeholder_claims(), messages: vec![item], single: true };
+        return RestResult { response: response(202, b""), outgoing: Vec::new(), private_checks: Some(checks) };
+    }
+    RestResult { response: response(202, b""), outgoing: vec![item], private_checks: None }
 }
 
 #[cfg(test)]
@@ -258,7 +299,7 @@ mod tests {
     }
 
     fn call(route: RestRoute, headers: &[(&str, &str)], body: &str) -> RestResult {
-        handle(&route, &head(headers, None), body.as_bytes(), &KeyStore::new(SECRET.to_vec()), 1000, NOW)
+        handle(&route, &head(headers, None), body.as_bytes(), &KeyStore::new(SECRET.to_vec()), 1000, false, NOW)
     }
 
     #[test]

@@ -596,6 +596,13 @@ async fn subscribe(core: Rc<RefCell<Core>>, meta: Rc<Db>, subscription: Subscrip
             return;
         }
     };
+    // All or nothing (PROTOCOL.md §5.1): a binding that fails for any reason other than an
+    // unpublished table fails the whole channel, with exactly that one message (§5.4).
+    if let Some(BindingResult::Failed(message)) = results.iter().find(|r| matches!(r, BindingResult::Failed(_))) {
+        let message = message.clone();
+        core.system(key, "error", message);
+        return;
+    }
     state.role = Arc::from(role.as_str());
     state.claims = Arc::from(subscription.claims_json.as_str());
     state.bypasses_rls = bypasses_rls;

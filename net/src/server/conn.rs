@@ -103,14 +103,56 @@ async fn rest_call(shard: &Rc<Shard>, stream: &mut TcpStream, head: &http::Head,
         }
     }
     body.truncate(length);
-    let result = rest::handle(route, head, &body, &shard.config.keys, shard.config.limits.payload_bytes_max, unix_now());
-    let messages = result
-        .outgoing
+    let result = rest::handle(route, head, &body, &shard.config.keys, shard.config.limits.payload_bytes_max, shard.config.database, unix_now());
+    let mut response = result.response;
+    let mut outgoing = result.outgoing;
+    if let (Some(checks), Some(link)) = (result.private_checks, &shard.config.postgres) {
+        // One INSERT-policy check per distinct topic (PROTOCOL.md §8.2); granted topics are sent,
+        // the others dropped (batch) or answered 403 (single).
+        let mut verdicts: Vec<(String, replication::policy::AuthzResult)> = Vec::new();
+        for item in &checks.messages {
+            if verdicts.iter().any(|(topic, _)| **topic == *item.topic.sub) {
+                continue;
+            }
+            let verdict = write_check(link, &checks.claims, &item.topic.sub).await;
+            verdicts.push((item.topic.sub.to_string(), verdict));
+        }
+        for item in checks.messages {
+            let (_, verdict) = verdicts.iter().find(|(topic, _)| **topic == *item.topic.sub).expect("checked above");
+            if checks.single {
+                response = rest::private_response(verdict.broadcast, verdict.error.as_deref());
+            }
+            if verdict.broadcast && verdict.error.is_none() {
+                outgoing.push(item);
+            }
+        }
+    }
+    let messages = outgoing
         .into_iter()
         .map(|o| (o.topic.owner(shard.config.shards), engine::ShardMsg::Publish { topic: o.topic, message: o.message }))
         .collect();
     shard.route(messages);
-    result.response
+    response
+}
+
+/// Asks the Postgres core whether `claims` may write broadcasts to `topic` (bounded wait).
+async fn write_check(link: &super::PgLink, claims: &auth::Claims, topic: &str) -> replication::policy::AuthzResult {
+    let (reply, answer) = flume::bounded(1);
+    let request = replication::policy::AuthzRequest {
+        role: claims.role.clone(),
+        claims_json: serde_json::to_string(&claims.all).expect("claims serialise"),
+        sub: claims.sub.clone(),
+        topic: topic.to_string(),
+        kind: replication::policy::CheckKind::Write,
+    };
+    let failed = |message: &str| replication::policy::AuthzResult { broadcast: false, presence: false, error: Some(message.to_string()) };
+    if link.commands.try_send(replication::changes::Command::Authorize { request, reply: replication::changes::AuthzReply::Caller(reply) }).is_err() {
+        return failed("authorization queue full");
+    }
+    match glommio::timer::timeout(Duration::from_secs(10), async { Ok(answer.recv_async().await) }).await {
+        Ok(Ok(result)) => result,
+        _ => failed("authorization timed out"),
+    }
 }
 
 fn upgrade_error(error: AuthError) -> UpgradeError {
