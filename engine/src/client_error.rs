@@ -114,6 +114,8 @@ pub enum JoinError {
     },
     /// Replay could not run.
     ReplayFailed,
+    /// Replay parameters are malformed.
+    ReplayInvalid,
     /// The join payload is not an object, or anything unexpected.
     Unknown,
 }
@@ -151,6 +153,7 @@ impl JoinError {
             }
             JoinError::Unauthorized { sub_topic } => format!("Unauthorized: {}", no_read_permission(sub_topic)).into(),
             JoinError::ReplayFailed => "UnableToReplayMessages: Realtime was unable to replay messages".into(),
+            JoinError::ReplayInvalid => "UnableToReplayMessages: Replay params are not valid".into(),
             JoinError::Unknown => "Unknown Error on Channel".into(),
         }
     }
@@ -383,6 +386,7 @@ mod tests {
             (JoinError::ReplayPublic, "UnableToReplayMessages: Replay is not allowed for public channels"),
             (JoinError::Unauthorized { sub_topic: "room-1".into() }, "Unauthorized: You do not have permissions to read from this Channel topic: room-1"),
             (JoinError::ReplayFailed, "UnableToReplayMessages: Realtime was unable to replay messages"),
+            (JoinError::ReplayInvalid, "UnableToReplayMessages: Replay params are not valid"),
             (JoinError::Unknown, "Unknown Error on Channel"),
         ];
         for (error, text) in join {

@@ -28,6 +28,11 @@ use crate::presence::{self, PresenceRequest};
 /// The topic heartbeats go to.
 const PHOENIX_TOPIC: &str = "phoenix";
 
+/// Most messages one replay returns (PROTOCOL.md §3.6).
+const REPLAY_LIMIT_MAX: i64 = 25;
+/// The largest `since` that is a valid timestamp (year 9999), in ms.
+const REPLAY_SINCE_MAX_MS: i64 = 253_402_300_799_999;
+
 /// Upstream's allowance over the payload limit (PROTOCOL.md §3.5, MAY keep): the limit is
 /// compared with the whole Phoenix payload, envelope keys included.
 const PAYLOAD_ALLOWANCE_BYTES: usize = 500;
@@ -101,6 +106,9 @@ struct Channel {
     presence_read: bool,
     /// Write permissions of a private channel, checked at the first send/track.
     write: private::WriteState,
+    /// Replay request (since ms, limit 1..=25), and the replayed frames waiting for the ok reply.
+    replay: Option<(i64, i64)>,
+    replay_frames: Vec<Bytes>,
     /// Postgres Changes bindings as sent (subscribed after the ok reply), and the ok reply's
     /// `response` JSON echoing them with their ids.
     pg_bindings: Vec<serde_json::Map<String, serde_json::Value>>,
@@ -308,6 +316,8 @@ impl Session {
                         broadcast_read: !request.private,
                         presence_read: !request.private,
                         write: private::WriteState::Unknown,
+                        replay: request.replay.as_ref().and_then(|r| Some((r.since?, r.limit.unwrap_or(REPLAY_LIMIT_MAX).clamp(1, REPLAY_LIMIT_MAX)))),
+                        replay_frames: Vec::new(),
                         broadcast_ack: request.broadcast_ack,
                         presence_enabled: request.presence_enabled,
                         presence_key,
@@ -374,9 +384,11 @@ impl Session {
         if needs_database && !ctx.database {
             return Err(JoinError::UnableToConnectToProject);
         }
-        if request.replay.is_some() {
-            // Replay is not implemented yet: refused explicitly (README).
-            return Err(JoinError::ReplayFailed);
+        if let Some(replay) = &request.replay {
+            let since_ok = replay.since.is_some_and(|since| (0..=REPLAY_SINCE_MAX_MS).contains(&since));
+            if !replay.valid || !since_ok {
+                return Err(JoinError::ReplayInvalid);
+            }
         }
         Ok((request, token, claims))
     }
@@ -402,6 +414,8 @@ impl Session {
             let payload = presence::render_state(&snapshot);
             fx.frames.push(frame::encode_push(self.format, as_ref(&channel.join_ref), topic, "presence_state", &payload));
         }
+        // Replayed messages follow the reply (PROTOCOL.md §2.7).
+        fx.frames.append(&mut channel.replay_frames);
     }
 
     /// A UUID v1 string for a channel that joined without a presence key (PROTOCOL.md §2.2).

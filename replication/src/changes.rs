@@ -90,6 +90,17 @@ pub enum Command {
     Subscribe(Subscription),
     /// The channel left or its connection closed.
     Unsubscribe(ChannelKey),
+    /// Stored broadcasts for a private channel's replay (PROTOCOL.md §3.6).
+    Replay {
+        /// The channel.
+        key: ChannelKey,
+        /// Sub-topic.
+        topic: String,
+        /// Unix ms.
+        since_ms: i64,
+        /// 1..=25.
+        limit: i64,
+    },
     /// A private-channel policy check.
     Authorize {
         /// What to check.
@@ -126,6 +137,15 @@ pub enum PgOut {
         /// The answer.
         result: crate::policy::AuthzResult,
     },
+    /// The stored messages a channel asked to replay, oldest first, or why they could not be read.
+    Replayed {
+        /// Connection.
+        conn: ConnId,
+        /// Join.
+        channel: ChannelSerial,
+        /// The messages.
+        result: Result<Vec<ReplayedMessage>, String>,
+    },
     /// A broadcast from the database (`realtime.send`, PROTOCOL.md §3.4), sent to the shard
     /// that owns its topic, which fans it out like any broadcast.
     Publish {
@@ -134,6 +154,19 @@ pub enum PgOut {
         /// The message (a user broadcast with metadata `{"id": …}`).
         message: Arc<engine::Broadcast>,
     },
+}
+
+/// A stored broadcast for replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayedMessage {
+    /// Row id.
+    pub id: String,
+    /// Event.
+    pub event: String,
+    /// JSON payload text, or
+    pub payload: Option<String>,
+    /// the binary payload.
+    pub binary: Option<Vec<u8>>,
 }
 
 /// One payload and the channels that get it.
@@ -321,6 +354,14 @@ async fn run(
                     }
                     Command::Unsubscribe(key) => core.borrow_mut().remove(key),
                     Command::Authorize { request, reply } => authorize(&core, &authz, request, reply),
+                    Command::Replay { key, topic, since_ms, limit } => {
+                        let (core, meta) = (Rc::clone(&core), Rc::clone(&meta));
+                        tokio::task::spawn_local(async move {
+                            let client = meta.get().await;
+                            let result = replay(&client, &topic, since_ms, limit).await.map_err(|e| sql::error_text(&e));
+                            core.borrow().send(key.shard, PgOut::Replayed { conn: key.conn, channel: key.channel, result });
+                        });
+                    }
                 }
             }
         });
@@ -390,6 +431,30 @@ async fn run(
             process(&core, &rls, batch).await;
         }
     }
+}
+
+/// The newest `limit` private broadcasts of `topic` since `since_ms`, oldest first (§3.6).
+async fn replay(client: &Client, topic: &str, since_ms: i64, limit: i64) -> Result<Vec<ReplayedMessage>, sql::SqlError> {
+    let rows = client
+        .query(
+            "SELECT id::text, event, payload::text, binary_payload FROM ( \
+               SELECT id, event, payload, binary_payload, inserted_at FROM realtime.messages \
+               WHERE topic = $1 AND private IS TRUE AND extension = 'broadcast' \
+                 AND inserted_at >= (to_timestamp($2::float8 / 1000) AT TIME ZONE 'utc') \
+                 AND inserted_at < (now() AT TIME ZONE 'utc') + interval '1 minute' \
+               ORDER BY inserted_at DESC LIMIT $3) newest ORDER BY inserted_at ASC",
+            &[&topic, &(since_ms as f64), &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            let id: Option<String> = row.get(0);
+            let event: Option<String> = row.get(1);
+            Some(ReplayedMessage { id: id?, event: event?, payload: row.get(2), binary: row.get(3) })
+        })
+        .filter(|m| m.payload.is_some() || m.binary.is_some())
+        .collect())
 }
 
 /// Policy checks: cache (bounded, TTL) and in-flight requests.

@@ -150,6 +150,17 @@ impl Shard {
                         self.apply(&conn, fx);
                     }
                 }
+                PgOut::Replayed { conn, channel, result } => {
+                    let conn = self.conns.borrow().get(&conn).cloned();
+                    if let Some(conn) = conn {
+                        let mut fx = Effects::default();
+                        {
+                            let mut state = self.state.borrow_mut();
+                            conn.session.borrow_mut().on_replayed(&mut state, channel, result, &mut fx);
+                        }
+                        self.apply(&conn, fx);
+                    }
+                }
                 PgOut::Publish { topic, message } => {
                     let owner = topic.owner(self.config.shards);
                     self.route(vec![(owner, engine::ShardMsg::Publish { topic, message })]);

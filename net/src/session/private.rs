@@ -10,7 +10,7 @@ use bytes::Bytes;
 use engine::client_error::{JoinError, SystemMessage};
 use engine::topic::sub_topic;
 use engine::{BroadcastBody, ChannelSerial, ShardMsg, ShardState, Subscriber};
-use replication::changes::{AuthzReply, ChannelKey, Command as PgCommand};
+use replication::changes::{AuthzReply, ChannelKey, Command as PgCommand, ReplayedMessage};
 use replication::policy::{AuthzRequest, AuthzResult, CheckKind};
 
 use super::{as_ref, Channel, ChannelState, Context, Effects, Session};
@@ -106,6 +106,19 @@ impl Session {
             }
             channel.broadcast_read = result.broadcast;
             channel.presence_read = result.presence;
+            if let Some((since_ms, limit)) = channel.replay {
+                if !result.broadcast {
+                    let reason = JoinError::Unauthorized { sub_topic: sub }.reason();
+                    let reply = frame::encode_error_reason(self.format, as_ref(&channel.join_ref), as_ref(&channel.join_reply_ref), topic, &reason);
+                    fx.delayed.push(reply);
+                    self.channels.remove(topic);
+                    return;
+                }
+                // Read the stored messages first; the join continues in `on_replayed`.
+                let key = ChannelKey { shard: self.shard, conn: self.conn, channel: channel.serial };
+                fx.pg.push(PgCommand::Replay { key, topic: sub, since_ms, limit });
+                return;
+            }
             channel.state = ChannelState::Joining;
             fx.shard.push(self.subscribe_local(state, topic));
             return;
@@ -123,6 +136,60 @@ impl Session {
         if let Some(message) = message {
             self.close_channel(state, topic, message, fx);
         }
+    }
+
+    /// The stored messages of a replay: kept until the join reply, then pushed oldest first.
+    pub fn on_replayed(&mut self, state: &mut ShardState, serial: ChannelSerial, result: Result<Vec<ReplayedMessage>, String>, fx: &mut Effects) {
+        let Some(topic) = self.topic_of(serial) else { return };
+        let format = self.format;
+        let channel = self.channels.get_mut(&*topic).expect("found by serial");
+        if channel.state != ChannelState::Authorizing {
+            return;
+        }
+        let messages = match result {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!(%error, "replay query failed");
+                let reason = JoinError::ReplayFailed.reason();
+                let reply = frame::encode_error_reason(format, as_ref(&channel.join_ref), as_ref(&channel.join_reply_ref), &topic, &reason);
+                fx.delayed.push(reply);
+                self.channels.remove(&*topic);
+                return;
+            }
+        };
+        for message in messages {
+            let mut meta = b"{\"replayed\":true,\"id\":".to_vec();
+            frame::write_json_str(&mut meta, &message.id);
+            meta.push(b'}');
+            match (message.payload, message.binary) {
+                (_, Some(binary)) => {
+                    // Binary rows go to V2 sockets as kind-4 frames; V1 cannot carry them.
+                    let body = BroadcastBody::User {
+                        event: Bytes::from(message.event.into_bytes()),
+                        encoding: engine::broadcast::PayloadEncoding::Binary,
+                        payload: Bytes::from(binary),
+                        metadata: Bytes::from(meta),
+                    };
+                    let broadcast = engine::Broadcast { origin: None, body };
+                    if let Some(frame) = frame::encode_broadcast(format, &topic, &broadcast) {
+                        channel.replay_frames.push(frame);
+                    }
+                }
+                (Some(payload), None) => {
+                    let mut push = b"{\"type\":\"broadcast\",\"event\":".to_vec();
+                    frame::write_json_str(&mut push, &message.event);
+                    push.extend_from_slice(b",\"payload\":");
+                    push.extend_from_slice(payload.as_bytes());
+                    push.extend_from_slice(b",\"meta\":");
+                    push.extend_from_slice(&meta);
+                    push.push(b'}');
+                    channel.replay_frames.push(frame::encode_push(format, as_ref(&channel.join_ref), &topic, "broadcast", &push));
+                }
+                (None, None) => {}
+            }
+        }
+        channel.state = ChannelState::Joining;
+        fx.shard.push(self.subscribe_local(state, &topic));
     }
 
     fn on_write_check(&mut self, state: &mut ShardState, ctx: Context<'_>, topic: &str, result: AuthzResult, fx: &mut Effects) {

@@ -561,3 +561,38 @@ fn refresh_rechecks_reads() {
     assert_eq!(frames[0][4]["message"], json!("You do not have permissions to read from this Channel topic: room"));
     assert_eq!(frames[1][3], json!("phx_close"));
 }
+
+#[test]
+fn replay_follows_the_join_reply() {
+    let mut h = Harness::new();
+    h.database = true;
+    let a = h.connect(Format::V2);
+    h.text(a, &v2_join("realtime:room", json!({"private": true, "broadcast": {"replay": {"since": 1_700_000_000_000i64, "limit": 50}}})));
+    answer(&mut h, a, true, false);
+    let index = h.pg.iter().position(|c| matches!(c, PgCommand::Replay { .. })).expect("replay requested");
+    let PgCommand::Replay { key, topic, since_ms, limit } = h.pg.remove(index) else { unreachable!() };
+    assert_eq!((topic.as_str(), since_ms, limit), ("room", 1_700_000_000_000, 25), "limit clamped to 25");
+    assert!(h.take(a).is_empty(), "nothing before the reply");
+    let messages = vec![
+        replication::changes::ReplayedMessage { id: "id-1".into(), event: "e1".into(), payload: Some(r#"{"n":1}"#.into()), binary: None },
+        replication::changes::ReplayedMessage { id: "id-2".into(), event: "e2".into(), payload: Some(r#"{"n":2}"#.into()), binary: None },
+    ];
+    let mut fx = Effects::default();
+    h.sessions[a].on_replayed(&mut h.state, key.channel, Ok(messages), &mut fx);
+    h.apply(a, fx);
+    let frames = h.take(a);
+    assert_eq!(frames[0][3], json!("phx_reply"));
+    assert_eq!(frames[1], json!(["1", null, "realtime:room", "broadcast", {"type": "broadcast", "event": "e1", "payload": {"n": 1}, "meta": {"replayed": true, "id": "id-1"}}]));
+    assert_eq!(frames[2][4]["meta"]["id"], json!("id-2"));
+}
+
+#[test]
+fn replay_parameters_are_checked() {
+    let mut h = Harness::new();
+    h.database = true;
+    let a = h.connect(Format::V2);
+    h.text(a, &v2_join("realtime:pub", json!({"broadcast": {"replay": {"since": 1}}})));
+    h.text(a, &v2_join("realtime:priv", json!({"private": true, "broadcast": {"replay": {"limit": 3}}})));
+    let reasons: Vec<_> = h.take_delayed(a).into_iter().map(|f| f[4]["response"]["reason"].clone()).collect();
+    assert_eq!(reasons, vec![json!("UnableToReplayMessages: Replay is not allowed for public channels"), json!("UnableToReplayMessages: Replay params are not valid")]);
+}
