@@ -375,7 +375,7 @@ impl ShardState {
             }
             ShardMsg::Leave { topic, subscriber } => {
                 assert_eq!(self.owner(&topic), self.id, "leave routed to a shard that does not own the topic");
-                let Some(owned) = self.owned.get_mut(&topic) else { return None };
+                let owned = self.owned.get_mut(&topic)?;
                 if owned.subscribers.remove(&subscriber) {
                     owned.per_shard[subscriber.shard.index()] -= 1;
                 }
@@ -386,7 +386,7 @@ impl ShardState {
                 assert_eq!(self.owner(&topic), self.id, "track routed to a shard that does not own the topic");
                 let replica = ReplicaId(u32::from(self.id.0));
                 // A track from a channel whose leave already arrived is stale: drop it.
-                let Some(owned) = self.owned.get_mut(&topic) else { return None };
+                let owned = self.owned.get_mut(&topic)?;
                 if !owned.subscribers.contains(&subscriber) {
                     return None;
                 }
@@ -396,7 +396,7 @@ impl ShardState {
             }
             ShardMsg::Untrack { topic, subscriber } => {
                 assert_eq!(self.owner(&topic), self.id, "untrack routed to a shard that does not own the topic");
-                let Some(owned) = self.owned.get_mut(&topic) else { return None };
+                let owned = self.owned.get_mut(&topic)?;
                 let diff = owned.presence.as_mut().map(|p| p.untrack(subscriber).1).unwrap_or_default();
                 self.presence_changed(&topic, diff, out)
             }

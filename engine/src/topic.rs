@@ -13,7 +13,7 @@ use crate::ShardId;
 pub const PREFIX: &str = "realtime:";
 
 /// Fixed seeds, so that every shard (and every restart) agrees on topic ownership.
-const SEEDS: [u64; 4] = [0x5eed_0f_70_91c, 0x0dd_ba11, 0xfeed_face, 0xc0ff_ee00];
+const SEEDS: [u64; 4] = [0x5eed_0f70_091c, 0x0dd_ba11, 0xfeed_face, 0xc0ff_ee00];
 
 /// The key a topic is stored and routed under.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -911,7 +911,7 @@ struct Interest {
     ids: SmallVec<[u32; 4]>,
     visible: Arc<Vec<bool>>,
     key_visible: bool,
-    claims_group: Option<(Arc<str>, Arc<str>)>,
+    claims_group: Option<ClaimsGroup>,
 }
 
 async fn process(core: &Rc<RefCell<Core>>, rls: &Db, batch: Vec<Arc<Txn>>) {
@@ -940,7 +940,7 @@ async fn process(core: &Rc<RefCell<Core>>, rls: &Db, batch: Vec<Arc<Txn>>) {
         return;
     }
     // 2. RLS: one query per (table, role + claims) for the whole batch.
-    let mut requests: AHashMap<(TableKey, Arc<str>, Arc<str>), Vec<(usize, Vec<String>)>> = AHashMap::new();
+    let mut requests: RlsRequests = AHashMap::new();
     {
         let core = core.borrow();
         for (m, (txn, index, interests)) in matched.iter().enumerate() {
@@ -963,8 +963,8 @@ async fn process(core: &Rc<RefCell<Core>>, rls: &Db, batch: Vec<Arc<Txn>>) {
     }
     // (matched index, role, claims) → visible / error. One round trip per table for all of
     // its claims groups.
-    let mut verdicts: AHashMap<(usize, Arc<str>, Arc<str>), Result<bool, Arc<str>>> = AHashMap::new();
-    let mut by_table: AHashMap<TableKey, Vec<((Arc<str>, Arc<str>), Vec<(usize, Vec<String>)>)>> = AHashMap::new();
+    let mut verdicts: Verdicts = AHashMap::new();
+    let mut by_table: AHashMap<TableKey, Vec<(ClaimsGroup, KeysToCheck)>> = AHashMap::new();
     for ((table_key, role, claims), rows) in requests {
         by_table.entry(table_key).or_default().push(((role, claims), rows));
     }
@@ -1046,7 +1046,7 @@ fn database_broadcast(row: &Row<'_>) -> Option<(engine::TopicKey, Arc<engine::Br
 }
 
 fn decode_hex(digits: &[u8]) -> Option<Vec<u8>> {
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return None;
     }
     let nibble = |c: u8| match c {
@@ -1101,6 +1101,16 @@ fn match_change(core: &Core, row: &Row<'_>) -> Vec<Interest> {
     by_channel.into_values().collect()
 }
 
+/// A claims group: role and claims JSON.
+type ClaimsGroup = (Arc<str>, Arc<str>);
+/// (matched change index, claims group) → visible, or the check's error.
+type Verdicts = AHashMap<(usize, Arc<str>, Arc<str>), Result<bool, Arc<str>>>;
+/// (table, claims group) → (matched change index, primary key values) to check.
+type RlsRequests = AHashMap<(TableKey, Arc<str>, Arc<str>), Vec<(usize, Vec<String>)>>;
+
+/// (matched change index, primary key values) of one claims group's checks.
+type KeysToCheck = Vec<(usize, Vec<String>)>;
+
 /// What a channel gets for a change.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Variant {
@@ -1115,7 +1125,7 @@ fn deliver_change(
     table: &TableInfo,
     m: usize,
     interests: &[Interest],
-    verdicts: &AHashMap<(usize, Arc<str>, Arc<str>), Result<bool, Arc<str>>>,
+    verdicts: &Verdicts,
 ) {
     let no_key = table.primary_key.is_empty() && row.kind != Kind::Delete;
     let mut groups: AHashMap<(SmallVec<[u32; 4]>, Variant), Vec<ChannelKey>> = AHashMap::new();

@@ -275,7 +275,7 @@ impl PgConn {
                 if !(4..=MESSAGE_BYTES_MAX).contains(&len) {
                     return Err(PgError::Protocol(format!("bad message length {len}")));
                 }
-                if self.buf.len() >= len + 1 {
+                if self.buf.len() > len {
                     let tag = self.buf[0];
                     let mut frame = self.buf.split_to(len + 1);
                     frame.advance(5);
