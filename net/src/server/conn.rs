@@ -28,8 +28,10 @@ use crate::ws::{self, OpCode, WsDecoder, WsError, WsMessage};
 
 /// Time allowed for a client to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes read per `read` call. Small on purpose: it is allocated per connection.
-const READ_CHUNK_BYTES: usize = 4096;
+/// Bytes asked for per `read` call: starts small (an idle connection holds little), doubles while
+/// reads fill it, up to the maximum; reset when the buffer drains after a burst.
+const READ_CHUNK_MIN_BYTES: usize = 512;
+const READ_CHUNK_MAX_BYTES: usize = 64 * 1024;
 /// Most bytes the writer gathers into one write.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
@@ -45,7 +47,6 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(HEAD_TIMEOUT));
     let mut buf = BytesMut::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
     let head = loop {
         match http::parse_head(&buf) {
             Ok(Some(head)) => break head,
@@ -56,9 +57,11 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 return;
             }
         }
-        match stream.read(&mut chunk).await {
+        let filled = buf.len();
+        buf.resize(filled + 1024, 0);
+        match stream.read(&mut buf[filled..]).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(n) => buf.truncate(filled + n),
         }
     };
     let _ = buf.split_to(head.len);
@@ -220,7 +223,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: http::Head, left
 /// Reads and handles messages until the connection ends; returns the close to send, if any.
 async fn read_loop(shard: &Rc<Shard>, conn: &Rc<Conn>, mut reader: ReadHalf<TcpStream>, mut buf: BytesMut) -> Option<CloseReason> {
     let mut decoder = WsDecoder::new(WS_MESSAGE_BYTES_MAX);
-    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+    let mut want = READ_CHUNK_MIN_BYTES;
     loop {
         loop {
             match decoder.decode(&mut buf) {
@@ -241,9 +244,22 @@ async fn read_loop(shard: &Rc<Shard>, conn: &Rc<Conn>, mut reader: ReadHalf<TcpS
             return None;
         }
         glommio::yield_if_needed().await;
-        match reader.read(&mut chunk).await {
+        if buf.is_empty() && buf.capacity() > 2 * READ_CHUNK_MAX_BYTES {
+            buf = BytesMut::new();
+            want = READ_CHUNK_MIN_BYTES;
+        }
+        // Read straight into the connection's buffer: no per-connection scratch array.
+        let filled = buf.len();
+        buf.resize(filled + want, 0);
+        let result = reader.read(&mut buf[filled..]).await;
+        match result {
             Ok(0) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(n) => {
+                buf.truncate(filled + n);
+                if n == want {
+                    want = (want * 2).min(READ_CHUNK_MAX_BYTES);
+                }
+            }
             Err(error) if error.kind() == ErrorKind::TimedOut => return Some(CloseReason::IdleTimeout),
             Err(_) => return None,
         }
