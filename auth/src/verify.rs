@@ -61,6 +61,7 @@ impl KeyStore {
             return Err(AuthError::NotJwt);
         }
         let raw_claims = decode_claims_segment(token)?;
+        check_header_alg(token)?;
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::NotJwt)?;
         let key = self.key_for(&header)?;
         let mut validation = Validation::new(header.alg);
@@ -121,6 +122,22 @@ impl KeyStore {
             }
             _ => Err(AuthError::NoSigner { kid: None }),
         }
+    }
+}
+
+/// The header must be a JSON object with a string `alg`; an `alg` this server has no signer for
+/// (`none`, `PS256`, anything unknown) is a signer error, not a malformed token (§6.1 step 3).
+fn check_header_alg(token: &str) -> Result<(), AuthError> {
+    const SUPPORTED: [&str; 9] = ["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"];
+    let header = token.split('.').next().ok_or(AuthError::NotJwt)?;
+    let bytes = URL_SAFE_NO_PAD.decode(header.trim_end_matches('=')).map_err(|_| AuthError::NotJwt)?;
+    let Ok(Value::Object(header)) = serde_json::from_slice::<Value>(&bytes) else {
+        return Err(AuthError::NotJwt);
+    };
+    match header.get("alg").and_then(Value::as_str) {
+        Some(alg) if SUPPORTED.contains(&alg) => Ok(()),
+        Some(_) => Err(AuthError::NoSigner { kid: None }),
+        None => Err(AuthError::NotJwt),
     }
 }
 
@@ -232,7 +249,9 @@ mod tests {
         assert_eq!(check(&token), Err(AuthError::NoSigner { kid: None }));
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
         let token = format!("{header}.{claims}.");
-        assert!(check(&token).is_err());
+        assert_eq!(check(&token), Err(AuthError::NoSigner { kid: None }));
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"XY999"}"#);
+        assert_eq!(check(&format!("{header}.{claims}.c2ln")), Err(AuthError::NoSigner { kid: None }));
     }
 
     #[test]

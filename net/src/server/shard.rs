@@ -235,29 +235,32 @@ impl Shard {
 
     fn send_remote(self: &Rc<Self>, dest: ShardId, msg: ShardMsg) {
         let index = dest.index();
-        let mut overflow = self.overflow.borrow_mut();
-        let queue = &mut overflow[index];
+        // No RefCell borrow is held across `try_send_to` or `spawn_local`: glommio may run other
+        // tasks (the flusher included) inside either, and they borrow the overflow queues too.
         if !self.flushing[index].get() {
-            match self.senders.try_send_to(index, msg) {
+            let rejected = match self.senders.try_send_to(index, msg) {
                 Ok(()) => return,
-                Err(GlommioError::WouldBlock(ResourceType::Channel(msg))) => queue.push_back(msg),
+                Err(GlommioError::WouldBlock(ResourceType::Channel(msg))) => msg,
                 Err(error) => {
                     // The peer's receiver is gone: only at shutdown.
                     tracing::debug!(shard = self.id.0, peer = dest.0, %error, "shard queue closed");
                     return;
                 }
-            }
-        } else if queue.len() >= SHARD_OVERFLOW_MESSAGES_MAX && msg.is_droppable() {
-            metrics::add(&self.counters().shard_messages_dropped, 1);
-            return;
-        } else {
-            queue.push_back(msg);
-        }
-        if !self.flushing[index].get() {
+            };
+            self.overflow.borrow_mut()[index].push_back(rejected);
             self.flushing[index].set(true);
             let shard = Rc::clone(self);
             glommio::spawn_local(async move { shard.flush(dest).await }).detach();
+            return;
         }
+        let mut overflow = self.overflow.borrow_mut();
+        let queue = &mut overflow[index];
+        if queue.len() >= SHARD_OVERFLOW_MESSAGES_MAX && msg.is_droppable() {
+            drop(overflow);
+            metrics::add(&self.counters().shard_messages_dropped, 1);
+            return;
+        }
+        queue.push_back(msg);
     }
 
     /// Drains the overflow queue for `dest` in order, waiting for room in the SPSC queue.
