@@ -32,6 +32,9 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// reads fill it, up to the maximum; reset when the buffer drains after a burst.
 const READ_CHUNK_MIN_BYTES: usize = 512;
 const READ_CHUNK_MAX_BYTES: usize = 64 * 1024;
+/// A write that makes no progress for this long means the peer stopped reading: the connection
+/// is dropped (its queue is already bounded; this frees the socket too).
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most bytes the writer gathers into one write.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
@@ -191,6 +194,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: http::Head, left
         return;
     }
     let _ = stream.set_read_timeout(Some(shard.config.limits.idle_timeout));
+    let _ = stream.set_write_timeout(Some(WRITE_STALL_TIMEOUT));
     let id = shard.next_conn_id();
     let conn = Rc::new(Conn {
         outbox: Outbox::new(),

@@ -1,0 +1,123 @@
+//! Back-pressure: a subscriber that stops reading is disconnected once its outbound queue
+//! passes its bound (close 1008 "slow consumer"), while the other subscribers of the same topic
+//! keep receiving everything, and the server stays up.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use support::{anon_key, http_request, Server};
+
+fn connect(server: &Server, token: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(server.addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let request = format!(
+        "GET /realtime/v1/websocket?apikey={token}&vsn=1.0.0 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    stream
+}
+
+fn send(stream: &mut TcpStream, text: &str) {
+    let mut frame = vec![0x81u8];
+    let len = text.len();
+    if len < 126 {
+        frame.push(0x80 | len as u8);
+    } else if len <= 65535 {
+        frame.push(0x80 | 126);
+        frame.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        frame.push(0x80 | 127);
+        frame.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.extend_from_slice(text.as_bytes());
+    stream.write_all(&frame).unwrap();
+}
+
+/// Reads one frame: (opcode, payload). `None` at EOF.
+fn read_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut header = [0u8; 2];
+    stream.read_exact(&mut header).ok()?;
+    let len = match header[1] & 0x7F {
+        126 => {
+            let mut b = [0u8; 2];
+            stream.read_exact(&mut b).ok()?;
+            u16::from_be_bytes(b) as usize
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            stream.read_exact(&mut b).ok()?;
+            u64::from_be_bytes(b) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).ok()?;
+    Some((header[0] & 0x0F, payload))
+}
+
+#[test]
+fn a_stalled_subscriber_is_closed_and_others_keep_receiving() {
+    let server = Server::start(&[]);
+    let key = anon_key();
+    let join = r#"{"topic":"flood","event":"phx_join","payload":{"config":{}},"ref":"1"}"#;
+    let mut stalled = connect(&server, &key);
+    let mut reader = connect(&server, &key);
+    let mut publisher = connect(&server, &key);
+    for stream in [&mut stalled, &mut reader, &mut publisher] {
+        send(stream, join);
+        let (_, reply) = read_frame(stream).expect("join reply");
+        assert!(String::from_utf8_lossy(&reply).contains("\"ok\""));
+    }
+    // The stalled subscriber never reads until the flood is over.
+    // 4,000 × 8 KB = 32 MB: far past the 11 MB outbound bound plus the kernel buffers.
+    let filler = "x".repeat(8000);
+    const MESSAGES: usize = 4000;
+    let reader_thread = std::thread::spawn(move || {
+        let mut seen = 0;
+        while seen < MESSAGES {
+            let (_, payload) = read_frame(&mut reader).expect("the reading subscriber keeps receiving");
+            if payload.windows(9).any(|w| w == b"broadcast") {
+                seen += 1;
+            }
+        }
+        seen
+    });
+    for i in 0..MESSAGES {
+        let frame = format!(r#"{{"topic":"flood","event":"broadcast","payload":{{"type":"broadcast","event":"e","payload":{{"i":{i},"f":"{filler}"}}}},"ref":null}}"#);
+        send(&mut publisher, &frame);
+    }
+    assert_eq!(reader_thread.join().unwrap(), MESSAGES, "no loss for the subscriber that keeps up");
+    // Now drain the stalled one: buffered broadcasts, then a close 1008 (or the end of the stream).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut close_code = None;
+    let mut received = 0;
+    while Instant::now() < deadline {
+        match read_frame(&mut stalled) {
+            Some((0x8, payload)) => {
+                close_code = Some(u16::from_be_bytes([payload[0], payload[1]]));
+                break;
+            }
+            Some(_) => received += 1,
+            None => break,
+        }
+    }
+    assert!(received < MESSAGES, "the stalled subscriber cannot have received everything ({received})");
+    assert_eq!(close_code, Some(1008), "slow consumers are closed with 1008 after {received} messages");
+    let (status, body) = http_request(server.addr, "GET", "/metrics", &[], b"").unwrap();
+    assert_eq!(status, 200);
+    let metrics = String::from_utf8(body).unwrap();
+    assert!(metrics.lines().any(|l| l.starts_with("realtime_slow_consumer_closes_total ") && !l.ends_with(" 0")), "{metrics}");
+    let mut server = server;
+    assert!(server.is_running());
+}
