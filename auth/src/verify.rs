@@ -15,8 +15,10 @@ pub struct Claims {
     pub exp: i64,
     /// The `sub` claim when it is a string.
     pub sub: Option<String>,
-    /// Every claim, as sent (for RLS checks later: `request.jwt.claims`).
-    pub all: Map<String, Value>,
+    /// Every claim, as compact JSON text (what RLS checks pass as `request.jwt.claims`). Kept
+    /// as text, not a map: a joined channel holds its claims for life, and text is several
+    /// times smaller.
+    pub json: std::sync::Arc<str>,
 }
 
 /// The key material one tenant's tokens are checked against: the shared HS secret (used as raw
@@ -186,7 +188,8 @@ fn claims_at(all: Map<String, Value>, now: i64) -> Result<Claims, AuthError> {
         return Err(AuthError::MissingClaims);
     };
     let sub = all.get("sub").and_then(Value::as_str).map(str::to_string);
-    Ok(Claims { role, exp, sub, all })
+    let json = serde_json::to_string(&all).expect("a JSON map serialises");
+    Ok(Claims { role, exp, sub, json: std::sync::Arc::from(json) })
 }
 
 /// Signs `claims` with HS256 and `secret` (for `powa-realtime token`, `dev` and tests).

@@ -135,7 +135,7 @@ pub fn handle(route: &RestRoute, head: &Head, body: &[u8], keys: &KeyStore, payl
 }
 
 fn placeholder_claims() -> Claims {
-    Claims { role: String::new(), exp: 0, sub: None, all: Map::new() }
+    Claims { role: String::new(), exp: 0, sub: None, json: std::sync::Arc::from("{}") }
 }
 
 fn batch(body: &[u8], bypasses_rls: bool, database: bool, payload_bytes_max: usize) -> RestResult {

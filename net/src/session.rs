@@ -619,7 +619,7 @@ fn subscription(key: ChannelKey, claims: &Claims, bindings: &[serde_json::Map<St
     Subscription {
         key,
         role: claims.role.clone(),
-        claims_json: serde_json::to_string(&claims.all).expect("claims serialise"),
+        claims_json: claims.json.to_string(),
         bindings: bindings.to_vec(),
     }
 }

@@ -146,7 +146,7 @@ async fn write_check(link: &super::PgLink, claims: &auth::Claims, topic: &str) -
     let (reply, answer) = flume::bounded(1);
     let request = replication::policy::AuthzRequest {
         role: claims.role.clone(),
-        claims_json: serde_json::to_string(&claims.all).expect("claims serialise"),
+        claims_json: claims.json.to_string(),
         sub: claims.sub.clone(),
         topic: topic.to_string(),
         kind: replication::policy::CheckKind::Write,
@@ -182,11 +182,16 @@ async fn refuse(shard: &Shard, stream: &mut TcpStream, refusal: UpgradeRefusal) 
     let _ = stream.write_all(&http::upgrade_refused(&refusal)).await;
 }
 
-async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: http::Head, leftover: BytesMut) {
+async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: http::Head, mut leftover: BytesMut) {
     let upgrade = match http::check_upgrade(&head) {
         Ok(upgrade) => upgrade,
         Err(refusal) => return refuse(&shard, &mut stream, refusal).await,
     };
+    // The request's headers are not needed any more; a long-lived connection should not keep them.
+    drop(head);
+    if leftover.is_empty() {
+        leftover = BytesMut::new();
+    }
     if let Err(error) = shard.config.keys.verify(&upgrade.token, unix_now()) {
         return refuse(&shard, &mut stream, UpgradeRefusal::Refused(upgrade_error(error))).await;
     }
@@ -313,7 +318,8 @@ async fn write_loop(conn: Rc<Conn>, mut writer: WriteHalf<TcpStream>) {
                     }
                     writer.write_all(&batch).await
                 };
-                if batch.capacity() > WRITE_BATCH_BYTES * 2 {
+                // Keep no burst-sized buffer on an idle connection.
+                if batch.capacity() > 16 * 1024 {
                     batch = Vec::new();
                 }
                 if result.is_err() {

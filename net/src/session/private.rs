@@ -52,7 +52,7 @@ impl Session {
     pub(super) fn authorize(&self, channel: &Channel, kind: CheckKind) -> PgCommand {
         let request = AuthzRequest {
             role: channel.claims.role.clone(),
-            claims_json: serde_json::to_string(&channel.claims.all).expect("claims serialise"),
+            claims_json: channel.claims.json.to_string(),
             sub: channel.claims.sub.clone(),
             topic: channel.key.sub.to_string(),
             kind,
