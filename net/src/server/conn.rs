@@ -305,10 +305,11 @@ fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, message: WsMessage) -> Option<Clos
 }
 
 async fn write_loop(conn: Rc<Conn>, mut writer: WriteHalf<TcpStream>) {
+    let mut frames: Vec<Bytes> = Vec::new();
     let mut batch = Vec::new();
     loop {
-        match conn.outbox.next(WRITE_BATCH_BYTES).await {
-            Next::Write(frames) => {
+        match conn.outbox.next(WRITE_BATCH_BYTES, &mut frames).await {
+            Next::Write => {
                 let result = if let [frame] = frames.as_slice() {
                     writer.write_all(frame).await
                 } else {
@@ -318,9 +319,13 @@ async fn write_loop(conn: Rc<Conn>, mut writer: WriteHalf<TcpStream>) {
                     }
                     writer.write_all(&batch).await
                 };
-                // Keep no burst-sized buffer on an idle connection.
+                frames.clear();
+                // Keep no burst-sized buffers on an idle connection.
                 if batch.capacity() > 16 * 1024 {
                     batch = Vec::new();
+                }
+                if frames.capacity() > 1024 {
+                    frames = Vec::new();
                 }
                 if result.is_err() {
                     conn.outbox.kill();

@@ -35,8 +35,8 @@ pub(crate) struct Outbox {
 
 /// What the writer should do next.
 pub(crate) enum Next {
-    /// Write these frames.
-    Write(Vec<Bytes>),
+    /// Write the frames now in the writer's batch.
+    Write,
     /// Write a close frame with this reason and stop.
     Close(CloseReason),
     /// Stop.
@@ -98,8 +98,9 @@ impl Outbox {
         }
     }
 
-    /// Waits for work, then takes up to `batch_bytes` worth of frames (at least one).
-    pub(crate) async fn next(&self, batch_bytes: usize) -> Next {
+    /// Waits for work, then moves up to `batch_bytes` worth of frames (at least one) into
+    /// `batch` (the writer's reused vector: no allocation per write).
+    pub(crate) async fn next(&self, batch_bytes: usize, batch: &mut Vec<Bytes>) -> Next {
         std::future::poll_fn(|cx| {
             let mut frames = self.frames.borrow_mut();
             match self.state.get() {
@@ -111,7 +112,7 @@ impl Outbox {
                 *self.waker.borrow_mut() = Some(cx.waker().clone());
                 return Poll::Pending;
             }
-            let mut batch = Vec::new();
+            batch.clear();
             let mut bytes = 0;
             while let Some(frame) = frames.front() {
                 if !batch.is_empty() && bytes + frame.len() > batch_bytes {
@@ -121,7 +122,7 @@ impl Outbox {
                 batch.push(frames.pop_front().expect("front exists"));
             }
             self.queued_bytes.set(self.queued_bytes.get() - bytes);
-            Poll::Ready(Next::Write(batch))
+            Poll::Ready(Next::Write)
         })
         .await
     }
