@@ -130,9 +130,9 @@ stop_server() {
 
 proto_args() { # system → powa-load protocol options
   case $1 in
-    powa) echo "--proto phoenix --vsn 2 --token $TOKEN" ;;
+    powa | powa-perf | powa-cg) echo "--proto phoenix --vsn 2 --token $TOKEN" ;;
     powa-bin) echo "--proto phoenix --vsn 2 --binary --token $TOKEN" ;;
-    raw) echo "--proto raw" ;;
+    raw | raw-cg) echo "--proto raw" ;;
     nchan) echo "--proto nchan" ;;
   esac
 }
@@ -223,13 +223,13 @@ else
   if [ "$HAVE_PERF" = 1 ]; then
     say "perf: W1 N=5000 at 1.2 M deliveries/s offered"
     start_powa
-    load 120 powa 1 fanout --subs 5000 --rate 240 --count 2400 --drain-ms 5000 \
+    load 120 powa-perf 1 fanout --subs 5000 --rate 240 --count 2400 --drain-ms 5000 \
       --exec-before "perf record -q -e cpu-clock -F 1999 -g -p $SERVER_PID -o $OUT/perf-fanout.data -- sleep 5 >/dev/null 2>&1 &"
     sleep 1
     stop_server
     say "perf: W7 15000 idle connections with heartbeats"
     start_powa
-    load 120 powa 1 idle --conns 15000 --hold-s 8 \
+    load 120 powa-perf 1 idle --conns 15000 --hold-s 8 \
       --exec-before "perf record -q -e cpu-clock -F 1999 -g -p $SERVER_PID -o $OUT/perf-idle.data -- sleep 6 >/dev/null 2>&1 &"
     stop_server
     for p in fanout idle; do
@@ -256,7 +256,7 @@ else
       fi
       SERVER_PID=$!; SERVER_PIDS=$SERVER_PID; STARTED+=("$SERVER_PID")
       wait_port "$PORT" 60 || { echo "  valgrind $sys did not start" >&2; stop_server; return 0; }
-      load 240 "$sys" 1 fanout --subs 1000 --rate 20 --count 200 --drain-ms 60000 --concurrency 20 \
+      load 240 "$sys-cg" 1 fanout --subs 1000 --rate 20 --count 200 --drain-ms 60000 --concurrency 20 \
         --exec-before "callgrind_control -z $SERVER_PID >/dev/null" --exec-after "callgrind_control -d $SERVER_PID >/dev/null"
       stop_server
       [ -f "$out.1" ] && callgrind_annotate --threshold=100 "$out.1" >"$OUT/cg-$sys.txt" 2>/dev/null || true
