@@ -87,7 +87,9 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new(shards));
     let mesh = MeshBuilder::<ShardMsg, _>::full(shards, SHARD_QUEUE_MESSAGES_MAX);
-    let cpus = CpuSet::online().ok();
+    // Only the CPUs this process may run on (`taskset`, cgroups): glommio's `online()` lists all.
+    let allowed = allowed_cpus();
+    let cpus = CpuSet::online().ok().map(|set| set.filter(|location| allowed.as_ref().is_none_or(|a| a.contains(&location.cpu))));
     let cores = cpus.as_ref().map_or(1, |c| c.len());
     let placement = if shards <= cores { PoolPlacement::MaxSpread(shards, cpus) } else { PoolPlacement::Unbound(shards) };
     let handles = LocalExecutorPoolBuilder::new(placement)
@@ -103,6 +105,18 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         }
     }
     Ok(())
+}
+
+/// The CPUs in the process's affinity mask, if it can be read.
+fn allowed_cpus() -> Option<Vec<usize>> {
+    // SAFETY: `set` is a plain bit set owned by this frame; the call writes at most its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
+        }
+        Some((0..libc::CPU_SETSIZE as usize).filter(|cpu| libc::CPU_ISSET(*cpu, &set)).collect())
+    }
 }
 
 async fn shard_main(config: Arc<ServerConfig>, mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>, metrics: Arc<Metrics>) -> Result<(), String> {
