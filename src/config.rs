@@ -54,7 +54,6 @@ pub(crate) fn server_config(secret: Vec<u8>) -> Result<ServerConfig> {
         ("REALTIME_MAX_CONCURRENT_USERS", limits.concurrent_users_max),
         ("REALTIME_MAX_EVENTS_PER_SECOND", limits.events_per_second_max),
         ("REALTIME_MAX_JOINS_PER_SECOND", limits.joins_per_second_max),
-        ("REALTIME_MAX_PRESENCE_EVENTS_PER_SECOND", limits.presence_events_per_second_max),
     ] {
         if value != 0 {
             bail!("{name}={value}: tenant-wide rate limits are not enforced yet; leave it unset (0 = unlimited)");

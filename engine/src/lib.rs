@@ -19,6 +19,7 @@ pub mod client_error;
 pub mod ids;
 pub mod limits;
 pub mod presence;
+pub mod rate;
 pub mod shard;
 pub mod topic;
 

@@ -54,6 +54,8 @@ pub struct Effects {
     pub malformed: u64,
     /// Commands for the Postgres Changes core.
     pub pg: Vec<PgCommand>,
+    /// Presence tracks accepted (tenant presence events, §4.6).
+    pub presence_events: u64,
 }
 
 /// Shared, read-only context of a call.
@@ -69,6 +71,8 @@ pub struct Context<'a> {
     pub now_secs: i64,
     /// Current Unix time, milliseconds (presence rate windows, generated presence keys).
     pub now_ms: i64,
+    /// The tenant's presence events per second are above their limit (§4.6).
+    pub presence_rate_exceeded: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -395,7 +399,7 @@ impl Session {
 
     /// The topic owner registered a join: send the ok reply. Stale acks (the channel left or
     /// re-joined meanwhile) are ignored.
-    pub fn on_join_ack(&mut self, key: &TopicKey, serial: ChannelSerial, presence: Option<PresenceSnapshot>, fx: &mut Effects) {
+    pub fn on_join_ack(&mut self, state: &mut ShardState, key: &TopicKey, serial: ChannelSerial, presence: Option<PresenceSnapshot>, presence_rate_exceeded: bool, fx: &mut Effects) {
         let Some((topic, channel)) = self.channels.iter_mut().find(|(_, c)| c.serial == serial && &c.key == key) else {
             return;
         };
@@ -411,6 +415,12 @@ impl Session {
             fx.pg.push(PgCommand::Subscribe(subscription(key, &channel.claims, &channel.pg_bindings)));
         }
         if let (true, Some(snapshot)) = (channel.presence_enabled, presence) {
+            if presence_rate_exceeded {
+                // §4.2: the join-sync is refused while the tenant's presence rate is exceeded.
+                let topic = topic.clone();
+                self.close_channel(state, &topic, SystemMessage::TooManyPresenceMessages, fx);
+                return;
+            }
             let payload = presence::render_state(&snapshot);
             fx.frames.push(frame::encode_push(self.format, as_ref(&channel.join_ref), topic, "presence_state", &payload));
         }
@@ -472,6 +482,11 @@ impl Session {
                     self.close_channel(state, topic, SystemMessage::TrackMessageSizeExceeded, fx);
                     return;
                 }
+                if ctx.presence_rate_exceeded {
+                    self.close_channel(state, topic, SystemMessage::TooManyPresenceMessages, fx);
+                    return;
+                }
+                fx.presence_events += 1;
                 if channel.private {
                     let pending = private::PendingWrite::Track { ref_: raw(ref_), meta: meta.clone() };
                     match self.write_permission(topic, pending, fx) {

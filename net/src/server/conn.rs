@@ -283,6 +283,7 @@ fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, message: WsMessage) -> Option<Clos
         database: shard.config.database,
         now_secs: now_ms / 1000,
         now_ms,
+        presence_rate_exceeded: shard.presence_exceeded.get(),
     };
     let mut fx = Effects::default();
     match message {

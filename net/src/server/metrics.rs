@@ -19,6 +19,9 @@ pub(crate) struct ShardCounters {
 #[derive(Debug)]
 pub struct Metrics {
     pub(crate) shards: Vec<ShardCounters>,
+    /// Each shard's presence events in the last 60 s, published every rate tick: the tenant-wide
+    /// presence rate is their sum (read by every shard).
+    pub(crate) presence_window_sums: Vec<AtomicU64>,
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
@@ -31,7 +34,10 @@ pub(crate) fn sub(counter: &AtomicU64, n: u64) {
 
 impl Metrics {
     pub(crate) fn new(shards: usize) -> Metrics {
-        Metrics { shards: (0..shards).map(|_| ShardCounters::default()).collect() }
+        Metrics {
+            shards: (0..shards).map(|_| ShardCounters::default()).collect(),
+            presence_window_sums: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+        }
     }
 
     fn sum(&self, field: impl Fn(&ShardCounters) -> &AtomicU64) -> u64 {

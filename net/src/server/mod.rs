@@ -128,6 +128,7 @@ async fn shard_main(config: Arc<ServerConfig>, mesh: MeshBuilder<ShardMsg, glomm
         glommio::spawn_local(Rc::clone(&shard).receive(receiver)).detach();
     }
     glommio::spawn_local(Rc::clone(&shard).expire_tokens()).detach();
+    glommio::spawn_local(Rc::clone(&shard).rate_ticks()).detach();
     if let Some(link) = &config.postgres {
         let inbox = link.inboxes[id.index()].clone();
         glommio::spawn_local(Rc::clone(&shard).postgres_inbox(inbox)).detach();

@@ -47,6 +47,10 @@ pub(crate) struct Shard {
     overflow: RefCell<Vec<VecDeque<ShardMsg>>>,
     flushing: Vec<Cell<bool>>,
     next_conn: Cell<u64>,
+    /// This shard's share of the tenant's presence events (§4.6), and the tenant-wide verdict
+    /// as of the last tick.
+    presence_window: RefCell<engine::rate::RateWindow>,
+    pub(crate) presence_exceeded: Cell<bool>,
 }
 
 impl Shard {
@@ -65,6 +69,8 @@ impl Shard {
             overflow: RefCell::new((0..shards).map(|_| VecDeque::new()).collect()),
             flushing: (0..shards).map(|_| Cell::new(false)).collect(),
             next_conn: Cell::new(1),
+            presence_window: RefCell::new(engine::rate::RateWindow::default()),
+            presence_exceeded: Cell::new(false),
             config,
         }
     }
@@ -99,6 +105,9 @@ impl Shard {
         }
         if fx.published > 0 {
             metrics::add(&self.counters().broadcasts_in, fx.published);
+        }
+        if fx.presence_events > 0 {
+            self.presence_window.borrow_mut().add(fx.presence_events);
         }
         if fx.malformed > 0 {
             metrics::add(&self.counters().malformed_frames, fx.malformed);
@@ -141,6 +150,7 @@ impl Shard {
                             database: self.config.database,
                             now_secs: now_ms / 1000,
                             now_ms,
+                            presence_rate_exceeded: self.presence_exceeded.get(),
                         };
                         let mut fx = Effects::default();
                         {
@@ -288,6 +298,10 @@ impl Shard {
                     }
                 });
                 metrics::add(&self.counters().deliveries, delivered as u64);
+                if matches!(message.body, engine::BroadcastBody::PresenceDiff(_)) {
+                    // Every delivered presence_diff counts toward the tenant's rate (§4.6).
+                    self.presence_window.borrow_mut().add(delivered as u64);
+                }
             }
             LocalEffect::SchedulePresenceFlush { topic } => {
                 let shard = Rc::clone(self);
@@ -304,7 +318,10 @@ impl Shard {
                 let conn = self.conns.borrow().get(&subscriber.conn).cloned();
                 if let Some(conn) = conn {
                     let mut fx = Effects::default();
-                    conn.session.borrow_mut().on_join_ack(&topic, subscriber.channel, presence, &mut fx);
+                    {
+                        let mut state = self.state.borrow_mut();
+                        conn.session.borrow_mut().on_join_ack(&mut state, &topic, subscriber.channel, presence, self.presence_exceeded.get(), &mut fx);
+                    }
                     self.apply(&conn, fx);
                 }
             }
@@ -332,6 +349,28 @@ impl Shard {
                 }
                 self.apply(&conn, fx);
             }
+        }
+    }
+
+    /// Every rate tick (5 s): publish this shard's window sum and decide, from every shard's,
+    /// whether the tenant is above its presence limit (PROTOCOL.md §9.2).
+    pub(crate) async fn rate_ticks(self: Rc<Self>) {
+        let limit = self.config.limits.presence_events_per_second_max;
+        if limit == 0 {
+            return;
+        }
+        loop {
+            glommio::timer::sleep(engine::rate::TICK).await;
+            let (sum, seconds) = {
+                let mut window = self.presence_window.borrow_mut();
+                let sum = window.sum();
+                let seconds = window.seconds();
+                window.tick();
+                (sum, seconds)
+            };
+            self.metrics.presence_window_sums[self.id.index()].store(sum, std::sync::atomic::Ordering::Relaxed);
+            let total: u64 = self.metrics.presence_window_sums.iter().map(|s| s.load(std::sync::atomic::Ordering::Relaxed)).sum();
+            self.presence_exceeded.set(engine::rate::above(total, seconds, limit));
         }
     }
 

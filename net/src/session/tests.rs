@@ -26,6 +26,8 @@ struct Harness {
     clock_ms: i64,
     /// Whether a database is configured.
     database: bool,
+    /// The tenant's presence rate is exceeded.
+    presence_rate_exceeded: bool,
     /// Commands sent to the Postgres core.
     pg: Vec<PgCommand>,
 }
@@ -42,6 +44,7 @@ impl Harness {
             keys: KeyStore::new(SECRET.to_vec()),
             clock_ms: 0,
             database: false,
+            presence_rate_exceeded: false,
             pg: Vec::new(),
         }
     }
@@ -61,7 +64,7 @@ impl Harness {
 
     fn text(&mut self, conn: usize, frame: &str) {
         let (limits, keys) = self.ctx();
-        let ctx = Context { limits: &limits, keys: &keys, database: self.database, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms };
+        let ctx = Context { limits: &limits, keys: &keys, database: self.database, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms, presence_rate_exceeded: self.presence_rate_exceeded };
         let mut fx = Effects::default();
         self.sessions[conn].on_text(&mut self.state, ctx, frame.as_bytes(), &mut fx);
         self.apply(conn, fx);
@@ -69,7 +72,7 @@ impl Harness {
 
     fn binary(&mut self, conn: usize, bytes: &[u8]) {
         let (limits, keys) = self.ctx();
-        let ctx = Context { limits: &limits, keys: &keys, database: self.database, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms };
+        let ctx = Context { limits: &limits, keys: &keys, database: self.database, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms, presence_rate_exceeded: self.presence_rate_exceeded };
         let mut fx = Effects::default();
         self.sessions[conn].on_binary(&mut self.state, ctx, bytes, &mut fx);
         self.apply(conn, fx);
@@ -89,7 +92,7 @@ impl Harness {
                 Some(engine::shard::LocalEffect::JoinAcked { topic, subscriber, presence }) => {
                     let target = subscriber.conn.0 as usize;
                     let mut fx = Effects::default();
-                    self.sessions[target].on_join_ack(&topic, subscriber.channel, presence, &mut fx);
+                    self.sessions[target].on_join_ack(&mut self.state, &topic, subscriber.channel, presence, self.presence_rate_exceeded, &mut fx);
                     self.written[target].extend(fx.frames);
                 }
                 Some(engine::shard::LocalEffect::Deliver { topic, message }) => {
@@ -484,7 +487,7 @@ fn answer(h: &mut Harness, conn: usize, broadcast: bool, presence: bool) -> repl
     let index = h.pg.iter().position(|c| matches!(c, PgCommand::Authorize { reply: replication::changes::AuthzReply::Channel(k), .. } if k.conn.0 as usize == conn)).expect("a check was requested");
     let PgCommand::Authorize { request, reply: replication::changes::AuthzReply::Channel(key) } = h.pg.remove(index) else { unreachable!() };
     let (limits, keys) = h.ctx();
-    let ctx = Context { limits: &limits, keys: &keys, database: true, now_secs: NOW, now_ms: NOW * 1000 };
+    let ctx = Context { limits: &limits, keys: &keys, database: true, now_secs: NOW, now_ms: NOW * 1000, presence_rate_exceeded: false };
     let mut fx = Effects::default();
     let result = replication::policy::AuthzResult { broadcast, presence, error: None };
     h.sessions[conn].on_authorized(&mut h.state, ctx, key.channel, request.kind, result, &mut fx);
@@ -595,4 +598,22 @@ fn replay_parameters_are_checked() {
     h.text(a, &v2_join("realtime:priv", json!({"private": true, "broadcast": {"replay": {"limit": 3}}})));
     let reasons: Vec<_> = h.take_delayed(a).into_iter().map(|f| f[4]["response"]["reason"].clone()).collect();
     assert_eq!(reasons, vec![json!("UnableToReplayMessages: Replay is not allowed for public channels"), json!("UnableToReplayMessages: Replay params are not valid")]);
+}
+
+#[test]
+fn tenant_presence_rate_closes_tracks_and_join_syncs() {
+    let mut h = Harness::new();
+    let a = h.connect(Format::V2);
+    presence_join(&mut h, a, "k");
+    h.take(a);
+    h.presence_rate_exceeded = true;
+    h.text(a, r#"["1","2","realtime:doc","presence",{"event":"track","payload":{}}]"#);
+    let frames = h.take(a);
+    assert_eq!(frames[0][4]["message"], json!("Too many presence messages per second"));
+    assert_eq!(frames[1][3], json!("phx_close"));
+    // A join that would get presence_state is closed instead.
+    presence_join(&mut h, a, "k");
+    let frames = h.take(a);
+    assert_eq!(frames[0][3], json!("phx_reply"));
+    assert_eq!(frames[1][4]["message"], json!("Too many presence messages per second"));
 }
