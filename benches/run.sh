@@ -149,8 +149,8 @@ load() {
 }
 
 # ---------------------------------------------------------------- CPU layout
-# powa-realtime places its shard itself (it spreads over all online CPUs and ignores the
-# process's affinity mask), so find where its one shard runs and give the load generator the rest.
+# powa-realtime places its shard itself (on the CPUs its affinity mask allows; older builds
+# ignored the mask), so find where its one shard runs and give the load generator the rest.
 start_powa
 SERVER_CPU=""
 for task in /proc/"$SERVER_PID"/task/*; do
@@ -265,6 +265,31 @@ else
     callgrind_run powa
     callgrind_run raw
   fi
+fi
+
+# ---------------------------------------------------------------- W5, W3 public/private, W6
+# The database workloads have their own drivers (they start a throwaway PostgreSQL 15); their
+# tables replace the section between the `drivers` markers of RESULTS.md.
+if [ "${QUICK:-0}" != 1 ]; then
+  say "W5 Postgres Changes (1, 100, 1000 subscribers; RLS and not)"
+  cargo build --release -q -p powa-benches --bin pgchanges_load --bin storm_load
+  timeout 600 "$ROOT/target/release/pgchanges_load" 1 100 1000 >"$OUT/w5.md" || fail "pgchanges_load failed"
+  say "W3 public/private join storms and W6 REST ingest"
+  timeout 600 "$ROOT/target/release/storm_load" 5000 >"$OUT/storm.md" || fail "storm_load failed"
+  python3 - "$ROOT/benches/RESULTS.md" "$OUT/w5.md" "$OUT/storm.md" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" <<'PY'
+import sys, datetime
+path, w5, storm, commit = sys.argv[1:5]
+text = open(path).read()
+begin, end = "<!-- drivers:begin -->", "<!-- drivers:end -->"
+section = (f"{begin}\n## Database workloads, last `benches/run.sh` ({datetime.datetime.utcnow():%Y-%m-%dT%H:%MZ}, commit {commit})\n\n"
+           "W5 (`target/release/pgchanges_load 1 100 1000`): 200-row transaction, K subscribers with distinct claims.\n\n"
+           + open(w5).read() + "\nW3/W6 (`target/release/storm_load 5000`):\n\n" + open(storm).read() + end)
+if begin in text:
+    text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+else:
+    text = text.rstrip("\n") + "\n\n" + section + "\n"
+open(path, "w").write(text)
+PY
 fi
 
 # ---------------------------------------------------------------- report
