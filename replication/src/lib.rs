@@ -19,3 +19,4 @@ pub mod reader;
 pub mod sql;
 pub mod changes;
 pub mod policy;
+pub mod tls;

@@ -16,9 +16,22 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 /// Largest backend message accepted (a replication CopyData carries one WAL record's change).
 const MESSAGE_BYTES_MAX: usize = 1 << 30;
 
+/// Whether to use TLS (see `crate::tls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server offers it (libpq's default).
+    Prefer,
+    /// TLS or fail.
+    Require,
+}
+
 /// Connection parameters, from a `postgres://` URL or a key=value string.
 #[derive(Debug, Clone)]
 pub struct ConnParams {
+    /// TLS mode.
+    pub ssl_mode: SslMode,
     /// Host name or address.
     pub host: String,
     /// Port.
@@ -86,9 +99,11 @@ impl ConnParams {
     /// Parses a URL (`postgres://user:pass@host:port/db`) or key=value connection string.
     pub fn parse(url: &str) -> Result<ConnParams, PgError> {
         let config = tokio_postgres::Config::from_str(url).map_err(|e| PgError::Config(format!("DATABASE_URL is not valid: {e}")))?;
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(PgError::Config("DATABASE_URL asks for sslmode=require, but TLS to the database is not supported yet; use sslmode=disable or prefer on a trusted network".into()));
-        }
+        let ssl_mode = match config.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => SslMode::Disable,
+            tokio_postgres::config::SslMode::Require => SslMode::Require,
+            _ => SslMode::Prefer,
+        };
         let host = match config.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
             Some(tokio_postgres::config::Host::Unix(_)) => {
@@ -100,7 +115,7 @@ impl ConnParams {
         let user = config.get_user().unwrap_or("postgres").to_string();
         let password = config.get_password().map(|p| String::from_utf8_lossy(p).into_owned());
         let dbname = config.get_dbname().unwrap_or(&user).to_string();
-        Ok(ConnParams { host, port, user, password, dbname, url: url.to_string() })
+        Ok(ConnParams { ssl_mode, host, port, user, password, dbname, url: url.to_string() })
     }
 }
 
@@ -113,9 +128,80 @@ pub struct BackendMessage {
     pub body: Bytes,
 }
 
+/// The byte stream under a connection: plain TCP or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => &tls.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => tcp.read(buf),
+            Stream::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => tcp.write(buf),
+            Stream::Tls(tls) => tls.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(tcp) => tcp.flush(),
+            Stream::Tls(tls) => tls.flush(),
+        }
+    }
+}
+
+/// The SSLRequest code (protocol §55.2.10).
+const SSL_REQUEST_CODE: i32 = 80_877_103;
+
+/// Negotiates TLS on a fresh TCP connection as `mode` asks.
+fn negotiate_tls(mut tcp: TcpStream, params: &ConnParams) -> Result<Stream, PgError> {
+    if params.ssl_mode == SslMode::Disable {
+        return Ok(Stream::Plain(tcp));
+    }
+    let mut request = BytesMut::with_capacity(8);
+    request.put_i32(8);
+    request.put_i32(SSL_REQUEST_CODE);
+    tcp.write_all(&request)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer)?;
+    match (answer[0], params.ssl_mode) {
+        (b'S', _) => {
+            let name = rustls::pki_types::ServerName::try_from(params.host.clone())
+                .map_err(|_| PgError::Config(format!("{} is not a valid TLS server name", params.host)))?;
+            let connection = rustls::ClientConnection::new(crate::tls::client_config(), name)
+                .map_err(|e| PgError::Protocol(format!("TLS: {e}")))?;
+            let mut tls = rustls::StreamOwned::new(connection, tcp);
+            while tls.conn.is_handshaking() {
+                tls.conn.complete_io(&mut tls.sock).map_err(|e| PgError::Io(std::io::Error::other(format!("TLS handshake: {e}"))))?;
+            }
+            Ok(Stream::Tls(Box::new(tls)))
+        }
+        (_, SslMode::Require) => Err(PgError::Config("the database does not accept TLS connections, and DATABASE_URL has sslmode=require".into())),
+        _ => Ok(Stream::Plain(tcp)),
+    }
+}
+
 /// A connection.
 pub struct PgConn {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
 }
 
@@ -157,9 +243,10 @@ impl PgConn {
             .to_socket_addrs()?
             .next()
             .ok_or_else(|| PgError::Config(format!("cannot resolve {}", params.host)))?;
-        let stream = TcpStream::connect_timeout(&addr, timeout)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(timeout))?;
+        let tcp = TcpStream::connect_timeout(&addr, timeout)?;
+        tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(Some(timeout))?;
+        let stream = negotiate_tls(tcp, params)?;
         let mut conn = PgConn { stream, buf: BytesMut::with_capacity(64 * 1024) };
         let mut body = BytesMut::new();
         body.put_i32(196_608); // protocol 3.0
@@ -263,8 +350,13 @@ impl PgConn {
 
     /// Sets the read timeout (the replication loop wakes up at least this often).
     pub fn set_read_timeout(&self, timeout: Duration) -> Result<(), PgError> {
-        self.stream.set_read_timeout(Some(timeout))?;
+        self.stream.tcp().set_read_timeout(Some(timeout))?;
         Ok(())
+    }
+
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.stream, Stream::Tls(_))
     }
 
     /// Reads one backend message (blocking up to the read timeout: `Io(WouldBlock/TimedOut)`).
@@ -372,7 +464,9 @@ mod tests {
         assert_eq!((p.host.as_str(), p.port, p.user.as_str(), p.password.as_deref(), p.dbname.as_str()), ("db.local", 6543, "app", Some("s@cret"), "proj"));
         let p = ConnParams::parse("postgres://postgres@127.0.0.1:5432/postgres").unwrap();
         assert_eq!(p.password, None);
-        assert!(ConnParams::parse("postgres://x@h/db?sslmode=require").unwrap_err().is_definite());
+        assert_eq!(ConnParams::parse("postgres://x@h/db?sslmode=require").unwrap().ssl_mode, SslMode::Require);
+        assert_eq!(ConnParams::parse("postgres://x@h/db").unwrap().ssl_mode, SslMode::Prefer);
+        assert_eq!(ConnParams::parse("postgres://x@h/db?sslmode=disable").unwrap().ssl_mode, SslMode::Disable);
     }
 
     #[test]

@@ -220,7 +220,7 @@ fn stream_once(params: &ConnParams, slot: &str, events: &flume::Sender<WalEvent>
         publications.join(",")
     ))?;
     conn.set_read_timeout(READ_TICK)?;
-    tracing::info!(slot, "replication stream started");
+    tracing::info!(slot, tls = conn.is_tls(), "replication stream started");
     *up = true;
     if events.send(WalEvent::StreamUp).is_err() {
         return Ok(());

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::binding::quote_ident;
 use crate::reader::PUBLICATION;
@@ -63,7 +63,9 @@ pub fn error_text(error: &SqlError) -> String {
 /// Connects (the connection task is spawned on the current `LocalSet`/runtime) and fixes the
 /// session settings that text renderings depend on.
 pub async fn connect(url: &str) -> Result<Client, SqlError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    // TLS as the URL's sslmode asks (prefer by default), see `crate::tls`.
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*crate::tls::client_config()).clone());
+    let (client, connection) = tokio_postgres::connect(url, tls).await?;
     tokio::task::spawn_local(async move {
         if let Err(error) = connection.await {
             tracing::warn!(%error, "database connection closed");
