@@ -39,7 +39,10 @@ fn fanout_bench(c: &mut Criterion) {
         let mut queues: Vec<VecDeque<Bytes>> = (0..SUBSCRIBERS).map(|_| VecDeque::with_capacity(4)).collect();
         group.bench_with_input(BenchmarkId::new("encode_once", size), &message, |b, message| {
             b.iter(|| {
-                let n = fanout::deliver(ShardId(0), &subs, &topic, message, |conn, bytes| queues[conn.0 as usize].push_back(bytes.clone()));
+                let n = fanout::deliver(ShardId(0), &subs, &topic, message, |conn, _, bytes| {
+                    queues[conn.0 as usize].push_back(bytes.clone());
+                    true
+                });
                 for queue in &mut queues {
                     queue.clear();
                 }

@@ -49,14 +49,15 @@ impl<'m> EncodeCache<'m> {
     }
 }
 
-/// Writes `message` to every local subscriber of `topic` on `shard` through `write`, skipping
-/// the sender's own channel unless it asked for `self`. Returns the number of deliveries.
+/// Writes `message` to every local subscriber of `topic` on `shard` through `write` (which
+/// returns whether it delivered), skipping the sender's own channel unless it asked for `self`.
+/// Returns the number of deliveries.
 pub fn deliver(
     shard: ShardId,
     subscribers: &[LocalSub],
     topic: &TopicKey,
     message: &Broadcast,
-    mut write: impl FnMut(ConnId, &Bytes),
+    mut write: impl FnMut(ConnId, engine::ChannelSerial, &Bytes) -> bool,
 ) -> usize {
     let mut cache = EncodeCache::new(topic, message);
     let mut delivered = 0;
@@ -74,8 +75,9 @@ pub fn deliver(
             }
         }
         if let Some(bytes) = cache.get(sub.format, sub.prefixed) {
-            write(sub.conn, bytes);
-            delivered += 1;
+            if write(sub.conn, sub.channel, bytes) {
+                delivered += 1;
+            }
         }
     }
     delivered

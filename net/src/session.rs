@@ -113,6 +113,8 @@ struct Channel {
     /// Replay request (since ms, limit 1..=25), and the replayed frames waiting for the ok reply.
     replay: Option<(i64, i64)>,
     replay_frames: Vec<Bytes>,
+    /// Ids of the rows replayed to this channel (at most 25): not delivered again live.
+    replayed_ids: Vec<Box<str>>,
     /// Postgres Changes bindings as sent (subscribed after the ok reply), and the ok reply's
     /// `response` JSON echoing them with their ids.
     pg_bindings: Vec<serde_json::Map<String, serde_json::Value>>,
@@ -322,6 +324,7 @@ impl Session {
                         write: private::WriteState::Unknown,
                         replay: request.replay.as_ref().and_then(|r| Some((r.since?, r.limit.unwrap_or(REPLAY_LIMIT_MAX).clamp(1, REPLAY_LIMIT_MAX)))),
                         replay_frames: Vec::new(),
+                        replayed_ids: Vec::new(),
                         broadcast_ack: request.broadcast_ack,
                         presence_enabled: request.presence_enabled,
                         presence_key,
@@ -597,6 +600,11 @@ impl Session {
     /// The earliest `exp` of the session's channels, so the driver can skip idle sessions.
     pub fn next_expiry(&self) -> Option<i64> {
         self.channels.values().map(|c| c.claims.exp).min()
+    }
+
+    /// Whether channel `serial` already got database row `id` by replay.
+    pub fn already_replayed(&self, serial: ChannelSerial, id: &str) -> bool {
+        self.channels.values().any(|c| c.serial == serial && c.replayed_ids.iter().any(|r| &**r == id))
     }
 
     /// The topic of a channel by serial, whatever its state.

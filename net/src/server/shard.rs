@@ -30,6 +30,18 @@ use super::ServerConfig;
 use crate::fanout;
 use crate::session::{Effects, Session};
 
+/// The `id` of a database broadcast (its metadata is `{"id": "<row id>"}`).
+fn database_row_id(body: &engine::BroadcastBody) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        id: String,
+    }
+    match body {
+        engine::BroadcastBody::User { metadata, .. } if !metadata.is_empty() => serde_json::from_slice::<Meta>(metadata).ok().map(|m| m.id),
+        _ => None,
+    }
+}
+
 /// A connection as its shard holds it.
 pub(crate) struct Conn {
     pub(crate) outbox: Outbox,
@@ -292,10 +304,18 @@ impl Shard {
                 let state = self.state.borrow();
                 let conns = self.conns.borrow();
                 let subscribers = state.local_subscribers(&topic);
-                let delivered = fanout::deliver(self.id, subscribers, &topic, &message, |conn, bytes| {
-                    if let Some(conn) = conns.get(&conn) {
-                        self.push(conn, bytes.clone());
+                // A database broadcast carries its row id; a channel that got that row by replay
+                // does not get it again live (PROTOCOL.md §3.6).
+                let row_id = database_row_id(&message.body);
+                let delivered = fanout::deliver(self.id, subscribers, &topic, &message, |conn, channel, bytes| {
+                    let Some(conn) = conns.get(&conn) else { return false };
+                    if let Some(id) = &row_id {
+                        if conn.session.borrow().already_replayed(channel, id) {
+                            return false;
+                        }
                     }
+                    self.push(conn, bytes.clone());
+                    true
                 });
                 metrics::add(&self.counters().deliveries, delivered as u64);
                 if matches!(message.body, engine::BroadcastBody::PresenceDiff(_)) {

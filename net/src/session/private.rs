@@ -158,6 +158,7 @@ impl Session {
             }
         };
         for message in messages {
+            channel.replayed_ids.push(message.id.clone().into_boxed_str());
             let mut meta = b"{\"replayed\":true,\"id\":".to_vec();
             frame::write_json_str(&mut meta, &message.id);
             meta.push(b'}');

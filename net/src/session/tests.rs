@@ -98,7 +98,10 @@ impl Harness {
                 Some(engine::shard::LocalEffect::Deliver { topic, message }) => {
                     let subs = self.state.local_subscribers(&topic).to_vec();
                     let written = &mut self.written;
-                    fanout::deliver(ShardId(0), &subs, &topic, &message, |c, bytes| written[c.0 as usize].push(bytes.clone()));
+                    fanout::deliver(ShardId(0), &subs, &topic, &message, |c, _, bytes| {
+                        written[c.0 as usize].push(bytes.clone());
+                        true
+                    });
                 }
                 Some(engine::shard::LocalEffect::SchedulePresenceFlush { .. }) | None => {}
             }
@@ -587,6 +590,8 @@ fn replay_follows_the_join_reply() {
     assert_eq!(frames[0][3], json!("phx_reply"));
     assert_eq!(frames[1], json!(["1", null, "realtime:room", "broadcast", {"type": "broadcast", "event": "e1", "payload": {"n": 1}, "meta": {"replayed": true, "id": "id-1"}}]));
     assert_eq!(frames[2][4]["meta"]["id"], json!("id-2"));
+    assert!(h.sessions[a].already_replayed(key.channel, "id-1"));
+    assert!(!h.sessions[a].already_replayed(key.channel, "id-3"));
 }
 
 #[test]
