@@ -382,6 +382,7 @@ async fn run(
     {
         let core = Rc::clone(&core);
         let meta = Rc::clone(&meta);
+        let control = Arc::clone(&control);
         tokio::task::spawn_local(async move {
             loop {
                 tokio::time::sleep(PUBLICATION_POLL).await;
@@ -422,7 +423,7 @@ async fn run(
                     if !batch.is_empty() {
                         process(&core, &rls, std::mem::take(&mut batch)).await;
                     }
-                    handle_event(&core, &meta, other).await;
+                    handle_event(&core, &meta, &control, other).await;
                     next = events.try_recv().ok();
                 }
             }
@@ -508,9 +509,16 @@ fn authorize(core: &Rc<RefCell<Core>>, authz: &Rc<Authz>, request: crate::policy
     });
 }
 
-async fn handle_event(core: &Rc<RefCell<Core>>, meta: &Db, event: WalEvent) {
+async fn handle_event(core: &Rc<RefCell<Core>>, meta: &Db, control: &crate::reader::ReaderControl, event: WalEvent) {
     match event {
         WalEvent::StreamUp => {
+            // A stream without supabase_realtime (dropped, not yet recreated) carries database
+            // broadcasts only: Postgres Changes are not live, so nothing is acknowledged until the
+            // stream restarts with it.
+            if !control.reads_publication.load(std::sync::atomic::Ordering::Relaxed) {
+                core.borrow_mut().stream_up = false;
+                return;
+            }
             let mut core = core.borrow_mut();
             core.stream_up = true;
             let keys: Vec<ChannelKey> = core.channels.iter().filter(|(_, c)| !c.active.is_empty()).map(|(k, _)| *k).collect();
