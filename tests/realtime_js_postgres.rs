@@ -1,5 +1,5 @@
 //! Runs the official `@supabase/realtime-js` client's Postgres Changes tests
-//! (`tests/js/postgres_changes.test.mjs`) against a real `powa-realtime serve` attached to a
+//! (`tests/js/db/postgres_changes.test.mjs`) against a real `powa-realtime serve` attached to a
 //! throwaway PostgreSQL 15 cluster.
 //!
 //! This file prepares the database (tables, grants, publication, RLS policy), starts the server
@@ -12,22 +12,14 @@
 mod pgsupport;
 mod support;
 
-use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use pgsupport::Db;
 
 /// The node test run is killed after this long.
 const NODE_TIMEOUT: Duration = Duration::from_secs(120);
-/// `npm ci` gets this long.
-const NPM_TIMEOUT: Duration = Duration::from_secs(300);
 /// The one file this test runs.
-const TEST_FILE: &str = "postgres_changes.test.mjs";
+const TEST_FILE: &str = "db/postgres_changes.test.mjs";
 
 const USER_A: &str = "3f6a2b1c-0d9e-4f8a-b7c6-5d4e3f2a1b0c";
 const USER_B: &str = "e1d2c3b4-a596-4877-8899-aabbccddeeff";
@@ -67,186 +59,32 @@ CREATE POLICY own_private_todos ON public.private_todos
   USING (owner_id = auth.uid());
 ";
 
-fn js_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("js")
-}
-
-/// Panics with an actionable message when `program --version` cannot run.
-fn require_tool(program: &str) -> String {
-    match Command::new(program).arg("--version").output() {
-        Ok(output) if output.status.success() => String::from_utf8_lossy(&output.stdout).trim().to_string(),
-        Ok(output) => panic!(
-            "`{program} --version` failed ({}): {}\nThe realtime-js tests need Node.js 20+ and npm on PATH.",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        ),
-        Err(err) => panic!(
-            "`{program}` was not found ({err}). The realtime-js tests need Node.js 20+ and npm on PATH; \
-             install them (e.g. `apt-get install nodejs npm`) and run the test again."
-        ),
-    }
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-/// Runs `npm ci` when `node_modules` is missing or older than `package-lock.json`.
-fn ensure_node_modules(dir: &Path) {
-    let lock = dir.join("package-lock.json");
-    let lock_time = modified(&lock).unwrap_or_else(|| panic!("{} is missing; it is part of the repository", lock.display()));
-    let modules = dir.join("node_modules");
-    let installed_time = modified(&modules.join(".package-lock.json")).or_else(|| modified(&modules));
-    let fresh = matches!(installed_time, Some(t) if t >= lock_time)
-        && modules.join("@supabase").join("realtime-js").is_dir()
-        && modules.join("ws").is_dir();
-    if fresh {
-        return;
-    }
-    eprintln!("[realtime_js_postgres] running `npm ci` in {}", dir.display());
-    let mut command = Command::new("npm");
-    command.args(["ci", "--no-audit", "--no-fund"]).current_dir(dir).stdin(Stdio::null());
-    let (status, stdout, stderr) = run_with_timeout(command, NPM_TIMEOUT, "npm");
-    assert!(
-        matches!(status, Some(s) if s.success()),
-        "`npm ci` failed or timed out (status {status:?})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
-    );
-}
-
-/// Spawns `command` in its own process group, echoes its output line by line while it runs,
-/// and kills the whole group after `timeout`. Returns (status or None on timeout, stdout, stderr).
-fn run_with_timeout(mut command: Command, timeout: Duration, tag: &str) -> (Option<ExitStatus>, String, String) {
-    command.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
-    let mut child = command.spawn().unwrap_or_else(|err| panic!("could not start {tag}: {err}"));
-    let pid = child.id() as libc::pid_t;
-    let collect = |stream: Box<dyn Read + Send>, label: String| {
-        let buffer = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&buffer);
-        let handle = thread::spawn(move || {
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[{label}] {line}");
-                let mut text = sink.lock().unwrap();
-                text.push_str(&line);
-                text.push('\n');
-            }
-        });
-        (buffer, handle)
-    };
-    let (out_buf, out_thread) = collect(Box::new(child.stdout.take().unwrap()), tag.to_string());
-    let (err_buf, err_thread) = collect(Box::new(child.stderr.take().unwrap()), format!("{tag}:stderr"));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            eprintln!("[realtime_js_postgres] {tag} still running after {timeout:?}: killing it");
-            // SAFETY: plain kill(2) on the process group this function created.
-            unsafe {
-                libc::kill(-pid, libc::SIGKILL);
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
-    // Children of the group may still hold the pipes; make sure they are gone too.
-    // SAFETY: as above; the group is ours, and ESRCH (already gone) is fine.
-    unsafe {
-        libc::kill(-pid, libc::SIGKILL);
-    }
-    let _ = out_thread.join();
-    let _ = err_thread.join();
-    let stdout = out_buf.lock().unwrap().clone();
-    let stderr = err_buf.lock().unwrap().clone();
-    (status, stdout, stderr)
-}
-
-/// A well-formed JWT whose signature does not verify (helpers.mjs requires one).
-fn tamper_signature(token: &str) -> String {
-    let parts: Vec<&str> = token.split('.').collect();
-    assert_eq!(parts.len(), 3, "not a JWT: {token}");
-    let signature = parts[2];
-    let keep = &signature[..signature.len() - 4];
-    let replacement: String = signature[signature.len() - 4..].chars().map(|c| if c == 'A' { 'Q' } else { 'A' }).collect();
-    format!("{}.{}.{keep}{replacement}", parts[0], parts[1])
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn summary(stdout: &str) -> String {
-    stdout
-        .lines()
-        .filter(|line| {
-            let t = line.trim_start();
-            t.starts_with("not ok") || t.starts_with("# tests") || t.starts_with("# pass") || t.starts_with("# fail") || t.starts_with("✖")
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 #[test]
 fn official_realtime_js_client_receives_postgres_changes() {
-    let node_version = require_tool("node");
-    require_tool("npm");
-    let major: u32 = node_version.trim_start_matches('v').split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
-    assert!(major >= 20, "node {node_version} is too old; Node.js 20+ is required");
-    let dir = js_dir();
-    assert!(dir.join(TEST_FILE).is_file(), "{TEST_FILE} is missing from {}", dir.display());
-    ensure_node_modules(&dir);
+    let dir = support::node::prepare();
 
     let mut db = Db::new();
     db.exec(SCHEMA);
-    let server = db.server();
+    let mut server = db.server();
     db.exec(AFTER_START);
 
     let anon = support::anon_key();
     let token_a = support::token("authenticated", &["--sub", USER_A]);
     let token_b = support::token("authenticated", &["--sub", USER_B]);
     let expired = support::token("authenticated", &["--sub", USER_A, "--exp=-30"]);
-    let mut command = Command::new("node");
+    let mut command = support::node::command(&dir, &[TEST_FILE]);
     command
-        .arg("--test")
-        .arg("--test-concurrency=1")
-        .arg(TEST_FILE)
-        .current_dir(&dir)
-        .stdin(Stdio::null())
         .env("POWA_ENDPOINT", server.realtime_js_endpoint())
         .env("POWA_ANON_KEY", &anon)
         .env("POWA_SERVICE_KEY", support::service_key())
         .env("POWA_USER_TOKEN", &token_a)
         .env("POWA_EXPIRED_TOKEN", &expired)
-        .env("POWA_BAD_TOKEN", tamper_signature(&anon))
+        .env("POWA_BAD_TOKEN", support::node::tamper_signature(&anon))
         .env("POWA_USER_A_ID", USER_A)
         .env("POWA_USER_A_TOKEN", &token_a)
         .env("POWA_USER_B_ID", USER_B)
         .env("POWA_USER_B_TOKEN", &token_b)
         .env("POWA_PG_URL", db.url())
-        .env("POWA_PSQL", pgsupport::psql_program())
-        .env("NO_COLOR", "1");
-
-    let started = Instant::now();
-    let (status, stdout, stderr) = run_with_timeout(command, NODE_TIMEOUT, "node");
-    eprintln!("[realtime_js_postgres] node finished in {:?} with {status:?}", started.elapsed());
-
-    let mut server = server;
-    assert!(server.is_running(), "powa-realtime exited during the realtime-js run");
-    match status {
-        None => panic!(
-            "the realtime-js Postgres Changes tests did not finish within {NODE_TIMEOUT:?} and were killed\n\
-             --- last lines of stdout ---\n{}\n--- last lines of stderr ---\n{}",
-            tail(&stdout, 40),
-            tail(&stderr, 20)
-        ),
-        Some(status) => assert!(
-            status.success(),
-            "the realtime-js Postgres Changes tests failed ({status}); see the node output above\n--- summary ---\n{}",
-            summary(&stdout)
-        ),
-    }
+        .env("POWA_PSQL", pgsupport::psql_program());
+    support::node::run("realtime-js Postgres Changes", command, NODE_TIMEOUT, &mut server);
 }

@@ -1,4 +1,4 @@
-//! Runs `tests/js/private.test.mjs` — private channels, REST broadcast, broadcasts from SQL,
+//! Runs `tests/js/db/private.test.mjs` — private channels, REST broadcast, broadcasts from SQL,
 //! replay and the token lifecycle through the official `@supabase/realtime-js` client — against
 //! a real `powa-realtime serve` attached to a throwaway PostgreSQL cluster, with a JWKS holding
 //! an RSA and an EC key.
@@ -17,13 +17,7 @@ mod privsupport;
 mod support;
 mod wsclient;
 
-use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use pgsupport::Db;
 use privsupport::{Keys, ACL_SQL, USER_A, USER_B, USER_C, USER_D};
@@ -31,9 +25,7 @@ use support::Server;
 
 /// The node run is killed after this long (a few tests wait for expiries and timeouts).
 const NODE_TIMEOUT: Duration = Duration::from_secs(180);
-/// `npm ci` gets this long.
-const NPM_TIMEOUT: Duration = Duration::from_secs(300);
-const TEST_FILE: &str = "private.test.mjs";
+const TEST_FILE: &str = "db/private.test.mjs";
 const UNKNOWN_KID: &str = "kid-nobody-published";
 
 /// The product docs' room-members table and policy (verbatim), and PROTOCOL.md §7.4's trigger.
@@ -71,123 +63,23 @@ for each row execute function public.todos_notify();
     )
 }
 
-fn js_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("js")
-}
-
-/// `program --version`, or a panic saying what to install.
-fn require_tool(program: &str) -> String {
-    match Command::new(program).arg("--version").output() {
-        Ok(output) if output.status.success() => String::from_utf8_lossy(&output.stdout).trim().to_string(),
-        Ok(output) => panic!("`{program} --version` failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr)),
-        Err(err) => panic!("`{program}` was not found ({err}); the realtime-js tests need Node.js 20+ and npm on PATH"),
-    }
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-/// `npm ci` when `node_modules` is missing or older than `package-lock.json`.
-fn ensure_node_modules(dir: &Path) {
-    let lock_time = modified(&dir.join("package-lock.json")).expect("tests/js/package-lock.json is part of the repository");
-    let modules = dir.join("node_modules");
-    let installed = modified(&modules.join(".package-lock.json")).or_else(|| modified(&modules));
-    let fresh = matches!(installed, Some(t) if t >= lock_time)
-        && modules.join("@supabase").join("realtime-js").is_dir()
-        && modules.join("ws").is_dir();
-    if fresh {
-        return;
-    }
-    let mut command = Command::new("npm");
-    command.args(["ci", "--no-audit", "--no-fund"]).current_dir(dir).stdin(Stdio::null());
-    let (status, stdout, stderr) = run_bounded(command, NPM_TIMEOUT, "npm");
-    assert!(matches!(status, Some(s) if s.success()), "`npm ci` failed or timed out ({status:?})\n{stdout}\n{stderr}");
-}
-
-/// Runs `command` in its own process group, echoing its output, and kills the group after
-/// `timeout`. Returns (status, or None when killed; stdout; stderr).
-fn run_bounded(mut command: Command, timeout: Duration, tag: &str) -> (Option<ExitStatus>, String, String) {
-    command.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
-    let mut child = command.spawn().unwrap_or_else(|err| panic!("could not start {tag}: {err}"));
-    let group = child.id() as libc::pid_t;
-    let pump = |stream: Box<dyn Read + Send>, label: String| {
-        let text = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&text);
-        let handle = thread::spawn(move || {
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[{label}] {line}");
-                let mut text = sink.lock().unwrap();
-                text.push_str(&line);
-                text.push('\n');
-            }
-        });
-        (text, handle)
-    };
-    let (out, out_thread) = pump(Box::new(child.stdout.take().unwrap()), tag.to_string());
-    let (err, err_thread) = pump(Box::new(child.stderr.take().unwrap()), format!("{tag}:stderr"));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            eprintln!("[realtime_js_private] {tag} still running after {timeout:?}: killing its process group");
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
-    // SAFETY: kill(2) on the process group this function created (ESRCH when already gone).
-    unsafe {
-        libc::kill(-group, libc::SIGKILL);
-    }
-    let _ = out_thread.join();
-    let _ = err_thread.join();
-    let stdout = out.lock().unwrap().clone();
-    let stderr = err.lock().unwrap().clone();
-    (status, stdout, stderr)
-}
-
-fn failures(stdout: &str) -> String {
-    stdout
-        .lines()
-        .filter(|l| {
-            let t = l.trim_start();
-            t.starts_with("not ok") || t.starts_with("# pass") || t.starts_with("# fail") || t.starts_with("✖")
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 #[test]
 fn official_realtime_js_client_on_private_channels_rest_sql_and_tokens() {
-    let node = require_tool("node");
-    require_tool("npm");
-    let major: u32 = node.trim_start_matches('v').split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
-    assert!(major >= 20, "node {node} is too old; Node.js 20+ is required");
-    let dir = js_dir();
-    assert!(dir.join(TEST_FILE).is_file(), "{TEST_FILE} is missing from {}", dir.display());
-    ensure_node_modules(&dir);
+    let dir = support::node::prepare();
 
     let keys = Keys::generate("js");
     let jwks = keys.jwks_path().to_string_lossy().into_owned();
     let mut db = Db::new();
     let url = db.url();
-    let server = Server::start(&[("DATABASE_URL", &url), ("JWT_JWKS", &jwks)]);
+    let mut server = Server::start(&[("DATABASE_URL", &url), ("JWT_JWKS", &jwks)]);
     db.exec(ACL_SQL);
     db.exec(&schema());
 
     let rs256 = keys.rs256(&keys.rsa_kid, &privsupport::user_claims(USER_A, 3600));
     let unknown_kid = keys.rs256(UNKNOWN_KID, &privsupport::user_claims(USER_A, 3600));
     let anon = support::anon_key();
-    let mut command = Command::new("node");
+    let mut command = support::node::command(&dir, &[TEST_FILE]);
     command
-        .args(["--test", "--test-concurrency=1", TEST_FILE])
-        .current_dir(&dir)
-        .stdin(Stdio::null())
         .env("POWA_ENDPOINT", server.realtime_js_endpoint())
         .env("POWA_ANON_KEY", &anon)
         .env("POWA_SERVICE_KEY", support::service_key())
@@ -203,20 +95,6 @@ fn official_realtime_js_client_on_private_channels_rest_sql_and_tokens() {
         .env("POWA_UNKNOWN_KID", UNKNOWN_KID)
         .env("POWA_UNKNOWN_KID_TOKEN", &unknown_kid)
         .env("POWA_PG_URL", &url)
-        .env("POWA_PSQL", pgsupport::psql_program())
-        .env("NO_COLOR", "1");
-    let started = Instant::now();
-    let (status, stdout, stderr) = run_bounded(command, NODE_TIMEOUT, "node");
-    eprintln!("[realtime_js_private] node finished in {:?} with {status:?}", started.elapsed());
-
-    let mut server = server;
-    assert!(server.is_running(), "powa-realtime exited during the realtime-js run");
-    match status {
-        None => panic!(
-            "the realtime-js private-channel tests did not finish within {NODE_TIMEOUT:?}\n{}\n{}",
-            stdout.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"),
-            stderr.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
-        ),
-        Some(status) => assert!(status.success(), "the realtime-js private-channel tests failed ({status})\n{}", failures(&stdout)),
-    }
+        .env("POWA_PSQL", pgsupport::psql_program());
+    support::node::run("realtime-js private channels", command, NODE_TIMEOUT, &mut server);
 }

@@ -5,6 +5,8 @@
 //! and waiting for `/healthz`.
 #![allow(dead_code)]
 
+pub mod node;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};

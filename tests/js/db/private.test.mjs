@@ -36,7 +36,7 @@ import {
   dumpFrames,
   uniqueTopic,
   incomingTextFrames,
-} from './helpers.mjs'
+} from '../helpers.mjs'
 
 const execFileP = promisify(execFile)
 

@@ -28,7 +28,7 @@ import {
   withTimeout,
   dumpFrames,
   uniqueTopic,
-} from './helpers.mjs'
+} from '../helpers.mjs'
 
 const execFileP = promisify(execFile)
 
