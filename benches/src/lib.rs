@@ -24,3 +24,4 @@ pub fn v2_broadcast(bytes: usize) -> String {
 
 /// Payload sizes the benches sweep (PROTOCOL.md frames range from ~100 B to tens of KB).
 pub const SIZES: [usize; 4] = [100, 1_000, 10_000, 50_000];
+pub mod driver;

@@ -12,104 +12,14 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use powa_benches::driver::{frame, read_frame, start_server, token, ws_connect};
 use replication::cluster::Cluster;
 
-const SECRET: &str = "bench-secret-0123456789-abcdefghijklmnop";
 const THREADS: usize = 10;
-
-fn binary() -> std::path::PathBuf {
-    std::env::current_exe().expect("exe").parent().expect("dir").join("powa-realtime")
-}
-
-fn token(role: &str) -> String {
-    let out = Command::new(binary()).args(["token", "--role", role, "--sub", "00000000-0000-0000-0000-000000000001"]).env("JWT_SECRET", SECRET).output().expect("token");
-    String::from_utf8(out.stdout).expect("utf8").trim().to_string()
-}
-
-fn ws_connect(port: u16, token: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let request = format!("GET /realtime/v1/websocket?apikey={token}&vsn=2.0.0 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    stream
-}
-
-fn frame(text: &str) -> Vec<u8> {
-    let mut out = vec![0x81u8];
-    let len = text.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    }
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(text.as_bytes());
-    out
-}
-
-fn read_frame(stream: &mut TcpStream) -> Vec<u8> {
-    let mut header = [0u8; 2];
-    stream.read_exact(&mut header).unwrap();
-    let len = match header[1] & 0x7F {
-        126 => {
-            let mut b = [0u8; 2];
-            stream.read_exact(&mut b).unwrap();
-            u16::from_be_bytes(b) as usize
-        }
-        127 => {
-            let mut b = [0u8; 8];
-            stream.read_exact(&mut b).unwrap();
-            u64::from_be_bytes(b) as usize
-        }
-        n => n as usize,
-    };
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).unwrap();
-    payload
-}
-
-struct ServerProcess(Child);
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_server(cluster: &Cluster) -> (ServerProcess, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(binary())
-        .arg("serve")
-        .env("JWT_SECRET", SECRET)
-        .env("REALTIME_ADDR", format!("127.0.0.1:{port}"))
-        .env("DATABASE_URL", cluster.url())
-        .env("REALTIME_JOIN_ERROR_DELAY_MS", "0")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("server");
-    for _ in 0..200 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (ServerProcess(child), port)
-}
 
 /// Joins/s for `n` connections each sending one join with `config`.
 fn join_storm(port: u16, n: usize, token: &str, config: &str) -> f64 {
@@ -198,12 +108,12 @@ fn rest_ingest(port: u16, token: &str, batch: usize, requests_per_thread: usize)
 fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5000);
     let (cluster, _guard) = Cluster::throwaway().expect("PostgreSQL cluster");
-    let (server, port) = start_server(&cluster);
+    let (server, port) = start_server(&cluster.url(), &[("REALTIME_JOIN_ERROR_DELAY_MS", "0".into())]);
     cluster
         .psql("create policy storm_read on realtime.messages for select to authenticated using (realtime.topic() = 'storm')")
         .expect("policy");
-    let user = token("authenticated");
-    let service = token("service_role");
+    let user = token("authenticated", "00000000-0000-0000-0000-000000000001");
+    let service = token("service_role", "00000000-0000-0000-0000-000000000001");
     println!("| workload | n | rate |");
     println!("| --- | --- | --- |");
     for round in 0..2 {
