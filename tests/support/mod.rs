@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod node;
+pub mod python;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
