@@ -9,6 +9,9 @@ use auth::KeyStore;
 use engine::Limits;
 use net::server::ServerConfig;
 
+/// `REALTIME_DRAIN_SECS` default (CONTRACT.md).
+const DRAIN_SECS_DEFAULT: u64 = 10;
+
 fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
@@ -65,5 +68,15 @@ pub(crate) fn server_config(secret: Vec<u8>) -> Result<ServerConfig> {
         keys = keys.with_jwks_json(&text).with_context(|| format!("JWT_JWKS file {path} is not a JWKS"))?;
     }
     let database_url = var("DATABASE_URL");
-    Ok(ServerConfig { addr, shards, limits, keys, database: database_url.is_some(), postgres: None })
+    let drain = Duration::from_secs(number("REALTIME_DRAIN_SECS", DRAIN_SECS_DEFAULT)?);
+    Ok(ServerConfig {
+        addr,
+        shards,
+        limits,
+        keys,
+        database: database_url.is_some(),
+        postgres: None,
+        drain,
+        control: std::sync::Arc::new(net::server::Control::default()),
+    })
 }

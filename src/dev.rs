@@ -2,9 +2,9 @@
 //!
 //! With no `DATABASE_URL`, [`start_database`] creates (first run) or reuses `./.powa/pgdata`,
 //! starts it on the loopback port kept in `./.powa/pg_port` (chosen at first run; a new free
-//! one when that port is taken), and remembers its URL for [`database_url`]. SIGINT, SIGTERM
-//! and SIGHUP are turned into a clean stop: a dedicated thread waits for them, stops the
-//! cluster (`pg_ctl stop -m fast`) and exits the process with status 0.
+//! one when that port is taken), and remembers its URL for [`database_url`]. SIGINT and
+//! SIGTERM drain the server first (`crate::signals`); then [`shutdown`] stops the cluster
+//! (`pg_ctl stop -m fast`) and the process exits with status 0.
 //!
 //! Only one `dev` may own a `.powa/` directory at a time: it holds an exclusive `flock` on
 //! `.powa/dev.lock` for its whole life (released by the kernel however the process ends). A
@@ -39,42 +39,6 @@ pub(crate) struct DevDatabase {
     pub(crate) data_dir: PathBuf,
     /// The server log.
     pub(crate) log: PathBuf,
-}
-
-/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and so in every thread spawned after) and
-/// starts the thread that waits for them. Call before spawning any other thread.
-pub(crate) fn install_signal_handling() -> Result<()> {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset; pthread_sigmask only changes
-    // this thread's mask.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, signal);
-        }
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            bail!("cannot block signals: {}", std::io::Error::from_raw_os_error(rc));
-        }
-        set
-    };
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut signal: libc::c_int = 0;
-            // SAFETY: `set` holds the blocked signals; sigwait stores the one received.
-            while unsafe { libc::sigwait(&set, &mut signal) } != 0 {}
-            let name = match signal {
-                libc::SIGINT => "SIGINT",
-                libc::SIGTERM => "SIGTERM",
-                _ => "SIGHUP",
-            };
-            eprintln!("powa-realtime: {name} received, stopping");
-            shutdown();
-            std::process::exit(0);
-        })
-        .context("cannot start the signal thread")?;
-    Ok(())
 }
 
 /// Stops the dev cluster, if one runs. Waits for a start in progress to finish first.

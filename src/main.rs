@@ -4,6 +4,7 @@
 
 mod config;
 mod dev;
+mod signals;
 
 use std::io::Read as _;
 use std::path::Path;
@@ -23,7 +24,7 @@ USAGE:
                                         default 3600; negative for an already expired token)
 
 ENVIRONMENT: REALTIME_ADDR (127.0.0.1:4000), JWT_SECRET, JWT_JWKS, REALTIME_SHARDS (cores),
-    DATABASE_URL, REALTIME_MAX_* limits, REALTIME_IDLE_TIMEOUT_SECS, REALTIME_JOIN_ERROR_DELAY_MS,
+    DATABASE_URL, REALTIME_DRAIN_SECS (10), REALTIME_MAX_* limits, REALTIME_IDLE_TIMEOUT_SECS, REALTIME_JOIN_ERROR_DELAY_MS,
     REALTIME_CONNECT_ERROR_DELAY_MS, RUST_LOG (info). See README.md.
 ";
 
@@ -51,9 +52,12 @@ fn init_logging() {
 }
 
 fn serve() -> Result<()> {
+    // Before any other thread exists, so that every thread inherits the mask.
+    let blocked = signals::block()?;
     init_logging();
     let secret = std::env::var("JWT_SECRET").context("JWT_SECRET is required by `serve` (the HS256 secret project tokens are signed with)")?;
     let mut server = config::server_config(secret.into_bytes())?;
+    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: None, hangup_stops: false, before_exit: || {} })?;
     attach_database(&mut server)?;
     tracing::info!(addr = %server.addr, shards = server.shards, database = server.database, "powa-realtime serving");
     net::server::run(server)?;
@@ -102,15 +106,17 @@ fn dev_secret(dir: &Path) -> Result<String> {
 const DEV_KEY_LIFETIME_SECS: i64 = 10 * 365 * 24 * 3600;
 
 fn dev() -> Result<()> {
-    init_logging();
     // Before any other thread exists: Ctrl-C must stop the embedded PostgreSQL too.
-    dev::install_signal_handling()?;
+    let blocked = signals::block()?;
+    init_logging();
     let dir = Path::new(".powa");
     let secret = match std::env::var("JWT_SECRET") {
         Ok(secret) => secret,
         Err(_) => dev_secret(dir)?,
     };
     let mut server = config::server_config(secret.clone().into_bytes())?;
+    // The server drains first; `dev::shutdown` after `run` stops PostgreSQL.
+    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: None, hangup_stops: true, before_exit: dev::shutdown })?;
     let database = match std::env::var("DATABASE_URL") {
         Ok(url) if !url.trim().is_empty() => None,
         _ => Some(dev::start_database(dir)?),

@@ -342,6 +342,10 @@ fn no_signer(kid: Option<&str>) -> Cow<'static, str> {
     }
 }
 
+/// While the server drains (CONTRACT.md "Shutdown"): the `/healthz` body (503, plain text) and
+/// the REST `message` (503).
+pub const DRAINING: &str = "draining";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,5 +422,10 @@ mod tests {
         assert_eq!(CloseReason::IdleTimeout.code(), 1000);
         assert_eq!(CloseReason::MessageTooBig.code(), 1009);
         assert!(CloseReason::SlowConsumer.text().len() <= 123);
+    }
+
+    #[test]
+    fn draining_string() {
+        assert_eq!(DRAINING, "draining");
     }
 }

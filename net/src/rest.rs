@@ -95,6 +95,11 @@ pub fn response(status: u16, body: &[u8]) -> Bytes {
     http::response_with_headers(status, content_type, CORS_HEADERS, body)
 }
 
+/// The answer to any REST call while the server drains: 503.
+pub fn draining() -> Bytes {
+    message(503, engine::client_error::DRAINING)
+}
+
 fn message(status: u16, text: &str) -> Bytes {
     response(status, json!({ "message": text }).to_string().as_bytes())
 }

@@ -597,6 +597,19 @@ impl Session {
         }
     }
 
+    /// The server is going away (PROTOCOL.md §1.11): `system` "Server requested disconnect"
+    /// (status ok) on every joined channel; the driver
+    /// then closes the socket with 1012. Channels stay registered until the socket closes.
+    pub fn disconnect_notices(&self) -> Vec<Bytes> {
+        let notice = SystemMessage::ServerRequestedDisconnect;
+        let text = notice.text();
+        self.channels
+            .iter()
+            .filter(|(_, c)| c.state == ChannelState::Joined)
+            .map(|(topic, c)| frame::encode_system(self.format, as_ref(&c.join_ref), topic, "system", notice.status(), &text))
+            .collect()
+    }
+
     /// The earliest `exp` of the session's channels, so the driver can skip idle sessions.
     pub fn next_expiry(&self) -> Option<i64> {
         self.channels.values().map(|c| c.claims.exp).min()

@@ -38,6 +38,24 @@ impl Server {
     pub fn start(extra_env: &[(&str, &str)]) -> Server {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        Server::start_on(addr, extra_env)
+    }
+
+    /// Like [`Server::start`], on a given address.
+    pub fn start_on(addr: SocketAddr, extra_env: &[(&str, &str)]) -> Server {
+        let mut server = Server::spawn_on(addr, extra_env);
+        server.wait_healthy();
+        server
+    }
+
+    /// Starts the process without waiting for it to serve.
+    pub fn spawn_on(addr: SocketAddr, extra_env: &[(&str, &str)]) -> Server {
+        let child = Server::command(addr, extra_env).spawn().expect("spawn powa-realtime");
+        Server { child, addr }
+    }
+
+    /// The `serve` command [`Server::start_on`] runs, not started yet.
+    pub fn command(addr: SocketAddr, extra_env: &[(&str, &str)]) -> Command {
         let mut command = Command::new(binary());
         command
             .arg("serve")
@@ -53,10 +71,27 @@ impl Server {
         for (key, value) in extra_env {
             command.env(key, value);
         }
-        let child = command.spawn().expect("spawn powa-realtime");
-        let mut server = Server { child, addr };
-        server.wait_healthy();
-        server
+        command
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the server process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, signal) }, 0, "kill({signal})");
+    }
+
+    /// Waits up to `timeout` for the process to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn wait_healthy(&mut self) {

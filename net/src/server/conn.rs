@@ -70,12 +70,14 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = buf.split_to(head.len);
     let response = match http::route(&head) {
         Route::WebSocket => return upgrade(shard, stream, head, buf).await,
+        Route::Health if shard.config.control.is_draining() => http::response(503, "text/plain", engine::client_error::DRAINING.as_bytes()),
         Route::Health => match &shard.config.postgres {
             Some(link) if !link.healthy.load(std::sync::atomic::Ordering::Relaxed) => http::response(503, "text/plain", b"database unavailable"),
             _ => http::response(200, "text/plain", b"ok"),
         },
         Route::Metrics => http::response(200, "text/plain; version=0.0.4", shard.metrics.render().as_bytes()),
         Route::Ping => http::json_message(200, "message", "Success"),
+        Route::Rest(_) if shard.config.control.is_draining() => rest::draining(),
         Route::Rest(route) => rest_call(&shard, &mut stream, &head, buf, &route).await,
         Route::NotFound => http::not_found(),
     };

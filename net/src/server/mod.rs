@@ -4,6 +4,8 @@
 //! ([`crate::session`], [`engine::shard`]); this module reads, calls them, and writes.
 
 mod conn;
+mod control;
+mod drain;
 mod metrics;
 mod outbox;
 mod shard;
@@ -19,11 +21,15 @@ use auth::KeyStore;
 use engine::limits::SHARD_QUEUE_MESSAGES_MAX;
 use engine::{Limits, ShardId, ShardMsg};
 
+pub use control::Control;
 pub use metrics::Metrics;
 
 /// io_uring buffer memory per executor: the minimum, so that executors start under the
 /// default 8 MiB memlock limit (measured: 192 KiB pinned per executor).
 const IO_MEMORY_BYTES: usize = 64 << 10;
+
+/// Pending connections each shard's listener holds (the kernel caps it at `somaxconn`).
+const LISTEN_BACKLOG: i32 = 4096;
 
 /// Everything the shards share (read-only).
 #[derive(Debug)]
@@ -40,6 +46,10 @@ pub struct ServerConfig {
     pub database: bool,
     /// The Postgres Changes core, when a database is configured.
     pub postgres: Option<PgLink>,
+    /// How long the graceful drain may take (`REALTIME_DRAIN_SECS`).
+    pub drain: std::time::Duration,
+    /// The drain trigger, shared with the binary's signal thread.
+    pub control: Arc<Control>,
 }
 
 /// Queues between the shards and the Postgres Changes core (both bounded: commands
@@ -78,10 +88,10 @@ impl std::error::Error for ServerError {}
 /// Runs the server until the process ends.
 pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     assert!(config.shards >= 1);
-    // glommio binds with SO_REUSEPORT, which would let a second server share the port
-    // silently. A plain bind first fails if anything listens there already.
-    let probe = std::net::TcpListener::bind(config.addr).map_err(|e| ServerError::AddressInUse(config.addr, e))?;
-    drop(probe);
+    // The shards' listeners use SO_REUSEPORT, which would let a second server share the port
+    // silently. A bind without it first fails if anything listens there already; with
+    // SO_REUSEADDR it ignores the previous process's connections (TIME_WAIT or draining).
+    probe(config.addr).map_err(|e| ServerError::AddressInUse(config.addr, e))?;
 
     let shards = config.shards;
     let config = Arc::new(config);
@@ -107,6 +117,43 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     Ok(())
 }
 
+fn socket_for(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    Ok(socket)
+}
+
+/// Binds `addr` with SO_REUSEADDR only: fails while any socket listens there, succeeds over
+/// connections left by a previous process.
+fn probe(addr: SocketAddr) -> std::io::Result<()> {
+    socket_for(addr)?.bind(&addr.into())
+}
+
+/// A shard's listening socket: SO_REUSEADDR (a restart binds at once, whatever connections the
+/// previous process left) and SO_REUSEPORT (every shard listens on the same port).
+fn listen(addr: SocketAddr) -> std::io::Result<Listener> {
+    use std::os::fd::{FromRawFd as _, IntoRawFd as _};
+    let socket = socket_for(addr)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    let fd = socket.into_raw_fd();
+    // SAFETY: the descriptor is a bound, listening TCP socket whose ownership moves here.
+    Ok(Listener { listener: unsafe { glommio::net::TcpListener::from_raw_fd(fd) }, fd })
+}
+
+/// A shard's listener and its descriptor (glommio's type does not expose it).
+struct Listener {
+    listener: glommio::net::TcpListener,
+    fd: std::os::fd::RawFd,
+}
+
+/// Stops accepting on `listener` (a pending accept fails); idempotent.
+fn stop_listening(listener: &Listener) {
+    // SAFETY: the descriptor belongs to `listener.listener`, alive for the duration of the call.
+    unsafe { libc::shutdown(listener.fd, libc::SHUT_RDWR) };
+}
+
 /// The CPUs in the process's affinity mask, if it can be read.
 fn allowed_cpus() -> Option<Vec<usize>> {
     // SAFETY: `set` is a plain bit set owned by this frame; the call writes at most its size.
@@ -122,7 +169,7 @@ fn allowed_cpus() -> Option<Vec<usize>> {
 async fn shard_main(config: Arc<ServerConfig>, mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>, metrics: Arc<Metrics>) -> Result<(), String> {
     let (senders, mut receivers) = mesh.join().await.map_err(|e| format!("shard mesh join failed: {e}"))?;
     let id = ShardId(senders.peer_id() as u16);
-    let listener = glommio::net::TcpListener::bind(config.addr).map_err(|e| format!("bind {}: {e}", config.addr))?;
+    let listener = listen(config.addr).map_err(|e| format!("bind {}: {e}", config.addr))?;
     let shard = Rc::new(shard::Shard::new(id, Arc::clone(&config), senders, metrics));
     for (_, receiver) in receivers.streams() {
         glommio::spawn_local(Rc::clone(&shard).receive(receiver)).detach();
@@ -133,12 +180,23 @@ async fn shard_main(config: Arc<ServerConfig>, mesh: MeshBuilder<ShardMsg, glomm
         let inbox = link.inboxes[id.index()].clone();
         glommio::spawn_local(Rc::clone(&shard).postgres_inbox(inbox)).detach();
     }
+    // A drain shuts the listener down, which ends a pending accept with an error. The task
+    // holds the listener, so its descriptor stays ours until the shutdown is done.
+    let listener = Rc::new(listener);
+    let control = Arc::clone(&config.control);
+    let held = Rc::clone(&listener);
+    glommio::spawn_local(async move {
+        control.drain_started().await;
+        stop_listening(&held);
+    })
+    .detach();
     tracing::info!(shard = id.0, addr = %config.addr, "shard listening");
-    loop {
-        match listener.accept().await {
+    while !config.control.is_draining() {
+        match listener.listener.accept().await {
             Ok(stream) => {
                 glommio::spawn_local(conn::serve(Rc::clone(&shard), stream)).detach();
             }
+            Err(_) if config.control.is_draining() => break,
             Err(error) => {
                 // Typically EMFILE: back off briefly instead of spinning.
                 tracing::warn!(shard = id.0, %error, "accept failed");
@@ -146,4 +204,9 @@ async fn shard_main(config: Arc<ServerConfig>, mesh: MeshBuilder<ShardMsg, glomm
             }
         }
     }
+    // Closing the listener resets connections still in its backlog: they retry elsewhere.
+    stop_listening(&listener);
+    drop(listener);
+    shard.drain().await;
+    Ok(())
 }

@@ -285,6 +285,11 @@ impl Shard {
         queue.push_back(msg);
     }
 
+    /// Whether a message waits in an overflow queue for some peer shard.
+    pub(crate) fn overflow_pending(&self) -> bool {
+        self.overflow.borrow().iter().any(|queue| !queue.is_empty())
+    }
+
     /// Drains the overflow queue for `dest` in order, waiting for room in the SPSC queue.
     async fn flush(self: Rc<Self>, dest: ShardId) {
         let index = dest.index();
