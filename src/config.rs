@@ -78,5 +78,6 @@ pub(crate) fn server_config(secret: Vec<u8>) -> Result<ServerConfig> {
         postgres: None,
         drain,
         control: std::sync::Arc::new(net::server::Control::default()),
+        metrics_hooks: Vec::new(),
     })
 }

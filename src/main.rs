@@ -4,6 +4,7 @@
 
 mod config;
 mod dev;
+mod pgmetrics;
 mod signals;
 
 use std::io::Read as _;
@@ -75,6 +76,7 @@ fn attach_database(server: &mut net::server::ServerConfig) -> Result<()> {
 fn attach_database_url(server: &mut net::server::ServerConfig, url: &str) -> Result<()> {
     let postgres = replication::start::start(url, server.shards).context("DATABASE_URL")?;
     server.database = true;
+    server.metrics_hooks.push(pgmetrics::hook(postgres.reader_stats, postgres.core_stats, std::sync::Arc::clone(&postgres.healthy)));
     server.postgres = Some(net::server::PgLink { commands: postgres.commands, inboxes: postgres.inboxes, healthy: postgres.healthy });
     Ok(())
 }

@@ -10,12 +10,14 @@
 //! - [`broadcast`]: the canonical form of a message travelling between shards.
 //! - [`limits`]: every bound, with PROTOCOL.md's defaults.
 //! - [`client_error`]: every client-visible string, in one place.
+//! - [`histogram`]: fixed-bucket latency histograms for `/metrics` (relaxed atomics).
 #![forbid(unsafe_code)]
 #![deny(unreachable_pub)]
 #![warn(missing_docs)]
 
 pub mod broadcast;
 pub mod client_error;
+pub mod histogram;
 pub mod ids;
 pub mod limits;
 pub mod presence;

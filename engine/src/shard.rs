@@ -353,6 +353,11 @@ impl ShardState {
         self.owned.len()
     }
 
+    /// Presence members (tracked elements) over the topics this shard owns (for metrics).
+    pub fn presence_members(&self) -> usize {
+        self.owned.values().filter_map(|topic| topic.presence.as_ref()).map(PresenceState::len).sum()
+    }
+
     /// Number of topics with local subscribers (acknowledged or pending).
     pub fn local_topics(&self) -> usize {
         self.local.len() + self.pending.len()

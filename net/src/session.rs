@@ -56,6 +56,12 @@ pub struct Effects {
     pub pg: Vec<PgCommand>,
     /// Presence tracks accepted (tenant presence events, §4.6).
     pub presence_events: u64,
+    /// Channels that became joined / left after being joined (for metrics).
+    pub joined: u64,
+    /// See `joined`.
+    pub left: u64,
+    /// The code of each refused join (the reason's prefix, e.g. `ChannelRateLimitReached`).
+    pub join_errors: Vec<Box<str>>,
 }
 
 /// Shared, read-only context of a call.
@@ -346,6 +352,7 @@ impl Session {
             Err(error) => {
                 let reason = error.reason();
                 tracing::debug!(conn = self.conn.0, topic, %reason, "join refused");
+                fx.join_errors.push(join_error_code(&reason));
                 fx.delayed.push(frame::encode_error_reason(self.format, frame.join_ref, frame.ref_, topic, &reason));
             }
         }
@@ -410,6 +417,7 @@ impl Session {
             return;
         }
         channel.state = ChannelState::Joined;
+        fx.joined += 1;
         let reply = frame::encode_reply(self.format, as_ref(&channel.join_ref), as_ref(&channel.join_reply_ref), topic, "ok", &channel.join_response);
         fx.frames.push(reply);
         if !channel.pg_bindings.is_empty() {
@@ -568,6 +576,9 @@ impl Session {
     }
 
     fn unsubscribe(&self, state: &mut ShardState, channel: &Channel, fx: &mut Effects) {
+        if channel.state == ChannelState::Joined {
+            fx.left += 1;
+        }
         fx.shard.extend(state.local_leave(&channel.key, self.conn, channel.serial));
         if !channel.pg_bindings.is_empty() {
             fx.pg.push(PgCommand::Unsubscribe(ChannelKey { shard: self.shard, conn: self.conn, channel: channel.serial }));
@@ -679,6 +690,11 @@ fn system_message(error: AuthError) -> SystemMessage {
         AuthError::BadSignature => SystemMessage::BadSignature,
         _ => SystemMessage::NotJwt,
     }
+}
+
+/// A join error's code for metrics: the reason up to its first `:` (a small fixed set).
+pub(crate) fn join_error_code(reason: &str) -> Box<str> {
+    reason.split(':').next().unwrap_or(reason).into()
 }
 
 /// How long join error replies wait (upstream `CHANNEL_ERROR_BACKOFF_MS`).

@@ -192,6 +192,10 @@ pub struct CoreStats {
     pub rls_queries: std::sync::atomic::AtomicU64,
     /// Subscriptions active.
     pub channels: std::sync::atomic::AtomicU64,
+    /// Round trips of the RLS check queries.
+    pub rls_latency: engine::histogram::Histogram,
+    /// Messages for a shard dropped because its inbox was full.
+    pub inbox_dropped: std::sync::atomic::AtomicU64,
 }
 
 type TableKey = (Arc<str>, Arc<str>);
@@ -558,6 +562,7 @@ impl Core {
     fn send(&self, shard: ShardId, out: PgOut) {
         if let Some(sender) = self.shards.get(shard.index()) {
             if sender.try_send(out).is_err() {
+                self.stats.inbox_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(shard = shard.0, "shard inbox full: a Postgres Changes message was dropped");
             }
         }
@@ -987,7 +992,9 @@ async fn process(core: &Rc<RefCell<Core>>, rls: &Db, batch: Vec<Arc<Txn>>) {
             .collect();
         core.borrow().stats.rls_queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let client = rls.get().await;
+        let started = std::time::Instant::now();
         let results = sql::rls_visible_groups(&client, &table, &request).await;
+        core.borrow().stats.rls_latency.observe(started.elapsed().as_micros() as u64);
         for (((role, claims), rows), result) in groups.iter().zip(results) {
             match result {
                 Ok(visible) => {

@@ -133,6 +133,13 @@ pub struct ReaderStats {
     pub reconnects: AtomicU64,
     /// Last LSN confirmed to the server.
     pub confirmed_lsn: AtomicU64,
+    /// The server's end of WAL, as of its last message.
+    pub server_wal_end: AtomicU64,
+    /// The WAL position read so far (the start of the last message, or the end of WAL when
+    /// a keepalive says nothing is pending).
+    pub received_lsn: AtomicU64,
+    /// For the last transaction decoded: its commit time to the moment it was decoded, µs.
+    pub commit_lag_micros: AtomicU64,
 }
 
 /// Starts the reader thread.
@@ -239,12 +246,16 @@ fn stream_once(params: &ConnParams, slot: &str, events: &flume::Sender<WalEvent>
         if let Some(message) = message {
             match message.tag {
                 b'd' => match ReplicationMessage::try_from(message.body) {
-                    Ok(ReplicationMessage::XLogData { wal_end, data, .. }) => {
+                    Ok(ReplicationMessage::XLogData { wal_start, wal_end, data, .. }) => {
                         last_lsn = last_lsn.max(wal_end);
+                        stats.server_wal_end.store(wal_end, Ordering::Relaxed);
+                        stats.received_lsn.store(wal_start, Ordering::Relaxed);
                         handle_wal(data, &mut txn, &mut txn_overflow, events, stats)?;
                     }
                     Ok(ReplicationMessage::Keepalive { wal_end, reply_requested: asked, .. }) => {
                         last_lsn = last_lsn.max(wal_end);
+                        stats.server_wal_end.store(wal_end, Ordering::Relaxed);
+                        stats.received_lsn.store(wal_end, Ordering::Relaxed);
                         reply_requested = asked;
                     }
                     Err(error) => return Err(PgError::Protocol(format!("replication message: {error}"))),
@@ -287,6 +298,7 @@ fn handle_wal(data: Bytes, txn: &mut Option<Txn>, overflow: &mut u64, events: &f
             }
             if let Some(mut done) = txn.take() {
                 done.commit_time = commit.commit_time;
+                stats.commit_lag_micros.store(pg_now_micros().saturating_sub(commit.commit_time).max(0) as u64, Ordering::Relaxed);
                 if !done.changes.is_empty() {
                     tracing::debug!(changes = done.changes.len(), "transaction decoded");
                     match events.try_send(WalEvent::Txn(Arc::new(done))) {

@@ -75,7 +75,13 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             Some(link) if !link.healthy.load(std::sync::atomic::Ordering::Relaxed) => http::response(503, "text/plain", b"database unavailable"),
             _ => http::response(200, "text/plain", b"ok"),
         },
-        Route::Metrics => http::response(200, "text/plain; version=0.0.4", shard.metrics.render().as_bytes()),
+        Route::Metrics => {
+            let mut text = shard.metrics.render();
+            for hook in &shard.config.metrics_hooks {
+                (hook.0)(&mut text);
+            }
+            http::response(200, "text/plain; version=0.0.4", text.as_bytes())
+        }
         Route::Ping => http::json_message(200, "message", "Success"),
         Route::Rest(_) if shard.config.control.is_draining() => rest::draining(),
         Route::Rest(route) => rest_call(&shard, &mut stream, &head, buf, &route).await,
@@ -135,6 +141,7 @@ async fn rest_call(shard: &Rc<Shard>, stream: &mut TcpStream, head: &http::Head,
             }
         }
     }
+    metrics::add(&shard.counters().rest_messages, outgoing.len() as u64);
     let messages = outgoing
         .into_iter()
         .map(|o| (o.topic.owner(shard.config.shards), engine::ShardMsg::Publish { topic: o.topic, message: o.message }))

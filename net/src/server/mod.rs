@@ -22,7 +22,7 @@ use engine::limits::SHARD_QUEUE_MESSAGES_MAX;
 use engine::{Limits, ShardId, ShardMsg};
 
 pub use control::Control;
-pub use metrics::Metrics;
+pub use metrics::{series, Metrics, MetricsHook};
 
 /// io_uring buffer memory per executor: the minimum, so that executors start under the
 /// default 8 MiB memlock limit (measured: 192 KiB pinned per executor).
@@ -50,6 +50,8 @@ pub struct ServerConfig {
     pub drain: std::time::Duration,
     /// The drain trigger, shared with the binary's signal thread.
     pub control: Arc<Control>,
+    /// More `/metrics` series (the binary's Postgres side).
+    pub metrics_hooks: Vec<MetricsHook>,
 }
 
 /// Queues between the shards and the Postgres Changes core (both bounded: commands
@@ -176,6 +178,7 @@ async fn shard_main(config: Arc<ServerConfig>, mesh: MeshBuilder<ShardMsg, glomm
     }
     glommio::spawn_local(Rc::clone(&shard).expire_tokens()).detach();
     glommio::spawn_local(Rc::clone(&shard).rate_ticks()).detach();
+    glommio::spawn_local(Rc::clone(&shard).sample_gauges()).detach();
     if let Some(link) = &config.postgres {
         let inbox = link.inboxes[id.index()].clone();
         glommio::spawn_local(Rc::clone(&shard).postgres_inbox(inbox)).detach();

@@ -88,6 +88,11 @@ impl Outbox {
         self.wake();
     }
 
+    /// Bytes queued and not yet handed to the writer.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.queued_bytes.get()
+    }
+
     pub(crate) fn state(&self) -> OutboxState {
         self.state.get()
     }

@@ -124,6 +124,18 @@ impl Shard {
         if fx.malformed > 0 {
             metrics::add(&self.counters().malformed_frames, fx.malformed);
         }
+        if fx.presence_events > 0 {
+            metrics::add(&self.counters().presence_tracks, fx.presence_events);
+        }
+        if fx.joined > 0 {
+            metrics::add(&self.counters().joins, fx.joined);
+        }
+        if fx.left > 0 {
+            metrics::add(&self.counters().leaves, fx.left);
+        }
+        if !fx.join_errors.is_empty() {
+            self.count_join_errors(&fx.join_errors);
+        }
         if let Some(reason) = fx.close {
             conn.outbox.close(reason);
         }
@@ -184,6 +196,7 @@ impl Shard {
                     }
                 }
                 PgOut::Publish { topic, message } => {
+                    metrics::add(&self.counters().database_broadcasts, 1);
                     let owner = topic.owner(self.config.shards);
                     self.route(vec![(owner, engine::ShardMsg::Publish { topic, message })]);
                 }
@@ -223,10 +236,15 @@ impl Shard {
     /// Queues a frame on a connection; counts the connection once if this push overflowed it.
     fn push(&self, conn: &Conn, frame: bytes::Bytes) {
         let was_open = conn.outbox.state() == OutboxState::Open;
-        if !conn.outbox.push(frame) && was_open && conn.outbox.state() == OutboxState::Closing(CloseReason::SlowConsumer) {
+        if conn.outbox.push(frame) {
+            return;
+        }
+        let slow = conn.outbox.state() == OutboxState::Closing(CloseReason::SlowConsumer);
+        if was_open && slow {
             metrics::add(&self.counters().slow_consumer_closes, 1);
             tracing::info!(shard = self.id.0, "slow consumer disconnected: outbound queue full");
         }
+        metrics::add(if slow { &self.counters().dropped_slow_consumer } else { &self.counters().dropped_closed }, 1);
     }
 
     /// Routes messages: local ones are handled here (in order), remote ones queued.
@@ -326,6 +344,7 @@ impl Shard {
                 if matches!(message.body, engine::BroadcastBody::PresenceDiff(_)) {
                     // Every delivered presence_diff counts toward the tenant's rate (§4.6).
                     self.presence_window.borrow_mut().add(delivered as u64);
+                    metrics::add(&self.counters().presence_diffs, delivered as u64);
                 }
             }
             LocalEffect::SchedulePresenceFlush { topic } => {

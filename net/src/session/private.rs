@@ -100,6 +100,7 @@ impl Session {
             if !granted {
                 let reason = JoinError::Unauthorized { sub_topic: sub }.reason();
                 let reply = frame::encode_error_reason(self.format, as_ref(&channel.join_ref), as_ref(&channel.join_reply_ref), topic, &reason);
+                fx.join_errors.push(super::join_error_code(&reason));
                 fx.delayed.push(reply);
                 self.channels.remove(topic);
                 return;
@@ -110,6 +111,7 @@ impl Session {
                 if !result.broadcast {
                     let reason = JoinError::Unauthorized { sub_topic: sub }.reason();
                     let reply = frame::encode_error_reason(self.format, as_ref(&channel.join_ref), as_ref(&channel.join_reply_ref), topic, &reason);
+                    fx.join_errors.push(super::join_error_code(&reason));
                     fx.delayed.push(reply);
                     self.channels.remove(topic);
                     return;
@@ -152,6 +154,7 @@ impl Session {
                 tracing::warn!(%error, "replay query failed");
                 let reason = JoinError::ReplayFailed.reason();
                 let reply = frame::encode_error_reason(format, as_ref(&channel.join_ref), as_ref(&channel.join_reply_ref), &topic, &reason);
+                fx.join_errors.push(super::join_error_code(&reason));
                 fx.delayed.push(reply);
                 self.channels.remove(&*topic);
                 return;

@@ -1,0 +1,33 @@
+//! The Postgres side of `/metrics` (README.md "Metrics"): the replication reader's and the
+//! changes core's counters, rendered by a hook the server calls at each scrape.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use net::server::{series, MetricsHook};
+use replication::changes::CoreStats;
+use replication::reader::ReaderStats;
+
+/// The hook for one database.
+pub(crate) fn hook(reader: Arc<ReaderStats>, core: Arc<CoreStats>, healthy: Arc<AtomicBool>) -> MetricsHook {
+    MetricsHook(Box::new(move |out| render(&reader, &core, &healthy, out)))
+}
+
+fn render(reader: &ReaderStats, core: &CoreStats, healthy: &AtomicBool, out: &mut String) {
+    let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+    let wal_end = load(&reader.server_wal_end);
+    let received = load(&reader.received_lsn);
+    series(out, "realtime_database_up", "gauge", "1 while the changes core is connected to the database", u8::from(healthy.load(Ordering::Relaxed)));
+    series(out, "realtime_replication_lag_bytes", "gauge", "The server's end of WAL minus the position read by the replication stream", wal_end.saturating_sub(received));
+    series(out, "realtime_replication_lag_seconds", "gauge", "For the last transaction decoded: from its commit to its decoding", load(&reader.commit_lag_micros) as f64 / 1e6);
+    series(out, "realtime_replication_confirmed_lsn", "gauge", "The last WAL position confirmed to the server", load(&reader.confirmed_lsn));
+    series(out, "realtime_replication_reconnects_total", "counter", "Replication stream reconnections", load(&reader.reconnects));
+    series(out, "realtime_postgres_changes_decoded_total", "counter", "Row changes decoded from the replication stream", load(&reader.changes_decoded));
+    series(out, "realtime_postgres_transactions_dropped_total", "counter", "Transactions dropped because the changes core was behind", load(&reader.txns_dropped));
+    series(out, "realtime_postgres_changes_dropped_total", "counter", "Row changes dropped beyond the per-transaction limit", load(&reader.changes_dropped));
+    series(out, "realtime_postgres_changes_deliveries_total", "counter", "Postgres Changes messages delivered (per channel)", load(&core.deliveries));
+    series(out, "realtime_postgres_changes_inbox_dropped_total", "counter", "Postgres Changes messages dropped because a shard's inbox was full", load(&core.inbox_dropped));
+    series(out, "realtime_postgres_changes_subscriptions", "gauge", "Channels with Postgres Changes bindings", load(&core.channels));
+    series(out, "realtime_rls_checks_total", "counter", "RLS check round trips", load(&core.rls_queries));
+    engine::histogram::Histogram::render("realtime_rls_check_seconds", "Round-trip time of the RLS check queries", std::iter::once(&core.rls_latency), out);
+}
