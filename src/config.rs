@@ -23,6 +23,18 @@ fn number<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
     }
 }
 
+/// `REALTIME_TLS_CERT` + `REALTIME_TLS_KEY`: both or neither; the files must load.
+fn tls() -> Result<Option<std::sync::Arc<net::server::Tls>>> {
+    match (var("REALTIME_TLS_CERT"), var("REALTIME_TLS_KEY")) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => {
+            let tls = net::server::Tls::new(std::path::Path::new(cert.trim()), std::path::Path::new(key.trim()))?;
+            Ok(Some(std::sync::Arc::new(tls)))
+        }
+        _ => bail!("REALTIME_TLS_CERT and REALTIME_TLS_KEY go together: set both (PEM files) or neither"),
+    }
+}
+
 /// Builds the server configuration; `secret` is the HS256 secret.
 pub(crate) fn server_config(secret: Vec<u8>) -> Result<ServerConfig> {
     let addr_text = var("REALTIME_ADDR").unwrap_or_else(|| "127.0.0.1:4000".into());
@@ -79,5 +91,6 @@ pub(crate) fn server_config(secret: Vec<u8>) -> Result<ServerConfig> {
         drain,
         control: std::sync::Arc::new(net::server::Control::default()),
         metrics_hooks: Vec::new(),
+        tls: tls()?,
     })
 }

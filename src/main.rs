@@ -25,7 +25,7 @@ USAGE:
                                         default 3600; negative for an already expired token)
 
 ENVIRONMENT: REALTIME_ADDR (127.0.0.1:4000), JWT_SECRET, JWT_JWKS, REALTIME_SHARDS (cores),
-    DATABASE_URL, REALTIME_DRAIN_SECS (10), REALTIME_MAX_* limits, REALTIME_IDLE_TIMEOUT_SECS, REALTIME_JOIN_ERROR_DELAY_MS,
+    DATABASE_URL, REALTIME_DRAIN_SECS (10), REALTIME_TLS_CERT + REALTIME_TLS_KEY (PEM; SIGHUP reloads), REALTIME_MAX_* limits, REALTIME_IDLE_TIMEOUT_SECS, REALTIME_JOIN_ERROR_DELAY_MS,
     REALTIME_CONNECT_ERROR_DELAY_MS, RUST_LOG (info). See README.md.
 ";
 
@@ -58,11 +58,21 @@ fn serve() -> Result<()> {
     init_logging();
     let secret = std::env::var("JWT_SECRET").context("JWT_SECRET is required by `serve` (the HS256 secret project tokens are signed with)")?;
     let mut server = config::server_config(secret.into_bytes())?;
-    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: None, hangup_stops: false, before_exit: || {} })?;
+    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: tls_reload(&server), hangup_stops: false, before_exit: || {} })?;
     attach_database(&mut server)?;
     tracing::info!(addr = %server.addr, shards = server.shards, database = server.database, "powa-realtime serving");
     net::server::run(server)?;
     Ok(())
+}
+
+/// SIGHUP's hook with TLS: re-read the certificate and key (new handshakes use them; on error
+/// the previous pair stays).
+fn tls_reload(server: &net::server::ServerConfig) -> Option<Box<dyn Fn() + Send>> {
+    let tls = std::sync::Arc::clone(server.tls.as_ref()?);
+    Some(Box::new(move || match tls.reload() {
+        Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+        Err(error) => tracing::error!(%error, "SIGHUP: TLS reload failed; the previous certificate stays in use"),
+    }))
 }
 
 /// With `DATABASE_URL`: install the schema and start the replication side.
@@ -118,7 +128,7 @@ fn dev() -> Result<()> {
     };
     let mut server = config::server_config(secret.clone().into_bytes())?;
     // The server drains first; `dev::shutdown` after `run` stops PostgreSQL.
-    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: None, hangup_stops: true, before_exit: dev::shutdown })?;
+    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: tls_reload(&server), hangup_stops: true, before_exit: dev::shutdown })?;
     let database = match std::env::var("DATABASE_URL") {
         Ok(url) if !url.trim().is_empty() => None,
         _ => Some(dev::start_database(dir)?),

@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -26,8 +26,11 @@ use crate::rest;
 use crate::session::{Context, Effects, Session};
 use crate::ws::{self, OpCode, WsDecoder, WsError, WsMessage};
 
-/// Time allowed for a client to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for a client to complete the TLS handshake and send its whole request head: a
+/// deadline, not a per-read timeout, so a client trickling bytes cannot hold a connection.
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for a whole REST body, from the end of the head.
+pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes asked for per `read` call: starts small (an idle connection holds little), doubles while
 /// reads fill it, up to the maximum; reset when the buffer drains after a burst.
 const READ_CHUNK_MIN_BYTES: usize = 512;
@@ -46,9 +49,71 @@ pub(crate) fn unix_now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+/// A connection's byte stream: plain TCP or TLS over it.
+pub(crate) trait Transport: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + 'static {
+    /// The TCP socket underneath (timeouts, descriptor).
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Transport for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Transport for futures_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+/// Reads more bytes into `buf` before `deadline` (the socket's read timeout is set to what is
+/// left, so no read is raced against a timer). `None` on EOF, error or a passed deadline.
+async fn read_by<S: Transport>(stream: &mut S, buf: &mut BytesMut, chunk: usize, deadline: Instant) -> Option<usize> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return None;
+    }
+    let _ = stream.tcp().set_read_timeout(Some(left.max(Duration::from_millis(1))));
+    let filled = buf.len();
+    buf.resize(filled + chunk, 0);
+    match stream.read(&mut buf[filled..]).await {
+        Ok(0) | Err(_) => {
+            buf.truncate(filled);
+            None
+        }
+        Ok(n) => {
+            buf.truncate(filled + n);
+            Some(n)
+        }
+    }
+}
+
+/// Writes a whole response and flushes it (TLS buffers records until flushed).
+async fn send<S: Transport>(stream: &mut S, bytes: &[u8]) {
+    if stream.write_all(bytes).await.is_ok() {
+        let _ = stream.flush().await;
+    }
+}
+
+pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(HEAD_TIMEOUT));
+    let deadline = Instant::now() + HEAD_TIMEOUT;
+    match &shard.config.tls {
+        None => serve_on(shard, stream, deadline).await,
+        Some(tls) => {
+            let _ = stream.set_read_timeout(Some(HEAD_TIMEOUT));
+            let _ = stream.set_write_timeout(Some(HEAD_TIMEOUT));
+            match tls.acceptor().accept(stream).await {
+                Ok(stream) => serve_on(shard, stream, deadline).await,
+                // A client speaking plain HTTP (or an old TLS) ends here: the socket is closed.
+                Err(error) => tracing::debug!(%error, "TLS handshake failed"),
+            }
+        }
+    }
+}
+
+async fn serve_on<S: Transport>(shard: Rc<Shard>, mut stream: S, deadline: Instant) {
     let mut buf = BytesMut::with_capacity(1024);
     let head = loop {
         match http::parse_head(&buf) {
@@ -56,15 +121,12 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             Ok(None) => {}
             Err(error) => {
                 let status = if error == http::HeadError::TooLarge { 431 } else { 400 };
-                let _ = stream.write_all(&http::response(status, "text/plain", b"")).await;
+                send(&mut stream, &http::response(status, "text/plain", b"")).await;
                 return;
             }
         }
-        let filled = buf.len();
-        buf.resize(filled + 1024, 0);
-        match stream.read(&mut buf[filled..]).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.truncate(filled + n),
+        if read_by(&mut stream, &mut buf, 1024, deadline).await.is_none() {
+            return;
         }
     };
     let _ = buf.split_to(head.len);
@@ -87,12 +149,12 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         Route::Rest(route) => rest_call(&shard, &mut stream, &head, buf, &route).await,
         Route::NotFound => http::not_found(),
     };
-    let _ = stream.write_all(&response).await;
+    send(&mut stream, &response).await;
 }
 
 /// Reads the body of a REST call (Content-Length only, at most `HTTP_BODY_BYTES_MAX`), runs it
 /// and publishes what it produced.
-async fn rest_call(shard: &Rc<Shard>, stream: &mut TcpStream, head: &http::Head, mut body: BytesMut, route: &rest::RestRoute) -> Bytes {
+async fn rest_call<S: Transport>(shard: &Rc<Shard>, stream: &mut S, head: &http::Head, mut body: BytesMut, route: &rest::RestRoute) -> Bytes {
     match head.method.as_str() {
         "OPTIONS" => return rest::response(204, b""),
         "POST" => {}
@@ -109,11 +171,12 @@ async fn rest_call(shard: &Rc<Shard>, stream: &mut TcpStream, head: &http::Head,
     if length > HTTP_BODY_BYTES_MAX {
         return rest::response(413, b"");
     }
-    let mut chunk = vec![0u8; 16 * 1024];
+    // The whole body within BODY_TIMEOUT, however it is trickled.
+    let deadline = Instant::now() + BODY_TIMEOUT;
     while body.len() < length {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return rest::response(400, b""),
-            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        let want = (length - body.len()).min(16 * 1024);
+        if read_by(stream, &mut body, want, deadline).await.is_none() {
+            return rest::response(400, b"");
         }
     }
     body.truncate(length);
@@ -181,17 +244,17 @@ fn upgrade_error(error: AuthError) -> UpgradeError {
     }
 }
 
-async fn refuse(shard: &Shard, stream: &mut TcpStream, refusal: UpgradeRefusal) {
+async fn refuse<S: Transport>(shard: &Shard, stream: &mut S, refusal: UpgradeRefusal) {
     if let UpgradeRefusal::Refused(error) = &refusal {
         tracing::debug!(?error, "upgrade refused");
         if error.delayed() && !shard.config.limits.connect_error_delay.is_zero() {
             glommio::timer::sleep(shard.config.limits.connect_error_delay).await;
         }
     }
-    let _ = stream.write_all(&http::upgrade_refused(&refusal)).await;
+    send(stream, &http::upgrade_refused(&refusal)).await;
 }
 
-async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: http::Head, mut leftover: BytesMut) {
+async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head, mut leftover: BytesMut) {
     let upgrade = match http::check_upgrade(&head) {
         Ok(upgrade) => upgrade,
         Err(refusal) => return refuse(&shard, &mut stream, refusal).await,
@@ -204,16 +267,16 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: http::Head, mut 
     if let Err(error) = shard.config.keys.verify(&upgrade.token, unix_now()) {
         return refuse(&shard, &mut stream, UpgradeRefusal::Refused(upgrade_error(error))).await;
     }
-    if stream.write_all(&http::switching_protocols(&upgrade.key)).await.is_err() {
+    if stream.write_all(&http::switching_protocols(&upgrade.key)).await.is_err() || stream.flush().await.is_err() {
         return;
     }
-    let _ = stream.set_read_timeout(Some(shard.config.limits.idle_timeout));
-    let _ = stream.set_write_timeout(Some(WRITE_STALL_TIMEOUT));
+    let _ = stream.tcp().set_read_timeout(Some(shard.config.limits.idle_timeout));
+    let _ = stream.tcp().set_write_timeout(Some(WRITE_STALL_TIMEOUT));
     let id = shard.next_conn_id();
     let conn = Rc::new(Conn {
         outbox: Outbox::new(),
         session: RefCell::new(Session::new(upgrade.format, shard.id, id, upgrade.token)),
-        fd: stream.as_raw_fd(),
+        fd: stream.tcp().as_raw_fd(),
     });
     shard.conns.borrow_mut().insert(id, Rc::clone(&conn));
     metrics::add(&shard.counters().connections_open, 1);
@@ -239,7 +302,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, head: http::Head, mut 
 }
 
 /// Reads and handles messages until the connection ends; returns the close to send, if any.
-async fn read_loop(shard: &Rc<Shard>, conn: &Rc<Conn>, mut reader: ReadHalf<TcpStream>, mut buf: BytesMut) -> Option<CloseReason> {
+async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, mut reader: ReadHalf<S>, mut buf: BytesMut) -> Option<CloseReason> {
     let mut decoder = WsDecoder::new(WS_MESSAGE_BYTES_MAX);
     let mut want = READ_CHUNK_MIN_BYTES;
     loop {
@@ -314,7 +377,7 @@ fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, message: WsMessage) -> Option<Clos
     close
 }
 
-async fn write_loop(conn: Rc<Conn>, mut writer: WriteHalf<TcpStream>) {
+async fn write_loop<S: Transport>(conn: Rc<Conn>, mut writer: WriteHalf<S>) {
     let mut frames: Vec<Bytes> = Vec::new();
     let mut batch = Vec::new();
     loop {
@@ -328,6 +391,10 @@ async fn write_loop(conn: Rc<Conn>, mut writer: WriteHalf<TcpStream>) {
                         batch.extend_from_slice(frame);
                     }
                     writer.write_all(&batch).await
+                };
+                let result = match result {
+                    Ok(()) => writer.flush().await,
+                    Err(error) => Err(error),
                 };
                 frames.clear();
                 // Keep no burst-sized buffers on an idle connection.
@@ -344,7 +411,9 @@ async fn write_loop(conn: Rc<Conn>, mut writer: WriteHalf<TcpStream>) {
             }
             Next::Close(reason) => {
                 let frame: Bytes = ws::encode_close(reason.code(), reason.text());
-                let _ = writer.write_all(&frame).await;
+                if writer.write_all(&frame).await.is_ok() {
+                    let _ = writer.flush().await;
+                }
                 break;
             }
             Next::Stop => break,

@@ -9,6 +9,7 @@ mod drain;
 mod metrics;
 mod outbox;
 mod shard;
+mod tls;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -23,6 +24,7 @@ use engine::{Limits, ShardId, ShardMsg};
 
 pub use control::Control;
 pub use metrics::{series, Metrics, MetricsHook};
+pub use tls::{Tls, TlsError};
 
 /// io_uring buffer memory per executor: the minimum, so that executors start under the
 /// default 8 MiB memlock limit (measured: 192 KiB pinned per executor).
@@ -52,6 +54,9 @@ pub struct ServerConfig {
     pub control: Arc<Control>,
     /// More `/metrics` series (the binary's Postgres side).
     pub metrics_hooks: Vec<MetricsHook>,
+    /// TLS on the listener (`REALTIME_TLS_CERT`/`REALTIME_TLS_KEY`); the binary keeps a handle
+    /// to reload the pair on SIGHUP.
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// Queues between the shards and the Postgres Changes core (both bounded: commands
