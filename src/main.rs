@@ -26,7 +26,7 @@ USAGE:
 
 ENVIRONMENT: REALTIME_ADDR (127.0.0.1:4000), JWT_SECRET, JWT_JWKS, REALTIME_SHARDS (cores),
     DATABASE_URL, REALTIME_DRAIN_SECS (10), REALTIME_TLS_CERT + REALTIME_TLS_KEY (PEM; SIGHUP reloads), REALTIME_MAX_* limits, REALTIME_IDLE_TIMEOUT_SECS, REALTIME_JOIN_ERROR_DELAY_MS,
-    REALTIME_CONNECT_ERROR_DELAY_MS, RUST_LOG (info). See README.md.
+    REALTIME_CONNECT_ERROR_DELAY_MS, RUST_LOG (info), REALTIME_LOG_FORMAT (text|json). See README.md.
 ";
 
 fn main() {
@@ -47,15 +47,22 @@ fn main() {
     }
 }
 
-fn init_logging() {
+/// `RUST_LOG` filter (default `info`); `REALTIME_LOG_FORMAT=json` for one JSON object per line.
+fn init_logging() -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr);
+    match std::env::var("REALTIME_LOG_FORMAT").ok().as_deref().map(str::trim) {
+        None | Some("" | "text") => builder.init(),
+        Some("json") => builder.json().with_current_span(false).with_span_list(false).init(),
+        Some(other) => bail!("REALTIME_LOG_FORMAT={other:?}: use `text` or `json`"),
+    }
+    Ok(())
 }
 
 fn serve() -> Result<()> {
     // Before any other thread exists, so that every thread inherits the mask.
     let blocked = signals::block()?;
-    init_logging();
+    init_logging()?;
     let secret = std::env::var("JWT_SECRET").context("JWT_SECRET is required by `serve` (the HS256 secret project tokens are signed with)")?;
     let mut server = config::server_config(secret.into_bytes())?;
     signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: tls_reload(&server), hangup_stops: false, before_exit: || {} })?;
@@ -120,7 +127,7 @@ const DEV_KEY_LIFETIME_SECS: i64 = 10 * 365 * 24 * 3600;
 fn dev() -> Result<()> {
     // Before any other thread exists: Ctrl-C must stop the embedded PostgreSQL too.
     let blocked = signals::block()?;
-    init_logging();
+    init_logging()?;
     let dir = Path::new(".powa");
     let secret = match std::env::var("JWT_SECRET") {
         Ok(secret) => secret,

@@ -98,11 +98,7 @@ pub(crate) fn spawn(blocked: Blocked, control: Arc<Control>, drain: Duration, ho
                     _ => break signal,
                 }
             };
-            eprintln!(
-                "powa-realtime: {} received, draining (at most {} s; a second signal stops at once)",
-                name(first),
-                drain.as_secs()
-            );
+            tracing::warn!(signal = name(first), drain_secs = drain.as_secs(), "draining (a second signal stops at once)");
             control.start_drain();
             let deadline = Instant::now() + drain + EXIT_MARGIN;
             loop {
@@ -114,12 +110,12 @@ pub(crate) fn spawn(blocked: Blocked, control: Arc<Control>, drain: Duration, ho
                         }
                     }
                     Some(signal) => {
-                        eprintln!("powa-realtime: {} received again, stopping now", name(signal));
+                        tracing::warn!(signal = name(signal), "second signal: stopping now");
                         (hooks.before_exit)();
                         std::process::exit(128 + signal);
                     }
                     None => {
-                        eprintln!("powa-realtime: the drain did not finish in time, stopping now");
+                        tracing::warn!("the drain did not finish in time: stopping now");
                         (hooks.before_exit)();
                         std::process::exit(0);
                     }

@@ -418,6 +418,7 @@ impl Session {
         }
         channel.state = ChannelState::Joined;
         fx.joined += 1;
+        tracing::debug!(conn = self.conn.0, topic = &**topic, "joined");
         let reply = frame::encode_reply(self.format, as_ref(&channel.join_ref), as_ref(&channel.join_reply_ref), topic, "ok", &channel.join_response);
         fx.frames.push(reply);
         if !channel.pg_bindings.is_empty() {
@@ -578,6 +579,7 @@ impl Session {
     fn unsubscribe(&self, state: &mut ShardState, channel: &Channel, fx: &mut Effects) {
         if channel.state == ChannelState::Joined {
             fx.left += 1;
+            tracing::debug!(conn = self.conn.0, topic = %channel.key.sub, "left");
         }
         fx.shard.extend(state.local_leave(&channel.key, self.conn, channel.serial));
         if !channel.pg_bindings.is_empty() {

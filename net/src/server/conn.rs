@@ -96,8 +96,14 @@ async fn send<S: Transport>(stream: &mut S, bytes: &[u8]) {
     }
 }
 
+/// The client's address for logs.
+fn peer_of(addr: &Option<std::net::SocketAddr>) -> String {
+    addr.map_or_else(|| "?".to_string(), |a| a.to_string())
+}
+
 pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    let stream_peer = stream.peer_addr().ok();
     let deadline = Instant::now() + HEAD_TIMEOUT;
     match &shard.config.tls {
         None => serve_on(shard, stream, deadline).await,
@@ -107,7 +113,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
             match tls.acceptor().accept(stream).await {
                 Ok(stream) => serve_on(shard, stream, deadline).await,
                 // A client speaking plain HTTP (or an old TLS) ends here: the socket is closed.
-                Err(error) => tracing::debug!(%error, "TLS handshake failed"),
+                Err(error) => tracing::debug!(peer = %peer_of(&stream_peer), %error, "TLS handshake failed"),
             }
         }
     }
@@ -246,7 +252,8 @@ fn upgrade_error(error: AuthError) -> UpgradeError {
 
 async fn refuse<S: Transport>(shard: &Shard, stream: &mut S, refusal: UpgradeRefusal) {
     if let UpgradeRefusal::Refused(error) = &refusal {
-        tracing::debug!(?error, "upgrade refused");
+        let peer = peer_of(&stream.tcp().peer_addr().ok());
+        tracing::debug!(%peer, status = error.status(), reason = %error.message().unwrap_or_default(), "upgrade refused");
         if error.delayed() && !shard.config.limits.connect_error_delay.is_zero() {
             glommio::timer::sleep(shard.config.limits.connect_error_delay).await;
         }
@@ -279,12 +286,15 @@ async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head
         fd: stream.tcp().as_raw_fd(),
     });
     shard.conns.borrow_mut().insert(id, Rc::clone(&conn));
+    let peer = peer_of(&stream.tcp().peer_addr().ok());
+    tracing::debug!(%peer, conn = id.0, shard = shard.id.0, "connection opened");
     metrics::add(&shard.counters().connections_open, 1);
     metrics::add(&shard.counters().connections_total, 1);
 
     let (reader, writer) = futures_lite::io::split(stream);
     let writer_task = glommio::spawn_local(write_loop(Rc::clone(&conn), writer));
-    let reason = read_loop(&shard, &conn, reader, leftover).await;
+    let reason = read_loop(&shard, &conn, reader, leftover, &peer).await;
+    tracing::debug!(%peer, conn = id.0, close = reason.map(|r| r.code()), "connection closed");
     match reason {
         Some(reason) => conn.outbox.close(reason),
         None if conn.outbox.state() == OutboxState::Open => conn.outbox.kill(),
@@ -302,7 +312,7 @@ async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head
 }
 
 /// Reads and handles messages until the connection ends; returns the close to send, if any.
-async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, mut reader: ReadHalf<S>, mut buf: BytesMut) -> Option<CloseReason> {
+async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, mut reader: ReadHalf<S>, mut buf: BytesMut, peer: &str) -> Option<CloseReason> {
     let mut decoder = WsDecoder::new(WS_MESSAGE_BYTES_MAX);
     let mut want = READ_CHUNK_MIN_BYTES;
     loop {
@@ -316,7 +326,7 @@ async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, mut reader:
                 Ok(None) => break,
                 Err(WsError::TooBig) => return Some(CloseReason::MessageTooBig),
                 Err(error) => {
-                    tracing::debug!(%error, "WebSocket protocol error");
+                    tracing::debug!(peer, %error, "WebSocket protocol error");
                     return Some(CloseReason::ProtocolError);
                 }
             }
