@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, with its own set-up. README's test command; .ci/run calls it.
 #
-# Needs: cargo, Node 20 + npm (realtime-js client tests), the PostgreSQL 15 server binaries
-# (installed here from Debian packages when missing and we are root). Missing tools fail the
+# Needs: cargo, Node 20 + npm (realtime-js client tests), the PostgreSQL 15 server binaries,
+# systemd-analyze and the openssl CLI (installed here from Debian packages when missing and we
+# are root). Missing tools fail the
 # run loudly; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,17 @@ if ! pg_bin >/dev/null; then
   fi
   pg_bin >/dev/null || fail "PostgreSQL server binaries (initdb, pg_ctl) not found and could not be installed"
 fi
+
+# systemd-analyze (tests/deploy.rs) and the openssl CLI (tests/tls.rs makes its CA with it).
+for tool in systemd-analyze:systemd openssl:openssl; do
+  if ! command -v "${tool%%:*}" >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "tools/test.sh: installing ${tool%%:*} (Debian package ${tool#*:})"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tool#*:}" >/dev/null || true
+    fi
+    command -v "${tool%%:*}" >/dev/null || fail "${tool%%:*} not found and could not be installed (Debian package ${tool#*:})"
+  fi
+done
 
 # Node packages for the official-client tests, pinned by tests/js/package-lock.json.
 if [ -f tests/js/package-lock.json ]; then
