@@ -28,6 +28,7 @@ const MOVES: &[&str] = &[
     "realtime_rest_messages_total",
     "realtime_database_broadcasts_total",
     "realtime_deliveries_total",
+    "realtime_delivery_latency_seconds",
     "realtime_presence_members",
     "realtime_presence_tracks_total",
     "realtime_presence_diffs_total",
@@ -150,8 +151,11 @@ fn every_documented_metric_appears_and_the_session_ones_move() {
     until(&mut client, "the join reply", |f| f["event"] == "phx_reply" && f["payload"]["status"] == "ok");
     until(&mut client, "Subscribed to PostgreSQL", |f| f["event"] == "system" && f["payload"]["message"] == "Subscribed to PostgreSQL");
 
-    client.send_text(&v1j(topic, "broadcast", user_broadcast("hello", json!({"n": 1})), Some("2"), Some("1")));
-    until(&mut client, "its own broadcast", |f| f["event"] == "broadcast");
+    // Enough broadcasts that some are latency samples (1 frame in 64 per shard).
+    for n in 0..140 {
+        client.send_text(&v1j(topic, "broadcast", user_broadcast("hello", json!({ "n": n })), Some("2"), Some("1")));
+        until(&mut client, "its own broadcast", |f| f["event"] == "broadcast" && f["payload"]["payload"]["n"] == n);
+    }
     client.send_text(&v1j(topic, "presence", json!({"type": "presence", "event": "track", "payload": {"at": 1}}), Some("3"), Some("1")));
     until(&mut client, "the presence diff", |f| f["event"] == "presence_diff");
     db.exec("INSERT INTO public.items (body) VALUES ('one')");

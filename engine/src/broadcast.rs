@@ -20,6 +20,9 @@ pub struct Origin {
     pub conn: ConnId,
     /// Sending channel (join) on that connection.
     pub channel: ChannelSerial,
+    /// For a sampled message (delivery latency, `/metrics`): when the driver read the frame, µs
+    /// on the driver's monotonic clock; 0 = not sampled. Opaque to the engine.
+    pub read_at_micros: u64,
 }
 
 /// How the payload of a user broadcast is encoded (PROTOCOL.md §1.6.2 `encoding`).

@@ -275,7 +275,7 @@ impl Session {
     fn publish_checked(&mut self, state: &mut ShardState, ctx: Context<'_>, topic: &str, ref_: Ref<'_>, body: BroadcastBody, fx: &mut Effects) {
         let channel = &self.channels[topic];
         let message = Broadcast {
-            origin: Some(Origin { shard: self.shard, conn: self.conn, channel: channel.serial }),
+            origin: Some(Origin { shard: self.shard, conn: self.conn, channel: channel.serial, read_at_micros: 0 }),
             body,
         };
         let too_big = message.payload_len() > ctx.limits.payload_bytes_max + PAYLOAD_ALLOWANCE_BYTES;

@@ -110,7 +110,7 @@ impl Sim {
                 self.expected.push((id, must));
                 let at = home(conn, n);
                 let message = Arc::new(Broadcast {
-                    origin: Some(Origin { shard: ShardId(at as u16), conn: ConnId(conn.into()), channel: serial }),
+                    origin: Some(Origin { shard: ShardId(at as u16), conn: ConnId(conn.into()), channel: serial, read_at_micros: 0 }),
                     body: BroadcastBody::Json { payload: Bytes::from(id.to_le_bytes().to_vec()) },
                 });
                 let owner = self.shards[at].owner(&topic_key(topic));

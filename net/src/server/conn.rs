@@ -292,7 +292,7 @@ async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head
     metrics::add(&shard.counters().connections_total, 1);
 
     let (reader, writer) = futures_lite::io::split(stream);
-    let writer_task = glommio::spawn_local(write_loop(Rc::clone(&conn), writer));
+    let writer_task = glommio::spawn_local(write_loop(Rc::clone(&shard), Rc::clone(&conn), writer));
     let reason = read_loop(&shard, &conn, reader, leftover, &peer).await;
     tracing::debug!(%peer, conn = id.0, close = reason.map(|r| r.code()), "connection closed");
     match reason {
@@ -368,6 +368,7 @@ fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, message: WsMessage) -> Option<Clos
         presence_rate_exceeded: shard.presence_exceeded.get(),
     };
     let mut fx = Effects::default();
+    let sampled = metrics::sample_read();
     match message {
         WsMessage::Text(bytes) | WsMessage::Binary(bytes) if bytes.is_empty() => {}
         WsMessage::Text(bytes) => {
@@ -383,11 +384,14 @@ fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, message: WsMessage) -> Option<Clos
         WsMessage::Close(_) => return Some(CloseReason::Normal),
     }
     let close = fx.close;
+    if let Some(read_at) = sampled {
+        metrics::stamp(&mut fx.shard, read_at);
+    }
     shard.apply(conn, fx);
     close
 }
 
-async fn write_loop<S: Transport>(conn: Rc<Conn>, mut writer: WriteHalf<S>) {
+async fn write_loop<S: Transport>(shard: Rc<Shard>, conn: Rc<Conn>, mut writer: WriteHalf<S>) {
     let mut frames: Vec<Bytes> = Vec::new();
     let mut batch = Vec::new();
     loop {
@@ -417,6 +421,9 @@ async fn write_loop<S: Transport>(conn: Rc<Conn>, mut writer: WriteHalf<S>) {
                 if result.is_err() {
                     conn.outbox.kill();
                     break;
+                }
+                if let Some(read_at) = conn.outbox.written_probe() {
+                    shard.observe_delivery(read_at);
                 }
             }
             Next::Close(reason) => {

@@ -13,11 +13,49 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use engine::histogram::Histogram;
+
 
 use super::shard::Shard;
 
 /// How often each shard samples its gauges.
 const GAUGE_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// One client frame in this many (per shard) carries its read time for the delivery latency
+/// histogram; each shard that delivers it marks one subscriber's copy.
+const LATENCY_SAMPLE_EVERY: u64 = 64;
+
+thread_local! {
+    /// Frames read on this shard (a shard is one thread), for the latency sampling.
+    static FRAMES_READ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Microseconds on a process-wide monotonic clock, never 0.
+pub(crate) fn now_micros() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(std::time::Instant::now).elapsed().as_micros() as u64 + 1
+}
+
+/// For every [`LATENCY_SAMPLE_EVERY`]th frame read on this shard: the read time to stamp on
+/// the broadcasts it publishes.
+pub(crate) fn sample_read() -> Option<u64> {
+    let n = FRAMES_READ.with(|count| {
+        let n = count.get().wrapping_add(1);
+        count.set(n);
+        n
+    });
+    (n % LATENCY_SAMPLE_EVERY == 0).then(now_micros)
+}
+
+/// Stamps the broadcasts in `messages` (just built, not shared yet) with their read time.
+pub(crate) fn stamp(messages: &mut [(engine::ShardId, engine::ShardMsg)], read_at_micros: u64) {
+    for (_, message) in messages {
+        if let engine::ShardMsg::Publish { message, .. } = message {
+            if let Some(origin) = std::sync::Arc::get_mut(message).and_then(|m| m.origin.as_mut()) {
+                origin.read_at_micros = read_at_micros;
+            }
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct ShardCounters {
@@ -43,6 +81,9 @@ pub(crate) struct ShardCounters {
     pub(crate) outbound_bytes: AtomicU64,
     /// Refused joins by code (a fixed set of codes; a refused join is the rare path).
     pub(crate) join_errors: Mutex<BTreeMap<Box<str>, u64>>,
+    /// Sampled client broadcasts: sender frame read → subscriber write, observed by the
+    /// subscriber's shard.
+    pub(crate) delivery_latency: Histogram,
 }
 
 /// A renderer the binary adds to `/metrics` (the Postgres side). Appends complete series.
@@ -140,6 +181,12 @@ impl Metrics {
         for (reason, count) in errors {
             let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {count}");
         }
+        Histogram::render(
+            "realtime_delivery_latency_seconds",
+            "Sampled client broadcasts: sender frame read to subscriber socket write",
+            self.shards.iter().map(|s| &s.delivery_latency),
+            &mut out,
+        );
         process_metrics(&mut out);
         out
     }
@@ -199,6 +246,11 @@ impl Shard {
             }
             glommio::timer::sleep(GAUGE_SAMPLE_INTERVAL).await;
         }
+    }
+
+    /// A sampled frame was written: record its latency.
+    pub(crate) fn observe_delivery(&self, read_at_micros: u64) {
+        self.counters().delivery_latency.observe(now_micros().saturating_sub(read_at_micros));
     }
 
     /// Counts refused joins by code.

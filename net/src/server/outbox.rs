@@ -31,6 +31,13 @@ pub(crate) struct Outbox {
     queued_bytes: Cell<usize>,
     state: Cell<OutboxState>,
     waker: RefCell<Option<Waker>>,
+    /// Frames pushed and frames handed to the writer, ever (for the latency probe).
+    pushed: Cell<u64>,
+    taken: Cell<u64>,
+    /// A sampled frame in the queue: (its number in `pushed`, when its message was read).
+    probe: Cell<Option<(u64, u64)>>,
+    /// The probe's frame is in the writer's current batch: observe it once written.
+    probe_taken: Cell<Option<u64>>,
 }
 
 /// What the writer should do next.
@@ -50,6 +57,10 @@ impl Outbox {
             queued_bytes: Cell::new(0),
             state: Cell::new(OutboxState::Open),
             waker: RefCell::new(None),
+            pushed: Cell::new(0),
+            taken: Cell::new(0),
+            probe: Cell::new(None),
+            probe_taken: Cell::new(None),
         }
     }
 
@@ -62,11 +73,13 @@ impl Outbox {
         if queued > OUTBOUND_QUEUED_BYTES_MAX {
             self.frames.borrow_mut().clear();
             self.queued_bytes.set(0);
+            self.probe.set(None);
             self.state.set(OutboxState::Closing(CloseReason::SlowConsumer));
             self.wake();
             return false;
         }
         self.queued_bytes.set(queued);
+        self.pushed.set(self.pushed.get() + 1);
         self.frames.borrow_mut().push_back(frame);
         self.wake();
         true
@@ -85,7 +98,21 @@ impl Outbox {
         self.state.set(OutboxState::Dead);
         self.frames.borrow_mut().clear();
         self.queued_bytes.set(0);
+        self.probe.set(None);
         self.wake();
+    }
+
+    /// Marks the frame just pushed as a latency sample (message read at `read_at_micros`);
+    /// ignored while another sample is pending.
+    pub(crate) fn mark_last(&self, read_at_micros: u64) {
+        if self.probe.get().is_none() && self.probe_taken.get().is_none() {
+            self.probe.set(Some((self.pushed.get(), read_at_micros)));
+        }
+    }
+
+    /// After a write: the read time of a sampled frame that this write carried, once.
+    pub(crate) fn written_probe(&self) -> Option<u64> {
+        self.probe_taken.take()
     }
 
     /// Bytes queued and not yet handed to the writer.
@@ -127,8 +154,50 @@ impl Outbox {
                 batch.push(frames.pop_front().expect("front exists"));
             }
             self.queued_bytes.set(self.queued_bytes.get() - bytes);
+            let taken = self.taken.get() + batch.len() as u64;
+            self.taken.set(taken);
+            if let Some((number, read_at)) = self.probe.get() {
+                if number <= taken {
+                    self.probe.set(None);
+                    self.probe_taken.set(Some(read_at));
+                }
+            }
             Poll::Ready(Next::Write)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: u8) -> Bytes {
+        Bytes::from(vec![n; 10])
+    }
+
+    #[test]
+    fn the_latency_probe_is_reported_once_its_frame_was_taken() {
+        let outbox = Outbox::new();
+        let mut batch = Vec::new();
+        outbox.push(frame(1));
+        outbox.push(frame(2));
+        outbox.mark_last(777);
+        outbox.push(frame(3));
+        // A second mark while one is pending is ignored.
+        outbox.mark_last(888);
+        assert!(matches!(futures_lite::future::block_on(outbox.next(15, &mut batch)), Next::Write));
+        assert_eq!(batch.len(), 1);
+        assert_eq!(outbox.written_probe(), None);
+        assert!(matches!(futures_lite::future::block_on(outbox.next(1 << 20, &mut batch)), Next::Write));
+        assert_eq!(batch.len(), 2);
+        assert_eq!(outbox.written_probe(), Some(777));
+        assert_eq!(outbox.written_probe(), None);
+        // A killed queue drops a pending probe.
+        outbox.push(frame(4));
+        outbox.mark_last(999);
+        outbox.kill();
+        assert!(matches!(futures_lite::future::block_on(outbox.next(1 << 20, &mut batch)), Next::Stop));
+        assert_eq!(outbox.written_probe(), None);
     }
 }

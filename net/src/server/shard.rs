@@ -330,6 +330,9 @@ impl Shard {
                 // A database broadcast carries its row id; a channel that got that row by replay
                 // does not get it again live (PROTOCOL.md §3.6).
                 let row_id = database_row_id(&message.body);
+                // A sampled message: one subscriber's copy carries the probe to its writer.
+                let read_at = message.origin.map_or(0, |origin| origin.read_at_micros);
+                let mut probe_pending = read_at != 0;
                 let delivered = fanout::deliver(self.id, subscribers, &topic, &message, |conn, channel, bytes| {
                     let Some(conn) = conns.get(&conn) else { return false };
                     if let Some(id) = &row_id {
@@ -338,6 +341,10 @@ impl Shard {
                         }
                     }
                     self.push(conn, bytes.clone());
+                    if probe_pending && conn.outbox.state() == OutboxState::Open {
+                        conn.outbox.mark_last(read_at);
+                        probe_pending = false;
+                    }
                     true
                 });
                 metrics::add(&self.counters().deliveries, delivered as u64);

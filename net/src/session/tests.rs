@@ -622,3 +622,30 @@ fn tenant_presence_rate_closes_tracks_and_join_syncs() {
     assert_eq!(frames[0][3], json!("phx_reply"));
     assert_eq!(frames[1][4]["message"], json!("Too many presence messages per second"));
 }
+
+#[test]
+fn disconnect_notices_cover_every_joined_channel_and_count_lifecycle() {
+    let mut h = Harness::new();
+    let a = h.connect(Format::V2);
+    h.text(a, &v2_join("realtime:one", json!({})));
+    h.text(a, r#"["2","2","two","phx_join",{"config":{}}]"#);
+    h.take(a);
+    let mut notices: Vec<Value> = h.sessions[a].disconnect_notices().iter().map(|f| decode_server_frame(f)).collect();
+    notices.sort_by_key(|n| n[2].as_str().unwrap().to_string());
+    assert_eq!(
+        notices,
+        vec![
+            json!(["1", null, "realtime:one", "system", {"extension": "system", "status": "ok", "message": "Server requested disconnect", "channel": "one"}]),
+            json!(["2", null, "two", "system", {"extension": "system", "status": "ok", "message": "Server requested disconnect", "channel": "two"}]),
+        ]
+    );
+    // Joins and leaves are reported for metrics; a refused join by its code.
+    let (limits, keys) = h.ctx();
+    let ctx = Context { limits: &limits, keys: &keys, database: false, now_secs: NOW, now_ms: NOW * 1000, presence_rate_exceeded: false };
+    let mut fx = Effects::default();
+    h.sessions[a].on_text(&mut h.state, ctx, br#"["3","3","three","phx_join",{"config":{},"access_token":"nope"}]"#, &mut fx);
+    assert_eq!(fx.join_errors, vec![Box::<str>::from("MalformedJWT")]);
+    let mut fx = Effects::default();
+    h.sessions[a].on_close(&mut h.state, &mut fx);
+    assert_eq!(fx.left, 2);
+}
