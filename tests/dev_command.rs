@@ -3,6 +3,7 @@
 //! PostgreSQL server binaries; without them this test fails and says what to install.
 
 mod support;
+mod wsclient;
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
@@ -44,6 +45,10 @@ struct Dev {
 
 impl Dev {
     fn start(dir: &Path) -> Dev {
+        Dev::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Path, extra_env: &[(&str, &str)]) -> Dev {
         Cluster::bin_dir().unwrap_or_else(|e| panic!("{e}"));
         let addr: SocketAddr = format!("127.0.0.1:{}", support::free_port()).parse().unwrap();
         let mut child = Command::new(support::binary())
@@ -57,6 +62,7 @@ impl Dev {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            .envs(extra_env.iter().copied())
             .spawn()
             .expect("spawn powa-realtime dev");
         let stdout = child.stdout.take().unwrap();
@@ -86,6 +92,17 @@ impl Dev {
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!("powa-realtime dev did not become healthy within 90 s");
+    }
+
+    /// The `anon key:` line of the banner (before `DATABASE_URL:`).
+    fn anon_key(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Ok(line) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            if let Some(rest) = line.trim().strip_prefix("anon key:") {
+                return rest.trim().to_string();
+            }
+        }
+        panic!("dev printed no anon key line");
     }
 
     /// The `DATABASE_URL:` line of the banner.
@@ -202,4 +219,45 @@ fn dev_picks_a_new_port_when_its_port_is_taken() {
     assert!(url2.contains(&format!(":{new_port}/")), "{url2}");
     assert_eq!(psql(&url2, "select 1"), "1");
     assert!(dev.interrupt().success());
+}
+
+/// CONTRACT.md "Shutdown": `dev` drains the server first (its clients get the notice and close
+/// 1012 while PostgreSQL still runs), then stops PostgreSQL, and exits 0.
+#[test]
+fn dev_drains_the_server_before_stopping_postgres() {
+    let work = WorkDir::new();
+    let data_dir = work.0.join(".powa/pgdata");
+    let mut dev = Dev::start_with(&work.0, &[("REALTIME_DRAIN_SECS", "4")]);
+    let key = dev.anon_key();
+    let url = dev.database_url();
+    let ws_url = format!("ws://{}/realtime/v1/websocket?apikey={key}&vsn=1.0.0", dev.addr);
+    // Two clients: the closes are spread, so the second closes well after the first.
+    let mut clients: Vec<wsclient::Client> = (0..2)
+        .map(|_| {
+            let mut client = wsclient::Client::connect(&ws_url);
+            wsclient::join_v1(&mut client, "realtime:dev-drain", "1", wsclient::config(false, false));
+            client
+        })
+        .collect();
+    // SAFETY: kill on our own child's pid.
+    assert_eq!(unsafe { libc::kill(dev.child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    for (index, client) in clients.iter_mut().enumerate() {
+        let notice = client.recv_json(Duration::from_secs(10));
+        assert_eq!(notice["payload"]["message"], "Server requested disconnect", "{notice}");
+        assert_eq!(client.recv_close(Duration::from_secs(10)), Some(1012));
+        if index == 0 {
+            assert!(!processes_using(&data_dir).is_empty(), "PostgreSQL stopped before the server drained");
+            assert_eq!(psql(&url, "select 1"), "1");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(4 + 5 + 10);
+    let status = loop {
+        if let Some(status) = dev.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "dev did not exit after the drain");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "dev exited with {status}");
+    assert_eq!(processes_using(&data_dir), Vec::<String>::new(), "postgres still running after the drain");
 }
