@@ -32,8 +32,10 @@ ENVIRONMENT: REALTIME_ADDR (127.0.0.1:4000), JWT_SECRET, JWT_JWKS, REALTIME_SHAR
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("serve") => serve(),
-        Some("dev") => dev(),
+        // After a drain other threads (the database side) still run: leave without exit
+        // handlers, as the signal thread does.
+        Some("serve") => serve().map(|()| signals::exit_now(0)),
+        Some("dev") => dev().map(|()| signals::exit_now(0)),
         Some("token") => token(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");

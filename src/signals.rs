@@ -84,6 +84,15 @@ fn wait(set: &libc::sigset_t, timeout: Option<Duration>) -> Option<libc::c_int> 
     }
 }
 
+/// Ends the process now, without running exit handlers: the shards are still running, and
+/// `exit(3)`'s handlers may wait on state those threads hold (seen as a hang under load).
+pub(crate) fn exit_now(code: i32) -> ! {
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    // SAFETY: _exit has no preconditions; it ends the process at once.
+    unsafe { libc::_exit(code) }
+}
+
 /// Starts the signal thread for a server that drains with `control` within `drain`.
 pub(crate) fn spawn(blocked: Blocked, control: Arc<Control>, drain: Duration, hooks: Hooks) -> Result<()> {
     let set = blocked.0;
@@ -112,12 +121,12 @@ pub(crate) fn spawn(blocked: Blocked, control: Arc<Control>, drain: Duration, ho
                     Some(signal) => {
                         tracing::warn!(signal = name(signal), "second signal: stopping now");
                         (hooks.before_exit)();
-                        std::process::exit(128 + signal);
+                        exit_now(128 + signal);
                     }
                     None => {
                         tracing::warn!("the drain did not finish in time: stopping now");
                         (hooks.before_exit)();
-                        std::process::exit(0);
+                        exit_now(0);
                     }
                 }
             }
