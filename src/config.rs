@@ -65,5 +65,6 @@ pub(crate) fn server_config(secret: Vec<u8>) -> Result<ServerConfig> {
         keys = keys.with_jwks_json(&text).with_context(|| format!("JWT_JWKS file {path} is not a JWKS"))?;
     }
     let database_url = var("DATABASE_URL");
-    Ok(ServerConfig { addr, shards, limits, keys, database: database_url.is_some(), postgres: None })
+    let panic_shard_for_tests = std::env::var("POWA_TEST_PANIC_SHARD").ok().and_then(|v| v.trim().parse().ok());
+    Ok(ServerConfig { addr, shards, limits, keys, database: database_url.is_some(), postgres: None, panic_shard_for_tests })
 }

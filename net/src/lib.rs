@@ -12,3 +12,5 @@ pub mod join;
 pub mod session;
 pub mod http;
 pub mod server;
+#[doc(hidden)]
+pub mod fuzzing;

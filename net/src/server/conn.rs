@@ -243,6 +243,7 @@ async fn read_loop(shard: &Rc<Shard>, conn: &Rc<Conn>, mut reader: ReadHalf<TcpS
                 }
                 Ok(None) => break,
                 Err(WsError::TooBig) => return Some(CloseReason::MessageTooBig),
+                Err(WsError::InvalidUtf8) => return Some(CloseReason::InvalidPayload),
                 Err(error) => {
                     tracing::debug!(%error, "WebSocket protocol error");
                     return Some(CloseReason::ProtocolError);

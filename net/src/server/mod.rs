@@ -40,6 +40,10 @@ pub struct ServerConfig {
     pub database: bool,
     /// The Postgres Changes core, when a database is configured.
     pub postgres: Option<PgLink>,
+    /// Test hook (never set in production; the binary reads it from `POWA_TEST_PANIC_SHARD`):
+    /// this shard panics shortly after it starts listening, so tests can check that a dead
+    /// shard takes the whole process down instead of leaving it half alive.
+    pub panic_shard_for_tests: Option<usize>,
 }
 
 /// Queues between the shards and the Postgres Changes core (both bounded: commands
@@ -134,6 +138,13 @@ async fn shard_main(config: Arc<ServerConfig>, mesh: MeshBuilder<ShardMsg, glomm
         glommio::spawn_local(Rc::clone(&shard).postgres_inbox(inbox)).detach();
     }
     tracing::info!(shard = id.0, addr = %config.addr, "shard listening");
+    if config.panic_shard_for_tests == Some(id.index()) {
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(std::time::Duration::from_millis(500)).await;
+            panic!("test hook: shard {} panics on purpose (POWA_TEST_PANIC_SHARD)", id.0);
+        })
+        .detach();
+    }
     loop {
         match listener.accept().await {
             Ok(stream) => {
