@@ -317,6 +317,8 @@ pub enum HttpMessage {
     NotFound,
     /// 400 for a GET on a WebSocket path without upgrade headers.
     UpgradeRequired,
+    /// 401 for `GET /api/status` without a valid service-role key.
+    ServiceRoleRequired,
 }
 
 impl HttpMessage {
@@ -325,6 +327,7 @@ impl HttpMessage {
         match self {
             HttpMessage::NotFound => "Not found",
             HttpMessage::UpgradeRequired => "WebSocket upgrade required",
+            HttpMessage::ServiceRoleRequired => "A valid service_role key is required",
         }
     }
 }
@@ -403,6 +406,10 @@ mod tests {
         for (error, text) in join {
             assert_eq!(error.reason(), text);
         }
+
+        assert_eq!(HttpMessage::NotFound.text(), "Not found");
+        assert_eq!(HttpMessage::UpgradeRequired.text(), "WebSocket upgrade required");
+        assert_eq!(HttpMessage::ServiceRoleRequired.text(), "A valid service_role key is required");
 
         assert_eq!(ReplyError::UnmatchedTopic.text(), "unmatched topic");
         assert_eq!(ReplyError::PayloadSizeExceeded.text(), "payload_size_exceeded");

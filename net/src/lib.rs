@@ -3,6 +3,7 @@
 #![deny(unreachable_pub)]
 #![warn(missing_docs)]
 
+pub mod assets;
 pub mod frame;
 pub mod presence;
 pub mod rest;

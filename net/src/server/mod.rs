@@ -7,6 +7,7 @@ mod conn;
 mod metrics;
 mod outbox;
 mod shard;
+mod status;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -20,6 +21,7 @@ use engine::limits::SHARD_QUEUE_MESSAGES_MAX;
 use engine::{Limits, ShardId, ShardMsg};
 
 pub use metrics::Metrics;
+pub use status::StatusBoard;
 
 /// io_uring buffer memory per executor: the minimum, so that executors start under the
 /// default 8 MiB memlock limit (measured: 192 KiB pinned per executor).
@@ -90,6 +92,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let shards = config.shards;
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new(shards));
+    let status = Arc::new(StatusBoard::new(shards));
     let mesh = MeshBuilder::<ShardMsg, _>::full(shards, SHARD_QUEUE_MESSAGES_MAX);
     // Only the CPUs this process may run on (`taskset`, cgroups): glommio's `online()` lists all.
     let allowed = allowed_cpus();
@@ -99,7 +102,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let handles = LocalExecutorPoolBuilder::new(placement)
         .io_memory(IO_MEMORY_BYTES)
         .name("shard")
-        .on_all_shards(move || async move { shard_main(config, mesh, metrics).await })
+        .on_all_shards(move || async move { shard_main(config, mesh, metrics, status).await })
         .map_err(|e| ServerError::Runtime(e.to_string()))?;
     for result in handles.join_all() {
         match result {
@@ -123,16 +126,22 @@ fn allowed_cpus() -> Option<Vec<usize>> {
     }
 }
 
-async fn shard_main(config: Arc<ServerConfig>, mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>, metrics: Arc<Metrics>) -> Result<(), String> {
+async fn shard_main(
+    config: Arc<ServerConfig>,
+    mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+    metrics: Arc<Metrics>,
+    status: Arc<StatusBoard>,
+) -> Result<(), String> {
     let (senders, mut receivers) = mesh.join().await.map_err(|e| format!("shard mesh join failed: {e}"))?;
     let id = ShardId(senders.peer_id() as u16);
     let listener = glommio::net::TcpListener::bind(config.addr).map_err(|e| format!("bind {}: {e}", config.addr))?;
-    let shard = Rc::new(shard::Shard::new(id, Arc::clone(&config), senders, metrics));
+    let shard = Rc::new(shard::Shard::new(id, Arc::clone(&config), senders, metrics, status));
     for (_, receiver) in receivers.streams() {
         glommio::spawn_local(Rc::clone(&shard).receive(receiver)).detach();
     }
     glommio::spawn_local(Rc::clone(&shard).expire_tokens()).detach();
     glommio::spawn_local(Rc::clone(&shard).rate_ticks()).detach();
+    glommio::spawn_local(Rc::clone(&shard).status_ticks()).detach();
     if let Some(link) = &config.postgres {
         let inbox = link.inboxes[id.index()].clone();
         glommio::spawn_local(Rc::clone(&shard).postgres_inbox(inbox)).detach();
