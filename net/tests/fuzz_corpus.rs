@@ -36,3 +36,28 @@ fn replay(target: &str, harness: fn(&[u8])) {
 fn ws_decoder_corpus_and_regressions() {
     replay("ws_decoder", powa_net::fuzzing::ws_decoder);
 }
+
+#[test]
+fn phoenix_text_corpus_and_regressions() {
+    replay("phoenix_text", powa_net::fuzzing::phoenix_text);
+}
+
+#[test]
+fn phoenix_binary_corpus_and_regressions() {
+    replay("phoenix_binary", powa_net::fuzzing::phoenix_binary);
+}
+
+#[test]
+fn http_head_corpus_and_regressions() {
+    replay("http_head", powa_net::fuzzing::http_head);
+}
+
+#[test]
+fn join_payload_corpus_and_regressions() {
+    replay("join_payload", powa_net::fuzzing::join_payload);
+}
+
+#[test]
+fn presence_payload_corpus_and_regressions() {
+    replay("presence_payload", powa_net::fuzzing::presence_payload);
+}
