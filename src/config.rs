@@ -80,6 +80,7 @@ pub(crate) fn server_config(secret: Vec<u8>) -> Result<ServerConfig> {
         keys = keys.with_jwks_json(&text).with_context(|| format!("JWT_JWKS file {path} is not a JWKS"))?;
     }
     let database_url = var("DATABASE_URL");
+    let panic_shard_for_tests = std::env::var("POWA_TEST_PANIC_SHARD").ok().and_then(|v| v.trim().parse().ok());
     let drain = Duration::from_secs(number("REALTIME_DRAIN_SECS", DRAIN_SECS_DEFAULT)?);
     Ok(ServerConfig {
         addr,
@@ -92,5 +93,6 @@ pub(crate) fn server_config(secret: Vec<u8>) -> Result<ServerConfig> {
         control: std::sync::Arc::new(net::server::Control::default()),
         metrics_hooks: Vec::new(),
         tls: tls()?,
+        panic_shard_for_tests,
     })
 }

@@ -49,6 +49,16 @@ pub(crate) fn shutdown() {
     }
 }
 
+/// From the panic hook: stops the cluster unless its lock is held (a panic while starting or
+/// stopping it; the next `dev` then restarts the cluster it finds running).
+pub(crate) fn shutdown_after_panic() {
+    if let Ok(mut guard) = CLUSTER.try_lock() {
+        if let Some(mut cluster) = guard.take() {
+            cluster.stop();
+        }
+    }
+}
+
 /// Creates or reuses the cluster under `dir` (normally `./.powa`) and starts it.
 pub(crate) fn start_database(dir: &Path) -> Result<DevDatabase> {
     // Held while starting, so a signal arriving meanwhile stops the cluster once it is up.

@@ -29,7 +29,28 @@ ENVIRONMENT: REALTIME_ADDR (127.0.0.1:4000), JWT_SECRET, JWT_JWKS, REALTIME_SHAR
     REALTIME_CONNECT_ERROR_DELAY_MS, RUST_LOG (info), REALTIME_LOG_FORMAT (text|json). See README.md.
 ";
 
+/// Exit status after a panic (Rust's own for a panicking main thread).
+const PANIC_EXIT_STATUS: i32 = 101;
+
+/// A panic anywhere (a shard, the replication or changes thread) is a bug, and a process with
+/// one thread gone is worse than none: a dead shard's listener would keep taking connections
+/// that are never served. So the process logs the panic and exits at once, non-zero, for its
+/// supervisor to restart it (ARCHITECTURE.md, "A panic ends the process").
+fn install_panic_exit() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+        tracing::error!(thread, panic = %info, "a thread panicked; exiting so that a supervisor restarts the server");
+        default_hook(info);
+        dev::shutdown_after_panic();
+        // SAFETY: `_exit` ends the process without running atexit handlers, which is what we
+        // want while other threads are still running (libc `exit` is not safe to race).
+        unsafe { libc::_exit(PANIC_EXIT_STATUS) }
+    }));
+}
+
 fn main() {
+    install_panic_exit();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         // After a drain other threads (the database side) still run: leave without exit

@@ -145,16 +145,81 @@ fn malformed_binary_frames_are_dropped() {
 }
 
 #[test]
-fn text_frame_that_is_not_utf8_is_dropped() {
+fn text_frame_that_is_not_utf8_closes_with_1007() {
+    // RFC 6455 §8.1: a text message must be UTF-8; the connection is failed with 1007.
     let mut server = Server::start(&[]);
     let mut c = connect_v1(&server);
     c.send_raw(&raw_frame(0x1, &[0xff, 0xfe, 0x80, b'{', b'}'], Some([1, 2, 3, 4])));
-    c.expect_silence(QUIET);
-    still_usable_v1(&mut c, "1");
+    assert_eq!(c.recv_close(WAIT), Some(1007));
+    // Reassembled from fragments: the message as a whole is checked.
     let mut c2 = connect_v2(&server);
-    c2.send_raw(&raw_frame(0x1, &[0xc3, 0x28], Some([9, 8, 7, 6])));
-    c2.expect_silence(QUIET);
-    still_usable_v2(&mut c2, "1");
+    let mut head = raw_frame(0x1, b"[null,\"1\",\"phoenix\",\"heartbeat\",{\"x\":\"", Some([9, 8, 7, 6]));
+    head[0] &= 0x7f; // clear FIN
+    c2.send_raw(&head);
+    c2.send_raw(&raw_frame(0x0, &[0xc3, 0x28, b'"', b'}', b']'], Some([1, 1, 1, 1])));
+    assert_eq!(c2.recv_close(WAIT), Some(1007));
+    assert!(server.is_running());
+    let mut other = connect_v1(&server);
+    still_usable_v1(&mut other, "1");
+}
+
+/// Issue 9's reproducer, byte for byte: a 1-byte non-final text fragment, then a continuation
+/// whose header declares 2^64 - 1 bytes. The size check used to overflow and panic the shard.
+const CONTINUATION_OF_U64_MAX: [u8; 21] = [
+    0x01, 0x81, 0x11, 0x22, 0x33, 0x44, 0x69, 0x80, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+    0x02, 0x03, 0x04,
+];
+
+#[test]
+fn continuation_declaring_u64_max_closes_1009_and_every_shard_keeps_serving() {
+    let mut server = Server::start(&[]);
+    // Subscribers spread over the shards by SO_REUSEPORT (16 sockets: all on one of the two
+    // shards with probability 2^-15).
+    let mut subscribers: Vec<Client> = (0..16)
+        .map(|i| {
+            let mut c = connect_v1(&server);
+            join_v1(&mut c, ROOM, &i.to_string(), config(false, false));
+            c
+        })
+        .collect();
+    // As many attackers, so that every shard decodes the message.
+    for _ in 0..16 {
+        let mut attacker = connect_v2(&server);
+        attacker.send_raw(&CONTINUATION_OF_U64_MAX);
+        assert_eq!(attacker.recv_close(WAIT), Some(1009));
+    }
+    assert!(server.is_running());
+    // Every shard still accepts and answers: fresh health checks all succeed.
+    for i in 0..32 {
+        let (status, _) = support::http_request(server.addr, "GET", "/healthz", &[], b"").expect("healthz");
+        assert_eq!(status, 200, "healthz #{i}");
+    }
+    // And the existing clients on every shard still get broadcasts.
+    let mut sender = connect_v2(&server);
+    join_v2(&mut sender, ROOM, "1", config(false, true));
+    sender.send_binary(&kind3_json("1", "2", ROOM, "e", &json!({"after": "attack"})));
+    assert_eq!(sender.recv_json(WAIT), v2_reply(Some("1"), Some("2"), ROOM, "ok", json!({})));
+    for (i, c) in subscribers.iter_mut().enumerate() {
+        assert_eq!(
+            c.recv_json(WAIT),
+            v1_frame(ROOM, "broadcast", user_broadcast("e", json!({"after": "attack"})), None),
+            "subscriber {i}"
+        );
+    }
+}
+
+#[test]
+fn over_long_topic_gets_a_join_error() {
+    let mut server = Server::start(&[]);
+    let mut c = connect_v1(&server);
+    let topic = format!("realtime:{}", "x".repeat(1_000_000));
+    c.send_text(&v1j(&topic, "phx_join", json!({"config": config(false, false)}), Some("1"), Some("1")));
+    let reply = c.recv_json(WAIT);
+    assert_eq!(reply["payload"], json!({"status": "error", "response": {"reason": "TopicNameTooLong: Topic name must be at most 255 bytes"}}));
+    // The longest allowed topic joins.
+    let longest = format!("realtime:{}", "y".repeat(255 - "realtime:".len()));
+    join_v1(&mut c, &longest, "2", config(false, false));
+    still_usable_v1(&mut c, "3");
     assert!(server.is_running());
 }
 

@@ -2,8 +2,8 @@
 # The whole test suite, with its own set-up. README's test command; .ci/run calls it.
 #
 # Needs: cargo, Node 20 + npm (realtime-js client tests), the PostgreSQL 15 server binaries,
-# systemd-analyze and the openssl CLI (installed here from Debian packages when missing and we
-# are root). Missing tools fail the
+# Chromium, systemd-analyze and the openssl CLI (installed here from Debian packages when missing
+# and we are root). Missing tools fail the
 # run loudly; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +27,16 @@ if ! pg_bin >/dev/null; then
       || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
   fi
   pg_bin >/dev/null || fail "PostgreSQL server binaries (initdb, pg_ctl) not found and could not be installed"
+fi
+
+# Headless Chromium for the browser tests (tests/browser.rs): the Debian package, never a
+# downloaded browser build.
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "tools/test.sh: installing Chromium (Debian package chromium)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null
+  fi
+  command -v chromium >/dev/null || fail "Chromium not found and could not be installed (Debian package chromium): the browser tests need it"
 fi
 
 # systemd-analyze (tests/deploy.rs) and the openssl CLI (tests/tls.rs makes its CA with it).

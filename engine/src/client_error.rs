@@ -79,6 +79,9 @@ impl UpgradeError {
 pub enum JoinError {
     /// `realtime:` with an empty sub-topic.
     TopicNameRequired,
+    /// A topic longer than [`crate::limits::TOPIC_BYTES_MAX`] (powa-realtime only; upstream
+    /// has no limit).
+    TopicNameTooLong,
     /// The server is shutting down.
     RealtimeRestarting,
     /// Concurrent users limit.
@@ -125,6 +128,9 @@ impl JoinError {
     pub fn reason(&self) -> Cow<'static, str> {
         match self {
             JoinError::TopicNameRequired => "TopicNameRequired: You must provide a topic name".into(),
+            JoinError::TopicNameTooLong => {
+                format!("TopicNameTooLong: Topic name must be at most {} bytes", crate::limits::TOPIC_BYTES_MAX).into()
+            }
             JoinError::RealtimeRestarting => {
                 "RealtimeRestarting: Realtime is restarting, please standby".into()
             }
@@ -265,6 +271,8 @@ pub enum CloseReason {
     MessageTooBig,
     /// A WebSocket protocol violation (unmasked client frame, bad opcode, ...).
     ProtocolError,
+    /// A text message that is not valid UTF-8 (RFC 6455 §8.1).
+    InvalidPayload,
     /// The outbound queue overflowed.
     SlowConsumer,
     /// The joins-per-second limit closed the socket.
@@ -280,6 +288,7 @@ impl CloseReason {
             CloseReason::Normal | CloseReason::IdleTimeout => 1000,
             CloseReason::MessageTooBig => 1009,
             CloseReason::ProtocolError => 1002,
+            CloseReason::InvalidPayload => 1007,
             CloseReason::SlowConsumer => 1008,
             CloseReason::GoingAway => 1001,
             CloseReason::ServiceRestart => 1012,
@@ -293,6 +302,7 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle timeout",
             CloseReason::MessageTooBig => "message too big",
             CloseReason::ProtocolError => "protocol error",
+            CloseReason::InvalidPayload => "invalid UTF-8 in a text message",
             CloseReason::SlowConsumer => "slow consumer: outbound queue full",
             CloseReason::GoingAway => "going away",
             CloseReason::ServiceRestart => "server restarting",
@@ -307,6 +317,8 @@ pub enum HttpMessage {
     NotFound,
     /// 400 for a GET on a WebSocket path without upgrade headers.
     UpgradeRequired,
+    /// 401 for `GET /api/status` without a valid service-role key.
+    ServiceRoleRequired,
 }
 
 impl HttpMessage {
@@ -315,6 +327,7 @@ impl HttpMessage {
         match self {
             HttpMessage::NotFound => "Not found",
             HttpMessage::UpgradeRequired => "WebSocket upgrade required",
+            HttpMessage::ServiceRoleRequired => "A valid service_role key is required",
         }
     }
 }
@@ -376,6 +389,7 @@ mod tests {
 
         let join = [
             (JoinError::TopicNameRequired, "TopicNameRequired: You must provide a topic name"),
+            (JoinError::TopicNameTooLong, "TopicNameTooLong: Topic name must be at most 255 bytes"),
             (JoinError::RealtimeRestarting, "RealtimeRestarting: Realtime is restarting, please standby"),
             (JoinError::ConnectionRateLimitReached, "ConnectionRateLimitReached: Too many connected users"),
             (JoinError::ClientJoinRateLimitReached, "ClientJoinRateLimitReached: Too many joins per second"),
@@ -396,6 +410,10 @@ mod tests {
         for (error, text) in join {
             assert_eq!(error.reason(), text);
         }
+
+        assert_eq!(HttpMessage::NotFound.text(), "Not found");
+        assert_eq!(HttpMessage::UpgradeRequired.text(), "WebSocket upgrade required");
+        assert_eq!(HttpMessage::ServiceRoleRequired.text(), "A valid service_role key is required");
 
         assert_eq!(ReplyError::UnmatchedTopic.text(), "unmatched topic");
         assert_eq!(ReplyError::PayloadSizeExceeded.text(), "payload_size_exceeded");
@@ -419,9 +437,21 @@ mod tests {
             assert_eq!(message.status(), status);
             assert_eq!(message.text(), text);
         }
-        assert_eq!(CloseReason::IdleTimeout.code(), 1000);
-        assert_eq!(CloseReason::MessageTooBig.code(), 1009);
-        assert!(CloseReason::SlowConsumer.text().len() <= 123);
+        let close = [
+            (CloseReason::Normal, 1000, ""),
+            (CloseReason::IdleTimeout, 1000, "idle timeout"),
+            (CloseReason::MessageTooBig, 1009, "message too big"),
+            (CloseReason::ProtocolError, 1002, "protocol error"),
+            (CloseReason::InvalidPayload, 1007, "invalid UTF-8 in a text message"),
+            (CloseReason::SlowConsumer, 1008, "slow consumer: outbound queue full"),
+            (CloseReason::GoingAway, 1001, "going away"),
+            (CloseReason::ServiceRestart, 1012, "server restarting"),
+        ];
+        for (reason, code, text) in close {
+            assert_eq!(reason.code(), code);
+            assert_eq!(reason.text(), text);
+            assert!(reason.text().len() <= 123);
+        }
     }
 
     #[test]

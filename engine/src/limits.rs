@@ -26,6 +26,12 @@ pub const SHARD_OVERFLOW_MESSAGES_MAX: usize = 65_536;
 /// the whole head gets a bit more).
 pub const HTTP_HEAD_BYTES_MAX: usize = 16 * 1024;
 
+/// Longest channel topic a join may name, as sent (`realtime:` prefix included): the most a
+/// V2 binary frame can carry (its topic length is one byte, PROTOCOL.md §1.6.2), so every
+/// joined topic can be delivered in every format. Longer joins get
+/// [`crate::client_error::JoinError::TopicNameTooLong`].
+pub const TOPIC_BYTES_MAX: usize = 255;
+
 /// Presence frames a channel may send per [`PRESENCE_WINDOW`] (upstream
 /// `CLIENT_PRESENCE_MAX_CALLS`); the next one closes the channel (PROTOCOL.md §4.6).
 pub const PRESENCE_CALLS_PER_WINDOW_MAX: u32 = 5;

@@ -265,6 +265,19 @@ fn presence_message(diff: Diff) -> Arc<Broadcast> {
     Arc::new(Broadcast { origin: None, body: BroadcastBody::PresenceDiff(Arc::new(diff)) })
 }
 
+/// What [`ShardState::summary`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSummary {
+    /// Topics this shard owns.
+    pub owned_topics: usize,
+    /// Acknowledged subscriptions of this shard's connections (joined channels).
+    pub local_channels: usize,
+    /// Presence elements of the topics this shard owns.
+    pub presence_members: usize,
+    /// Owned topics with the most subscribers (all shards'), most first.
+    pub top_topics: Vec<(TopicKey, usize)>,
+}
+
 /// All topic state of one shard.
 #[derive(Debug)]
 pub struct ShardState {
@@ -361,6 +374,34 @@ impl ShardState {
     /// Number of topics with local subscribers (acknowledged or pending).
     pub fn local_topics(&self) -> usize {
         self.local.len() + self.pending.len()
+    }
+
+    /// A summary of this shard's topics for the status page: one walk over the owned topics
+    /// (the driver calls it every few seconds, never per request), keeping the `top` topics
+    /// with the most subscribers (ties broken by name, so the answer is deterministic).
+    pub fn summary(&self, top: usize) -> ShardSummary {
+        let mut summary = ShardSummary {
+            owned_topics: self.owned.len(),
+            local_channels: self.local.values().map(|list| list.subs.len()).sum(),
+            presence_members: 0,
+            top_topics: Vec::with_capacity(top + 1),
+        };
+        for (topic, owned) in &self.owned {
+            summary.presence_members += owned.presence.as_ref().map_or(0, PresenceState::len);
+            let subscribers = owned.subscribers.len();
+            if top == 0 || subscribers == 0 {
+                continue;
+            }
+            let worse = |entry: &(TopicKey, usize)| (std::cmp::Reverse(entry.1), entry.0.sub.clone());
+            let candidate = (topic.clone(), subscribers);
+            if summary.top_topics.len() == top && worse(&candidate) >= worse(summary.top_topics.last().expect("top > 0 and full")) {
+                continue;
+            }
+            let at = summary.top_topics.partition_point(|entry| worse(entry) < worse(&candidate));
+            summary.top_topics.insert(at, candidate);
+            summary.top_topics.truncate(top);
+        }
+        summary
     }
 
     /// Handles one message addressed to this shard. Messages to other shards (and to itself)

@@ -94,6 +94,10 @@ pub enum Route {
     Ping,
     /// A REST broadcast path.
     Rest(crate::rest::RestRoute),
+    /// A built-in web page or one of its files (`/inspector`, `/status`, `/assets/...`).
+    Page(&'static crate::assets::Asset),
+    /// `GET /api/status`: the status page's JSON (service-role key required).
+    StatusApi,
     /// Anything else.
     NotFound,
 }
@@ -106,10 +110,11 @@ pub fn route(head: &Head) -> Route {
         "/healthz" => Route::Health,
         "/metrics" => Route::Metrics,
         "/api/ping" | "/realtime/v1/api/ping" => Route::Ping,
-        _ => match crate::rest::route(path) {
-            Some(rest) => Route::Rest(rest),
-            None => Route::NotFound,
-        },
+        "/api/status" => Route::StatusApi,
+        _ => crate::rest::route(path)
+            .map(Route::Rest)
+            .or_else(|| crate::assets::find(path).map(Route::Page))
+            .unwrap_or(Route::NotFound),
     }
 }
 

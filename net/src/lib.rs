@@ -3,6 +3,7 @@
 #![deny(unreachable_pub)]
 #![warn(missing_docs)]
 
+pub mod assets;
 pub mod frame;
 pub mod presence;
 pub mod rest;
@@ -12,3 +13,5 @@ pub mod join;
 pub mod session;
 pub mod http;
 pub mod server;
+#[doc(hidden)]
+pub mod fuzzing;

@@ -105,7 +105,7 @@ fn message(status: u16, text: &str) -> Bytes {
 }
 
 /// Verifies the caller: `Authorization: Bearer` first, then the `apikey` header.
-fn authorize(head: &Head, keys: &KeyStore, now: i64) -> Option<Claims> {
+pub(crate) fn authorize(head: &Head, keys: &KeyStore, now: i64) -> Option<Claims> {
     let bearer = head.header("authorization").and_then(|value| {
         let (scheme, token) = value.trim().split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())

@@ -15,7 +15,7 @@ use auth::{AuthError, Claims, KeyStore};
 use engine::broadcast::PayloadEncoding;
 use engine::client_error::{CloseReason, JoinError, ReplyError, SystemMessage};
 use engine::topic::{sub_topic, PREFIX};
-use engine::limits::{PRESENCE_CALLS_PER_WINDOW_MAX, PRESENCE_WINDOW};
+use engine::limits::{PRESENCE_CALLS_PER_WINDOW_MAX, PRESENCE_WINDOW, TOPIC_BYTES_MAX};
 use engine::shard::PresenceSnapshot;
 use engine::{Broadcast, BroadcastBody, ChannelSerial, ConnId, Format, Limits, LocalSub, Origin, ShardId, ShardMsg, ShardState, Subscriber, TopicKey};
 
@@ -381,6 +381,9 @@ impl Session {
         }
         if sub_topic(topic).is_empty() {
             return Err(JoinError::TopicNameRequired);
+        }
+        if topic.len() > TOPIC_BYTES_MAX {
+            return Err(JoinError::TopicNameTooLong);
         }
         let request = parse_join(frame.payload).map_err(|_| JoinError::Unknown)?;
         if self.channels.len() >= ctx.limits.channels_per_client_max as usize {

@@ -2,9 +2,13 @@
 //!
 //! The server side only: client frames must be masked (§5.1), server frames are never masked.
 //! Fragmented messages are reassembled up to [`WS_MESSAGE_BYTES_MAX`]; control frames may
-//! interleave with fragments (§5.4). UTF-8 of text messages is *not* validated here, as
-//! upstream runs with `validate_utf8: false`: an invalid text message fails JSON decoding and is
-//! dropped like any other malformed frame (PROTOCOL.md §1.10).
+//! interleave with fragments (§5.4). A complete text message must be valid UTF-8 (RFC 6455 §8.1): one
+//! that is not is a [`WsError::InvalidUtf8`], closed with 1007.
+//!
+//! Every length here comes from a client, so none is trusted: a declared payload length is
+//! compared with the limit before any arithmetic or conversion, the running total of a
+//! fragmented message is compared with what is still allowed (a subtraction that cannot
+//! underflow), and the buffer grows only as bytes arrive, never on a header's promise.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -59,7 +63,7 @@ impl OpCode {
 /// A complete message from the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WsMessage {
-    /// A text message (not UTF-8 validated).
+    /// A text message (valid UTF-8).
     Text(Bytes),
     /// A binary message.
     Binary(Bytes),
@@ -86,6 +90,8 @@ pub enum WsError {
     BadFragmentation,
     /// A message over the size limit.
     TooBig,
+    /// A text message that is not valid UTF-8.
+    InvalidUtf8,
 }
 
 impl std::fmt::Display for WsError {
@@ -97,6 +103,7 @@ impl std::fmt::Display for WsError {
             WsError::BadControlFrame => "control frame too long or fragmented",
             WsError::BadFragmentation => "bad fragmentation",
             WsError::TooBig => "message too big",
+            WsError::InvalidUtf8 => "text message is not valid UTF-8",
         };
         f.write_str(text)
     }
@@ -120,27 +127,40 @@ impl WsDecoder {
 
     /// Decodes the next complete message from `buf`, consuming its bytes. `Ok(None)`: more
     /// bytes needed. The size limit is checked from the frame header, before the payload
-    /// arrives, so an oversized frame never gets buffered.
+    /// arrives, so an oversized frame never gets buffered; and nothing is reserved for a
+    /// declared length: the caller's reads grow the buffer as bytes really arrive.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<WsMessage>, WsError> {
         loop {
             let Some(header) = parse_header(buf)? else {
                 return Ok(None);
             };
-            let partial_len = self.partial.as_ref().map_or(0, |(_, p)| p.len());
-            if !header.opcode.is_control() && partial_len as u64 + header.payload_len > self.message_bytes_max as u64 {
-                return Err(WsError::TooBig);
-            }
-            let total = header.header_len + header.payload_len as usize;
-            if buf.len() < total {
-                buf.reserve(total - buf.len());
+            let payload_len = self.checked_payload_len(&header)?;
+            // Both terms are bounded (header ≤ 14 bytes, payload ≤ the limit): no overflow.
+            if buf.len() < header.header_len + payload_len {
                 return Ok(None);
             }
             buf.advance(header.header_len);
-            let mut payload = buf.split_to(header.payload_len as usize);
+            let mut payload = buf.split_to(payload_len);
             unmask(&mut payload, header.mask);
             if let Some(message) = self.assemble(header, payload)? {
                 return Ok(Some(message));
             }
+        }
+    }
+
+    /// The frame's payload length, once it is known to fit: control frames are ≤ 125 bytes
+    /// (checked by `parse_header`); a data frame may bring the message to the limit, no further.
+    fn checked_payload_len(&self, header: &Header) -> Result<usize, WsError> {
+        if header.opcode.is_control() {
+            return Ok(header.payload_len as usize);
+        }
+        let collected = self.partial.as_ref().map_or(0, |(_, p)| p.len());
+        // `collected` never exceeds the limit (every fragment was checked here before it was
+        // kept), so the subtraction cannot underflow.
+        let allowed = self.message_bytes_max - collected;
+        match usize::try_from(header.payload_len) {
+            Ok(len) if len <= allowed => Ok(len),
+            _ => Err(WsError::TooBig),
         }
     }
 
@@ -157,7 +177,7 @@ impl WsDecoder {
                     return Err(WsError::BadFragmentation);
                 }
                 if header.fin {
-                    return Ok(Some(message(header.opcode, payload.freeze())));
+                    return message(header.opcode, payload.freeze()).map(Some);
                 }
                 self.partial = Some((header.opcode, payload));
                 Ok(None)
@@ -168,7 +188,7 @@ impl WsDecoder {
                 };
                 collected.extend_from_slice(&payload);
                 if header.fin {
-                    return Ok(Some(message(opcode, collected.freeze())));
+                    return message(opcode, collected.freeze()).map(Some);
                 }
                 self.partial = Some((opcode, collected));
                 Ok(None)
@@ -177,10 +197,11 @@ impl WsDecoder {
     }
 }
 
-fn message(opcode: OpCode, payload: Bytes) -> WsMessage {
+fn message(opcode: OpCode, payload: Bytes) -> Result<WsMessage, WsError> {
     match opcode {
-        OpCode::Text => WsMessage::Text(payload),
-        _ => WsMessage::Binary(payload),
+        OpCode::Text if std::str::from_utf8(&payload).is_err() => Err(WsError::InvalidUtf8),
+        OpCode::Text => Ok(WsMessage::Text(payload)),
+        _ => Ok(WsMessage::Binary(payload)),
     }
 }
 
@@ -369,6 +390,122 @@ mod tests {
         assert_eq!(decode_all(&mut WsDecoder::new(100), &out).unwrap(), vec![WsMessage::Close(Some(1000))]);
     }
 
+    /// The issue-9 reproducer: a 1-byte non-final text fragment, then a continuation whose
+    /// header declares 2^64 - 1 bytes. The size check used to wrap around and `split_to` panicked.
+    const CONTINUATION_OF_U64_MAX: &str = "0181112233446980ffffffffffffffffff01020304";
+
+    fn hex(text: &str) -> Vec<u8> {
+        (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
+    }
+
+    /// A data frame header (masked, zero mask) declaring `len` bytes with the 64-bit form.
+    fn header_declaring(opcode: u8, fin: bool, len: u64) -> BytesMut {
+        let mut out = BytesMut::new();
+        out.put_u8(if fin { 0x80 } else { 0 } | opcode);
+        out.put_u8(0x80 | 127);
+        out.put_u64(len);
+        out.put_slice(&[0; 4]);
+        out
+    }
+
+    #[test]
+    fn continuation_declaring_u64_max_is_too_big() {
+        let bytes = hex(CONTINUATION_OF_U64_MAX);
+        assert_eq!(bytes.len(), 21);
+        assert_eq!(decode_all(&mut WsDecoder::new(WS_MESSAGE_BYTES_MAX), &bytes), Err(WsError::TooBig));
+    }
+
+    #[test]
+    fn huge_declared_lengths_are_too_big_at_every_boundary() {
+        let max = WS_MESSAGE_BYTES_MAX as u64;
+        for len in [u64::MAX, 1 << 63, (1 << 63) - 1, 1 << 32, max + 1] {
+            for opcode in [0x1, 0x2] {
+                let mut decoder = WsDecoder::new(WS_MESSAGE_BYTES_MAX);
+                let mut buf = header_declaring(opcode, true, len);
+                assert_eq!(decoder.decode(&mut buf), Err(WsError::TooBig), "len {len}");
+            }
+            // The same length on a continuation of a started message.
+            let mut decoder = WsDecoder::new(WS_MESSAGE_BYTES_MAX);
+            let mut buf = BytesMut::new();
+            encode_client_frame(OpCode::Binary, false, b"x", [0; 4], &mut buf);
+            buf.extend_from_slice(&header_declaring(0x0, true, len));
+            assert_eq!(decoder.decode(&mut buf), Err(WsError::TooBig), "continuation len {len}");
+        }
+    }
+
+    #[test]
+    fn a_header_promise_reserves_nothing() {
+        for len in [WS_MESSAGE_BYTES_MAX as u64 - 1, WS_MESSAGE_BYTES_MAX as u64] {
+            let mut decoder = WsDecoder::new(WS_MESSAGE_BYTES_MAX);
+            let mut buf = header_declaring(0x2, true, len);
+            let capacity = buf.capacity();
+            assert_eq!(decoder.decode(&mut buf), Ok(None), "len {len} is allowed, waits for bytes");
+            assert_eq!(buf.capacity(), capacity, "nothing reserved for the declared payload");
+        }
+    }
+
+    #[test]
+    fn messages_at_the_limit_pass_and_one_byte_more_does_not() {
+        let limit = 1000;
+        for (len, ok) in [(limit - 1, true), (limit, true), (limit + 1, false)] {
+            let mut out = BytesMut::new();
+            encode_client_frame(OpCode::Binary, true, &vec![7; len], [1, 2, 3, 4], &mut out);
+            let got = decode_all(&mut WsDecoder::new(limit), &out);
+            if ok {
+                assert_eq!(got.unwrap(), vec![WsMessage::Binary(Bytes::from(vec![7; len]))]);
+            } else {
+                assert_eq!(got, Err(WsError::TooBig));
+            }
+        }
+    }
+
+    #[test]
+    fn fragments_may_sum_to_the_limit_but_not_past_it() {
+        let limit = 1000;
+        for (last, ok) in [(399, true), (400, true), (401, false)] {
+            let mut out = BytesMut::new();
+            encode_client_frame(OpCode::Text, false, &[b'a'; 300], [0; 4], &mut out);
+            encode_client_frame(OpCode::Continuation, false, &[b'b'; 300], [0; 4], &mut out);
+            encode_client_frame(OpCode::Continuation, true, &vec![b'c'; last], [0; 4], &mut out);
+            let got = decode_all(&mut WsDecoder::new(limit), &out);
+            assert_eq!(got.is_ok(), ok, "fragments 300 + 300 + {last}");
+        }
+    }
+
+    #[test]
+    fn many_one_byte_fragments_reassemble() {
+        let mut out = BytesMut::new();
+        encode_client_frame(OpCode::Text, false, b"a", [0; 4], &mut out);
+        for _ in 0..9_998 {
+            encode_client_frame(OpCode::Continuation, false, b"a", [9; 4], &mut out);
+        }
+        encode_client_frame(OpCode::Continuation, true, b"a", [0; 4], &mut out);
+        let got = decode_all(&mut WsDecoder::new(WS_MESSAGE_BYTES_MAX), &out).unwrap();
+        assert_eq!(got, vec![WsMessage::Text(Bytes::from(vec![b'a'; 10_000]))]);
+    }
+
+    #[test]
+    fn invalid_utf8_text_is_refused() {
+        let mut out = BytesMut::new();
+        encode_client_frame(OpCode::Text, true, &[b'{', 0xff, b'}'], [1, 2, 3, 4], &mut out);
+        assert_eq!(decode_all(&mut WsDecoder::new(100), &out), Err(WsError::InvalidUtf8));
+        // Across fragments: checked on the whole message, so a character split between two
+        // fragments is fine and a truncated one is not.
+        let euro = "€".as_bytes();
+        let mut out = BytesMut::new();
+        encode_client_frame(OpCode::Text, false, &euro[..1], [0; 4], &mut out);
+        encode_client_frame(OpCode::Continuation, true, &euro[1..], [0; 4], &mut out);
+        assert_eq!(decode_all(&mut WsDecoder::new(100), &out).unwrap(), vec![WsMessage::Text(Bytes::from_static(euro))]);
+        let mut out = BytesMut::new();
+        encode_client_frame(OpCode::Text, false, b"ok", [0; 4], &mut out);
+        encode_client_frame(OpCode::Continuation, true, &euro[..2], [0; 4], &mut out);
+        assert_eq!(decode_all(&mut WsDecoder::new(100), &out), Err(WsError::InvalidUtf8));
+        // Binary messages carry any bytes.
+        let mut out = BytesMut::new();
+        encode_client_frame(OpCode::Binary, true, &[0xff], [0; 4], &mut out);
+        assert_eq!(decode_all(&mut WsDecoder::new(100), &out).unwrap(), vec![WsMessage::Binary(Bytes::from_static(&[0xff]))]);
+    }
+
     proptest! {
         #[test]
         fn round_trip(payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..70_000), 1..4), mask in any::<[u8; 4]>(), split in any::<prop::sample::Index>()) {
@@ -390,10 +527,20 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), chunk in 1usize..64) {
+            // Fed in chunks, as reads deliver them.
             let mut decoder = WsDecoder::new(1000);
-            let mut buf = BytesMut::from(&bytes[..]);
-            while let Ok(Some(_)) = decoder.decode(&mut buf) {}
+            let mut buf = BytesMut::new();
+            'feed: for piece in bytes.chunks(chunk) {
+                buf.extend_from_slice(piece);
+                loop {
+                    match decoder.decode(&mut buf) {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(_) => break 'feed,
+                    }
+                }
+            }
         }
     }
 }

@@ -373,7 +373,8 @@ impl PgConn {
                     frame.advance(5);
                     return Ok(BackendMessage { tag, body: frame.freeze() });
                 }
-                self.buf.reserve(len + 1 - self.buf.len());
+                // Nothing reserved on the header's word (up to 1 GiB): the buffer grows as
+                // bytes arrive, so a broken server cannot make us allocate what it never sends.
             }
             let mut chunk = [0u8; 64 * 1024];
             let n = self.stream.read(&mut chunk)?;

@@ -57,7 +57,9 @@ pub fn prepare() -> PathBuf {
     let installed_time = modified(&modules.join(".package-lock.json")).or_else(|| modified(&modules));
     let fresh = matches!(installed_time, Some(t) if t >= lock_time)
         && modules.join("@supabase").join("realtime-js").is_dir()
-        && modules.join("ws").is_dir();
+        && modules.join("ws").is_dir()
+        && modules.join("puppeteer-core").is_dir()
+        && modules.join("esbuild").is_dir();
     if !fresh {
         eprintln!("[realtime-js] running `npm ci` in {}", dir.display());
         let mut command = Command::new("npm");

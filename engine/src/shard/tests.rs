@@ -442,3 +442,32 @@ mod presence {
         }
     }
 }
+
+/// Joins `subscribers` connections to `topic` on a one-shard state, delivering every message.
+fn join_all(state: &mut ShardState, topic: &str, subscribers: u32, first_conn: u32) {
+    for conn in first_conn..first_conn + subscribers {
+        let sub = LocalSub { conn: ConnId(conn.into()), channel: ChannelSerial(1), format: Format::V1, prefixed: true, receive_own: true, receive_broadcasts: true, receive_presence: true };
+        let mut queue = vec![state.local_join(TopicKey::new(topic, false), sub, false)];
+        while let Some((_, msg)) = queue.pop() {
+            let mut out = Vec::new();
+            state.handle(msg, &mut out);
+            queue.extend(out);
+        }
+    }
+}
+
+#[test]
+fn summary_keeps_the_busiest_topics_and_counts_channels() {
+    let mut state = ShardState::new(ShardId(0), 1);
+    join_all(&mut state, "realtime:quiet", 1, 0);
+    join_all(&mut state, "realtime:busy", 5, 100);
+    join_all(&mut state, "realtime:b-middle", 3, 200);
+    join_all(&mut state, "realtime:a-middle", 3, 300);
+    let summary = state.summary(3);
+    assert_eq!(summary.owned_topics, 4);
+    assert_eq!(summary.local_channels, 12);
+    assert_eq!(summary.presence_members, 0);
+    let top: Vec<(&str, usize)> = summary.top_topics.iter().map(|(topic, n)| (&*topic.sub, *n)).collect();
+    assert_eq!(top, vec![("busy", 5), ("a-middle", 3), ("b-middle", 3)]);
+    assert!(state.summary(0).top_topics.is_empty());
+}

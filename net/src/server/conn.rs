@@ -153,9 +153,27 @@ async fn serve_on<S: Transport>(shard: Rc<Shard>, mut stream: S, deadline: Insta
         Route::Ping => http::json_message(200, "message", "Success"),
         Route::Rest(_) if shard.config.control.is_draining() => rest::draining(),
         Route::Rest(route) => rest_call(&shard, &mut stream, &head, buf, &route).await,
+        Route::Page(asset) => http::response_with_headers(200, asset.content_type, crate::assets::PAGE_HEADERS, asset.body),
+        Route::StatusApi => status_call(&shard, &head),
         Route::NotFound => http::not_found(),
     };
     send(&mut stream, &response).await;
+}
+
+/// `GET /api/status`: the status page's data, for the service role only (it names topics).
+fn status_call(shard: &Shard, head: &http::Head) -> Bytes {
+    let service_role = rest::authorize(head, &shard.config.keys, unix_now()).is_some_and(|claims| claims.role == "service_role");
+    if !service_role {
+        return http::json_message(401, "message", engine::client_error::HttpMessage::ServiceRoleRequired.text());
+    }
+    let postgres = shard.config.postgres.as_ref().map(|link| {
+        serde_json::json!({
+            "configured": true,
+            "connected": link.healthy.load(std::sync::atomic::Ordering::Relaxed),
+        })
+    });
+    let body = shard.status.render(unix_now(), postgres).to_string();
+    http::response_with_headers(200, "application/json", "Cache-Control: no-store\r\n", body.as_bytes())
 }
 
 /// Reads the body of a REST call (Content-Length only, at most `HTTP_BODY_BYTES_MAX`), runs it
@@ -325,6 +343,7 @@ async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, mut reader:
                 }
                 Ok(None) => break,
                 Err(WsError::TooBig) => return Some(CloseReason::MessageTooBig),
+                Err(WsError::InvalidUtf8) => return Some(CloseReason::InvalidPayload),
                 Err(error) => {
                     tracing::debug!(peer, %error, "WebSocket protocol error");
                     return Some(CloseReason::ProtocolError);

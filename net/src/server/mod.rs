@@ -9,6 +9,7 @@ mod drain;
 mod metrics;
 mod outbox;
 mod shard;
+mod status;
 mod tls;
 
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ use engine::{Limits, ShardId, ShardMsg};
 pub use control::Control;
 pub use metrics::{series, Metrics, MetricsHook};
 pub use tls::{Tls, TlsError};
+pub use status::StatusBoard;
 
 /// io_uring buffer memory per executor: the minimum, so that executors start under the
 /// default 8 MiB memlock limit (measured: 192 KiB pinned per executor).
@@ -57,6 +59,10 @@ pub struct ServerConfig {
     /// TLS on the listener (`REALTIME_TLS_CERT`/`REALTIME_TLS_KEY`); the binary keeps a handle
     /// to reload the pair on SIGHUP.
     pub tls: Option<Arc<Tls>>,
+    /// Test hook (never set in production; the binary reads it from `POWA_TEST_PANIC_SHARD`):
+    /// this shard panics shortly after it starts listening, so tests can check that a dead
+    /// shard takes the whole process down instead of leaving it half alive.
+    pub panic_shard_for_tests: Option<usize>,
 }
 
 /// Queues between the shards and the Postgres Changes core (both bounded: commands
@@ -103,6 +109,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let shards = config.shards;
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new(shards));
+    let status = Arc::new(StatusBoard::new(shards));
     let mesh = MeshBuilder::<ShardMsg, _>::full(shards, SHARD_QUEUE_MESSAGES_MAX);
     // Only the CPUs this process may run on (`taskset`, cgroups): glommio's `online()` lists all.
     let allowed = allowed_cpus();
@@ -112,7 +119,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let handles = LocalExecutorPoolBuilder::new(placement)
         .io_memory(IO_MEMORY_BYTES)
         .name("shard")
-        .on_all_shards(move || async move { shard_main(config, mesh, metrics).await })
+        .on_all_shards(move || async move { shard_main(config, mesh, metrics, status).await })
         .map_err(|e| ServerError::Runtime(e.to_string()))?;
     for result in handles.join_all() {
         match result {
@@ -173,17 +180,23 @@ fn allowed_cpus() -> Option<Vec<usize>> {
     }
 }
 
-async fn shard_main(config: Arc<ServerConfig>, mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>, metrics: Arc<Metrics>) -> Result<(), String> {
+async fn shard_main(
+    config: Arc<ServerConfig>,
+    mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+    metrics: Arc<Metrics>,
+    status: Arc<StatusBoard>,
+) -> Result<(), String> {
     let (senders, mut receivers) = mesh.join().await.map_err(|e| format!("shard mesh join failed: {e}"))?;
     let id = ShardId(senders.peer_id() as u16);
     let listener = listen(config.addr).map_err(|e| format!("bind {}: {e}", config.addr))?;
-    let shard = Rc::new(shard::Shard::new(id, Arc::clone(&config), senders, metrics));
+    let shard = Rc::new(shard::Shard::new(id, Arc::clone(&config), senders, metrics, status));
     for (_, receiver) in receivers.streams() {
         glommio::spawn_local(Rc::clone(&shard).receive(receiver)).detach();
     }
     glommio::spawn_local(Rc::clone(&shard).expire_tokens()).detach();
     glommio::spawn_local(Rc::clone(&shard).rate_ticks()).detach();
     glommio::spawn_local(Rc::clone(&shard).sample_gauges()).detach();
+    glommio::spawn_local(Rc::clone(&shard).status_ticks()).detach();
     if let Some(link) = &config.postgres {
         let inbox = link.inboxes[id.index()].clone();
         glommio::spawn_local(Rc::clone(&shard).postgres_inbox(inbox)).detach();
@@ -199,6 +212,13 @@ async fn shard_main(config: Arc<ServerConfig>, mesh: MeshBuilder<ShardMsg, glomm
     })
     .detach();
     tracing::info!(shard = id.0, addr = %config.addr, "shard listening");
+    if config.panic_shard_for_tests == Some(id.index()) {
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(std::time::Duration::from_millis(500)).await;
+            panic!("test hook: shard {} panics on purpose (POWA_TEST_PANIC_SHARD)", id.0);
+        })
+        .detach();
+    }
     while !config.control.is_draining() {
         match listener.listener.accept().await {
             Ok(stream) => {

@@ -63,10 +63,12 @@ pub(crate) struct Shard {
     /// as of the last tick.
     presence_window: RefCell<engine::rate::RateWindow>,
     pub(crate) presence_exceeded: Cell<bool>,
+    /// This shard's slot of the status page's data (written by [`Shard::status_ticks`]).
+    pub(crate) status: Arc<super::StatusBoard>,
 }
 
 impl Shard {
-    pub(crate) fn new(id: ShardId, config: Arc<ServerConfig>, senders: Senders<ShardMsg>, metrics: Arc<super::Metrics>) -> Shard {
+    pub(crate) fn new(id: ShardId, config: Arc<ServerConfig>, senders: Senders<ShardMsg>, metrics: Arc<super::Metrics>, status: Arc<super::StatusBoard>) -> Shard {
         let shards = config.shards;
         Shard {
             id,
@@ -83,6 +85,7 @@ impl Shard {
             next_conn: Cell::new(1),
             presence_window: RefCell::new(engine::rate::RateWindow::default()),
             presence_exceeded: Cell::new(false),
+            status,
             config,
         }
     }
@@ -422,6 +425,36 @@ impl Shard {
             self.metrics.presence_window_sums[self.id.index()].store(sum, std::sync::atomic::Ordering::Relaxed);
             let total: u64 = self.metrics.presence_window_sums.iter().map(|s| s.load(std::sync::atomic::Ordering::Relaxed)).sum();
             self.presence_exceeded.set(engine::rate::above(total, seconds, limit));
+        }
+    }
+
+    /// Refreshes this shard's slot of the status page every second: a sample of its counters,
+    /// and every few ticks the summary of its topics (one walk, never per request).
+    pub(crate) async fn status_ticks(self: Rc<Self>) {
+        use super::status::{Sample, SUMMARY_EVERY_TICKS, TICK, TOP_TOPICS_MAX};
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut last_deliveries = self.counters().deliveries.load(Relaxed);
+        let mut channels = 0;
+        let mut tick: u32 = 0;
+        loop {
+            if tick % SUMMARY_EVERY_TICKS == 0 {
+                let summary = self.state.borrow().summary(TOP_TOPICS_MAX);
+                channels = summary.local_channels as u64;
+                self.status.set_summary(self.id.index(), &summary);
+            }
+            let deliveries = self.counters().deliveries.load(Relaxed);
+            self.status.push_sample(
+                self.id.index(),
+                Sample {
+                    unix_secs: super::conn::unix_now(),
+                    connections: self.counters().connections_open.load(Relaxed),
+                    channels,
+                    deliveries_per_second: deliveries.saturating_sub(last_deliveries) / TICK.as_secs().max(1),
+                },
+            );
+            last_deliveries = deliveries;
+            tick = tick.wrapping_add(1);
+            glommio::timer::sleep(TICK).await;
         }
     }
 

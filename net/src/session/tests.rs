@@ -248,6 +248,28 @@ fn join_errors_are_delayed_and_exact() {
 }
 
 #[test]
+fn topics_longer_than_the_limit_are_refused() {
+    let mut h = Harness::new();
+    let a = h.connect(Format::V2);
+    let at_limit = format!("realtime:{}", "t".repeat(255 - "realtime:".len()));
+    let over_limit = format!("{at_limit}u");
+    let bare_over_limit = "x".repeat(256);
+    h.text(a, &v2_join(&at_limit, json!({})));
+    h.text(a, &v2_join(&over_limit, json!({})));
+    h.text(a, &v2_join(&bare_over_limit, json!({})));
+    let ok = h.take(a);
+    assert_eq!(ok.len(), 1, "only the topic at the limit joins");
+    assert_eq!(ok[0][2], json!(at_limit));
+    assert_eq!(ok[0][4]["status"], json!("ok"));
+    let refused = h.take_delayed(a);
+    assert_eq!(refused.len(), 2);
+    for (frame, topic) in refused.iter().zip([&over_limit, &bare_over_limit]) {
+        assert_eq!(frame[2], json!(topic));
+        assert_eq!(frame[4]["response"]["reason"], json!("TopicNameTooLong: Topic name must be at most 255 bytes"));
+    }
+}
+
+#[test]
 fn channel_limit_and_duplicate_join() {
     let mut h = Harness::new();
     h.limits.channels_per_client_max = 2;
