@@ -319,6 +319,80 @@ impl HttpMessage {
     }
 }
 
+/// `system` messages of Postgres Changes (extension `postgres_changes`, PROTOCOL.md §5.4) that
+/// are not about one binding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangesNotice {
+    /// The subscription is live (upstream's text).
+    Subscribed,
+    /// The replication stream dropped; a new `Subscribed` follows when it is back.
+    StreamLost {
+        /// What the database or the connection said.
+        reason: String,
+    },
+    /// The replication stream stopped for good on a definite error (the server's configuration
+    /// must be fixed; the operator's log says how).
+    StreamStopped,
+}
+
+impl ChangesNotice {
+    /// The text.
+    pub fn text(&self) -> Cow<'static, str> {
+        match self {
+            ChangesNotice::Subscribed => SUBSCRIBED.into(),
+            ChangesNotice::StreamLost { reason } => format!(
+                "The replication connection to the database was lost ({reason}); changes are not delivered until it is back, when a new \"{SUBSCRIBED}\" follows"
+            )
+            .into(),
+            ChangesNotice::StreamStopped => "Postgres Changes stopped: the server cannot use its database connection settings; changes are not delivered until the server is reconfigured and restarted".into(),
+        }
+    }
+
+    /// `"ok"` or `"error"`.
+    pub fn status(&self) -> &'static str {
+        match self {
+            ChangesNotice::Subscribed => "ok",
+            ChangesNotice::StreamLost { .. } | ChangesNotice::StreamStopped => "error",
+        }
+    }
+}
+
+const SUBSCRIBED: &str = "Subscribed to PostgreSQL";
+
+/// Bounds on client-driven Postgres Changes work (beyond upstream, which has none of these):
+/// each is reported like the parse error of the same binding, as a `system` error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangesLimit {
+    /// A binding's `filter` string is longer than the limit.
+    FilterTooLong {
+        /// Its length in bytes.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A `like`/`ilike`/`match`/`imatch` pattern compiles to more than the regex size limit.
+    PatternTooComplex {
+        /// The operator's name.
+        op: &'static str,
+        /// The limit in bytes of compiled program.
+        max: usize,
+    },
+}
+
+impl ChangesLimit {
+    /// The text, in the shape of upstream's filter parse errors.
+    pub fn text(&self) -> String {
+        match self {
+            ChangesLimit::FilterTooLong { bytes, max } => {
+                format!("Error parsing `filter` params: the filter is {bytes} bytes long; at most {max} bytes are allowed")
+            }
+            ChangesLimit::PatternTooComplex { op, max } => {
+                format!("the pattern of the {op} filter is too complex (its compiled form exceeds {max} bytes); use a shorter pattern")
+            }
+        }
+    }
+}
+
 const NOT_JWT: &str = "The token provided is not a valid JWT";
 const BAD_SIGNATURE: &str = "Failed to validate JWT signature";
 const MISSING_CLAIMS: &str = "Fields `role` and `exp` are required in JWT";
@@ -414,6 +488,21 @@ mod tests {
         for (message, status, text) in system {
             assert_eq!(message.status(), status);
             assert_eq!(message.text(), text);
+        }
+        let notices = [
+            (ChangesNotice::Subscribed, "ok", "Subscribed to PostgreSQL"),
+            (ChangesNotice::StreamLost { reason: "EOF".into() }, "error", "The replication connection to the database was lost (EOF); changes are not delivered until it is back, when a new \"Subscribed to PostgreSQL\" follows"),
+            (ChangesNotice::StreamStopped, "error", "Postgres Changes stopped: the server cannot use its database connection settings; changes are not delivered until the server is reconfigured and restarted"),
+        ];
+        for (notice, status, text) in notices {
+            assert_eq!((notice.status(), notice.text().as_ref()), (status, text));
+        }
+        let changes_limits = [
+            (ChangesLimit::FilterTooLong { bytes: 5000, max: 4096 }, "Error parsing `filter` params: the filter is 5000 bytes long; at most 4096 bytes are allowed"),
+            (ChangesLimit::PatternTooComplex { op: "like", max: 262_144 }, "the pattern of the like filter is too complex (its compiled form exceeds 262144 bytes); use a shorter pattern"),
+        ];
+        for (limit, text) in changes_limits {
+            assert_eq!(limit.text(), text);
         }
         assert_eq!(CloseReason::IdleTimeout.code(), 1000);
         assert_eq!(CloseReason::MessageTooBig.code(), 1009);

@@ -29,9 +29,11 @@ use serde_json::{Map, Value};
 use smallvec::SmallVec;
 use tokio_postgres::Client;
 
+use engine::client_error::{ChangesNotice, SystemMessage};
 use engine::{ChannelSerial, ConnId, ShardId};
 
 use crate::binding::{self, Binding, EventFilter};
+use crate::error::ReplicationError;
 use crate::filter::{self, Filter};
 use crate::pgoutput::{Cell, OldKind, Relation, Tuple};
 use crate::reader::{RowChange, Txn, WalEvent};
@@ -180,8 +182,6 @@ pub struct ChangeDelivery {
     pub targets: Vec<(ConnId, ChannelSerial)>,
 }
 
-/// Status message of a working subscription.
-pub const SUBSCRIBED: &str = "Subscribed to PostgreSQL";
 
 /// Counters.
 #[derive(Debug, Default)]
@@ -235,6 +235,10 @@ struct RelInfo {
 
 struct Core {
     shards: Vec<flume::Sender<PgOut>>,
+    /// The reader stopped on a definite error: nothing will be acknowledged again.
+    stream_stopped: bool,
+    /// `REALTIME_MAX_PAYLOAD_BYTES`: database broadcasts over it are dropped, like client ones.
+    payload_bytes_max: usize,
     stream_up: bool,
     relations: AHashMap<u32, RelInfo>,
     tables: AHashMap<TableKey, Arc<TableInfo>>,
@@ -257,7 +261,7 @@ pub struct CoreHandle {
 
 /// Starts the core thread: `url` for SQL, `events` from the reader; `health` is kept true
 /// while its database connections are up.
-pub fn spawn(url: String, shards: usize, events: flume::Receiver<WalEvent>, health: Arc<std::sync::atomic::AtomicBool>, control: Arc<crate::reader::ReaderControl>) -> CoreHandle {
+pub fn spawn(url: String, shards: usize, payload_bytes_max: usize, events: flume::Receiver<WalEvent>, health: Arc<std::sync::atomic::AtomicBool>, control: Arc<crate::reader::ReaderControl>) -> CoreHandle {
     let (commands, command_rx) = flume::bounded(COMMANDS_MAX);
     let (senders, inboxes): (Vec<_>, Vec<_>) = (0..shards).map(|_| flume::bounded(SHARD_INBOX_MAX)).unzip();
     let stats = Arc::new(CoreStats::default());
@@ -267,47 +271,71 @@ pub fn spawn(url: String, shards: usize, events: flume::Receiver<WalEvent>, heal
         .spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
             let local = tokio::task::LocalSet::new();
-            local.block_on(&runtime, run(url, senders, command_rx, events, thread_stats, health, control));
+            local.block_on(&runtime, run(url, senders, payload_bytes_max, command_rx, events, thread_stats, health, control));
         })
         .expect("spawn the changes thread");
     CoreHandle { commands, shard_inboxes: inboxes, stats }
 }
 
 /// A database connection that reconnects (with backoff) when the server restarts or the
-/// connection drops; `health` tells `/healthz` whether it is up.
+/// connection drops; `health` tells `/healthz` whether it is up. A definite connection error
+/// (wrong password, missing database: [`ReplicationError`]) is not retried: it is logged once,
+/// kept, and returned to every later caller.
 pub(crate) struct Db {
     url: String,
     client: RefCell<Option<Rc<Client>>>,
+    failed: RefCell<Option<ReplicationError>>,
     health: Arc<std::sync::atomic::AtomicBool>,
+    /// The reader's state: health is not reported good while the reader has stopped.
+    control: Arc<crate::reader::ReaderControl>,
 }
 
 impl Db {
-    fn new(url: &str, health: Arc<std::sync::atomic::AtomicBool>) -> Db {
-        Db { url: url.to_string(), client: RefCell::new(None), health }
+    fn new(url: &str, health: Arc<std::sync::atomic::AtomicBool>, control: Arc<crate::reader::ReaderControl>) -> Db {
+        Db { url: url.to_string(), client: RefCell::new(None), failed: RefCell::new(None), health, control }
     }
 
-    /// A live client, reconnecting first when needed.
-    async fn get(&self) -> Rc<Client> {
+    /// A live client, reconnecting first when needed; the definite error that stopped it.
+    async fn get(&self) -> Result<Rc<Client>, ReplicationError> {
         if let Some(client) = self.client.borrow().as_ref() {
             if !client.is_closed() {
-                return Rc::clone(client);
+                return Ok(Rc::clone(client));
             }
         }
+        if let Some(error) = self.failed.borrow().as_ref() {
+            return Err(error.clone());
+        }
         self.health.store(false, std::sync::atomic::Ordering::Relaxed);
-        let client = Rc::new(connect_retrying(&self.url).await);
-        self.health.store(true, std::sync::atomic::Ordering::Relaxed);
-        *self.client.borrow_mut() = Some(Rc::clone(&client));
-        client
+        match connect_retrying(&self.url).await {
+            Ok(client) => {
+                let client = Rc::new(client);
+                let reader_ok = !self.control.failed.load(std::sync::atomic::Ordering::Relaxed);
+                self.health.store(reader_ok, std::sync::atomic::Ordering::Relaxed);
+                *self.client.borrow_mut() = Some(Rc::clone(&client));
+                Ok(client)
+            }
+            Err(error) => {
+                *self.failed.borrow_mut() = Some(error.clone());
+                Err(error)
+            }
+        }
     }
 }
 
-async fn connect_retrying(url: &str) -> Client {
+/// Connects, retrying transient errors with backoff (0.5 s doubling to 10 s); returns a
+/// definite error at once.
+async fn connect_retrying(url: &str) -> Result<Client, ReplicationError> {
     let mut delay = Duration::from_millis(500);
     loop {
         match sql::connect(url).await {
-            Ok(client) => return client,
+            Ok(client) => return Ok(client),
             Err(error) => {
-                tracing::warn!(error = %sql::error_text(&error), "database connection failed; retrying");
+                let error = ReplicationError::from_sql(&error);
+                if error.is_definite() {
+                    tracing::error!(%error, "database connection failed for good (not retrying)");
+                    return Err(error);
+                }
+                tracing::warn!(%error, "database connection failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
@@ -315,20 +343,24 @@ async fn connect_retrying(url: &str) -> Client {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     url: String,
     shards: Vec<flume::Sender<PgOut>>,
+    payload_bytes_max: usize,
     commands: flume::Receiver<Command>,
     events: flume::Receiver<WalEvent>,
     stats: Arc<CoreStats>,
     health: Arc<std::sync::atomic::AtomicBool>,
     control: Arc<crate::reader::ReaderControl>,
 ) {
-    let meta = Rc::new(Db::new(&url, Arc::clone(&health)));
-    let rls = Db::new(&url, health);
-    meta.get().await;
+    let meta = Rc::new(Db::new(&url, Arc::clone(&health), Arc::clone(&control)));
+    let rls = Db::new(&url, health, Arc::clone(&control));
+    let _ = meta.get().await;
     let core = Rc::new(RefCell::new(Core {
         shards,
+        stream_stopped: false,
+        payload_bytes_max,
         stream_up: false,
         relations: AHashMap::new(),
         tables: AHashMap::new(),
@@ -344,7 +376,7 @@ async fn run(
     {
         let core = Rc::clone(&core);
         let meta = Rc::clone(&meta);
-        let authz = Rc::new(Authz { db: Db::new(&url, Arc::new(std::sync::atomic::AtomicBool::new(true))), cache: RefCell::new(AHashMap::new()), inflight: RefCell::new(AHashMap::new()) });
+        let authz = Rc::new(Authz { db: Db::new(&url, Arc::new(std::sync::atomic::AtomicBool::new(true)), Arc::clone(&control)), cache: RefCell::new(AHashMap::new()), inflight: RefCell::new(AHashMap::new()) });
         tokio::task::spawn_local(async move {
             while let Ok(command) = commands.recv_async().await {
                 match command {
@@ -357,8 +389,10 @@ async fn run(
                     Command::Replay { key, topic, since_ms, limit } => {
                         let (core, meta) = (Rc::clone(&core), Rc::clone(&meta));
                         tokio::task::spawn_local(async move {
-                            let client = meta.get().await;
-                            let result = replay(&client, &topic, since_ms, limit).await.map_err(|e| sql::error_text(&e));
+                            let result = match meta.get().await {
+                                Ok(client) => replay(&client, &topic, since_ms, limit).await.map_err(|e| sql::error_text(&e)),
+                                Err(error) => Err(error.to_string()),
+                            };
                             core.borrow().send(key.shard, PgOut::Replayed { conn: key.conn, channel: key.channel, result });
                         });
                     }
@@ -372,7 +406,8 @@ async fn run(
         tokio::task::spawn_local(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
-                if let Err(error) = meta.get().await.simple_query(crate::install::MAINTAIN_SQL).await {
+                let Ok(client) = meta.get().await else { return };
+                if let Err(error) = client.simple_query(crate::install::MAINTAIN_SQL).await {
                     tracing::warn!(error = %sql::error_text(&error), "realtime.messages partition maintenance failed");
                 }
             }
@@ -387,8 +422,9 @@ async fn run(
             loop {
                 tokio::time::sleep(PUBLICATION_POLL).await;
                 let reads_publication = control.reads_publication.load(std::sync::atomic::Ordering::Relaxed);
+                let Ok(client) = meta.get().await else { return };
                 if !reads_publication {
-                    if let Ok((true, _)) = sql::published_tables(&*meta.get().await).await {
+                    if let Ok((true, _)) = sql::published_tables(&client).await {
                         // Until the restarted stream reads the publication, no subscription may
                         // be acknowledged: its "Subscribed" waits for the next StreamUp.
                         core.borrow_mut().stream_up = false;
@@ -400,7 +436,7 @@ async fn run(
                     core.channels.values().any(|c| !c.waiting.is_empty()) || !core.wildcards.is_empty()
                 };
                 if wanted {
-                    if let Err(error) = poll_publication(&core, &*meta.get().await).await {
+                    if let Err(error) = poll_publication(&core, &client).await {
                         tracing::warn!(error = %sql::error_text(&error), "publication poll failed");
                     }
                 }
@@ -432,6 +468,9 @@ async fn run(
             process(&core, &rls, batch).await;
         }
     }
+    // The reader stopped (a definite error): commands, policy checks and replays are still
+    // answered.
+    std::future::pending::<()>().await;
 }
 
 /// The newest `limit` private broadcasts of `topic` since `since_ms`, oldest first (§3.6).
@@ -489,8 +528,10 @@ fn authorize(core: &Rc<RefCell<Core>>, authz: &Rc<Authz>, request: crate::policy
     drop(inflight);
     let (core, authz) = (Rc::clone(core), Rc::clone(authz));
     tokio::task::spawn_local(async move {
-        let client = authz.db.get().await;
-        let result = crate::policy::check(&client, &request).await;
+        let result = match authz.db.get().await {
+            Ok(client) => crate::policy::check(&client, &request).await,
+            Err(error) => crate::policy::AuthzResult { broadcast: false, presence: false, error: Some(error.to_string()) },
+        };
         if let Some(error) = &result.error {
             tracing::warn!(role = %request.role, topic = %request.topic, %error, "policy check failed (counts as a denial)");
         }
@@ -524,16 +565,28 @@ async fn handle_event(core: &Rc<RefCell<Core>>, meta: &Db, control: &crate::read
             let keys: Vec<ChannelKey> = core.channels.iter().filter(|(_, c)| !c.active.is_empty()).map(|(k, _)| *k).collect();
             for key in keys {
                 core.channels.get_mut(&key).expect("listed").ack_pending = false;
-                core.system(key, "ok", SUBSCRIBED.into());
+                core.notice(key, &ChangesNotice::Subscribed);
             }
         }
         WalEvent::StreamDown(reason) => {
             let mut core = core.borrow_mut();
             core.stream_up = false;
             let keys: Vec<ChannelKey> = core.channels.iter().filter(|(_, c)| !c.active.is_empty()).map(|(k, _)| *k).collect();
-            let message = format!("The replication connection to the database was lost ({reason}); changes are not delivered until it is back, when a new \"{SUBSCRIBED}\" follows");
+            let notice = ChangesNotice::StreamLost { reason };
             for key in keys {
-                core.system(key, "error", message.clone());
+                core.notice(key, &notice);
+            }
+        }
+        WalEvent::StreamFailed(_) => {
+            // The reader logged the error with what to fix; subscribers learn that changes
+            // stopped, and later subscriptions are told at once instead of waiting for a stream.
+            meta.health.store(false, std::sync::atomic::Ordering::Relaxed);
+            let mut core = core.borrow_mut();
+            core.stream_up = false;
+            core.stream_stopped = true;
+            let keys: Vec<ChannelKey> = core.channels.iter().filter(|(_, c)| !c.active.is_empty()).map(|(k, _)| *k).collect();
+            for key in keys {
+                core.notice(key, &ChangesNotice::StreamStopped);
             }
         }
         WalEvent::Relation(relation) => {
@@ -545,7 +598,8 @@ async fn handle_event(core: &Rc<RefCell<Core>>, meta: &Db, control: &crate::read
             core.borrow_mut().relations.insert(relation.oid, RelInfo { schema, table, relation, index });
             if known {
                 // The table may have changed (ALTER TABLE): refresh what we know about it.
-                if let Ok(Some(info)) = sql::table_info(&*meta.get().await, &key.0, &key.1).await {
+                let Ok(client) = meta.get().await else { return };
+                if let Ok(Some(info)) = sql::table_info(&client, &key.0, &key.1).await {
                     core.borrow_mut().tables.insert(key, info);
                 }
             }
@@ -565,6 +619,22 @@ impl Core {
 
     fn system(&self, key: ChannelKey, status: &'static str, message: String) {
         self.send(key.shard, PgOut::System { conn: key.conn, channel: key.channel, status, message });
+    }
+
+    fn notice(&self, key: ChannelKey, notice: &ChangesNotice) {
+        self.system(key, notice.status(), notice.text().into_owned());
+    }
+
+    /// A channel got active bindings: acknowledge now if the stream is up, at the next
+    /// `StreamUp` otherwise, or say at once that the stream stopped for good.
+    fn acknowledge(&mut self, key: ChannelKey) {
+        if self.stream_stopped {
+            self.notice(key, &ChangesNotice::StreamStopped);
+        } else if self.stream_up {
+            self.notice(key, &ChangesNotice::Subscribed);
+        } else {
+            self.channels.get_mut(&key).expect("present").ack_pending = true;
+        }
     }
 
     /// Registers an incoming subscription (replacing an older one of the same channel).
@@ -655,8 +725,10 @@ async fn compile_for_table(meta: &Client, role: &str, binding: &Binding, table: 
 async fn subscribe(core: Rc<RefCell<Core>>, meta: Rc<Db>, subscription: Subscription, generation: u64) {
     let key = subscription.key;
     let role = subscription.role.clone();
-    let client = meta.get().await;
-    let outcome = validate(&client, &subscription).await;
+    let outcome = match meta.get().await {
+        Ok(client) => validate(&client, &subscription).await,
+        Err(_) => Err(SystemMessage::DatabaseUnreachable.text().into_owned()),
+    };
     let mut core = core.borrow_mut();
     let Some(state) = core.channels.get_mut(&key) else { return };
     if state.generation != generation {
@@ -697,11 +769,7 @@ async fn subscribe(core: Rc<RefCell<Core>>, meta: Rc<Db>, subscription: Subscrip
         }
     }
     if any_active {
-        if core.stream_up {
-            core.system(key, "ok", SUBSCRIBED.into());
-        } else {
-            core.channels.get_mut(&key).expect("present").ack_pending = true;
-        }
+        core.acknowledge(key);
     }
 }
 
@@ -789,11 +857,7 @@ async fn poll_publication(core: &Rc<RefCell<Core>>, meta: &Client) -> Result<(),
                     core.tables.insert((Arc::from(info.schema.as_str()), Arc::from(info.table.as_str())), info);
                 }
                 core.activate(key, bound);
-                if core.stream_up {
-                    core.system(key, "ok", SUBSCRIBED.into());
-                } else {
-                    core.channels.get_mut(&key).expect("present").ack_pending = true;
-                }
+                core.acknowledge(key);
             }
             BindingResult::Failed(message) => core.system(key, "error", message),
             BindingResult::Waiting(..) => unreachable!("skipped above"),
@@ -931,7 +995,7 @@ async fn process(core: &Rc<RefCell<Core>>, rls: &Db, batch: Vec<Arc<Txn>>) {
             for (index, change) in txn.changes.iter().enumerate() {
                 let Some(row) = Row::of(change, &core.relations) else { continue };
                 if row.kind == Kind::Insert && &*row.relation.schema == "realtime" && &*row.relation.table == "messages" {
-                    if let Some((topic, message)) = database_broadcast(&row) {
+                    if let Some((topic, message)) = database_broadcast(&row, core.payload_bytes_max) {
                         let owner = topic.owner(core.shards.len());
                         core.send(owner, PgOut::Publish { topic, message });
                     }
@@ -986,8 +1050,10 @@ async fn process(core: &Rc<RefCell<Core>>, rls: &Db, batch: Vec<Arc<Txn>>) {
             .map(|(((role, claims), _), rows)| sql::RlsGroup { role, claims_json: claims, rows })
             .collect();
         core.borrow().stats.rls_queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let client = rls.get().await;
-        let results = sql::rls_visible_groups(&client, &table, &request).await;
+        let results: Vec<Result<Vec<bool>, String>> = match rls.get().await {
+            Ok(client) => sql::rls_visible_groups(&client, &table, &request).await.into_iter().map(|r| r.map_err(|e| sql::error_text(&e))).collect(),
+            Err(_) => groups.iter().map(|_| Err(SystemMessage::DatabaseUnreachable.text().into_owned())).collect(),
+        };
         for (((role, claims), rows), result) in groups.iter().zip(results) {
             match result {
                 Ok(visible) => {
@@ -996,7 +1062,7 @@ async fn process(core: &Rc<RefCell<Core>>, rls: &Db, batch: Vec<Arc<Txn>>) {
                     }
                 }
                 Err(error) => {
-                    let message: Arc<str> = Arc::from(sql::error_text(&error).as_str());
+                    let message: Arc<str> = Arc::from(error.as_str());
                     tracing::warn!(role = %role, table = %table.table, error = %message, "RLS check failed for one claims group");
                     for (m, _) in rows {
                         verdicts.insert((*m, Arc::clone(role), Arc::clone(claims)), Err(Arc::clone(&message)));
@@ -1018,7 +1084,7 @@ async fn process(core: &Rc<RefCell<Core>>, rls: &Db, batch: Vec<Arc<Txn>>) {
 /// A row inserted into `realtime.messages` as a broadcast (PROTOCOL.md §3.4): topic, event,
 /// `binary_payload` if set else `payload`, metadata `{"id": "<row id>"}`; rows missing any of
 /// them (or over the payload limit) are skipped.
-fn database_broadcast(row: &Row<'_>) -> Option<(engine::TopicKey, Arc<engine::Broadcast>)> {
+fn database_broadcast(row: &Row<'_>, payload_bytes_max: usize) -> Option<(engine::TopicKey, Arc<engine::Broadcast>)> {
     let cell = |name: &str| -> Option<Option<&[u8]>> { row.new_cell(*row.relation.index.get(name)?) };
     let text = |name: &str| cell(name).flatten().and_then(|b| std::str::from_utf8(b).ok());
     let topic = text("topic")?;
@@ -1038,7 +1104,7 @@ fn database_broadcast(row: &Row<'_>) -> Option<(engine::TopicKey, Arc<engine::Br
         (None, Some(json)) => (engine::broadcast::PayloadEncoding::Json, Bytes::copy_from_slice(json)),
         (None, None) => return None,
     };
-    if payload.len() > engine::Limits::default().payload_bytes_max {
+    if payload.len() > payload_bytes_max {
         tracing::warn!(topic, "database broadcast over the payload limit dropped");
         return None;
     }

@@ -9,10 +9,18 @@
 
 use std::fmt;
 
-use regex::bytes::Regex;
+use regex::bytes::{Regex, RegexBuilder};
 
 /// Most values an `in` filter may list.
 pub const IN_VALUES_MAX: usize = 100;
+/// Longest `filter` string a binding may carry, in bytes (beyond: the binding fails with
+/// [`engine::client_error::ChangesLimit::FilterTooLong`]). Far above any real filter (an
+/// `in` list of 100 long values); it bounds the parse and compile work one binding can cause.
+pub const FILTER_BYTES_MAX: usize = 65_536;
+/// Most memory one compiled pattern (`like`, `ilike`, `match`, `imatch`) may take, and the
+/// bound of its lazy-DFA cache (beyond: the binding fails with
+/// [`engine::client_error::ChangesLimit::PatternTooComplex`], never a panic).
+pub const REGEX_BYTES_MAX: usize = 256 * 1024;
 
 /// A filter operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +179,9 @@ fn unquote(value: &str) -> String {
 
 /// Parses a filter string (AND of segments). A whitespace-only filter is no filter.
 pub fn parse(filter: &str) -> Result<Vec<RawFilter>, FilterParseError> {
+    if filter.len() > FILTER_BYTES_MAX {
+        return Err(FilterParseError(engine::client_error::ChangesLimit::FilterTooLong { bytes: filter.len(), max: FILTER_BYTES_MAX }.text()));
+    }
     if filter.trim().is_empty() {
         return Ok(Vec::new());
     }
@@ -370,8 +381,19 @@ fn normalize_uuid(text: &[u8]) -> Option<Vec<u8>> {
     (hex.len() == 32 && hex.iter().all(u8::is_ascii_hexdigit)).then_some(hex)
 }
 
+/// Compiles a pattern within [`REGEX_BYTES_MAX`]; a syntax error is reported with `op`'s name.
+fn bounded_regex(pattern: &str, op: Op) -> Result<Regex, FilterCheckError> {
+    RegexBuilder::new(pattern).size_limit(REGEX_BYTES_MAX).dfa_size_limit(REGEX_BYTES_MAX).build().map_err(|error| match error {
+        regex::Error::CompiledTooBig(_) => {
+            FilterCheckError(engine::client_error::ChangesLimit::PatternTooComplex { op: op.name(), max: REGEX_BYTES_MAX }.text())
+        }
+        other => FilterCheckError(format!("invalid regular expression for {} filter: {other}", op.name())),
+    })
+}
+
 /// Translates a LIKE pattern (`%`, `_`, `\` escapes) to an anchored regex.
-fn like_regex(pattern: &str, case_insensitive: bool) -> Regex {
+fn like_regex(pattern: &str, op: Op) -> Result<Regex, FilterCheckError> {
+    let case_insensitive = op == Op::Ilike;
     let mut out = String::from(if case_insensitive { "(?is)^" } else { "(?s)^" });
     let mut chars = pattern.chars();
     while let Some(c) = chars.next() {
@@ -387,7 +409,7 @@ fn like_regex(pattern: &str, case_insensitive: bool) -> Regex {
         }
     }
     out.push('$');
-    Regex::new(&out).expect("escaped LIKE pattern is a valid regex")
+    bounded_regex(&out, op)
 }
 
 /// Validates `raw` against the column (`index`, `type_name`) and prepares it for evaluation.
@@ -411,15 +433,14 @@ pub fn compile(raw: &RawFilter, index: usize, type_name: &str) -> Result<Filter,
             if kind != Kind::Text {
                 return Err(FilterCheckError(format!("operator {} requires a text-compatible column type, got {type_name}", raw.op.name())));
             }
-            Test::Pattern(like_regex(&raw.value, raw.op == Op::Ilike))
+            Test::Pattern(like_regex(&raw.value, raw.op)?)
         }
         Op::Match | Op::Imatch => {
             if kind != Kind::Text {
                 return Err(FilterCheckError(format!("operator {} requires a text-compatible column type, got {type_name}", raw.op.name())));
             }
             let pattern = if raw.op == Op::Imatch { format!("(?i){}", raw.value) } else { raw.value.clone() };
-            let regex = Regex::new(&pattern).map_err(|e| FilterCheckError(format!("invalid regular expression for {} filter: {e}", raw.op.name())))?;
-            Test::Pattern(regex)
+            Test::Pattern(bounded_regex(&pattern, raw.op)?)
         }
         Op::Is => {
             let keyword = match raw.value.to_ascii_lowercase().as_str() {
@@ -517,6 +538,24 @@ mod tests {
 
     fn err(filter: &str) -> String {
         parse(filter).unwrap_err().0
+    }
+
+    #[test]
+    fn bounds_give_errors_not_panics() {
+        let long = format!("t=eq.{}", "x".repeat(FILTER_BYTES_MAX));
+        assert_eq!(err(&long), format!("Error parsing `filter` params: the filter is {} bytes long; at most {FILTER_BYTES_MAX} bytes are allowed", long.len()));
+        let at_limit = format!("t=like.{}", "_".repeat(FILTER_BYTES_MAX - 7));
+        assert_eq!(at_limit.len(), FILTER_BYTES_MAX);
+        let raw = &parse(&at_limit).unwrap()[0];
+        for (op, name) in [(Op::Like, "like"), (Op::Ilike, "ilike")] {
+            let raw = RawFilter { op, ..raw.clone() };
+            let error = compile(&raw, 0, "text").unwrap_err().0;
+            assert_eq!(error, format!("the pattern of the {name} filter is too complex (its compiled form exceeds {REGEX_BYTES_MAX} bytes); use a shorter pattern"));
+        }
+        let nested = &parse("t=match.(a{100}){100}").unwrap()[0];
+        assert!(compile(nested, 0, "text").unwrap_err().0.starts_with("the pattern of the match filter is too complex"));
+        // An ordinary pattern is far below the limit.
+        assert!(eval("t=like.%needle%haystack_", "text", Some("a needle in a haystackX")));
     }
 
     #[test]
