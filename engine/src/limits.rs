@@ -26,6 +26,11 @@ pub const SHARD_OVERFLOW_MESSAGES_MAX: usize = 65_536;
 /// the whole head gets a bit more).
 pub const HTTP_HEAD_BYTES_MAX: usize = 16 * 1024;
 
+/// Longest a private channel's join waits for its policy check (and replay) from the database;
+/// past it the join fails with `UnableToConnectToProject` (PROTOCOL.md §2.5) and the channel
+/// slot is freed, whatever the database does later.
+pub const AUTHORIZE_TIMEOUT_SECS: i64 = 15;
+
 /// Presence frames a channel may send per [`PRESENCE_WINDOW`] (upstream
 /// `CLIENT_PRESENCE_MAX_CALLS`); the next one closes the channel (PROTOCOL.md §4.6).
 pub const PRESENCE_CALLS_PER_WINDOW_MAX: u32 = 5;

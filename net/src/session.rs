@@ -119,6 +119,9 @@ struct Channel {
     /// `response` JSON echoing them with their ids.
     pg_bindings: Vec<serde_json::Map<String, serde_json::Value>>,
     join_response: Bytes,
+    /// While `Authorizing`: when the join gives up waiting for the database (Unix seconds,
+    /// [`engine::limits::AUTHORIZE_TIMEOUT_SECS`] after the join); `i64::MAX` otherwise.
+    authorize_deadline_secs: i64,
     /// The channel token and its claims (drive private-channel and RLS checks later).
     token: String,
     claims: Claims,
@@ -332,6 +335,7 @@ impl Session {
                         presence_window_start_ms: 0,
                         pg_bindings: request.postgres_changes,
                         join_response,
+                        authorize_deadline_secs: if request.private { ctx.now_secs.saturating_add(engine::limits::AUTHORIZE_TIMEOUT_SECS) } else { i64::MAX },
                         token,
                         claims,
                     },
@@ -586,6 +590,7 @@ impl Session {
     /// expired N seconds ago", then `phx_close`. The driver calls this about once a second, so a
     /// channel closes at most a second after its `exp`; the socket stays open.
     pub fn expire_channels(&mut self, state: &mut ShardState, now_secs: i64, fx: &mut Effects) {
+        self.abandon_authorizing(now_secs, fx);
         let expired: Vec<(Box<str>, i64)> = self
             .channels
             .iter()
@@ -597,9 +602,10 @@ impl Session {
         }
     }
 
-    /// The earliest `exp` of the session's channels, so the driver can skip idle sessions.
+    /// The earliest `exp` or authorization deadline of the session's channels, so the driver
+    /// can skip idle sessions.
     pub fn next_expiry(&self) -> Option<i64> {
-        self.channels.values().map(|c| c.claims.exp).min()
+        self.channels.values().map(|c| c.claims.exp.min(c.authorize_deadline_secs)).min()
     }
 
     /// Whether channel `serial` already got database row `id` by replay.

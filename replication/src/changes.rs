@@ -40,6 +40,9 @@ use crate::reader::{RowChange, Txn, WalEvent};
 use crate::sql::{self, TableInfo};
 use crate::value;
 
+mod outbound;
+use outbound::Outbound;
+
 /// Capacity of each shard's inbox from the core (batches of deliveries).
 pub const SHARD_INBOX_MAX: usize = 4096;
 /// Capacity of the sessions → core command queue.
@@ -234,7 +237,7 @@ struct RelInfo {
 }
 
 struct Core {
-    shards: Vec<flume::Sender<PgOut>>,
+    shards: Rc<Outbound>,
     /// The reader stopped on a definite error: nothing will be acknowledged again.
     stream_stopped: bool,
     /// `REALTIME_MAX_PAYLOAD_BYTES`: database broadcasts over it are dropped, like client ones.
@@ -358,7 +361,7 @@ async fn run(
     let rls = Db::new(&url, health, Arc::clone(&control));
     let _ = meta.get().await;
     let core = Rc::new(RefCell::new(Core {
-        shards,
+        shards: Outbound::new(shards),
         stream_stopped: false,
         payload_bytes_max,
         stream_up: false,
@@ -609,12 +612,9 @@ async fn handle_event(core: &Rc<RefCell<Core>>, meta: &Db, control: &crate::read
 }
 
 impl Core {
+    /// Never drops a control message; see [`outbound`].
     fn send(&self, shard: ShardId, out: PgOut) {
-        if let Some(sender) = self.shards.get(shard.index()) {
-            if sender.try_send(out).is_err() {
-                tracing::warn!(shard = shard.0, "shard inbox full: a Postgres Changes message was dropped");
-            }
-        }
+        self.shards.send(shard, out);
     }
 
     fn system(&self, key: ChannelKey, status: &'static str, message: String) {
@@ -996,7 +996,7 @@ async fn process(core: &Rc<RefCell<Core>>, rls: &Db, batch: Vec<Arc<Txn>>) {
                 let Some(row) = Row::of(change, &core.relations) else { continue };
                 if row.kind == Kind::Insert && &*row.relation.schema == "realtime" && &*row.relation.table == "messages" {
                     if let Some((topic, message)) = database_broadcast(&row, core.payload_bytes_max) {
-                        let owner = topic.owner(core.shards.len());
+                        let owner = topic.owner(core.shards.shards());
                         core.send(owner, PgOut::Publish { topic, message });
                     }
                 }

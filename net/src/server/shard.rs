@@ -6,7 +6,8 @@
 //! flusher task drains in order. The overflow is bounded by [`SHARD_OVERFLOW_MESSAGES_MAX`]
 //! for broadcasts (beyond it they are dropped and counted); join/leave bookkeeping is never
 //! dropped (it is bounded by connections × channels). Because no receive path ever awaits a
-//! send, two shards can never deadlock on each other's full queues.
+//! send, two shards can never deadlock on each other's full queues. Commands to the Postgres
+//! Changes core follow the same rule (an overflow queue with its own flusher, never dropped).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -58,6 +59,13 @@ pub(crate) struct Shard {
     senders: Senders<ShardMsg>,
     overflow: RefCell<Vec<VecDeque<ShardMsg>>>,
     flushing: Vec<Cell<bool>>,
+    /// Commands for the Postgres Changes core that found its queue full, sent in order by a
+    /// flusher task. Never dropped (a lost Unsubscribe would leak a subscription in the core, a
+    /// lost Authorize would leave a join waiting until its deadline); bounded by this shard's
+    /// connections × channels × the commands a channel has in flight (join, first write, leave,
+    /// token refresh).
+    pg_overflow: RefCell<VecDeque<replication::changes::Command>>,
+    pg_flushing: Cell<bool>,
     next_conn: Cell<u64>,
     /// This shard's share of the tenant's presence events (§4.6), and the tenant-wide verdict
     /// as of the last tick.
@@ -80,6 +88,8 @@ impl Shard {
             senders,
             overflow: RefCell::new((0..shards).map(|_| VecDeque::new()).collect()),
             flushing: (0..shards).map(|_| Cell::new(false)).collect(),
+            pg_overflow: RefCell::new(VecDeque::new()),
+            pg_flushing: Cell::new(false),
             next_conn: Cell::new(1),
             presence_window: RefCell::new(engine::rate::RateWindow::default()),
             presence_exceeded: Cell::new(false),
@@ -127,14 +137,44 @@ impl Shard {
         if let Some(reason) = fx.close {
             conn.outbox.close(reason);
         }
-        if let Some(link) = &self.config.postgres {
-            for command in fx.pg {
-                if link.commands.try_send(command).is_err() {
-                    tracing::warn!(shard = self.id.0, "Postgres Changes command queue full: a subscription change was dropped");
-                }
-            }
+        for command in fx.pg {
+            self.send_command(command);
         }
         self.route(fx.shard);
+    }
+
+    /// Sends a command to the Postgres Changes core without waiting: straight into its queue
+    /// when there is room and nothing waits before it, else into the overflow.
+    fn send_command(self: &Rc<Self>, command: replication::changes::Command) {
+        let Some(link) = &self.config.postgres else { return };
+        if !self.pg_flushing.get() {
+            let rejected = match link.commands.try_send(command) {
+                Ok(()) => return,
+                Err(flume::TrySendError::Full(command)) => command,
+                Err(flume::TrySendError::Disconnected(_)) => return, // shutdown
+            };
+            self.pg_overflow.borrow_mut().push_back(rejected);
+            self.pg_flushing.set(true);
+            tracing::warn!(shard = self.id.0, "Postgres Changes command queue full: commands wait in the overflow");
+            let shard = Rc::clone(self);
+            glommio::spawn_local(async move { shard.flush_commands().await }).detach();
+            return;
+        }
+        self.pg_overflow.borrow_mut().push_back(command);
+    }
+
+    /// Drains the command overflow in order, waiting for room in the core's queue.
+    async fn flush_commands(self: Rc<Self>) {
+        let Some(link) = &self.config.postgres else { return };
+        loop {
+            let next = self.pg_overflow.borrow_mut().pop_front();
+            let Some(command) = next else { break };
+            if link.commands.send_async(command).await.is_err() {
+                self.pg_overflow.borrow_mut().clear();
+                break;
+            }
+        }
+        self.pg_flushing.set(false);
     }
 
     /// Writes what the Postgres Changes core sends: `system` statuses and change payloads,

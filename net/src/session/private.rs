@@ -83,6 +83,23 @@ impl Session {
         }
     }
 
+    /// Private joins still waiting for the database past their deadline fail with the §2.5
+    /// database error; a late answer finds no channel and is ignored.
+    pub(super) fn abandon_authorizing(&mut self, now_secs: i64, fx: &mut Effects) {
+        let overdue: Vec<Box<str>> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.state == ChannelState::Authorizing && c.authorize_deadline_secs <= now_secs)
+            .map(|(topic, _)| topic.clone())
+            .collect();
+        for topic in overdue {
+            let channel = self.channels.remove(&topic).expect("listed");
+            tracing::warn!(conn = self.conn.0, topic = %topic, "private join got no policy answer in time");
+            let reason = JoinError::UnableToConnectToProject.reason();
+            fx.delayed.push(frame::encode_error_reason(self.format, as_ref(&channel.join_ref), as_ref(&channel.join_reply_ref), &topic, &reason));
+        }
+    }
+
     /// The answer to a policy check of channel `serial`.
     pub fn on_authorized(&mut self, state: &mut ShardState, ctx: Context<'_>, serial: ChannelSerial, kind: CheckKind, result: AuthzResult, fx: &mut Effects) {
         let Some(topic) = self.topic_of(serial) else { return };

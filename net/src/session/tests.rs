@@ -517,6 +517,32 @@ fn private_join_waits_for_the_read_check() {
 }
 
 #[test]
+fn a_private_join_without_a_policy_answer_fails_at_its_deadline() {
+    let mut h = Harness::new();
+    h.database = true;
+    let a = h.connect(Format::V2);
+    h.text(a, &v2_join("realtime:secret", json!({"private": true})));
+    let deadline = NOW + engine::limits::AUTHORIZE_TIMEOUT_SECS;
+    assert_eq!(h.sessions[a].next_expiry(), Some(deadline), "the driver's timer looks at this session");
+    let mut fx = Effects::default();
+    h.sessions[a].expire_channels(&mut h.state, deadline - 1, &mut fx);
+    h.apply(a, fx);
+    assert!(h.take(a).is_empty() && h.take_delayed(a).is_empty(), "still waiting");
+    let mut fx = Effects::default();
+    h.sessions[a].expire_channels(&mut h.state, deadline, &mut fx);
+    h.apply(a, fx);
+    assert_eq!(
+        h.take_delayed(a),
+        vec![json!(["1", "1", "realtime:secret", "phx_reply", {"status": "error", "response": {"reason": "UnableToConnectToProject: Realtime was unable to connect to the project database"}}])]
+    );
+    assert_eq!(h.sessions[a].channel_count(), 0, "the channel slot is free");
+    // The answer arrives late: nothing happens.
+    answer(&mut h, a, true, true);
+    assert!(h.take(a).is_empty() && h.take_delayed(a).is_empty());
+    assert_eq!(h.sessions[a].channel_count(), 0);
+}
+
+#[test]
 fn private_writes_are_checked_once_and_denied_silently() {
     let mut h = Harness::new();
     h.database = true;
