@@ -118,6 +118,12 @@ pub enum JoinError {
     ReplayInvalid,
     /// The join payload is not an object, or anything unexpected.
     Unknown,
+    /// More Postgres Changes bindings than one join may carry (beyond upstream, which has no
+    /// bound).
+    TooManyBindings {
+        /// The limit.
+        max: usize,
+    },
 }
 
 impl JoinError {
@@ -155,6 +161,9 @@ impl JoinError {
             JoinError::ReplayFailed => "UnableToReplayMessages: Realtime was unable to replay messages".into(),
             JoinError::ReplayInvalid => "UnableToReplayMessages: Replay params are not valid".into(),
             JoinError::Unknown => "Unknown Error on Channel".into(),
+            JoinError::TooManyBindings { max } => {
+                format!("PostgresChangesBindingsLimit: Too many postgres_changes bindings, at most {max} per channel").into()
+            }
         }
     }
 }
@@ -462,6 +471,7 @@ mod tests {
             (JoinError::ReplayFailed, "UnableToReplayMessages: Realtime was unable to replay messages"),
             (JoinError::ReplayInvalid, "UnableToReplayMessages: Replay params are not valid"),
             (JoinError::Unknown, "Unknown Error on Channel"),
+            (JoinError::TooManyBindings { max: 100 }, "PostgresChangesBindingsLimit: Too many postgres_changes bindings, at most 100 per channel"),
         ];
         for (error, text) in join {
             assert_eq!(error.reason(), text);

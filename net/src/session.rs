@@ -383,6 +383,9 @@ impl Session {
         if self.channels.len() >= ctx.limits.channels_per_client_max as usize {
             return Err(JoinError::ChannelRateLimitReached);
         }
+        if request.postgres_changes.len() > engine::limits::BINDINGS_PER_JOIN_MAX {
+            return Err(JoinError::TooManyBindings { max: engine::limits::BINDINGS_PER_JOIN_MAX });
+        }
         let token = match &request.token {
             ChannelToken::Connection => self.conn_token.clone(),
             ChannelToken::Given(token) => auth::clean_token(token),

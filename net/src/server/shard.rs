@@ -21,7 +21,7 @@ use glommio::channels::shared_channel::ConnectedReceiver;
 use glommio::{GlommioError, ResourceType};
 
 use engine::client_error::CloseReason;
-use engine::limits::SHARD_OVERFLOW_MESSAGES_MAX;
+use engine::limits::{DELAYED_JOIN_ERRORS_PER_CONNECTION_MAX, SHARD_OVERFLOW_MESSAGES_MAX};
 use engine::shard::LocalEffect;
 use engine::{ConnId, PresenceCoalescing, ShardId, ShardMsg, ShardState};
 
@@ -66,6 +66,9 @@ pub(crate) struct Shard {
     /// token refresh).
     pg_overflow: RefCell<VecDeque<replication::changes::Command>>,
     pg_flushing: Cell<bool>,
+    /// Join error replies waiting out the delay, per connection (by address; at most
+    /// [`DELAYED_JOIN_ERRORS_PER_CONNECTION_MAX`] each, entries removed at zero).
+    delayed_replies: RefCell<AHashMap<usize, u32>>,
     next_conn: Cell<u64>,
     /// This shard's share of the tenant's presence events (§4.6), and the tenant-wide verdict
     /// as of the last tick.
@@ -90,6 +93,7 @@ impl Shard {
             flushing: (0..shards).map(|_| Cell::new(false)).collect(),
             pg_overflow: RefCell::new(VecDeque::new()),
             pg_flushing: Cell::new(false),
+            delayed_replies: RefCell::new(AHashMap::new()),
             next_conn: Cell::new(1),
             presence_window: RefCell::new(engine::rate::RateWindow::default()),
             presence_exceeded: Cell::new(false),
@@ -113,17 +117,7 @@ impl Shard {
             self.push(conn, frame);
         }
         for frame in fx.delayed {
-            let delay = self.config.limits.join_error_delay;
-            if delay.is_zero() {
-                self.push(conn, frame);
-            } else {
-                let (shard, conn) = (Rc::clone(self), Rc::clone(conn));
-                glommio::spawn_local(async move {
-                    glommio::timer::sleep(delay).await;
-                    shard.push(&conn, frame);
-                })
-                .detach();
-            }
+            self.push_delayed(conn, frame);
         }
         if fx.published > 0 {
             metrics::add(&self.counters().broadcasts_in, fx.published);
@@ -258,6 +252,34 @@ impl Shard {
             }
             glommio::yield_if_needed().await;
         }
+    }
+
+    /// Queues a join error reply after the join error delay, in a timer task; beyond
+    /// [`DELAYED_JOIN_ERRORS_PER_CONNECTION_MAX`] waiting on this connection, at once.
+    fn push_delayed(self: &Rc<Self>, conn: &Rc<Conn>, frame: bytes::Bytes) {
+        let delay = self.config.limits.join_error_delay;
+        // The key is the connection's address: a waiting task holds an `Rc` to it, so the
+        // address cannot be reused while its count is above zero.
+        let key = Rc::as_ptr(conn) as usize;
+        let waiting = self.delayed_replies.borrow().get(&key).copied().unwrap_or(0);
+        if delay.is_zero() || waiting >= DELAYED_JOIN_ERRORS_PER_CONNECTION_MAX {
+            self.push(conn, frame);
+            return;
+        }
+        self.delayed_replies.borrow_mut().insert(key, waiting + 1);
+        let (shard, conn) = (Rc::clone(self), Rc::clone(conn));
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(delay).await;
+            shard.push(&conn, frame);
+            let mut counts = shard.delayed_replies.borrow_mut();
+            match counts.get_mut(&key) {
+                Some(count) if *count > 1 => *count -= 1,
+                _ => {
+                    counts.remove(&key);
+                }
+            }
+        })
+        .detach();
     }
 
     /// Queues a frame on a connection; counts the connection once if this push overflowed it.

@@ -248,6 +248,25 @@ fn join_errors_are_delayed_and_exact() {
 }
 
 #[test]
+fn bindings_per_join_are_bounded() {
+    let mut h = Harness::new();
+    h.database = true;
+    let a = h.connect(Format::V2);
+    let bindings = |n: usize| (0..n).map(|i| json!({"event": "*", "schema": "public", "table": format!("t{i}")})).collect::<Vec<_>>();
+    let max = engine::limits::BINDINGS_PER_JOIN_MAX;
+    h.text(a, &v2_join("realtime:over", json!({"postgres_changes": bindings(max + 1)})));
+    assert_eq!(
+        h.take_delayed(a),
+        vec![json!(["1", "1", "realtime:over", "phx_reply", {"status": "error", "response": {"reason": format!("PostgresChangesBindingsLimit: Too many postgres_changes bindings, at most {max} per channel")}}])]
+    );
+    assert!(h.pg.is_empty(), "nothing reaches the changes core");
+    assert_eq!(h.sessions[a].channel_count(), 0);
+    h.text(a, &v2_join("realtime:at", json!({"postgres_changes": bindings(max)})));
+    let reply = &h.take(a)[0];
+    assert_eq!((reply[4]["status"].as_str(), reply[4]["response"]["postgres_changes"].as_array().map(Vec::len)), (Some("ok"), Some(max)));
+}
+
+#[test]
 fn channel_limit_and_duplicate_join() {
     let mut h = Harness::new();
     h.limits.channels_per_client_max = 2;
