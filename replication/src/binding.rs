@@ -1,6 +1,7 @@
 //! Postgres Changes bindings (PROTOCOL.md §5.1, §5.3): the accepted shapes, `select`, the ids
 //! of the join reply (§2.6), and the texts of `system` error messages (§5.4).
 
+use engine::client_error::{BindingError, NotPublishedFix};
 use serde_json::{Map, Value};
 
 use crate::filter::{self, RawFilter};
@@ -127,9 +128,7 @@ pub fn parse_binding(raw: &Map<String, Value>) -> Result<Binding, String> {
             } else {
                 inspect(&Value::Object(raw.clone()))
             };
-            return Err(format!(
-                "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: {shown}"
-            ));
+            return Err(BindingError::NoSubscriptionParams { shown }.text());
         }
     };
     let filters = filter::parse(filter).map_err(|e| e.0)?;
@@ -140,14 +139,12 @@ pub fn parse_binding(raw: &Map<String, Value>) -> Result<Binding, String> {
             (!columns.is_empty()).then_some(columns)
         }
         Some(_) => {
-            return Err(
-                "Error parsing `select` params: expected a list of column name strings, e.g. select: [\"col1\", \"col2\"]".into(),
-            )
+            return Err(BindingError::SelectInvalid.text())
         }
     };
     let binding = Binding { id, event: EventFilter::parse(raw.get("event")), schema: schema.into(), table: table.into(), filters, select };
     if binding.select.is_some() && binding.is_wildcard() {
-        return Err("Column selection is not supported for wildcard subscriptions. Provide an explicit schema and table name.".into());
+        return Err(BindingError::SelectOnWildcard.text());
     }
     Ok(binding)
 }
@@ -155,27 +152,20 @@ pub fn parse_binding(raw: &Map<String, Value>) -> Result<Binding, String> {
 /// `system` message for a binding that matches no published table (upstream's text), followed by
 /// what to run (beyond upstream: the subscription then starts by itself).
 pub fn not_published_message(binding: &Binding, publication_exists: bool) -> String {
-    let prefix = format!(
-        "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {}",
-        binding.params()
-    );
-    if binding.is_wildcard() {
-        return format!("{prefix}. No table of the supabase_realtime publication matches; add one with ALTER PUBLICATION supabase_realtime ADD TABLE <schema>.<table>; and this subscription starts by itself");
-    }
-    let table = format!("{}.{}", quote_ident(&binding.schema), quote_ident(&binding.table));
-    if publication_exists {
-        format!("{prefix}. Table {table} is not in the supabase_realtime publication; run ALTER PUBLICATION supabase_realtime ADD TABLE {table}; and this subscription starts by itself")
+    let table = || format!("{}.{}", quote_ident(&binding.schema), quote_ident(&binding.table));
+    let fix = if binding.is_wildcard() {
+        NotPublishedFix::Wildcard
+    } else if publication_exists {
+        NotPublishedFix::AddTable(table())
     } else {
-        format!("{prefix}. The supabase_realtime publication does not exist; run CREATE PUBLICATION supabase_realtime FOR TABLE {table}; and this subscription starts by itself")
-    }
+        NotPublishedFix::CreatePublication(table())
+    };
+    BindingError::NotPublished { params: binding.params(), fix }.text()
 }
 
 /// `system` message for a binding the database check refused (§5.4).
 pub fn exception_message(binding: &Binding, exception: &str) -> String {
-    format!(
-        "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: {}. Exception: {exception}",
-        binding.params()
-    )
+    BindingError::Exception { params: binding.params(), exception: exception.to_string() }.text()
 }
 
 /// Quotes an identifier for SQL (and for messages), only when needed.

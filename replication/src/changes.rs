@@ -29,7 +29,7 @@ use serde_json::{Map, Value};
 use smallvec::SmallVec;
 use tokio_postgres::Client;
 
-use engine::client_error::{ChangesNotice, SystemMessage};
+use engine::client_error::{BindingException, ChangesNotice, RowError, SystemMessage};
 use engine::{ChannelSerial, ConnId, ShardId};
 
 use crate::binding::{self, Binding, EventFilter};
@@ -697,7 +697,7 @@ async fn compile_for_table(meta: &Client, role: &str, binding: &Binding, table: 
     for raw in &binding.filters {
         let position = table.columns.iter().position(|c| c.name == raw.column);
         let Some(index) = position.filter(|i| privileges.get(*i).copied().unwrap_or(false)) else {
-            return Err(format!("invalid column for filter {}", raw.column));
+            return Err(BindingException::InvalidFilterColumn { column: raw.column.clone() }.text());
         };
         let compiled = filter::compile(raw, index, &table.columns[index].type_name).map_err(|e| e.0)?;
         filters.push((raw.column.clone(), compiled));
@@ -707,7 +707,7 @@ async fn compile_for_table(meta: &Client, role: &str, binding: &Binding, table: 
         for column in select {
             let known = table.columns.iter().position(|c| &c.name == column);
             if !known.is_some_and(|i| privileges[i]) {
-                return Err(format!("invalid column for select {column}"));
+                return Err(BindingException::InvalidSelectColumn { column: column.clone() }.text());
             }
         }
         for (i, column) in table.columns.iter().enumerate() {
@@ -792,7 +792,7 @@ async fn validate(meta: &Client, subscription: &Subscription) -> Result<(bool, V
             }
         };
         let Some(role) = role_info else {
-            let message = binding::exception_message(&binding, &format!("role \"{}\" does not exist", subscription.role));
+            let message = binding::exception_message(&binding, &BindingException::RoleMissing { role: subscription.role.clone() }.text());
             results.push(BindingResult::Failed(message));
             continue;
         };
@@ -1205,9 +1205,9 @@ fn deliver_change(
     let mut groups: AHashMap<(SmallVec<[u32; 4]>, Variant), Vec<ChannelKey>> = AHashMap::new();
     for interest in interests {
         let variant = if no_key {
-            Variant::Error(Arc::from("Error 400: Bad Request, no primary key"))
+            Variant::Error(Arc::from(RowError::NoPrimaryKey.text()))
         } else if !interest.key_visible && row.kind != Kind::Delete {
-            Variant::Error(Arc::from("Error 401: Unauthorized"))
+            Variant::Error(Arc::from(RowError::Unauthorized.text()))
         } else {
             match (&interest.claims_group, row.kind) {
                 (Some((role, claims)), Kind::Insert | Kind::Update) if table.rls_enabled => {
@@ -1377,7 +1377,13 @@ fn build_data(txn: &Txn, row: &Row<'_>, table: &TableInfo, variant: &Variant) ->
                 body.extend_from_slice(b",\"old_record\":");
                 body.extend_from_slice(o);
             }
-            body.extend_from_slice(if too_big { b",\"errors\":[\"Error 413: Payload Too Large\"]" } else { b",\"errors\":null" });
+            if too_big {
+                body.extend_from_slice(b",\"errors\":[");
+                write_str(&mut body, RowError::PayloadTooLarge.text());
+                body.push(b']');
+            } else {
+                body.extend_from_slice(b",\"errors\":null");
+            }
             (body, record, old_record)
         }
     };

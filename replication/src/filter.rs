@@ -9,6 +9,7 @@
 
 use std::fmt;
 
+use engine::client_error::{BindingError, BindingException};
 use regex::bytes::{Regex, RegexBuilder};
 
 /// Most values an `in` filter may list.
@@ -121,8 +122,8 @@ fn elixir_list(items: &[&str]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
-fn parse_error(detail: impl fmt::Display) -> FilterParseError {
-    FilterParseError(format!("Error parsing `filter` params: {detail}"))
+fn parse_error(error: BindingError) -> FilterParseError {
+    FilterParseError(error.text())
 }
 
 /// Splits on commas outside parentheses and outside quoted sections.
@@ -189,24 +190,24 @@ pub fn parse(filter: &str) -> Result<Vec<RawFilter>, FilterParseError> {
     for segment in split_segments(filter) {
         let segment = segment.trim();
         if segment.is_empty() {
-            return Err(parse_error("filter must not contain empty segments (check for extra commas)"));
+            return Err(parse_error(BindingError::FilterEmptySegment));
         }
         let Some((column, rest)) = segment.split_once('=') else {
-            return Err(parse_error(elixir_list(&segment.split('=').collect::<Vec<_>>())));
+            return Err(parse_error(BindingError::FilterParse { detail: elixir_list(&segment.split('=').collect::<Vec<_>>()) }));
         };
         let (negate, rest) = match rest.strip_prefix("not.") {
             Some(rest) => (true, rest),
             None => (false, rest),
         };
         let Some((op_name, value)) = rest.split_once('.') else {
-            return Err(parse_error(elixir_list(&[rest])));
+            return Err(parse_error(BindingError::FilterParse { detail: elixir_list(&[rest]) }));
         };
         let Some(op) = Op::parse(op_name) else {
-            return Err(parse_error(elixir_list(&[op_name, value])));
+            return Err(parse_error(BindingError::FilterParse { detail: elixir_list(&[op_name, value]) }));
         };
         let value = if op == Op::In {
             let Some(inner) = value.strip_prefix('(').and_then(|v| v.strip_suffix(')')) else {
-                return Err(parse_error("`in` filter value must be wrapped by parentheses"));
+                return Err(parse_error(BindingError::FilterInNeedsParentheses));
             };
             inner.to_string()
         } else {
@@ -215,6 +216,10 @@ pub fn parse(filter: &str) -> Result<Vec<RawFilter>, FilterParseError> {
         filters.push(RawFilter { column: column.trim().to_string(), op, value, negate });
     }
     Ok(filters)
+}
+
+fn malformed(body: &str) -> String {
+    BindingException::MalformedArrayLiteral { body: body.to_string() }.text()
 }
 
 /// Parses the items of an `in` list as a PostgreSQL array literal body (`a,"b,c",NULL`).
@@ -232,10 +237,10 @@ fn array_items(body: &str) -> Result<Vec<Option<String>>, String> {
             chars.next();
             loop {
                 match chars.next() {
-                    Some('\\') => item.push(chars.next().ok_or_else(|| format!("malformed array literal: \"{{{body}}}\""))?),
+                    Some('\\') => item.push(chars.next().ok_or_else(|| malformed(body))?),
                     Some('"') => break,
                     Some(c) => item.push(c),
-                    None => return Err(format!("malformed array literal: \"{{{body}}}\"")),
+                    None => return Err(malformed(body)),
                 }
             }
             while chars.peek().is_some_and(|c| c.is_whitespace()) {
@@ -259,7 +264,7 @@ fn array_items(body: &str) -> Result<Vec<Option<String>>, String> {
         match chars.next() {
             None => break,
             Some(',') => continue,
-            Some(_) => return Err(format!("malformed array literal: \"{{{body}}}\"")),
+            Some(_) => return Err(malformed(body)),
         }
     }
     Ok(items)
@@ -350,7 +355,7 @@ fn type_label(type_name: &str) -> &str {
 }
 
 fn operand(kind: Kind, type_name: &str, text: &str) -> Result<Operand, FilterCheckError> {
-    let invalid = || FilterCheckError(format!("invalid input syntax for type {}: \"{text}\"", type_label(type_name)));
+    let invalid = || FilterCheckError(BindingException::InvalidInput { type_label: type_label(type_name).to_string(), text: text.to_string() }.text());
     Ok(match kind {
         Kind::Integer => Operand::Integer(text.trim().parse().map_err(|_| invalid())?),
         Kind::Decimal => {
@@ -359,7 +364,7 @@ fn operand(kind: Kind, type_name: &str, text: &str) -> Result<Operand, FilterChe
         }
         Kind::Boolean => Operand::Boolean(parse_bool(text.trim().as_bytes()).ok_or_else(invalid)?),
         Kind::Uuid => {
-            let normalized = normalize_uuid(text.trim().as_bytes()).ok_or_else(|| FilterCheckError(format!("invalid input syntax for type uuid: \"{text}\"")))?;
+            let normalized = normalize_uuid(text.trim().as_bytes()).ok_or_else(|| FilterCheckError(BindingException::InvalidInput { type_label: "uuid".into(), text: text.to_string() }.text()))?;
             Operand::Text(normalized)
         }
         Kind::Text | Kind::Other => Operand::Text(text.as_bytes().to_vec()),
@@ -387,7 +392,7 @@ fn bounded_regex(pattern: &str, op: Op) -> Result<Regex, FilterCheckError> {
         regex::Error::CompiledTooBig(_) => {
             FilterCheckError(engine::client_error::ChangesLimit::PatternTooComplex { op: op.name(), max: REGEX_BYTES_MAX }.text())
         }
-        other => FilterCheckError(format!("invalid regular expression for {} filter: {other}", op.name())),
+        other => FilterCheckError(BindingException::InvalidRegex { op: op.name(), error: other.to_string() }.text()),
     })
 }
 
@@ -421,7 +426,7 @@ pub fn compile(raw: &RawFilter, index: usize, type_name: &str) -> Result<Filter,
         Op::In => {
             let items = array_items(&raw.value).map_err(FilterCheckError)?;
             if items.len() > IN_VALUES_MAX {
-                return Err(FilterCheckError(format!("too many values for `in` filter. Maximum {IN_VALUES_MAX}")));
+                return Err(FilterCheckError(BindingException::TooManyInValues { max: IN_VALUES_MAX }.text()));
             }
             let items = items
                 .into_iter()
@@ -431,13 +436,13 @@ pub fn compile(raw: &RawFilter, index: usize, type_name: &str) -> Result<Filter,
         }
         Op::Like | Op::Ilike => {
             if kind != Kind::Text {
-                return Err(FilterCheckError(format!("operator {} requires a text-compatible column type, got {type_name}", raw.op.name())));
+                return Err(FilterCheckError(BindingException::OperatorNeedsText { op: raw.op.name(), type_name: type_name.to_string() }.text()));
             }
             Test::Pattern(like_regex(&raw.value, raw.op)?)
         }
         Op::Match | Op::Imatch => {
             if kind != Kind::Text {
-                return Err(FilterCheckError(format!("operator {} requires a text-compatible column type, got {type_name}", raw.op.name())));
+                return Err(FilterCheckError(BindingException::OperatorNeedsText { op: raw.op.name(), type_name: type_name.to_string() }.text()));
             }
             let pattern = if raw.op == Op::Imatch { format!("(?i){}", raw.value) } else { raw.value.clone() };
             Test::Pattern(bounded_regex(&pattern, raw.op)?)
@@ -448,10 +453,10 @@ pub fn compile(raw: &RawFilter, index: usize, type_name: &str) -> Result<Filter,
                 "true" => IsKeyword::True,
                 "false" => IsKeyword::False,
                 "unknown" => IsKeyword::Unknown,
-                _ => return Err(FilterCheckError("invalid value for is filter: must be null, true, false, or unknown".into())),
+                _ => return Err(FilterCheckError(BindingException::InvalidIsValue.text())),
             };
             if keyword != IsKeyword::Null && kind != Kind::Boolean {
-                return Err(FilterCheckError(format!("is {} filter requires a boolean column, got {type_name}", raw.value.to_ascii_lowercase())));
+                return Err(FilterCheckError(BindingException::IsNeedsBoolean { keyword: raw.value.to_ascii_lowercase(), type_name: type_name.to_string() }.text()));
             }
             Test::Is(keyword)
         }

@@ -71,7 +71,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let response = match http::route(&head) {
         Route::WebSocket => return upgrade(shard, stream, head, buf).await,
         Route::Health => match &shard.config.postgres {
-            Some(link) if !link.healthy.load(std::sync::atomic::Ordering::Relaxed) => http::response(503, "text/plain", b"database unavailable"),
+            Some(link) if !link.healthy.load(std::sync::atomic::Ordering::Relaxed) => http::response(503, "text/plain", engine::client_error::HttpMessage::DatabaseUnavailable.text().as_bytes()),
             _ => http::response(200, "text/plain", b"ok"),
         },
         Route::Metrics => http::response(200, "text/plain; version=0.0.4", shard.metrics.render().as_bytes()),
