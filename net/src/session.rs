@@ -19,7 +19,7 @@ use engine::limits::{PRESENCE_CALLS_PER_WINDOW_MAX, PRESENCE_WINDOW};
 use engine::shard::PresenceSnapshot;
 use engine::{Broadcast, BroadcastBody, ChannelSerial, ConnId, Format, Limits, LocalSub, Origin, ShardId, ShardMsg, ShardState, Subscriber, TopicKey};
 
-use replication::changes::{ChannelKey, Command as PgCommand, Subscription};
+use engine::changes::{ChannelKey, Command as PgCommand, Subscription};
 
 use crate::frame::{self, Event, Ref, TextFrame, UserBroadcastFrame};
 use crate::join::{parse_join, ChannelToken, JoinRequest};
@@ -342,7 +342,7 @@ impl Session {
                 );
                 let channel = &self.channels[topic];
                 if channel.private {
-                    fx.pg.push(self.authorize(channel, replication::policy::CheckKind::Read));
+                    fx.pg.push(self.authorize(channel, engine::changes::CheckKind::Read));
                 } else {
                     fx.shard.push(self.subscribe_local(state, topic));
                 }
@@ -554,7 +554,7 @@ impl Session {
                     // Re-check reads with the new claims; writes are re-checked at next use.
                     channel.write = private::WriteState::Unknown;
                     let channel = &self.channels[topic];
-                    fx.pg.push(self.authorize(channel, replication::policy::CheckKind::Read));
+                    fx.pg.push(self.authorize(channel, engine::changes::CheckKind::Read));
                 }
                 let channel = self.channels.get_mut(topic).expect("present");
                 if !channel.pg_bindings.is_empty() {
@@ -640,7 +640,7 @@ fn join_response(bindings: &[serde_json::Map<String, serde_json::Value>]) -> Byt
         .iter()
         .map(|binding| {
             let mut echoed = binding.clone();
-            echoed.insert("id".into(), serde_json::Value::from(replication::binding::binding_id(binding)));
+            echoed.insert("id".into(), serde_json::Value::from(engine::changes::binding_id(canonical_json(binding).as_bytes())));
             serde_json::Value::Object(echoed)
         })
         .collect();
@@ -652,8 +652,14 @@ fn subscription(key: ChannelKey, claims: &Claims, bindings: &[serde_json::Map<St
         key,
         role: claims.role.clone(),
         claims_json: claims.json.to_string(),
-        bindings: bindings.to_vec(),
+        bindings: bindings.iter().map(canonical_json).collect(),
     }
+}
+
+/// A binding's JSON text (keys sorted: `serde_json::Map` is ordered), as the core parses it and
+/// [`engine::changes::binding_id`] hashes it.
+fn canonical_json(binding: &serde_json::Map<String, serde_json::Value>) -> String {
+    serde_json::to_string(binding).expect("a JSON map serialises")
 }
 
 fn join_error(error: AuthError) -> JoinError {

@@ -84,16 +84,7 @@ impl Binding {
 /// two identical bindings on one channel get the same id (PROTOCOL.md §2.6).
 pub fn binding_id(raw: &Map<String, Value>) -> u32 {
     let canonical = serde_json::to_string(raw).expect("a JSON map serialises");
-    // FNV-1a, 32 bits, folded to 31.
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in canonical.bytes() {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    match hash & 0x7fff_ffff {
-        0 => 1,
-        id => id,
-    }
+    engine::changes::binding_id(canonical.as_bytes())
 }
 
 /// Renders a JSON value as Elixir's `inspect` would print the decoded term.
@@ -147,6 +138,15 @@ pub fn parse_binding(raw: &Map<String, Value>) -> Result<Binding, String> {
         return Err(BindingError::SelectOnWildcard.text());
     }
     Ok(binding)
+}
+
+/// [`parse_binding`] for a binding carried as JSON object text ([`engine::changes::Subscription`]).
+pub fn parse_binding_text(text: &str) -> Result<Binding, String> {
+    match serde_json::from_str::<Map<String, Value>>(text) {
+        Ok(raw) => parse_binding(&raw),
+        // The session serialises a JSON object, so this is not reached; still an answer, not a panic.
+        Err(_) => Err(BindingError::NoSubscriptionParams { shown: "<invalid JSON>".into() }.text()),
+    }
 }
 
 /// `system` message for a binding that matches no published table (upstream's text), followed by

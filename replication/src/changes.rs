@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use ahash::{AHashMap, AHashSet};
 use bytes::Bytes;
-use serde_json::{Map, Value};
 use smallvec::SmallVec;
 use tokio_postgres::Client;
 
@@ -43,10 +42,6 @@ use crate::value;
 mod outbound;
 use outbound::Outbound;
 
-/// Capacity of each shard's inbox from the core (batches of deliveries).
-pub const SHARD_INBOX_MAX: usize = 4096;
-/// Capacity of the sessions → core command queue.
-pub const COMMANDS_MAX: usize = 65_536;
 /// A change whose record JSON is longer than this is cut down (PROTOCOL.md §5.6, rule 7).
 pub const RECORD_BYTES_MAX: usize = 1_048_576;
 /// In a cut-down record, fields whose JSON is longer than this are dropped.
@@ -55,136 +50,7 @@ pub const FIELD_BYTES_MAX_WHEN_CUT: usize = 64;
 const BATCH_TXNS_MAX: usize = 64;
 const PUBLICATION_POLL: Duration = Duration::from_secs(2);
 
-/// A channel, as the core addresses it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ChannelKey {
-    /// Shard of the connection.
-    pub shard: ShardId,
-    /// Connection.
-    pub conn: ConnId,
-    /// Join.
-    pub channel: ChannelSerial,
-}
-
-/// A channel's Postgres Changes subscription.
-#[derive(Debug, Clone)]
-pub struct Subscription {
-    /// The channel.
-    pub key: ChannelKey,
-    /// The channel token's `role`.
-    pub role: String,
-    /// The channel token's claims, as JSON (for `request.jwt.claims`).
-    pub claims_json: String,
-    /// Bindings as the client sent them, in order.
-    pub bindings: Vec<Map<String, Value>>,
-}
-
-/// Where an authorization answer goes.
-#[derive(Debug, Clone)]
-pub enum AuthzReply {
-    /// To a channel, through its shard's inbox.
-    Channel(ChannelKey),
-    /// To a waiting caller (REST).
-    Caller(flume::Sender<crate::policy::AuthzResult>),
-}
-
-/// From sessions to the core.
-#[derive(Debug, Clone)]
-pub enum Command {
-    /// Subscribe (or re-subscribe with new claims: the old subscription is replaced).
-    Subscribe(Subscription),
-    /// The channel left or its connection closed.
-    Unsubscribe(ChannelKey),
-    /// Stored broadcasts for a private channel's replay (PROTOCOL.md §3.6).
-    Replay {
-        /// The channel.
-        key: ChannelKey,
-        /// Sub-topic.
-        topic: String,
-        /// Unix ms.
-        since_ms: i64,
-        /// 1..=25.
-        limit: i64,
-    },
-    /// A private-channel policy check.
-    Authorize {
-        /// What to check.
-        request: crate::policy::AuthzRequest,
-        /// Where the answer goes.
-        reply: AuthzReply,
-    },
-}
-
-/// From the core to a shard.
-#[derive(Debug, Clone)]
-pub enum PgOut {
-    /// A `system` push for one channel.
-    System {
-        /// Connection.
-        conn: ConnId,
-        /// Join.
-        channel: ChannelSerial,
-        /// `ok` or `error`.
-        status: &'static str,
-        /// Message.
-        message: String,
-    },
-    /// A change for several channels (same payload).
-    Change(Arc<ChangeDelivery>),
-    /// The answer to a channel's policy check.
-    Authorized {
-        /// Connection.
-        conn: ConnId,
-        /// Join.
-        channel: ChannelSerial,
-        /// Read or write.
-        kind: crate::policy::CheckKind,
-        /// The answer.
-        result: crate::policy::AuthzResult,
-    },
-    /// The stored messages a channel asked to replay, oldest first, or why they could not be read.
-    Replayed {
-        /// Connection.
-        conn: ConnId,
-        /// Join.
-        channel: ChannelSerial,
-        /// The messages.
-        result: Result<Vec<ReplayedMessage>, String>,
-    },
-    /// A broadcast from the database (`realtime.send`, PROTOCOL.md §3.4), sent to the shard
-    /// that owns its topic, which fans it out like any broadcast.
-    Publish {
-        /// Topic.
-        topic: engine::TopicKey,
-        /// The message (a user broadcast with metadata `{"id": …}`).
-        message: Arc<engine::Broadcast>,
-    },
-}
-
-/// A stored broadcast for replay.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplayedMessage {
-    /// Row id.
-    pub id: String,
-    /// Event.
-    pub event: String,
-    /// JSON payload text, or
-    pub payload: Option<String>,
-    /// the binary payload.
-    pub binary: Option<Vec<u8>>,
-}
-
-/// One payload and the channels that get it.
-#[derive(Debug)]
-pub struct ChangeDelivery {
-    /// `{"ids":[…],"data":{…}}` for V1 sockets (with `eventType`/`new`/`old`, PROTOCOL.md §0.4).
-    pub payload_v1: Bytes,
-    /// `{"ids":[…],"data":{…}}` for V2 sockets.
-    pub payload_v2: Bytes,
-    /// Channels on this shard.
-    pub targets: Vec<(ConnId, ChannelSerial)>,
-}
-
+pub use engine::changes::{AuthzReply, CallerReply, ChangeDelivery, ChannelKey, Command, PgOut, ReplayedMessage, Subscription, COMMANDS_MAX, SHARD_INBOX_MAX};
 
 /// Counters.
 #[derive(Debug, Default)]
@@ -510,9 +376,7 @@ struct Authz {
 fn send_authz(core: &Core, request: &crate::policy::AuthzRequest, reply: AuthzReply, result: crate::policy::AuthzResult) {
     match reply {
         AuthzReply::Channel(key) => core.send(key.shard, PgOut::Authorized { conn: key.conn, channel: key.channel, kind: request.kind, result }),
-        AuthzReply::Caller(sender) => {
-            let _ = sender.try_send(result);
-        }
+        AuthzReply::Caller(reply) => reply.send(result),
     }
 }
 
@@ -784,7 +648,7 @@ async fn validate(meta: &Client, subscription: &Subscription) -> Result<(bool, V
     let (publication_exists, published) = sql::published_tables(meta).await.map_err(|e| sql::error_text(&e))?;
     let mut results = Vec::with_capacity(subscription.bindings.len());
     for raw in &subscription.bindings {
-        let binding = match binding::parse_binding(raw) {
+        let binding = match binding::parse_binding_text(raw) {
             Ok(binding) => binding,
             Err(message) => {
                 results.push(BindingResult::Failed(message));

@@ -25,47 +25,7 @@ pub const CACHE_ENTRIES_MAX: usize = 65_536;
 /// within this time.
 pub const CACHE_TTL: Duration = Duration::from_secs(30);
 
-/// What to check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CheckKind {
-    /// SELECT policies: broadcast and presence read.
-    Read,
-    /// INSERT policies: broadcast and presence write.
-    Write,
-}
-
-/// Who asks, about which topic.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct AuthzRequest {
-    /// Role claim.
-    pub role: String,
-    /// All claims, as JSON.
-    pub claims_json: String,
-    /// The `sub` claim, if any.
-    pub sub: Option<String>,
-    /// The sub-topic (`realtime.topic()`).
-    pub topic: String,
-    /// Read or write.
-    pub kind: CheckKind,
-}
-
-/// The answer: per extension, granted or not; `Err` when the check could not run (a policy
-/// raising an error, the database down), which counts as a denial with a reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuthzResult {
-    /// `extension = 'broadcast'`.
-    pub broadcast: bool,
-    /// `extension = 'presence'`.
-    pub presence: bool,
-    /// Why the check failed, when it did.
-    pub error: Option<String>,
-}
-
-impl AuthzResult {
-    fn failed(message: String) -> AuthzResult {
-        AuthzResult { broadcast: false, presence: false, error: Some(message) }
-    }
-}
+pub use engine::changes::{AuthzRequest, AuthzResult, CheckKind};
 
 fn settings(request: &AuthzRequest) -> String {
     format!(

@@ -115,7 +115,7 @@ async fn rest_call(shard: &Rc<Shard>, stream: &mut TcpStream, head: &http::Head,
     if let (Some(checks), Some(link)) = (result.private_checks, &shard.config.postgres) {
         // One INSERT-policy check per distinct topic (PROTOCOL.md §8.2); granted topics are sent,
         // the others dropped (batch) or answered 403 (single).
-        let mut verdicts: Vec<(String, replication::policy::AuthzResult)> = Vec::new();
+        let mut verdicts: Vec<(String, engine::changes::AuthzResult)> = Vec::new();
         for item in &checks.messages {
             if verdicts.iter().any(|(topic, _)| **topic == *item.topic.sub) {
                 continue;
@@ -142,17 +142,19 @@ async fn rest_call(shard: &Rc<Shard>, stream: &mut TcpStream, head: &http::Head,
 }
 
 /// Asks the Postgres core whether `claims` may write broadcasts to `topic` (bounded wait).
-async fn write_check(link: &super::PgLink, claims: &auth::Claims, topic: &str) -> replication::policy::AuthzResult {
+async fn write_check(link: &super::PgLink, claims: &auth::Claims, topic: &str) -> engine::changes::AuthzResult {
     let (reply, answer) = flume::bounded(1);
-    let request = replication::policy::AuthzRequest {
+    let request = engine::changes::AuthzRequest {
         role: claims.role.clone(),
         claims_json: claims.json.to_string(),
         sub: claims.sub.clone(),
         topic: topic.to_string(),
-        kind: replication::policy::CheckKind::Write,
+        kind: engine::changes::CheckKind::Write,
     };
-    let failed = |message: &str| replication::policy::AuthzResult { broadcast: false, presence: false, error: Some(message.to_string()) };
-    if link.commands.try_send(replication::changes::Command::Authorize { request, reply: replication::changes::AuthzReply::Caller(reply) }).is_err() {
+    let failed = |message: &str| engine::changes::AuthzResult { broadcast: false, presence: false, error: Some(message.to_string()) };
+    if link.commands.try_send(engine::changes::Command::Authorize { request, reply: engine::changes::AuthzReply::Caller(engine::changes::CallerReply::new(move |result| {
+        let _ = reply.try_send(result);
+    })) }).is_err() {
         return failed("authorization queue full");
     }
     match glommio::timer::timeout(Duration::from_secs(10), async { Ok(answer.recv_async().await) }).await {

@@ -64,7 +64,7 @@ pub(crate) struct Shard {
     /// lost Authorize would leave a join waiting until its deadline); bounded by this shard's
     /// connections × channels × the commands a channel has in flight (join, first write, leave,
     /// token refresh).
-    pg_overflow: RefCell<VecDeque<replication::changes::Command>>,
+    pg_overflow: RefCell<VecDeque<engine::changes::Command>>,
     pg_flushing: Cell<bool>,
     /// Join error replies waiting out the delay, per connection (by address; at most
     /// [`DELAYED_JOIN_ERRORS_PER_CONNECTION_MAX`] each, entries removed at zero).
@@ -139,7 +139,7 @@ impl Shard {
 
     /// Sends a command to the Postgres Changes core without waiting: straight into its queue
     /// when there is room and nothing waits before it, else into the overflow.
-    fn send_command(self: &Rc<Self>, command: replication::changes::Command) {
+    fn send_command(self: &Rc<Self>, command: engine::changes::Command) {
         let Some(link) = &self.config.postgres else { return };
         if !self.pg_flushing.get() {
             let rejected = match link.commands.try_send(command) {
@@ -173,8 +173,8 @@ impl Shard {
 
     /// Writes what the Postgres Changes core sends: `system` statuses and change payloads,
     /// encoded once per (topic, format) within a delivery.
-    pub(crate) async fn postgres_inbox(self: Rc<Self>, inbox: flume::Receiver<replication::changes::PgOut>) {
-        use replication::changes::PgOut;
+    pub(crate) async fn postgres_inbox(self: Rc<Self>, inbox: flume::Receiver<engine::changes::PgOut>) {
+        use engine::changes::PgOut;
         while let Ok(out) = inbox.recv_async().await {
             match out {
                 PgOut::System { conn, channel, status, message } => {

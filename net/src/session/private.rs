@@ -10,8 +10,7 @@ use bytes::Bytes;
 use engine::client_error::{JoinError, SystemMessage};
 use engine::topic::sub_topic;
 use engine::{BroadcastBody, ChannelSerial, ShardMsg, ShardState, Subscriber};
-use replication::changes::{AuthzReply, ChannelKey, Command as PgCommand, ReplayedMessage};
-use replication::policy::{AuthzRequest, AuthzResult, CheckKind};
+use engine::changes::{AuthzReply, AuthzRequest, AuthzResult, ChannelKey, CheckKind, Command as PgCommand, ReplayedMessage};
 
 use super::{as_ref, Channel, ChannelState, Context, Effects, Session};
 use crate::frame::{self, Ref};
