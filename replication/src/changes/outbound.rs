@@ -48,11 +48,6 @@ impl Outbound {
         })
     }
 
-    /// Number of shards.
-    pub(crate) fn shards(&self) -> usize {
-        self.senders.len()
-    }
-
     /// Droppable messages dropped so far.
     #[cfg(test)]
     pub(crate) fn dropped(&self) -> u64 {
