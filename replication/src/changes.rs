@@ -471,7 +471,7 @@ async fn poll_publication(driver: &Driver, meta: &Client) -> Result<(), sql::Sql
                 continue;
             }
             let Some(info) = sql::table_info(meta, schema, table).await? else { continue };
-            let privileges = sql::selectable_columns(meta, &role, info.oid).await?;
+            let Ok(privileges) = sql::selectable_columns(meta, &role, info.oid).await else { continue };
             if let Ok(compiled) = self::core::compile(&binding, &info, &privileges) {
                 driver.with(|core| core.wildcard_extended(key, index, info, compiled));
             }
