@@ -140,11 +140,6 @@ pub async fn selectable_columns(client: &Client, role: &str, oid: i64) -> Result
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// A SQL string literal.
-pub fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
 /// One claims group's share of an RLS check: who, and which primary keys to test.
 #[derive(Debug, Clone)]
 pub struct RlsGroup<'a> {
@@ -297,10 +292,5 @@ mod tests {
             assert_eq!(ok[0].as_ref().unwrap(), &vec![true, false, true, false]);
             assert_eq!(client.query_one("select current_user::text", &[]).await.unwrap().get::<_, String>(0), "postgres");
         });
-    }
-
-    #[test]
-    fn literals_escape_quotes() {
-        assert_eq!(literal("it's"), "'it''s'");
     }
 }
