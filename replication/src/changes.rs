@@ -13,8 +13,11 @@
 //! - `row` — cell access to a row change;
 //! - `outbound` — the per-shard queues (control never dropped).
 //!
-//! This file is the driver: it runs the queries (metadata, RLS, policy, replay, publication
-//! polling) as tokio tasks on reconnecting connections and feeds their results to the core.
+//! This file is the driver: commands go to `ChangesCore::handle_command`, which answers what it
+//! can (cached policy answers) and queues the queries it needs (`poll_query`: subscription
+//! metadata, policy checks, replays); the driver runs each as a tokio task on a reconnecting
+//! connection and hands the result back. WAL batches run their RLS round trips (`plan_rls`)
+//! one batch at a time; publication polling is a timer here.
 //!
 //! For each committed transaction: every row change is matched against the bindings of its
 //! table (event, then filters evaluated in Rust); changes to tables with RLS enabled are then
@@ -51,9 +54,8 @@ mod payload;
 mod policy_cache;
 mod row;
 
-use self::core::{BindingResult, ChangesCore, MatchedBatch, Verdicts};
+use self::core::{BindingResult, ChangesCore, MatchedBatch, Query, Verdicts};
 use outbound::Outbound;
-use policy_cache::{Lookup, PolicyCache};
 
 pub use payload::{FIELD_BYTES_MAX_WHEN_CUT, RECORD_BYTES_MAX};
 
@@ -169,25 +171,66 @@ async fn connect_retrying(url: &str) -> Result<Client, ReplicationError> {
 }
 
 #[allow(clippy::too_many_arguments)]
-/// The driver's handle on the core: every call drains what the core queued for the shards.
+/// The driver's handle on the core: every call drains what the core queued — messages for the
+/// shards, answers for REST callers, and queries, each run in its own task.
 struct Driver {
     core: RefCell<ChangesCore>,
     outbound: Rc<Outbound>,
     stats: Arc<CoreStats>,
+    /// Metadata and replay queries.
+    meta: Rc<Db>,
+    /// Policy checks (their own connection).
+    authz: Rc<Db>,
 }
 
 impl Driver {
-    fn with<R>(&self, f: impl FnOnce(&mut ChangesCore) -> R) -> R {
+    fn with<R>(self: &Rc<Self>, f: impl FnOnce(&mut ChangesCore) -> R) -> R {
         let mut core = self.core.borrow_mut();
         let result = f(&mut core);
         while let Some((shard, out)) = core.poll_out() {
             self.outbound.send(shard, out);
+        }
+        while let Some((reply, answer)) = core.poll_caller() {
+            reply.send(answer);
+        }
+        while let Some(query) = core.poll_query() {
+            tokio::task::spawn_local(Rc::clone(self).run_query(query));
         }
         let counts = core.counts();
         self.stats.deliveries.store(counts.deliveries, std::sync::atomic::Ordering::Relaxed);
         self.stats.rls_queries.store(counts.rls_queries, std::sync::atomic::Ordering::Relaxed);
         self.stats.channels.store(core.channel_count() as u64, std::sync::atomic::Ordering::Relaxed);
         result
+    }
+
+    /// Runs one query of the core and hands the result back.
+    async fn run_query(self: Rc<Self>, query: Query) {
+        match query {
+            Query::Metadata { subscription, generation } => {
+                let outcome = match self.meta.get().await {
+                    Ok(client) => validate(&client, &subscription).await,
+                    Err(_) => Err(SystemMessage::DatabaseUnreachable.text().into_owned()),
+                };
+                self.with(|core| core.finish_subscribe(subscription.key, generation, &subscription.role, &subscription.claims_json, outcome));
+            }
+            Query::Policy(request) => {
+                let result = match self.authz.get().await {
+                    Ok(client) => crate::policy::check(&client, &request).await,
+                    Err(error) => crate::policy::AuthzResult::failed(error.to_string()),
+                };
+                if let Some(error) = &result.error {
+                    tracing::warn!(role = %request.role, topic = %request.topic, %error, "policy check failed (counts as a denial)");
+                }
+                self.with(|core| core.policy_done(&request, result, std::time::Instant::now()));
+            }
+            Query::Replay { key, topic, since_ms, limit } => {
+                let result = match self.meta.get().await {
+                    Ok(client) => replay(&client, &topic, since_ms, limit).await.map_err(|e| sql::error_text(&e)),
+                    Err(error) => Err(error.to_string()),
+                };
+                self.with(|core| core.replay_done(key, result));
+            }
+        }
     }
 }
 
@@ -205,34 +248,21 @@ async fn run(
     let meta = Rc::new(Db::new(&url, Arc::clone(&health), Arc::clone(&control)));
     let rls = Db::new(&url, health, Arc::clone(&control));
     let _ = meta.get().await;
-    let driver = Rc::new(Driver { core: RefCell::new(ChangesCore::new(shards.len(), payload_bytes_max)), outbound: Outbound::new(shards), stats });
-    // Commands: each subscription is validated in its own task (metadata queries), so a join
-    // storm never stalls change delivery. Policy checks run on their own connection, cached and
-    // single-flight.
+    let authz = Rc::new(Db::new(&url, Arc::new(std::sync::atomic::AtomicBool::new(true)), Arc::clone(&control)));
+    let driver = Rc::new(Driver {
+        core: RefCell::new(ChangesCore::new(shards.len(), payload_bytes_max)),
+        outbound: Outbound::new(shards),
+        stats,
+        meta: Rc::clone(&meta),
+        authz,
+    });
+    // Commands: the core answers what it can at once and asks for the queries it needs (each
+    // runs in its own task, so a join storm never stalls change delivery).
     {
         let driver = Rc::clone(&driver);
-        let meta = Rc::clone(&meta);
-        let authz = Rc::new(Authz { db: Db::new(&url, Arc::new(std::sync::atomic::AtomicBool::new(true)), Arc::clone(&control)), cache: RefCell::new(PolicyCache::default()) });
         tokio::task::spawn_local(async move {
             while let Ok(command) = commands.recv_async().await {
-                match command {
-                    Command::Subscribe(subscription) => {
-                        let generation = driver.with(|core| core.begin_subscribe(subscription.key));
-                        tokio::task::spawn_local(subscribe(Rc::clone(&driver), Rc::clone(&meta), subscription, generation));
-                    }
-                    Command::Unsubscribe(key) => driver.with(|core| core.unsubscribe(key)),
-                    Command::Authorize { request, reply } => authorize(&driver, &authz, request, reply),
-                    Command::Replay { key, topic, since_ms, limit } => {
-                        let (driver, meta) = (Rc::clone(&driver), Rc::clone(&meta));
-                        tokio::task::spawn_local(async move {
-                            let result = match meta.get().await {
-                                Ok(client) => replay(&client, &topic, since_ms, limit).await.map_err(|e| sql::error_text(&e)),
-                                Err(error) => Err(error.to_string()),
-                            };
-                            driver.with(|core| core.answer(key.shard, PgOut::Replayed { conn: key.conn, channel: key.channel, result }));
-                        });
-                    }
-                }
+                driver.with(|core| core.handle_command(command, std::time::Instant::now()));
             }
         });
     }
@@ -329,48 +359,7 @@ async fn replay(client: &Client, topic: &str, since_ms: i64, limit: i64) -> Resu
         .collect())
 }
 
-/// Policy checks: their own connection and the cache.
-struct Authz {
-    db: Db,
-    cache: RefCell<PolicyCache>,
-}
-
-fn send_authz(core: &mut ChangesCore, request: &crate::policy::AuthzRequest, reply: AuthzReply, result: crate::policy::AuthzResult) {
-    match reply {
-        AuthzReply::Channel(key) => core.answer(key.shard, PgOut::Authorized { conn: key.conn, channel: key.channel, kind: request.kind, result }),
-        AuthzReply::Caller(reply) => reply.send(result),
-    }
-}
-
-fn authorize(driver: &Rc<Driver>, authz: &Rc<Authz>, request: crate::policy::AuthzRequest, reply: AuthzReply) {
-    let lookup = authz.cache.borrow_mut().request(request, reply, std::time::Instant::now());
-    let request = match lookup {
-        Lookup::Wait => return,
-        Lookup::Answer(request, reply, result) => {
-            driver.with(|core| send_authz(core, &request, reply, result));
-            return;
-        }
-        Lookup::Query(request) => request,
-    };
-    let (driver, authz) = (Rc::clone(driver), Rc::clone(authz));
-    tokio::task::spawn_local(async move {
-        let result = match authz.db.get().await {
-            Ok(client) => crate::policy::check(&client, &request).await,
-            Err(error) => crate::policy::AuthzResult::failed(error.to_string()),
-        };
-        if let Some(error) = &result.error {
-            tracing::warn!(role = %request.role, topic = %request.topic, %error, "policy check failed (counts as a denial)");
-        }
-        let waiters = authz.cache.borrow_mut().complete(&request, &result, std::time::Instant::now());
-        driver.with(|core| {
-            for reply in waiters {
-                send_authz(core, &request, reply, result.clone());
-            }
-        });
-    });
-}
-
-async fn handle_event(driver: &Driver, meta: &Db, control: &crate::reader::ReaderControl, event: WalEvent) {
+async fn handle_event(driver: &Rc<Driver>, meta: &Db, control: &crate::reader::ReaderControl, event: WalEvent) {
     match event {
         // A stream without supabase_realtime (dropped, not yet recreated) carries database
         // broadcasts only: Postgres Changes are not live, so nothing is acknowledged until the
@@ -393,15 +382,6 @@ async fn handle_event(driver: &Driver, meta: &Db, control: &crate::reader::Reade
         }
         WalEvent::Type(_) | WalEvent::Txn(_) => {}
     }
-}
-
-/// Validates a subscription (metadata queries) and hands the answer to the core.
-async fn subscribe(driver: Rc<Driver>, meta: Rc<Db>, subscription: Subscription, generation: u64) {
-    let outcome = match meta.get().await {
-        Ok(client) => validate(&client, &subscription).await,
-        Err(_) => Err(SystemMessage::DatabaseUnreachable.text().into_owned()),
-    };
-    driver.with(|core| core.finish_subscribe(subscription.key, generation, &subscription.role, &subscription.claims_json, outcome));
 }
 
 async fn validate(meta: &Client, subscription: &Subscription) -> Result<(bool, Vec<BindingResult>), String> {
@@ -458,7 +438,7 @@ async fn bind(meta: &Client, role: &str, binding: Binding, publication_exists: b
 }
 
 /// Activates waiting bindings whose table got published, and extends wildcards.
-async fn poll_publication(driver: &Driver, meta: &Client) -> Result<(), sql::SqlError> {
+async fn poll_publication(driver: &Rc<Driver>, meta: &Client) -> Result<(), sql::SqlError> {
     let (exists, published) = sql::published_tables(meta).await?;
     for (key, generation, role, binding) in driver.with(|core| core.waiting_bindings()) {
         let result = bind(meta, &role, binding.clone(), exists, &published).await;
@@ -481,7 +461,7 @@ async fn poll_publication(driver: &Driver, meta: &Client) -> Result<(), sql::Sql
 }
 
 /// One batch: match, run its RLS round trips (one per table), deliver.
-async fn process(driver: &Driver, rls: &Db, batch: Vec<Arc<Txn>>) {
+async fn process(driver: &Rc<Driver>, rls: &Db, batch: Vec<Arc<Txn>>) {
     let matched: MatchedBatch = driver.with(|core| core.match_batch(&batch));
     tracing::debug!(txns = batch.len(), matched = matched.len(), "batch matched");
     if matched.is_empty() {

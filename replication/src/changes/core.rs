@@ -7,8 +7,9 @@
 //!
 //! ```text
 //!  WalEvent ──▶ stream_up / stream_down / stream_failed / relation / match_batch
-//!  Command  ──▶ begin_subscribe / unsubscribe            ──▶ poll_out() → (ShardId, PgOut)
-//!  results  ──▶ finish_subscribe (metadata) / deliver (RLS verdicts)
+//!  Command  ──▶ handle_command(now)                      ──▶ poll_out()    → (ShardId, PgOut)
+//!  results  ──▶ finish_subscribe / policy_done / replay_done  poll_query()  → Query to run
+//!               deliver (with the verdicts of plan_rls)       poll_caller() → a REST caller's answer
 //! ```
 //!
 //! Races are decided here, with generations: a subscription's metadata answer is applied only
@@ -29,7 +30,9 @@ use engine::ShardId;
 
 use super::payload::{self, Variant};
 use super::row::{primary_key_values, Kind, RelInfo, Row, TableKey};
-use super::{ChannelKey, PgOut};
+use super::policy_cache::{Lookup, PolicyCache};
+use super::{AuthzReply, CallerReply, ChannelKey, Command, PgOut, ReplayedMessage, Subscription};
+use crate::policy::{AuthzRequest, AuthzResult};
 use crate::binding::Binding;
 use crate::filter::{self, Filter};
 use crate::pgoutput::Relation;
@@ -145,6 +148,32 @@ impl Verdicts {
     }
 }
 
+/// A query the driver runs for the core; the result comes back through the named method.
+#[derive(Debug)]
+pub(crate) enum Query {
+    /// Validate a subscription (role, publication, table metadata, column privileges) →
+    /// [`ChangesCore::finish_subscribe`] with this generation.
+    Metadata {
+        /// The subscription.
+        subscription: Subscription,
+        /// Its generation.
+        generation: u64,
+    },
+    /// A private-channel policy check → [`ChangesCore::policy_done`].
+    Policy(AuthzRequest),
+    /// A private channel's stored broadcasts → [`ChangesCore::replay_done`].
+    Replay {
+        /// The channel.
+        key: ChannelKey,
+        /// Sub-topic.
+        topic: String,
+        /// Unix ms.
+        since_ms: i64,
+        /// 1..=25.
+        limit: i64,
+    },
+}
+
 /// Counters the driver copies to `/metrics`-style stats.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Counts {
@@ -169,6 +198,9 @@ pub(crate) struct ChangesCore {
     wildcards: AHashSet<(ChannelKey, usize)>,
     next_generation: u64,
     out: VecDeque<(ShardId, PgOut)>,
+    queries: VecDeque<Query>,
+    callers: VecDeque<(CallerReply, AuthzResult)>,
+    policy: PolicyCache,
     counts: Counts,
 }
 
@@ -187,6 +219,9 @@ impl ChangesCore {
             wildcards: AHashSet::new(),
             next_generation: 1,
             out: VecDeque::new(),
+            queries: VecDeque::new(),
+            callers: VecDeque::new(),
+            policy: PolicyCache::default(),
             counts: Counts::default(),
         }
     }
@@ -194,6 +229,52 @@ impl ChangesCore {
     /// The next message for a shard.
     pub(crate) fn poll_out(&mut self) -> Option<(ShardId, PgOut)> {
         self.out.pop_front()
+    }
+
+    /// The next query to run.
+    pub(crate) fn poll_query(&mut self) -> Option<Query> {
+        self.queries.pop_front()
+    }
+
+    /// The next answer for a waiting REST caller.
+    pub(crate) fn poll_caller(&mut self) -> Option<(CallerReply, AuthzResult)> {
+        self.callers.pop_front()
+    }
+
+    /// A command from a session (`now` for the policy cache).
+    pub(crate) fn handle_command(&mut self, command: Command, now: std::time::Instant) {
+        match command {
+            Command::Subscribe(subscription) => {
+                let generation = self.begin_subscribe(subscription.key);
+                self.queries.push_back(Query::Metadata { subscription, generation });
+            }
+            Command::Unsubscribe(key) => self.unsubscribe(key),
+            Command::Authorize { request, reply } => match self.policy.request(request, reply, now) {
+                Lookup::Answer(request, reply, result) => self.authorized(&request, reply, result),
+                Lookup::Query(request) => self.queries.push_back(Query::Policy(request)),
+                Lookup::Wait => {}
+            },
+            Command::Replay { key, topic, since_ms, limit } => self.queries.push_back(Query::Replay { key, topic, since_ms, limit }),
+        }
+    }
+
+    /// A policy check ran: every reply waiting for it gets the answer.
+    pub(crate) fn policy_done(&mut self, request: &AuthzRequest, result: AuthzResult, now: std::time::Instant) {
+        for reply in self.policy.complete(request, &result, now) {
+            self.authorized(request, reply, result.clone());
+        }
+    }
+
+    fn authorized(&mut self, request: &AuthzRequest, reply: AuthzReply, result: AuthzResult) {
+        match reply {
+            AuthzReply::Channel(key) => self.send(key.shard, PgOut::Authorized { conn: key.conn, channel: key.channel, kind: request.kind, result }),
+            AuthzReply::Caller(reply) => self.callers.push_back((reply, result)),
+        }
+    }
+
+    /// A replay query ran.
+    pub(crate) fn replay_done(&mut self, key: ChannelKey, result: Result<Vec<ReplayedMessage>, String>) {
+        self.send(key.shard, PgOut::Replayed { conn: key.conn, channel: key.channel, result });
     }
 
     /// Counters so far.
@@ -228,11 +309,6 @@ impl ChangesCore {
 
     fn notice(&mut self, key: ChannelKey, notice: &ChangesNotice) {
         self.system(key, notice.status(), notice.text().into_owned());
-    }
-
-    /// Queues a message for a shard as it is (policy and replay answers).
-    pub(crate) fn answer(&mut self, shard: ShardId, out: PgOut) {
-        self.send(shard, out);
     }
 
     // --- the stream -------------------------------------------------------------------------

@@ -10,6 +10,8 @@ use serde_json::{json, Value};
 use smallvec::smallvec;
 
 use super::*;
+use crate::changes::{AuthzReply, Command, Subscription};
+use crate::policy::{AuthzRequest, AuthzResult};
 use crate::binding::parse_binding;
 use crate::pgoutput::{Cell, OldKind, Relation, RelationColumn, Tuple};
 use crate::reader::RowChange;
@@ -114,6 +116,7 @@ fn subscription_outcome(bindings: &[Value], bypasses_rls: bool, rls_enabled: boo
 struct Sent {
     system: Vec<(ChannelKey, &'static str, String)>,
     changes: Vec<(ChannelKey, Value)>,
+    authorized: Vec<(ChannelKey, AuthzResult)>,
 }
 
 fn drain(core: &mut ChangesCore) -> Sent {
@@ -127,6 +130,7 @@ fn drain(core: &mut ChangesCore) -> Sent {
                     sent.changes.push((ChannelKey { shard, conn: *conn, channel: *channel }, payload.clone()));
                 }
             }
+            PgOut::Authorized { conn, channel, result, .. } => sent.authorized.push((ChannelKey { shard, conn, channel }, result)),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -406,7 +410,10 @@ fn simulate(seed: u64) -> (usize, usize) {
     let mut next_id = 1i64;
     let mut delivered: BTreeMap<i64, Vec<ChannelKey>> = BTreeMap::new();
     let mut voided = 0;
-    let check_sent = |sent: Sent, model: &mut BTreeMap<ChannelKey, ModelSub>, delivered: &mut BTreeMap<i64, Vec<ChannelKey>>| {
+    let check_sent = |sent: Sent, model: &mut BTreeMap<ChannelKey, ModelSub>, delivered: &mut BTreeMap<i64, Vec<ChannelKey>>, authorized: &mut BTreeMap<ChannelKey, usize>| {
+        for (key, _) in &sent.authorized {
+            *authorized.entry(*key).or_insert(0) += 1;
+        }
         for (key, _, _) in &sent.system {
             if let Some(sub) = model.get_mut(key) {
                 if sub.completed {
@@ -420,16 +427,42 @@ fn simulate(seed: u64) -> (usize, usize) {
             delivered.entry(id).or_default().push(key);
         }
     };
+    let mut now = std::time::Instant::now();
+    let mut policy_pending: Vec<AuthzRequest> = Vec::new();
+    let mut authorize_asked: BTreeMap<ChannelKey, usize> = BTreeMap::new();
+    let mut authorized: BTreeMap<ChannelKey, usize> = BTreeMap::new();
     for _step in 0..400 {
-        match rng.below(10) {
+        match rng.below(13) {
             // Subscribe, or re-subscribe with other claims (a token refresh).
             0 | 1 => {
                 let key = key(1 + rng.below(6) as u64);
                 let sub = USERS[rng.below(USERS.len())].to_string();
                 let owner_filter = (rng.below(2) == 0).then(|| USERS[rng.below(USERS.len())].to_string());
-                let generation = core.begin_subscribe(key);
+                let subscription = Subscription { key, role: "authenticated".into(), claims_json: claims(&sub), bindings: vec!["{}".into()] };
+                core.handle_command(Command::Subscribe(subscription), now);
+                let Some(Query::Metadata { generation, .. }) = core.poll_query() else { panic!("seed {seed}: a Subscribe asks for its metadata") };
                 model.insert(key, ModelSub { generation, sub: sub.clone(), owner_filter: owner_filter.clone(), completed: false, answered: false });
                 pending.push((key, generation, sub, owner_filter));
+            }
+            // A policy check (join, first write or refresh of a private channel); identical
+            // checks in flight share one query.
+            10 | 11 => {
+                let key = key(1 + rng.below(6) as u64);
+                let topic = ["room-1", "room-2"][rng.below(2)];
+                let request = AuthzRequest { role: "authenticated".into(), claims_json: claims("alice"), sub: None, topic: topic.into(), kind: crate::policy::CheckKind::Read };
+                core.handle_command(Command::Authorize { request, reply: AuthzReply::Channel(key) }, now);
+                *authorize_asked.entry(key).or_insert(0) += 1;
+                while let Some(query) = core.poll_query() {
+                    let Query::Policy(request) = query else { panic!("seed {seed}: unexpected query") };
+                    policy_pending.push(request);
+                }
+            }
+            12 if !policy_pending.is_empty() => {
+                let request = policy_pending.swap_remove(rng.below(policy_pending.len()));
+                let result = AuthzResult { broadcast: request.topic == "room-1", presence: false, error: None };
+                // Answers are cached for 30 s: move the clock past that now and then.
+                now += std::time::Duration::from_secs(rng.below(40) as u64);
+                core.policy_done(&request, result, now);
             }
             2 => {
                 let key = key(1 + rng.below(6) as u64);
@@ -492,7 +525,7 @@ fn simulate(seed: u64) -> (usize, usize) {
                 core.deliver(matched, &verdicts);
                 let sent = drain(&mut core);
                 let before: BTreeMap<i64, Vec<ChannelKey>> = delivered.clone();
-                check_sent(sent, &mut model, &mut delivered);
+                check_sent(sent, &mut model, &mut delivered, &mut authorized);
                 for (id, at_match) in expected {
                     // Expected now: matched then, and still the same subscription.
                     let matched_then = at_match.len();
@@ -508,7 +541,11 @@ fn simulate(seed: u64) -> (usize, usize) {
             _ => {}
         }
         let sent = drain(&mut core);
-        check_sent(sent, &mut model, &mut delivered);
+        check_sent(sent, &mut model, &mut delivered, &mut authorized);
+    }
+    // Every Authorize is answered exactly once.
+    for request in std::mem::take(&mut policy_pending) {
+        core.policy_done(&request, AuthzResult { broadcast: true, presence: false, error: None }, now);
     }
     // Every Subscribe is answered: apply what is pending, bring the stream up.
     for (key, generation, sub, owner_filter) in std::mem::take(&mut pending) {
@@ -523,10 +560,11 @@ fn simulate(seed: u64) -> (usize, usize) {
     }
     core.stream_up(true);
     let sent = drain(&mut core);
-    check_sent(sent, &mut model, &mut delivered);
+    check_sent(sent, &mut model, &mut delivered, &mut authorized);
     for (key, m) in &model {
         assert!(m.completed && m.answered, "seed {seed}: {key:?} was never answered");
     }
+    assert_eq!(authorized, authorize_asked, "seed {seed}: every Authorize answered exactly once");
     // Every Unsubscribe frees everything.
     for key in model.keys() {
         core.unsubscribe(*key);
