@@ -113,18 +113,27 @@ impl MatchedBatch {
     }
 }
 
+/// (matched change index, primary-key values) of one claims group's checks.
+pub(crate) type KeysToCheck = Vec<(usize, Vec<String>)>;
+
+/// A wildcard binding to extend: (channel, binding index, role, binding, tables it covers).
+pub(crate) type WildcardBinding = (ChannelKey, usize, Arc<str>, Binding, AHashSet<TableKey>);
+
 /// One RLS round trip to run: a table and, per claims group, the primary keys to check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RlsQuery {
     /// The table.
     pub(crate) table: Arc<TableInfo>,
     /// Per claims group: (matched change index, primary-key values) in order.
-    pub(crate) groups: Vec<(ClaimsGroup, Vec<(usize, Vec<String>)>)>,
+    pub(crate) groups: Vec<(ClaimsGroup, KeysToCheck)>,
 }
 
 /// (matched change index, role, claims) → visible, or the check's error.
 #[derive(Debug, Default)]
-pub(crate) struct Verdicts(AHashMap<(usize, Arc<str>, Arc<str>), Result<bool, Arc<str>>>);
+pub(crate) struct Verdicts(AHashMap<(usize, Arc<str>, Arc<str>), Verdict>);
+
+/// Visible or not, or why the check failed.
+type Verdict = Result<bool, Arc<str>>;
 
 impl Verdicts {
     /// Records the answer of one [`RlsQuery`]: per group, one visibility per key, or an error.
@@ -513,7 +522,7 @@ impl ChangesCore {
     }
 
     /// Wildcard bindings to extend: (channel, binding index, role, binding, tables known).
-    pub(crate) fn wildcard_bindings(&self) -> Vec<(ChannelKey, usize, Arc<str>, Binding, AHashSet<TableKey>)> {
+    pub(crate) fn wildcard_bindings(&self) -> Vec<WildcardBinding> {
         let mut list: Vec<_> = self
             .wildcards
             .iter()
@@ -602,7 +611,7 @@ impl ChangesCore {
     /// checking every distinct claims group (role + claims) of the subscribers that matched
     /// its INSERT/UPDATE changes on an RLS-enabled table with a primary key.
     pub(crate) fn plan_rls(&mut self, matched: &MatchedBatch) -> Vec<RlsQuery> {
-        let mut by_table: AHashMap<TableKey, AHashMap<ClaimsGroup, Vec<(usize, Vec<String>)>>> = AHashMap::new();
+        let mut by_table: AHashMap<TableKey, AHashMap<ClaimsGroup, KeysToCheck>> = AHashMap::new();
         for (m, (txn, index, interests)) in matched.changes.iter().enumerate() {
             let Some(row) = Row::of(&txn.changes[*index], &self.relations) else { continue };
             let table_key = row.relation.key();
