@@ -322,6 +322,35 @@ fn ten_thousand_joins_on_one_socket() {
     still_usable_v1(&mut other, "2");
 }
 
+/// Join error replies wait out the join error delay in a timer each, at most 32 per connection:
+/// the replies beyond those are sent at once, so failing joins fast costs no more timers.
+#[test]
+fn delayed_join_errors_per_connection_are_bounded() {
+    let server = Server::start(&[("REALTIME_JOIN_ERROR_DELAY_MS", "1500")]);
+    let mut c = connect_v2(&server);
+    let cap = 32;
+    let total = cap + 8;
+    let started = Instant::now();
+    for i in 0..total {
+        let r = i.to_string();
+        c.send_text(&v2(Some(&r), Some(&r), &format!("realtime:e-{i}"), "phx_join", json!({"config": config(false, false), "access_token": "garbage"})));
+    }
+    let mut refs = Vec::new();
+    for _ in 0..total {
+        let reply = c.recv_json(Duration::from_secs(10));
+        assert_eq!(reply[4]["response"]["reason"], "MalformedJWT: The token provided is not a valid JWT", "{reply}");
+        refs.push((reply[1].as_str().unwrap().parse::<usize>().unwrap(), started.elapsed()));
+    }
+    let (at_once, delayed) = refs.split_at(total - cap);
+    for (r, elapsed) in at_once {
+        assert!(*r >= cap && *elapsed < Duration::from_millis(1000), "join #{r} beyond the cap is answered at once ({elapsed:?})");
+    }
+    let mut delayed_refs: Vec<usize> = delayed.iter().map(|(r, _)| *r).collect();
+    delayed_refs.sort_unstable();
+    assert_eq!(delayed_refs, (0..cap).collect::<Vec<_>>());
+    assert!(delayed.iter().all(|(_, elapsed)| *elapsed >= Duration::from_millis(1400)), "the first {cap} wait out the delay: {delayed:?}");
+}
+
 #[test]
 fn unmasked_client_frame_is_a_protocol_error() {
     let mut server = Server::start(&[]);

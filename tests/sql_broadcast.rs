@@ -200,3 +200,21 @@ fn broadcast_changes_trigger_reaches_the_private_subscriber_and_not_the_public_o
         conn.assert_no_broadcast(topic, "after the sentinels");
     }
 }
+
+#[test]
+fn a_database_broadcast_over_the_configured_payload_limit_is_dropped() {
+    // The limit is the server's configured one, not the default (3 MB): a 300-byte payload is
+    // over a 256-byte limit.
+    let (mut db, server) = start_with_acl_env(&[("REALTIME_MAX_PAYLOAD_BYTES", "256")]);
+    const TOPIC: &str = "realtime:sql-limit";
+    let mut conn = Conn::open(&server, anon(), Vsn::V1, "public-v1");
+    conn.join_ok(TOPIC, config(false, false, false), None);
+    db.exec(r#"SELECT realtime.send('{"n":1}', 'small', 'sql-limit', false)"#);
+    assert_eq!(conn.wait("the small row", FIRST_ROW, |m| m.is_broadcast_on(TOPIC)).user_event(), "small");
+    let big = format!(r#"{{"text":"{}"}}"#, "x".repeat(300));
+    db.exec(&format!("SELECT realtime.send('{big}', 'big', 'sql-limit', false)"));
+    db.exec(r#"SELECT realtime.send('{}', 'end', 'sql-limit', false)"#);
+    let (before, _) = conn.broadcasts_until(TOPIC, "end");
+    let events: Vec<&str> = before.iter().map(Msg::user_event).collect();
+    assert!(events.is_empty(), "the over-limit row must not arrive: {events:?}\n{}", conn.dump());
+}

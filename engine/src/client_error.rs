@@ -121,6 +121,12 @@ pub enum JoinError {
     ReplayInvalid,
     /// The join payload is not an object, or anything unexpected.
     Unknown,
+    /// More Postgres Changes bindings than one join may carry (beyond upstream, which has no
+    /// bound).
+    TooManyBindings {
+        /// The limit.
+        max: usize,
+    },
 }
 
 impl JoinError {
@@ -161,6 +167,9 @@ impl JoinError {
             JoinError::ReplayFailed => "UnableToReplayMessages: Realtime was unable to replay messages".into(),
             JoinError::ReplayInvalid => "UnableToReplayMessages: Replay params are not valid".into(),
             JoinError::Unknown => "Unknown Error on Channel".into(),
+            JoinError::TooManyBindings { max } => {
+                format!("PostgresChangesBindingsLimit: Too many postgres_changes bindings, at most {max} per channel").into()
+            }
         }
     }
 }
@@ -319,6 +328,8 @@ pub enum HttpMessage {
     UpgradeRequired,
     /// 401 for `GET /api/status` without a valid service-role key.
     ServiceRoleRequired,
+    /// 503 from `/healthz` while the database connection is down.
+    DatabaseUnavailable,
 }
 
 impl HttpMessage {
@@ -328,6 +339,301 @@ impl HttpMessage {
             HttpMessage::NotFound => "Not found",
             HttpMessage::UpgradeRequired => "WebSocket upgrade required",
             HttpMessage::ServiceRoleRequired => "A valid service_role key is required",
+            HttpMessage::DatabaseUnavailable => "database unavailable",
+        }
+    }
+}
+
+/// `system` error texts about one Postgres Changes binding (PROTOCOL.md §5.1–5.4): upstream's
+/// texts, byte for byte, plus what to run where we go beyond upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindingError {
+    /// Neither `schema` nor `table` (or a non-string one); `shown` is the binding as Elixir
+    /// prints it (or `<redacted>`).
+    NoSubscriptionParams {
+        /// The binding, rendered.
+        shown: String,
+    },
+    /// `select` is not a list of strings.
+    SelectInvalid,
+    /// `select` on a wildcard binding.
+    SelectOnWildcard,
+    /// The filter does not parse; `detail` is upstream's rendering of the bad part.
+    FilterParse {
+        /// Upstream's detail (an Elixir list of the offending pieces).
+        detail: String,
+    },
+    /// `a=eq.1,,b=eq.2`.
+    FilterEmptySegment,
+    /// `in` without parentheses.
+    FilterInNeedsParentheses,
+    /// No published table matches. `params` is upstream's rendering of the binding; `fix`
+    /// says what to run (beyond upstream: the subscription then starts by itself).
+    NotPublished {
+        /// The binding, rendered.
+        params: String,
+        /// What is missing.
+        fix: NotPublishedFix,
+    },
+    /// The database check refused the binding (§5.4), with the exception's text.
+    Exception {
+        /// The binding, rendered.
+        params: String,
+        /// The exception (one of [`BindingException`]'s texts, or the database's own).
+        exception: String,
+    },
+}
+
+/// What a binding whose table is not published needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotPublishedFix {
+    /// A wildcard matched no published table.
+    Wildcard,
+    /// The table (quoted as needed) is not in the publication.
+    AddTable(String),
+    /// The publication does not exist; the table to create it for.
+    CreatePublication(String),
+}
+
+impl BindingError {
+    /// The text.
+    pub fn text(&self) -> String {
+        match self {
+            BindingError::NoSubscriptionParams { shown } => {
+                format!("No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: {shown}")
+            }
+            BindingError::SelectInvalid => {
+                "Error parsing `select` params: expected a list of column name strings, e.g. select: [\"col1\", \"col2\"]".into()
+            }
+            BindingError::SelectOnWildcard => {
+                "Column selection is not supported for wildcard subscriptions. Provide an explicit schema and table name.".into()
+            }
+            BindingError::FilterParse { detail } => format!("{FILTER_PARSE}{detail}"),
+            BindingError::FilterEmptySegment => format!("{FILTER_PARSE}filter must not contain empty segments (check for extra commas)"),
+            BindingError::FilterInNeedsParentheses => format!("{FILTER_PARSE}`in` filter value must be wrapped by parentheses"),
+            BindingError::NotPublished { params, fix } => {
+                let prefix = format!("Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {params}");
+                match fix {
+                    NotPublishedFix::Wildcard => format!("{prefix}. No table of the supabase_realtime publication matches; add one with ALTER PUBLICATION supabase_realtime ADD TABLE <schema>.<table>; and this subscription starts by itself"),
+                    NotPublishedFix::AddTable(table) => format!("{prefix}. Table {table} is not in the supabase_realtime publication; run ALTER PUBLICATION supabase_realtime ADD TABLE {table}; and this subscription starts by itself"),
+                    NotPublishedFix::CreatePublication(table) => format!("{prefix}. The supabase_realtime publication does not exist; run CREATE PUBLICATION supabase_realtime FOR TABLE {table}; and this subscription starts by itself"),
+                }
+            }
+            BindingError::Exception { params, exception } => format!(
+                "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: {params}. Exception: {exception}"
+            ),
+        }
+    }
+}
+
+/// The exception texts our own checks produce for [`BindingError::Exception`] (upstream gets
+/// them from the database; ours mirror PostgreSQL's wording).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindingException {
+    /// A filter value does not parse as the column's type.
+    InvalidInput {
+        /// PostgreSQL's name of the type (`integer`, `uuid`, ...).
+        type_label: String,
+        /// The value.
+        text: String,
+    },
+    /// An `in` list that is not a valid array literal body.
+    MalformedArrayLiteral {
+        /// The list body.
+        body: String,
+    },
+    /// An `in` list over the limit.
+    TooManyInValues {
+        /// The limit.
+        max: usize,
+    },
+    /// `like`/`match` family on a non-text column.
+    OperatorNeedsText {
+        /// Operator name.
+        op: &'static str,
+        /// Column type.
+        type_name: String,
+    },
+    /// A `match`/`imatch` pattern that does not compile.
+    InvalidRegex {
+        /// Operator name.
+        op: &'static str,
+        /// The regex library's explanation.
+        error: String,
+    },
+    /// `is.<something else>`.
+    InvalidIsValue,
+    /// `is.true` (etc.) on a non-boolean column.
+    IsNeedsBoolean {
+        /// `true`, `false` or `unknown`.
+        keyword: String,
+        /// Column type.
+        type_name: String,
+    },
+    /// A filter on a column the role cannot read (or that does not exist).
+    InvalidFilterColumn {
+        /// Column.
+        column: String,
+    },
+    /// A `select` column the role cannot read (or that does not exist).
+    InvalidSelectColumn {
+        /// Column.
+        column: String,
+    },
+    /// The channel token's role does not exist.
+    RoleMissing {
+        /// Role.
+        role: String,
+    },
+}
+
+impl BindingException {
+    /// The text.
+    pub fn text(&self) -> String {
+        match self {
+            BindingException::InvalidInput { type_label, text } => format!("invalid input syntax for type {type_label}: \"{text}\""),
+            BindingException::MalformedArrayLiteral { body } => format!("malformed array literal: \"{{{body}}}\""),
+            BindingException::TooManyInValues { max } => format!("too many values for `in` filter. Maximum {max}"),
+            BindingException::OperatorNeedsText { op, type_name } => format!("operator {op} requires a text-compatible column type, got {type_name}"),
+            BindingException::InvalidRegex { op, error } => format!("invalid regular expression for {op} filter: {error}"),
+            BindingException::InvalidIsValue => "invalid value for is filter: must be null, true, false, or unknown".into(),
+            BindingException::IsNeedsBoolean { keyword, type_name } => format!("is {keyword} filter requires a boolean column, got {type_name}"),
+            BindingException::InvalidFilterColumn { column } => format!("invalid column for filter {column}"),
+            BindingException::InvalidSelectColumn { column } => format!("invalid column for select {column}"),
+            BindingException::RoleMissing { role } => format!("role \"{role}\" does not exist"),
+        }
+    }
+}
+
+/// Entries of a change's `errors` array (PROTOCOL.md §5.5, §5.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowError {
+    /// The table has no primary key (INSERT/UPDATE).
+    NoPrimaryKey,
+    /// The role cannot read every primary-key column.
+    Unauthorized,
+    /// The record was cut down to fields of at most 64 bytes.
+    PayloadTooLarge,
+}
+
+impl RowError {
+    /// The text.
+    pub fn text(self) -> &'static str {
+        match self {
+            RowError::NoPrimaryKey => "Error 400: Bad Request, no primary key",
+            RowError::Unauthorized => "Error 401: Unauthorized",
+            RowError::PayloadTooLarge => "Error 413: Payload Too Large",
+        }
+    }
+}
+
+/// REST broadcast answers (PROTOCOL.md §8): `{"message": ...}` bodies, `{"error": ...}` for the
+/// media type, and the per-field texts of 422 `{"errors": {...}}` bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestError {
+    /// 401, or 403 for a denied private message.
+    Unauthorized,
+    /// 422: the write check of a private message failed.
+    RlsPolicyError,
+    /// 422: a private message and no database.
+    TenantDatabaseUnavailable,
+    /// 415 (`error` key).
+    UnsupportedMediaType,
+    /// Field error: missing or empty.
+    Blank,
+    /// Field error: wrong type.
+    Invalid,
+    /// Field error: payload over the limit.
+    PayloadTooLarge,
+}
+
+impl RestError {
+    /// The text.
+    pub fn text(self) -> &'static str {
+        match self {
+            RestError::Unauthorized => "Unauthorized",
+            RestError::RlsPolicyError => "RLS policy error",
+            RestError::TenantDatabaseUnavailable => "Tenant database unavailable",
+            RestError::UnsupportedMediaType => "Unsupported Media Type. Use application/json or application/octet-stream",
+            RestError::Blank => "can't be blank",
+            RestError::Invalid => "is invalid",
+            RestError::PayloadTooLarge => "Payload size exceeds tenant limit",
+        }
+    }
+}
+
+const FILTER_PARSE: &str = "Error parsing `filter` params: ";
+
+/// `system` messages of Postgres Changes (extension `postgres_changes`, PROTOCOL.md §5.4) that
+/// are not about one binding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangesNotice {
+    /// The subscription is live (upstream's text).
+    Subscribed,
+    /// The replication stream dropped; a new `Subscribed` follows when it is back.
+    StreamLost {
+        /// What the database or the connection said.
+        reason: String,
+    },
+    /// The replication stream stopped for good on a definite error (the server's configuration
+    /// must be fixed; the operator's log says how).
+    StreamStopped,
+}
+
+impl ChangesNotice {
+    /// The text.
+    pub fn text(&self) -> Cow<'static, str> {
+        match self {
+            ChangesNotice::Subscribed => SUBSCRIBED.into(),
+            ChangesNotice::StreamLost { reason } => format!(
+                "The replication connection to the database was lost ({reason}); changes are not delivered until it is back, when a new \"{SUBSCRIBED}\" follows"
+            )
+            .into(),
+            ChangesNotice::StreamStopped => "Postgres Changes stopped: the server cannot use its database connection settings; changes are not delivered until the server is reconfigured and restarted".into(),
+        }
+    }
+
+    /// `"ok"` or `"error"`.
+    pub fn status(&self) -> &'static str {
+        match self {
+            ChangesNotice::Subscribed => "ok",
+            ChangesNotice::StreamLost { .. } | ChangesNotice::StreamStopped => "error",
+        }
+    }
+}
+
+const SUBSCRIBED: &str = "Subscribed to PostgreSQL";
+
+/// Bounds on client-driven Postgres Changes work (beyond upstream, which has none of these):
+/// each is reported like the parse error of the same binding, as a `system` error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangesLimit {
+    /// A binding's `filter` string is longer than the limit.
+    FilterTooLong {
+        /// Its length in bytes.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A `like`/`ilike`/`match`/`imatch` pattern compiles to more than the regex size limit.
+    PatternTooComplex {
+        /// The operator's name.
+        op: &'static str,
+        /// The limit in bytes of compiled program.
+        max: usize,
+    },
+}
+
+impl ChangesLimit {
+    /// The text, in the shape of upstream's filter parse errors.
+    pub fn text(&self) -> String {
+        match self {
+            ChangesLimit::FilterTooLong { bytes, max } => {
+                format!("{FILTER_PARSE}the filter is {bytes} bytes long; at most {max} bytes are allowed")
+            }
+            ChangesLimit::PatternTooComplex { op, max } => {
+                format!("the pattern of the {op} filter is too complex (its compiled form exceeds {max} bytes); use a shorter pattern")
+            }
         }
     }
 }
@@ -406,6 +712,7 @@ mod tests {
             (JoinError::ReplayFailed, "UnableToReplayMessages: Realtime was unable to replay messages"),
             (JoinError::ReplayInvalid, "UnableToReplayMessages: Replay params are not valid"),
             (JoinError::Unknown, "Unknown Error on Channel"),
+            (JoinError::TooManyBindings { max: 100 }, "PostgresChangesBindingsLimit: Too many postgres_changes bindings, at most 100 per channel"),
         ];
         for (error, text) in join {
             assert_eq!(error.reason(), text);
@@ -457,5 +764,81 @@ mod tests {
     #[test]
     fn draining_string() {
         assert_eq!(DRAINING, "draining");
+        let bindings = [
+            (BindingError::NoSubscriptionParams { shown: "<redacted>".into() }, "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: <redacted>"),
+            (BindingError::SelectInvalid, "Error parsing `select` params: expected a list of column name strings, e.g. select: [\"col1\", \"col2\"]"),
+            (BindingError::SelectOnWildcard, "Column selection is not supported for wildcard subscriptions. Provide an explicit schema and table name."),
+            (BindingError::FilterParse { detail: "[\"eq5\"]".into() }, "Error parsing `filter` params: [\"eq5\"]"),
+            (BindingError::FilterEmptySegment, "Error parsing `filter` params: filter must not contain empty segments (check for extra commas)"),
+            (BindingError::FilterInNeedsParentheses, "Error parsing `filter` params: `in` filter value must be wrapped by parentheses"),
+            (
+                BindingError::NotPublished { params: "P".into(), fix: NotPublishedFix::Wildcard },
+                "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: P. No table of the supabase_realtime publication matches; add one with ALTER PUBLICATION supabase_realtime ADD TABLE <schema>.<table>; and this subscription starts by itself",
+            ),
+            (
+                BindingError::NotPublished { params: "P".into(), fix: NotPublishedFix::AddTable("public.t".into()) },
+                "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: P. Table public.t is not in the supabase_realtime publication; run ALTER PUBLICATION supabase_realtime ADD TABLE public.t; and this subscription starts by itself",
+            ),
+            (
+                BindingError::NotPublished { params: "P".into(), fix: NotPublishedFix::CreatePublication("public.t".into()) },
+                "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: P. The supabase_realtime publication does not exist; run CREATE PUBLICATION supabase_realtime FOR TABLE public.t; and this subscription starts by itself",
+            ),
+            (
+                BindingError::Exception { params: "P".into(), exception: "E".into() },
+                "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: P. Exception: E",
+            ),
+        ];
+        for (error, text) in bindings {
+            assert_eq!(error.text(), text);
+        }
+        let exceptions = [
+            (BindingException::InvalidInput { type_label: "integer".into(), text: "abc".into() }, "invalid input syntax for type integer: \"abc\""),
+            (BindingException::MalformedArrayLiteral { body: "a,\"b".into() }, "malformed array literal: \"{a,\"b}\""),
+            (BindingException::TooManyInValues { max: 100 }, "too many values for `in` filter. Maximum 100"),
+            (BindingException::OperatorNeedsText { op: "like", type_name: "int4".into() }, "operator like requires a text-compatible column type, got int4"),
+            (BindingException::InvalidRegex { op: "match", error: "X".into() }, "invalid regular expression for match filter: X"),
+            (BindingException::InvalidIsValue, "invalid value for is filter: must be null, true, false, or unknown"),
+            (BindingException::IsNeedsBoolean { keyword: "true".into(), type_name: "int4".into() }, "is true filter requires a boolean column, got int4"),
+            (BindingException::InvalidFilterColumn { column: "nope".into() }, "invalid column for filter nope"),
+            (BindingException::InvalidSelectColumn { column: "nope".into() }, "invalid column for select nope"),
+            (BindingException::RoleMissing { role: "ghost".into() }, "role \"ghost\" does not exist"),
+        ];
+        for (exception, text) in exceptions {
+            assert_eq!(exception.text(), text);
+        }
+        assert_eq!(RowError::NoPrimaryKey.text(), "Error 400: Bad Request, no primary key");
+        assert_eq!(RowError::Unauthorized.text(), "Error 401: Unauthorized");
+        assert_eq!(RowError::PayloadTooLarge.text(), "Error 413: Payload Too Large");
+        let rest = [
+            (RestError::Unauthorized, "Unauthorized"),
+            (RestError::RlsPolicyError, "RLS policy error"),
+            (RestError::TenantDatabaseUnavailable, "Tenant database unavailable"),
+            (RestError::UnsupportedMediaType, "Unsupported Media Type. Use application/json or application/octet-stream"),
+            (RestError::Blank, "can't be blank"),
+            (RestError::Invalid, "is invalid"),
+            (RestError::PayloadTooLarge, "Payload size exceeds tenant limit"),
+        ];
+        for (error, text) in rest {
+            assert_eq!(error.text(), text);
+        }
+        assert_eq!(HttpMessage::DatabaseUnavailable.text(), "database unavailable");
+        let notices = [
+            (ChangesNotice::Subscribed, "ok", "Subscribed to PostgreSQL"),
+            (ChangesNotice::StreamLost { reason: "EOF".into() }, "error", "The replication connection to the database was lost (EOF); changes are not delivered until it is back, when a new \"Subscribed to PostgreSQL\" follows"),
+            (ChangesNotice::StreamStopped, "error", "Postgres Changes stopped: the server cannot use its database connection settings; changes are not delivered until the server is reconfigured and restarted"),
+        ];
+        for (notice, status, text) in notices {
+            assert_eq!((notice.status(), notice.text().as_ref()), (status, text));
+        }
+        let changes_limits = [
+            (ChangesLimit::FilterTooLong { bytes: 5000, max: 4096 }, "Error parsing `filter` params: the filter is 5000 bytes long; at most 4096 bytes are allowed"),
+            (ChangesLimit::PatternTooComplex { op: "like", max: 262_144 }, "the pattern of the like filter is too complex (its compiled form exceeds 262144 bytes); use a shorter pattern"),
+        ];
+        for (limit, text) in changes_limits {
+            assert_eq!(limit.text(), text);
+        }
+        assert_eq!(CloseReason::IdleTimeout.code(), 1000);
+        assert_eq!(CloseReason::MessageTooBig.code(), 1009);
+        assert!(CloseReason::SlowConsumer.text().len() <= 123);
     }
 }

@@ -8,6 +8,7 @@
 //! - [`topic`]: the channel identity (sub-topic + public/private) and which shard owns it.
 //! - [`shard`]: a shard's topic registry (topics it owns) and its local subscriber index.
 //! - [`broadcast`]: the canonical form of a message travelling between shards.
+//! - [`changes`]: the messages between sessions and the Postgres Changes core.
 //! - [`limits`]: every bound, with PROTOCOL.md's defaults.
 //! - [`client_error`]: every client-visible string, in one place.
 //! - [`histogram`]: fixed-bucket latency histograms for `/metrics` (relaxed atomics).
@@ -16,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod broadcast;
+pub mod changes;
 pub mod client_error;
 pub mod histogram;
 pub mod ids;

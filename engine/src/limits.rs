@@ -32,6 +32,21 @@ pub const HTTP_HEAD_BYTES_MAX: usize = 16 * 1024;
 /// [`crate::client_error::JoinError::TopicNameTooLong`].
 pub const TOPIC_BYTES_MAX: usize = 255;
 
+/// Longest a private channel's join waits for its policy check (and replay) from the database;
+/// past it the join fails with `UnableToConnectToProject` (PROTOCOL.md §2.5) and the channel
+/// slot is freed, whatever the database does later.
+pub const AUTHORIZE_TIMEOUT_SECS: i64 = 15;
+
+/// Postgres Changes bindings one join may carry (upstream has no bound; each binding costs
+/// metadata queries on the single changes thread). Beyond: the join fails with
+/// `PostgresChangesBindingsLimit` (see `client_error::JoinError::TooManyBindings`).
+pub const BINDINGS_PER_JOIN_MAX: usize = 100;
+
+/// Join error replies one connection may have waiting out `REALTIME_JOIN_ERROR_DELAY_MS` (one
+/// timer each). Beyond: the reply is sent at once, so a client that fails joins faster than the
+/// delay costs no more timers.
+pub const DELAYED_JOIN_ERRORS_PER_CONNECTION_MAX: u32 = 32;
+
 /// Presence frames a channel may send per [`PRESENCE_WINDOW`] (upstream
 /// `CLIENT_PRESENCE_MAX_CALLS`); the next one closes the channel (PROTOCOL.md §4.6).
 pub const PRESENCE_CALLS_PER_WINDOW_MAX: u32 = 5;

@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 
 use auth::{Claims, KeyStore};
 use engine::broadcast::PayloadEncoding;
+use engine::client_error::RestError;
 use engine::{Broadcast, BroadcastBody, TopicKey};
 
 use crate::http::{self, Head};
@@ -50,9 +51,9 @@ pub struct PrivateChecks {
 /// The single endpoint's answer once its write check is known (PROTOCOL.md §8.3).
 pub fn private_response(granted: bool, error: Option<&str>) -> Bytes {
     match (granted, error) {
-        (_, Some(_)) => message(422, "RLS policy error"),
+        (_, Some(_)) => message(422, RestError::RlsPolicyError.text()),
         (true, None) => response(202, b""),
-        (false, None) => message(403, "Unauthorized"),
+        (false, None) => message(403, RestError::Unauthorized.text()),
     }
 }
 
@@ -123,7 +124,7 @@ fn is_uuid(text: &str) -> bool {
 pub fn handle(route: &RestRoute, head: &Head, body: &[u8], keys: &KeyStore, payload_bytes_max: usize, database: bool, now: i64) -> RestResult {
     let refuse = |response| RestResult { response, outgoing: Vec::new(), private_checks: None };
     let Some(claims) = authorize(head, keys, now) else {
-        return refuse(message(401, "Unauthorized"));
+        return refuse(message(401, RestError::Unauthorized.text()));
     };
     let bypasses_rls = claims.role == "service_role";
     let mut result = match route {
@@ -147,12 +148,12 @@ fn batch(body: &[u8], bypasses_rls: bool, database: bool, payload_bytes_max: usi
     let invalid = |errors: Value| RestResult { response: response(422, json!({ "errors": errors }).to_string().as_bytes()), outgoing: Vec::new(), private_checks: None };
     let parsed: Value = match serde_json::from_slice(body) {
         Ok(value) => value,
-        Err(_) => return invalid(json!({"messages": ["can't be blank"]})),
+        Err(_) => return invalid(json!({"messages": [RestError::Blank.text()]})),
     };
     let messages = match parsed.get("messages") {
-        None | Some(Value::Null) => return invalid(json!({"messages": ["can't be blank"]})),
+        None | Some(Value::Null) => return invalid(json!({"messages": [RestError::Blank.text()]})),
         Some(Value::Array(messages)) => messages,
-        Some(_) => return invalid(json!({"messages": ["is invalid"]})),
+        Some(_) => return invalid(json!({"messages": [RestError::Invalid.text()]})),
     };
     let mut errors = Vec::with_capacity(messages.len());
     let mut any_error = false;
@@ -191,8 +192,8 @@ fn batch(body: &[u8], bypasses_rls: bool, database: bool, payload_bytes_max: usi
 /// Per-message errors of §8.2 (`{}` when valid).
 fn validate(message: &Value, payload_bytes_max: usize) -> Map<String, Value> {
     let mut errors = Map::new();
-    let blank = || json!(["can't be blank"]);
-    let invalid = || json!(["is invalid"]);
+    let blank = || json!([RestError::Blank.text()]);
+    let invalid = || json!([RestError::Invalid.text()]);
     let Some(object) = message.as_object() else {
         errors.insert("topic".into(), blank());
         return errors;
@@ -215,7 +216,7 @@ fn validate(message: &Value, payload_bytes_max: usize) -> Map<String, Value> {
         Some(payload @ Value::Object(_)) => {
             let size = serde_json::to_vec(payload).map(|v| v.len()).unwrap_or(usize::MAX);
             if size > payload_bytes_max {
-                errors.insert("payload".into(), json!(["Payload size exceeds tenant limit"]));
+                errors.insert("payload".into(), json!([RestError::PayloadTooLarge.text()]));
             }
         }
         Some(_) => {
@@ -242,11 +243,11 @@ fn single(topic: &str, event: &str, content_type: Option<&str>, body: &[u8], pri
     let (encoding, payload) = match media.as_deref() {
         None | Some("") | Some("application/json") => {
             if body.iter().all(u8::is_ascii_whitespace) {
-                return refuse(response(422, br#"{"errors":{"payload":["can't be blank"]}}"#));
+                return refuse(response(422, field_error("payload", RestError::Blank).as_bytes()));
             }
             let value: Value = match serde_json::from_slice(body) {
                 Ok(value) => value,
-                Err(_) => return refuse(response(422, br#"{"errors":{"payload":["is invalid"]}}"#)),
+                Err(_) => return refuse(response(422, field_error("payload", RestError::Invalid).as_bytes())),
             };
             let value = if value.is_object() { value } else { json!({ "_json": value }) };
             (PayloadEncoding::Json, Bytes::from(serde_json::to_vec(&value).expect("JSON value serialises")))
@@ -255,15 +256,15 @@ fn single(topic: &str, event: &str, content_type: Option<&str>, body: &[u8], pri
         Some(_) => {
             return refuse(response(
                 415,
-                json!({"error": "Unsupported Media Type. Use application/json or application/octet-stream"}).to_string().as_bytes(),
+                json!({"error": RestError::UnsupportedMediaType.text()}).to_string().as_bytes(),
             ))
         }
     };
     if payload.len() > payload_bytes_max {
-        return refuse(response(422, br#"{"errors":{"payload":["Payload size exceeds tenant limit"]}}"#));
+        return refuse(response(422, field_error("payload", RestError::PayloadTooLarge).as_bytes()));
     }
     if private && !bypasses_rls && !database {
-        return refuse(message(422, "Tenant database unavailable"));
+        return refuse(message(422, RestError::TenantDatabaseUnavailable.text()));
     }
     let event = Bytes::copy_from_slice(event.as_bytes());
     let message = Broadcast { origin: None, body: BroadcastBody::User { event, encoding, payload, metadata: Bytes::new() } };
@@ -273,6 +274,11 @@ fn single(topic: &str, event: &str, content_type: Option<&str>, body: &[u8], pri
         return RestResult { response: response(202, b""), outgoing: Vec::new(), private_checks: Some(checks) };
     }
     RestResult { response: response(202, b""), outgoing: vec![item], private_checks: None }
+}
+
+/// A 422 body with one field error: `{"errors":{"<field>":["<text>"]}}`.
+fn field_error(field: &str, error: RestError) -> String {
+    json!({"errors": {field: [error.text()]}}).to_string()
 }
 
 #[cfg(test)]

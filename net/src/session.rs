@@ -19,7 +19,7 @@ use engine::limits::{PRESENCE_CALLS_PER_WINDOW_MAX, PRESENCE_WINDOW, TOPIC_BYTES
 use engine::shard::PresenceSnapshot;
 use engine::{Broadcast, BroadcastBody, ChannelSerial, ConnId, Format, Limits, LocalSub, Origin, ShardId, ShardMsg, ShardState, Subscriber, TopicKey};
 
-use replication::changes::{ChannelKey, Command as PgCommand, Subscription};
+use engine::changes::{ChannelKey, Command as PgCommand, Subscription};
 
 use crate::frame::{self, Event, Ref, TextFrame, UserBroadcastFrame};
 use crate::join::{parse_join, ChannelToken, JoinRequest};
@@ -125,6 +125,9 @@ struct Channel {
     /// `response` JSON echoing them with their ids.
     pg_bindings: Vec<serde_json::Map<String, serde_json::Value>>,
     join_response: Bytes,
+    /// While `Authorizing`: when the join gives up waiting for the database (Unix seconds,
+    /// [`engine::limits::AUTHORIZE_TIMEOUT_SECS`] after the join); `i64::MAX` otherwise.
+    authorize_deadline_secs: i64,
     /// The channel token and its claims (drive private-channel and RLS checks later).
     token: String,
     claims: Claims,
@@ -338,13 +341,14 @@ impl Session {
                         presence_window_start_ms: 0,
                         pg_bindings: request.postgres_changes,
                         join_response,
+                        authorize_deadline_secs: if request.private { ctx.now_secs.saturating_add(engine::limits::AUTHORIZE_TIMEOUT_SECS) } else { i64::MAX },
                         token,
                         claims,
                     },
                 );
                 let channel = &self.channels[topic];
                 if channel.private {
-                    fx.pg.push(self.authorize(channel, replication::policy::CheckKind::Read));
+                    fx.pg.push(self.authorize(channel, engine::changes::CheckKind::Read));
                 } else {
                     fx.shard.push(self.subscribe_local(state, topic));
                 }
@@ -388,6 +392,9 @@ impl Session {
         let request = parse_join(frame.payload).map_err(|_| JoinError::Unknown)?;
         if self.channels.len() >= ctx.limits.channels_per_client_max as usize {
             return Err(JoinError::ChannelRateLimitReached);
+        }
+        if request.postgres_changes.len() > engine::limits::BINDINGS_PER_JOIN_MAX {
+            return Err(JoinError::TooManyBindings { max: engine::limits::BINDINGS_PER_JOIN_MAX });
         }
         let token = match &request.token {
             ChannelToken::Connection => self.conn_token.clone(),
@@ -559,7 +566,7 @@ impl Session {
                     // Re-check reads with the new claims; writes are re-checked at next use.
                     channel.write = private::WriteState::Unknown;
                     let channel = &self.channels[topic];
-                    fx.pg.push(self.authorize(channel, replication::policy::CheckKind::Read));
+                    fx.pg.push(self.authorize(channel, engine::changes::CheckKind::Read));
                 }
                 let channel = self.channels.get_mut(topic).expect("present");
                 if !channel.pg_bindings.is_empty() {
@@ -602,6 +609,7 @@ impl Session {
     /// expired N seconds ago", then `phx_close`. The driver calls this about once a second, so a
     /// channel closes at most a second after its `exp`; the socket stays open.
     pub fn expire_channels(&mut self, state: &mut ShardState, now_secs: i64, fx: &mut Effects) {
+        self.abandon_authorizing(now_secs, fx);
         let expired: Vec<(Box<str>, i64)> = self
             .channels
             .iter()
@@ -626,9 +634,10 @@ impl Session {
             .collect()
     }
 
-    /// The earliest `exp` of the session's channels, so the driver can skip idle sessions.
+    /// The earliest `exp` or authorization deadline of the session's channels, so the driver
+    /// can skip idle sessions.
     pub fn next_expiry(&self) -> Option<i64> {
-        self.channels.values().map(|c| c.claims.exp).min()
+        self.channels.values().map(|c| c.claims.exp.min(c.authorize_deadline_secs)).min()
     }
 
     /// Whether channel `serial` already got database row `id` by replay.
@@ -660,7 +669,7 @@ fn join_response(bindings: &[serde_json::Map<String, serde_json::Value>]) -> Byt
         .iter()
         .map(|binding| {
             let mut echoed = binding.clone();
-            echoed.insert("id".into(), serde_json::Value::from(replication::binding::binding_id(binding)));
+            echoed.insert("id".into(), serde_json::Value::from(engine::changes::binding_id(canonical_json(binding).as_bytes())));
             serde_json::Value::Object(echoed)
         })
         .collect();
@@ -672,8 +681,14 @@ fn subscription(key: ChannelKey, claims: &Claims, bindings: &[serde_json::Map<St
         key,
         role: claims.role.clone(),
         claims_json: claims.json.to_string(),
-        bindings: bindings.to_vec(),
+        bindings: bindings.iter().map(canonical_json).collect(),
     }
+}
+
+/// A binding's JSON text (keys sorted: `serde_json::Map` is ordered), as the core parses it and
+/// [`engine::changes::binding_id`] hashes it.
+fn canonical_json(binding: &serde_json::Map<String, serde_json::Value>) -> String {
+    serde_json::to_string(binding).expect("a JSON map serialises")
 }
 
 fn join_error(error: AuthError) -> JoinError {

@@ -1,6 +1,7 @@
 //! Postgres Changes bindings (PROTOCOL.md §5.1, §5.3): the accepted shapes, `select`, the ids
 //! of the join reply (§2.6), and the texts of `system` error messages (§5.4).
 
+use engine::client_error::{BindingError, NotPublishedFix};
 use serde_json::{Map, Value};
 
 use crate::filter::{self, RawFilter};
@@ -83,16 +84,7 @@ impl Binding {
 /// two identical bindings on one channel get the same id (PROTOCOL.md §2.6).
 pub fn binding_id(raw: &Map<String, Value>) -> u32 {
     let canonical = serde_json::to_string(raw).expect("a JSON map serialises");
-    // FNV-1a, 32 bits, folded to 31.
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in canonical.bytes() {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    match hash & 0x7fff_ffff {
-        0 => 1,
-        id => id,
-    }
+    engine::changes::binding_id(canonical.as_bytes())
 }
 
 /// Renders a JSON value as Elixir's `inspect` would print the decoded term.
@@ -127,9 +119,7 @@ pub fn parse_binding(raw: &Map<String, Value>) -> Result<Binding, String> {
             } else {
                 inspect(&Value::Object(raw.clone()))
             };
-            return Err(format!(
-                "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: {shown}"
-            ));
+            return Err(BindingError::NoSubscriptionParams { shown }.text());
         }
     };
     let filters = filter::parse(filter).map_err(|e| e.0)?;
@@ -140,42 +130,42 @@ pub fn parse_binding(raw: &Map<String, Value>) -> Result<Binding, String> {
             (!columns.is_empty()).then_some(columns)
         }
         Some(_) => {
-            return Err(
-                "Error parsing `select` params: expected a list of column name strings, e.g. select: [\"col1\", \"col2\"]".into(),
-            )
+            return Err(BindingError::SelectInvalid.text())
         }
     };
     let binding = Binding { id, event: EventFilter::parse(raw.get("event")), schema: schema.into(), table: table.into(), filters, select };
     if binding.select.is_some() && binding.is_wildcard() {
-        return Err("Column selection is not supported for wildcard subscriptions. Provide an explicit schema and table name.".into());
+        return Err(BindingError::SelectOnWildcard.text());
     }
     Ok(binding)
+}
+
+/// [`parse_binding`] for a binding carried as JSON object text ([`engine::changes::Subscription`]).
+pub fn parse_binding_text(text: &str) -> Result<Binding, String> {
+    match serde_json::from_str::<Map<String, Value>>(text) {
+        Ok(raw) => parse_binding(&raw),
+        // The session serialises a JSON object, so this is not reached; still an answer, not a panic.
+        Err(_) => Err(BindingError::NoSubscriptionParams { shown: "<invalid JSON>".into() }.text()),
+    }
 }
 
 /// `system` message for a binding that matches no published table (upstream's text), followed by
 /// what to run (beyond upstream: the subscription then starts by itself).
 pub fn not_published_message(binding: &Binding, publication_exists: bool) -> String {
-    let prefix = format!(
-        "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {}",
-        binding.params()
-    );
-    if binding.is_wildcard() {
-        return format!("{prefix}. No table of the supabase_realtime publication matches; add one with ALTER PUBLICATION supabase_realtime ADD TABLE <schema>.<table>; and this subscription starts by itself");
-    }
-    let table = format!("{}.{}", quote_ident(&binding.schema), quote_ident(&binding.table));
-    if publication_exists {
-        format!("{prefix}. Table {table} is not in the supabase_realtime publication; run ALTER PUBLICATION supabase_realtime ADD TABLE {table}; and this subscription starts by itself")
+    let table = || format!("{}.{}", quote_ident(&binding.schema), quote_ident(&binding.table));
+    let fix = if binding.is_wildcard() {
+        NotPublishedFix::Wildcard
+    } else if publication_exists {
+        NotPublishedFix::AddTable(table())
     } else {
-        format!("{prefix}. The supabase_realtime publication does not exist; run CREATE PUBLICATION supabase_realtime FOR TABLE {table}; and this subscription starts by itself")
-    }
+        NotPublishedFix::CreatePublication(table())
+    };
+    BindingError::NotPublished { params: binding.params(), fix }.text()
 }
 
 /// `system` message for a binding the database check refused (§5.4).
 pub fn exception_message(binding: &Binding, exception: &str) -> String {
-    format!(
-        "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: {}. Exception: {exception}",
-        binding.params()
-    )
+    BindingError::Exception { params: binding.params(), exception: exception.to_string() }.text()
 }
 
 /// Quotes an identifier for SQL (and for messages), only when needed.

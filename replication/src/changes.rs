@@ -1,8 +1,23 @@
-//! The Postgres Changes core: subscriptions, matching, batched RLS, payloads.
+//! Postgres Changes: subscriptions, matching, batched RLS, payloads — the driver.
 //!
 //! Runs on its own thread (a current-thread tokio runtime, because the SQL client is
 //! tokio-postgres). Sessions send [`Command`]s; the replication reader sends [`WalEvent`]s; the
-//! core sends [`PgOut`] to the shards that own the subscribing connections.
+//! shards that own the subscribing connections get [`PgOut`]s.
+//!
+//! The decisions live in pure modules, each tested without a database:
+//!
+//! - `core` — `ChangesCore`: the subscription registry, matching, RLS batch planning and
+//!   delivery, stream state; races decided by generations (seeded simulation in `core/tests.rs`);
+//! - `payload` — the `data` objects and database broadcasts;
+//! - `policy_cache` — policy answers (TTL, bound, single flight; `now` passed in);
+//! - `row` — cell access to a row change;
+//! - `outbound` — the per-shard queues (control never dropped).
+//!
+//! This file is the driver: commands go to `ChangesCore::handle_command`, which answers what it
+//! can (cached policy answers) and queues the queries it needs (`poll_query`: subscription
+//! metadata, policy checks, replays); the driver runs each as a tokio task on a reconnecting
+//! connection and hands the result back. WAL batches run their RLS round trips (`plan_rls`)
+//! one batch at a time; publication polling is a timer here.
 //!
 //! For each committed transaction: every row change is matched against the bindings of its
 //! table (event, then filters evaluated in Rust); changes to tables with RLS enabled are then
@@ -23,165 +38,32 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ahash::{AHashMap, AHashSet};
-use bytes::Bytes;
-use serde_json::{Map, Value};
-use smallvec::SmallVec;
+use ahash::AHashMap;
 use tokio_postgres::Client;
 
-use engine::{ChannelSerial, ConnId, ShardId};
+use engine::client_error::{BindingException, SystemMessage};
 
-use crate::binding::{self, Binding, EventFilter};
-use crate::filter::{self, Filter};
-use crate::pgoutput::{Cell, OldKind, Relation, Tuple};
-use crate::reader::{RowChange, Txn, WalEvent};
-use crate::sql::{self, TableInfo};
-use crate::value;
+use crate::binding::{self, Binding};
+use crate::error::ReplicationError;
+use crate::reader::{Txn, WalEvent};
+use crate::sql;
 
-/// Capacity of each shard's inbox from the core (batches of deliveries).
-pub const SHARD_INBOX_MAX: usize = 4096;
-/// Capacity of the sessions → core command queue.
-pub const COMMANDS_MAX: usize = 65_536;
-/// A change whose record JSON is longer than this is cut down (PROTOCOL.md §5.6, rule 7).
-pub const RECORD_BYTES_MAX: usize = 1_048_576;
-/// In a cut-down record, fields whose JSON is longer than this are dropped.
-pub const FIELD_BYTES_MAX_WHEN_CUT: usize = 64;
+mod core;
+mod outbound;
+mod payload;
+mod policy_cache;
+mod row;
+
+use self::core::{BindingResult, ChangesCore, MatchedBatch, Query, Verdicts};
+use outbound::Outbound;
+
+pub use payload::{FIELD_BYTES_MAX_WHEN_CUT, RECORD_BYTES_MAX};
+
 /// Most transactions taken from the reader queue into one batch (one round of RLS checks).
 const BATCH_TXNS_MAX: usize = 64;
 const PUBLICATION_POLL: Duration = Duration::from_secs(2);
 
-/// A channel, as the core addresses it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ChannelKey {
-    /// Shard of the connection.
-    pub shard: ShardId,
-    /// Connection.
-    pub conn: ConnId,
-    /// Join.
-    pub channel: ChannelSerial,
-}
-
-/// A channel's Postgres Changes subscription.
-#[derive(Debug, Clone)]
-pub struct Subscription {
-    /// The channel.
-    pub key: ChannelKey,
-    /// The channel token's `role`.
-    pub role: String,
-    /// The channel token's claims, as JSON (for `request.jwt.claims`).
-    pub claims_json: String,
-    /// Bindings as the client sent them, in order.
-    pub bindings: Vec<Map<String, Value>>,
-}
-
-/// Where an authorization answer goes.
-#[derive(Debug, Clone)]
-pub enum AuthzReply {
-    /// To a channel, through its shard's inbox.
-    Channel(ChannelKey),
-    /// To a waiting caller (REST).
-    Caller(flume::Sender<crate::policy::AuthzResult>),
-}
-
-/// From sessions to the core.
-#[derive(Debug, Clone)]
-pub enum Command {
-    /// Subscribe (or re-subscribe with new claims: the old subscription is replaced).
-    Subscribe(Subscription),
-    /// The channel left or its connection closed.
-    Unsubscribe(ChannelKey),
-    /// Stored broadcasts for a private channel's replay (PROTOCOL.md §3.6).
-    Replay {
-        /// The channel.
-        key: ChannelKey,
-        /// Sub-topic.
-        topic: String,
-        /// Unix ms.
-        since_ms: i64,
-        /// 1..=25.
-        limit: i64,
-    },
-    /// A private-channel policy check.
-    Authorize {
-        /// What to check.
-        request: crate::policy::AuthzRequest,
-        /// Where the answer goes.
-        reply: AuthzReply,
-    },
-}
-
-/// From the core to a shard.
-#[derive(Debug, Clone)]
-pub enum PgOut {
-    /// A `system` push for one channel.
-    System {
-        /// Connection.
-        conn: ConnId,
-        /// Join.
-        channel: ChannelSerial,
-        /// `ok` or `error`.
-        status: &'static str,
-        /// Message.
-        message: String,
-    },
-    /// A change for several channels (same payload).
-    Change(Arc<ChangeDelivery>),
-    /// The answer to a channel's policy check.
-    Authorized {
-        /// Connection.
-        conn: ConnId,
-        /// Join.
-        channel: ChannelSerial,
-        /// Read or write.
-        kind: crate::policy::CheckKind,
-        /// The answer.
-        result: crate::policy::AuthzResult,
-    },
-    /// The stored messages a channel asked to replay, oldest first, or why they could not be read.
-    Replayed {
-        /// Connection.
-        conn: ConnId,
-        /// Join.
-        channel: ChannelSerial,
-        /// The messages.
-        result: Result<Vec<ReplayedMessage>, String>,
-    },
-    /// A broadcast from the database (`realtime.send`, PROTOCOL.md §3.4), sent to the shard
-    /// that owns its topic, which fans it out like any broadcast.
-    Publish {
-        /// Topic.
-        topic: engine::TopicKey,
-        /// The message (a user broadcast with metadata `{"id": …}`).
-        message: Arc<engine::Broadcast>,
-    },
-}
-
-/// A stored broadcast for replay.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplayedMessage {
-    /// Row id.
-    pub id: String,
-    /// Event.
-    pub event: String,
-    /// JSON payload text, or
-    pub payload: Option<String>,
-    /// the binary payload.
-    pub binary: Option<Vec<u8>>,
-}
-
-/// One payload and the channels that get it.
-#[derive(Debug)]
-pub struct ChangeDelivery {
-    /// `{"ids":[…],"data":{…}}` for V1 sockets (with `eventType`/`new`/`old`, PROTOCOL.md §0.4).
-    pub payload_v1: Bytes,
-    /// `{"ids":[…],"data":{…}}` for V2 sockets.
-    pub payload_v2: Bytes,
-    /// Channels on this shard.
-    pub targets: Vec<(ConnId, ChannelSerial)>,
-}
-
-/// Status message of a working subscription.
-pub const SUBSCRIBED: &str = "Subscribed to PostgreSQL";
+pub use engine::changes::{AuthzReply, CallerReply, ChangeDelivery, ChannelKey, Command, PgOut, ReplayedMessage, Subscription, COMMANDS_MAX, SHARD_INBOX_MAX};
 
 /// Counters.
 #[derive(Debug, Default)]
@@ -194,59 +76,8 @@ pub struct CoreStats {
     pub channels: std::sync::atomic::AtomicU64,
     /// Round trips of the RLS check queries.
     pub rls_latency: engine::histogram::Histogram,
-    /// Messages for a shard dropped because its inbox was full.
+    /// Messages for a shard dropped because its inbox and overflow were full.
     pub inbox_dropped: std::sync::atomic::AtomicU64,
-}
-
-type TableKey = (Arc<str>, Arc<str>);
-
-/// A binding with its table-specific compiled parts.
-#[derive(Debug)]
-struct Bound {
-    binding: Binding,
-    /// Per matched table: filters compiled against its columns, and visible columns.
-    tables: AHashMap<TableKey, Compiled>,
-}
-
-#[derive(Debug, Clone)]
-struct Compiled {
-    filters: Vec<(String, Filter)>,
-    /// Columns delivered (privileges ∩ select + primary key), by `attnum` order.
-    visible: Arc<Vec<bool>>,
-    /// The role can read every primary-key column.
-    key_visible: bool,
-}
-
-#[derive(Debug)]
-struct ChannelState {
-    generation: u64,
-    role: Arc<str>,
-    claims: Arc<str>,
-    bypasses_rls: bool,
-    active: Vec<Bound>,
-    /// Bindings waiting for their table to be published.
-    waiting: Vec<Binding>,
-    /// "Subscribed" not sent yet because the stream was down.
-    ack_pending: bool,
-}
-
-struct RelInfo {
-    schema: Arc<str>,
-    table: Arc<str>,
-    relation: Relation,
-    index: AHashMap<String, usize>,
-}
-
-struct Core {
-    shards: Vec<flume::Sender<PgOut>>,
-    stream_up: bool,
-    relations: AHashMap<u32, RelInfo>,
-    tables: AHashMap<TableKey, Arc<TableInfo>>,
-    channels: AHashMap<ChannelKey, ChannelState>,
-    by_table: AHashMap<TableKey, AHashSet<(ChannelKey, usize)>>,
-    wildcards: AHashSet<(ChannelKey, usize)>,
-    next_generation: u64,
-    stats: Arc<CoreStats>,
 }
 
 /// Handles to a running core.
@@ -261,7 +92,7 @@ pub struct CoreHandle {
 
 /// Starts the core thread: `url` for SQL, `events` from the reader; `health` is kept true
 /// while its database connections are up.
-pub fn spawn(url: String, shards: usize, events: flume::Receiver<WalEvent>, health: Arc<std::sync::atomic::AtomicBool>, control: Arc<crate::reader::ReaderControl>) -> CoreHandle {
+pub fn spawn(url: String, shards: usize, payload_bytes_max: usize, events: flume::Receiver<WalEvent>, health: Arc<std::sync::atomic::AtomicBool>, control: Arc<crate::reader::ReaderControl>) -> CoreHandle {
     let (commands, command_rx) = flume::bounded(COMMANDS_MAX);
     let (senders, inboxes): (Vec<_>, Vec<_>) = (0..shards).map(|_| flume::bounded(SHARD_INBOX_MAX)).unzip();
     let stats = Arc::new(CoreStats::default());
@@ -271,47 +102,71 @@ pub fn spawn(url: String, shards: usize, events: flume::Receiver<WalEvent>, heal
         .spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
             let local = tokio::task::LocalSet::new();
-            local.block_on(&runtime, run(url, senders, command_rx, events, thread_stats, health, control));
+            local.block_on(&runtime, run(url, senders, payload_bytes_max, command_rx, events, thread_stats, health, control));
         })
         .expect("spawn the changes thread");
     CoreHandle { commands, shard_inboxes: inboxes, stats }
 }
 
 /// A database connection that reconnects (with backoff) when the server restarts or the
-/// connection drops; `health` tells `/healthz` whether it is up.
+/// connection drops; `health` tells `/healthz` whether it is up. A definite connection error
+/// (wrong password, missing database: [`ReplicationError`]) is not retried: it is logged once,
+/// kept, and returned to every later caller.
 pub(crate) struct Db {
     url: String,
     client: RefCell<Option<Rc<Client>>>,
+    failed: RefCell<Option<ReplicationError>>,
     health: Arc<std::sync::atomic::AtomicBool>,
+    /// The reader's state: health is not reported good while the reader has stopped.
+    control: Arc<crate::reader::ReaderControl>,
 }
 
 impl Db {
-    fn new(url: &str, health: Arc<std::sync::atomic::AtomicBool>) -> Db {
-        Db { url: url.to_string(), client: RefCell::new(None), health }
+    fn new(url: &str, health: Arc<std::sync::atomic::AtomicBool>, control: Arc<crate::reader::ReaderControl>) -> Db {
+        Db { url: url.to_string(), client: RefCell::new(None), failed: RefCell::new(None), health, control }
     }
 
-    /// A live client, reconnecting first when needed.
-    async fn get(&self) -> Rc<Client> {
+    /// A live client, reconnecting first when needed; the definite error that stopped it.
+    async fn get(&self) -> Result<Rc<Client>, ReplicationError> {
         if let Some(client) = self.client.borrow().as_ref() {
             if !client.is_closed() {
-                return Rc::clone(client);
+                return Ok(Rc::clone(client));
             }
         }
+        if let Some(error) = self.failed.borrow().as_ref() {
+            return Err(error.clone());
+        }
         self.health.store(false, std::sync::atomic::Ordering::Relaxed);
-        let client = Rc::new(connect_retrying(&self.url).await);
-        self.health.store(true, std::sync::atomic::Ordering::Relaxed);
-        *self.client.borrow_mut() = Some(Rc::clone(&client));
-        client
+        match connect_retrying(&self.url).await {
+            Ok(client) => {
+                let client = Rc::new(client);
+                let reader_ok = !self.control.failed.load(std::sync::atomic::Ordering::Relaxed);
+                self.health.store(reader_ok, std::sync::atomic::Ordering::Relaxed);
+                *self.client.borrow_mut() = Some(Rc::clone(&client));
+                Ok(client)
+            }
+            Err(error) => {
+                *self.failed.borrow_mut() = Some(error.clone());
+                Err(error)
+            }
+        }
     }
 }
 
-async fn connect_retrying(url: &str) -> Client {
+/// Connects, retrying transient errors with backoff (0.5 s doubling to 10 s); returns a
+/// definite error at once.
+async fn connect_retrying(url: &str) -> Result<Client, ReplicationError> {
     let mut delay = Duration::from_millis(500);
     loop {
         match sql::connect(url).await {
-            Ok(client) => return client,
+            Ok(client) => return Ok(client),
             Err(error) => {
-                tracing::warn!(error = %sql::error_text(&error), "database connection failed; retrying");
+                let error = ReplicationError::from_sql(&error);
+                if error.is_definite() {
+                    tracing::error!(%error, "database connection failed for good (not retrying)");
+                    return Err(error);
+                }
+                tracing::warn!(%error, "database connection failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
@@ -319,54 +174,100 @@ async fn connect_retrying(url: &str) -> Client {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
+/// The driver's handle on the core: every call drains what the core queued — messages for the
+/// shards, answers for REST callers, and queries, each run in its own task.
+struct Driver {
+    core: RefCell<ChangesCore>,
+    outbound: Rc<Outbound>,
+    stats: Arc<CoreStats>,
+    /// Metadata and replay queries.
+    meta: Rc<Db>,
+    /// Policy checks (their own connection).
+    authz: Rc<Db>,
+}
+
+impl Driver {
+    fn with<R>(self: &Rc<Self>, f: impl FnOnce(&mut ChangesCore) -> R) -> R {
+        let mut core = self.core.borrow_mut();
+        let result = f(&mut core);
+        while let Some((shard, out)) = core.poll_out() {
+            self.outbound.send(shard, out);
+        }
+        while let Some((reply, answer)) = core.poll_caller() {
+            reply.send(answer);
+        }
+        while let Some(query) = core.poll_query() {
+            tokio::task::spawn_local(Rc::clone(self).run_query(query));
+        }
+        let counts = core.counts();
+        self.stats.deliveries.store(counts.deliveries, std::sync::atomic::Ordering::Relaxed);
+        self.stats.rls_queries.store(counts.rls_queries, std::sync::atomic::Ordering::Relaxed);
+        self.stats.channels.store(core.channel_count() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.stats.inbox_dropped.store(self.outbound.dropped(), std::sync::atomic::Ordering::Relaxed);
+        result
+    }
+
+    /// Runs one query of the core and hands the result back.
+    async fn run_query(self: Rc<Self>, query: Query) {
+        match query {
+            Query::Metadata { subscription, generation } => {
+                let outcome = match self.meta.get().await {
+                    Ok(client) => validate(&client, &subscription).await,
+                    Err(_) => Err(SystemMessage::DatabaseUnreachable.text().into_owned()),
+                };
+                self.with(|core| core.finish_subscribe(subscription.key, generation, &subscription.role, &subscription.claims_json, outcome));
+            }
+            Query::Policy(request) => {
+                let result = match self.authz.get().await {
+                    Ok(client) => crate::policy::check(&client, &request).await,
+                    Err(error) => crate::policy::AuthzResult::failed(error.to_string()),
+                };
+                if let Some(error) = &result.error {
+                    tracing::warn!(role = %request.role, topic = %request.topic, %error, "policy check failed (counts as a denial)");
+                }
+                self.with(|core| core.policy_done(&request, result, std::time::Instant::now()));
+            }
+            Query::Replay { key, topic, since_ms, limit } => {
+                let result = match self.meta.get().await {
+                    Ok(client) => replay(&client, &topic, since_ms, limit).await.map_err(|e| sql::error_text(&e)),
+                    Err(error) => Err(error.to_string()),
+                };
+                self.with(|core| core.replay_done(key, result));
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run(
     url: String,
     shards: Vec<flume::Sender<PgOut>>,
+    payload_bytes_max: usize,
     commands: flume::Receiver<Command>,
     events: flume::Receiver<WalEvent>,
     stats: Arc<CoreStats>,
     health: Arc<std::sync::atomic::AtomicBool>,
     control: Arc<crate::reader::ReaderControl>,
 ) {
-    let meta = Rc::new(Db::new(&url, Arc::clone(&health)));
-    let rls = Db::new(&url, health);
-    meta.get().await;
-    let core = Rc::new(RefCell::new(Core {
-        shards,
-        stream_up: false,
-        relations: AHashMap::new(),
-        tables: AHashMap::new(),
-        channels: AHashMap::new(),
-        by_table: AHashMap::new(),
-        wildcards: AHashSet::new(),
-        next_generation: 1,
+    let meta = Rc::new(Db::new(&url, Arc::clone(&health), Arc::clone(&control)));
+    let rls = Db::new(&url, health, Arc::clone(&control));
+    let _ = meta.get().await;
+    let authz = Rc::new(Db::new(&url, Arc::new(std::sync::atomic::AtomicBool::new(true)), Arc::clone(&control)));
+    let driver = Rc::new(Driver {
+        core: RefCell::new(ChangesCore::new(shards.len(), payload_bytes_max)),
+        outbound: Outbound::new(shards),
         stats,
-    }));
-    // Commands: each subscription is validated in its own task (metadata queries), so a join
-    // storm never stalls change delivery. Policy checks run on their own connection, cached and
-    // single-flight.
+        meta: Rc::clone(&meta),
+        authz,
+    });
+    // Commands: the core answers what it can at once and asks for the queries it needs (each
+    // runs in its own task, so a join storm never stalls change delivery).
     {
-        let core = Rc::clone(&core);
-        let meta = Rc::clone(&meta);
-        let authz = Rc::new(Authz { db: Db::new(&url, Arc::new(std::sync::atomic::AtomicBool::new(true))), cache: RefCell::new(AHashMap::new()), inflight: RefCell::new(AHashMap::new()) });
+        let driver = Rc::clone(&driver);
         tokio::task::spawn_local(async move {
             while let Ok(command) = commands.recv_async().await {
-                match command {
-                    Command::Subscribe(subscription) => {
-                        let generation = core.borrow_mut().begin(subscription.key);
-                        tokio::task::spawn_local(subscribe(Rc::clone(&core), Rc::clone(&meta), subscription, generation));
-                    }
-                    Command::Unsubscribe(key) => core.borrow_mut().remove(key),
-                    Command::Authorize { request, reply } => authorize(&core, &authz, request, reply),
-                    Command::Replay { key, topic, since_ms, limit } => {
-                        let (core, meta) = (Rc::clone(&core), Rc::clone(&meta));
-                        tokio::task::spawn_local(async move {
-                            let client = meta.get().await;
-                            let result = replay(&client, &topic, since_ms, limit).await.map_err(|e| sql::error_text(&e));
-                            core.borrow().send(key.shard, PgOut::Replayed { conn: key.conn, channel: key.channel, result });
-                        });
-                    }
-                }
+                driver.with(|core| core.handle_command(command, std::time::Instant::now()));
             }
         });
     }
@@ -376,7 +277,8 @@ async fn run(
         tokio::task::spawn_local(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
-                if let Err(error) = meta.get().await.simple_query(crate::install::MAINTAIN_SQL).await {
+                let Ok(client) = meta.get().await else { return };
+                if let Err(error) = client.simple_query(crate::install::MAINTAIN_SQL).await {
                     tracing::warn!(error = %sql::error_text(&error), "realtime.messages partition maintenance failed");
                 }
             }
@@ -384,27 +286,24 @@ async fn run(
     }
     // Publication polling for waiting bindings and wildcards.
     {
-        let core = Rc::clone(&core);
+        let driver = Rc::clone(&driver);
         let meta = Rc::clone(&meta);
         let control = Arc::clone(&control);
         tokio::task::spawn_local(async move {
             loop {
                 tokio::time::sleep(PUBLICATION_POLL).await;
                 let reads_publication = control.reads_publication.load(std::sync::atomic::Ordering::Relaxed);
+                let Ok(client) = meta.get().await else { return };
                 if !reads_publication {
-                    if let Ok((true, _)) = sql::published_tables(&*meta.get().await).await {
+                    if let Ok((true, _)) = sql::published_tables(&client).await {
                         // Until the restarted stream reads the publication, no subscription may
                         // be acknowledged: its "Subscribed" waits for the next StreamUp.
-                        core.borrow_mut().stream_up = false;
+                        driver.with(ChangesCore::stream_restarting);
                         control.restart.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
-                let wanted = {
-                    let core = core.borrow();
-                    core.channels.values().any(|c| !c.waiting.is_empty()) || !core.wildcards.is_empty()
-                };
-                if wanted {
-                    if let Err(error) = poll_publication(&core, &*meta.get().await).await {
+                if driver.with(|core| core.wants_publication_poll()) {
+                    if let Err(error) = poll_publication(&driver, &client).await {
                         tracing::warn!(error = %sql::error_text(&error), "publication poll failed");
                     }
                 }
@@ -425,17 +324,20 @@ async fn run(
                 }
                 other => {
                     if !batch.is_empty() {
-                        process(&core, &rls, std::mem::take(&mut batch)).await;
+                        process(&driver, &rls, std::mem::take(&mut batch)).await;
                     }
-                    handle_event(&core, &meta, &control, other).await;
+                    handle_event(&driver, &meta, &control, other).await;
                     next = events.try_recv().ok();
                 }
             }
         }
         if !batch.is_empty() {
-            process(&core, &rls, batch).await;
+            process(&driver, &rls, batch).await;
         }
     }
+    // The reader stopped (a definite error): commands, policy checks and replays are still
+    // answered.
+    std::future::pending::<()>().await;
 }
 
 /// The newest `limit` private broadcasts of `topic` since `since_ms`, oldest first (§3.6).
@@ -462,95 +364,24 @@ async fn replay(client: &Client, topic: &str, since_ms: i64, limit: i64) -> Resu
         .collect())
 }
 
-/// Policy checks: cache (bounded, TTL) and in-flight requests.
-struct Authz {
-    db: Db,
-    cache: RefCell<AHashMap<crate::policy::AuthzRequest, (std::time::Instant, crate::policy::AuthzResult)>>,
-    inflight: RefCell<AHashMap<crate::policy::AuthzRequest, Vec<AuthzReply>>>,
-}
-
-fn send_authz(core: &Core, request: &crate::policy::AuthzRequest, reply: AuthzReply, result: crate::policy::AuthzResult) {
-    match reply {
-        AuthzReply::Channel(key) => core.send(key.shard, PgOut::Authorized { conn: key.conn, channel: key.channel, kind: request.kind, result }),
-        AuthzReply::Caller(sender) => {
-            let _ = sender.try_send(result);
-        }
-    }
-}
-
-fn authorize(core: &Rc<RefCell<Core>>, authz: &Rc<Authz>, request: crate::policy::AuthzRequest, reply: AuthzReply) {
-    let cached = authz.cache.borrow().get(&request).filter(|(at, r)| at.elapsed() < crate::policy::CACHE_TTL && r.error.is_none()).map(|(_, r)| r.clone());
-    if let Some(result) = cached {
-        send_authz(&core.borrow(), &request, reply, result);
-        return;
-    }
-    let mut inflight = authz.inflight.borrow_mut();
-    if let Some(waiters) = inflight.get_mut(&request) {
-        waiters.push(reply);
-        return;
-    }
-    inflight.insert(request.clone(), vec![reply]);
-    drop(inflight);
-    let (core, authz) = (Rc::clone(core), Rc::clone(authz));
-    tokio::task::spawn_local(async move {
-        let client = authz.db.get().await;
-        let result = crate::policy::check(&client, &request).await;
-        if let Some(error) = &result.error {
-            tracing::warn!(role = %request.role, topic = %request.topic, %error, "policy check failed (counts as a denial)");
-        }
-        {
-            let mut cache = authz.cache.borrow_mut();
-            if cache.len() >= crate::policy::CACHE_ENTRIES_MAX {
-                cache.clear();
-            }
-            cache.insert(request.clone(), (std::time::Instant::now(), result.clone()));
-        }
-        let waiters = authz.inflight.borrow_mut().remove(&request).unwrap_or_default();
-        let core = core.borrow();
-        for reply in waiters {
-            send_authz(&core, &request, reply, result.clone());
-        }
-    });
-}
-
-async fn handle_event(core: &Rc<RefCell<Core>>, meta: &Db, control: &crate::reader::ReaderControl, event: WalEvent) {
+async fn handle_event(driver: &Rc<Driver>, meta: &Db, control: &crate::reader::ReaderControl, event: WalEvent) {
     match event {
-        WalEvent::StreamUp => {
-            // A stream without supabase_realtime (dropped, not yet recreated) carries database
-            // broadcasts only: Postgres Changes are not live, so nothing is acknowledged until the
-            // stream restarts with it.
-            if !control.reads_publication.load(std::sync::atomic::Ordering::Relaxed) {
-                core.borrow_mut().stream_up = false;
-                return;
-            }
-            let mut core = core.borrow_mut();
-            core.stream_up = true;
-            let keys: Vec<ChannelKey> = core.channels.iter().filter(|(_, c)| !c.active.is_empty()).map(|(k, _)| *k).collect();
-            for key in keys {
-                core.channels.get_mut(&key).expect("listed").ack_pending = false;
-                core.system(key, "ok", SUBSCRIBED.into());
-            }
-        }
-        WalEvent::StreamDown(reason) => {
-            let mut core = core.borrow_mut();
-            core.stream_up = false;
-            let keys: Vec<ChannelKey> = core.channels.iter().filter(|(_, c)| !c.active.is_empty()).map(|(k, _)| *k).collect();
-            let message = format!("The replication connection to the database was lost ({reason}); changes are not delivered until it is back, when a new \"{SUBSCRIBED}\" follows");
-            for key in keys {
-                core.system(key, "error", message.clone());
-            }
+        // A stream without supabase_realtime (dropped, not yet recreated) carries database
+        // broadcasts only: Postgres Changes are not live, so nothing is acknowledged until the
+        // stream restarts with it.
+        WalEvent::StreamUp => driver.with(|core| core.stream_up(control.reads_publication.load(std::sync::atomic::Ordering::Relaxed))),
+        WalEvent::StreamDown(reason) => driver.with(|core| core.stream_down(reason)),
+        WalEvent::StreamFailed(_) => {
+            // The reader logged the error with what to fix.
+            meta.health.store(false, std::sync::atomic::Ordering::Relaxed);
+            driver.with(ChangesCore::stream_failed);
         }
         WalEvent::Relation(relation) => {
-            let schema: Arc<str> = Arc::from(relation.namespace.as_str());
-            let table: Arc<str> = Arc::from(relation.name.as_str());
-            let index = relation.columns.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
-            let key: TableKey = (Arc::clone(&schema), Arc::clone(&table));
-            let known = core.borrow().tables.contains_key(&key);
-            core.borrow_mut().relations.insert(relation.oid, RelInfo { schema, table, relation, index });
-            if known {
+            if let Some(key) = driver.with(|core| core.relation(relation)) {
                 // The table may have changed (ALTER TABLE): refresh what we know about it.
-                if let Ok(Some(info)) = sql::table_info(&*meta.get().await, &key.0, &key.1).await {
-                    core.borrow_mut().tables.insert(key, info);
+                let Ok(client) = meta.get().await else { return };
+                if let Ok(Some(info)) = sql::table_info(&client, &key.0, &key.1).await {
+                    driver.with(|core| core.table_refreshed(info));
                 }
             }
         }
@@ -558,192 +389,31 @@ async fn handle_event(core: &Rc<RefCell<Core>>, meta: &Db, control: &crate::read
     }
 }
 
-impl Core {
-    fn send(&self, shard: ShardId, out: PgOut) {
-        if let Some(sender) = self.shards.get(shard.index()) {
-            if sender.try_send(out).is_err() {
-                self.stats.inbox_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(shard = shard.0, "shard inbox full: a Postgres Changes message was dropped");
-            }
-        }
-    }
-
-    fn system(&self, key: ChannelKey, status: &'static str, message: String) {
-        self.send(key.shard, PgOut::System { conn: key.conn, channel: key.channel, status, message });
-    }
-
-    /// Registers an incoming subscription (replacing an older one of the same channel).
-    fn begin(&mut self, key: ChannelKey) -> u64 {
-        self.remove(key);
-        let generation = self.next_generation;
-        self.next_generation += 1;
-        self.channels.insert(
-            key,
-            ChannelState {
-                generation,
-                role: Arc::from(""),
-                claims: Arc::from(""),
-                bypasses_rls: false,
-                active: Vec::new(),
-                waiting: Vec::new(),
-                ack_pending: false,
-            },
-        );
-        generation
-    }
-
-    fn remove(&mut self, key: ChannelKey) {
-        if let Some(state) = self.channels.remove(&key) {
-            for (index, bound) in state.active.iter().enumerate() {
-                if bound.binding.is_wildcard() {
-                    self.wildcards.remove(&(key, index));
-                } else {
-                    let table: TableKey = (Arc::from(bound.binding.schema.as_str()), Arc::from(bound.binding.table.as_str()));
-                    if let Some(set) = self.by_table.get_mut(&table) {
-                        set.remove(&(key, index));
-                        if set.is_empty() {
-                            self.by_table.remove(&table);
-                        }
-                    }
-                }
-            }
-            self.stats.channels.store(self.channels.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    fn activate(&mut self, key: ChannelKey, bound: Bound) {
-        let state = self.channels.get_mut(&key).expect("caller checked");
-        let index = state.active.len();
-        if bound.binding.is_wildcard() {
-            self.wildcards.insert((key, index));
-        } else {
-            let table: TableKey = (Arc::from(bound.binding.schema.as_str()), Arc::from(bound.binding.table.as_str()));
-            self.by_table.entry(table).or_default().insert((key, index));
-        }
-        state.active.push(bound);
-        self.stats.channels.store(self.channels.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// Compiles a binding for one table: filters against its columns, visible columns for the role.
-async fn compile_for_table(meta: &Client, role: &str, binding: &Binding, table: &TableInfo) -> Result<Compiled, String> {
-    let privileges = sql::selectable_columns(meta, role, table.oid).await.map_err(|e| sql::error_text(&e))?;
-    let mut filters = Vec::with_capacity(binding.filters.len());
-    for raw in &binding.filters {
-        let position = table.columns.iter().position(|c| c.name == raw.column);
-        let Some(index) = position.filter(|i| privileges.get(*i).copied().unwrap_or(false)) else {
-            return Err(format!("invalid column for filter {}", raw.column));
-        };
-        let compiled = filter::compile(raw, index, &table.columns[index].type_name).map_err(|e| e.0)?;
-        filters.push((raw.column.clone(), compiled));
-    }
-    let mut visible: Vec<bool> = privileges.clone();
-    if let Some(select) = &binding.select {
-        for column in select {
-            let known = table.columns.iter().position(|c| &c.name == column);
-            if !known.is_some_and(|i| privileges[i]) {
-                return Err(format!("invalid column for select {column}"));
-            }
-        }
-        for (i, column) in table.columns.iter().enumerate() {
-            visible[i] = privileges[i] && (select.contains(&column.name) || table.primary_key.contains(&column.name));
-        }
-    }
-    let key_visible = table
-        .primary_key
-        .iter()
-        .all(|k| table.columns.iter().position(|c| &c.name == k).is_some_and(|i| privileges[i]));
-    Ok(Compiled { filters, visible: Arc::new(visible), key_visible })
-}
-
-/// Validates a subscription and activates what can be (PROTOCOL.md §5.1–5.4).
-async fn subscribe(core: Rc<RefCell<Core>>, meta: Rc<Db>, subscription: Subscription, generation: u64) {
-    let key = subscription.key;
-    let role = subscription.role.clone();
-    let client = meta.get().await;
-    let outcome = validate(&client, &subscription).await;
-    let mut core = core.borrow_mut();
-    let Some(state) = core.channels.get_mut(&key) else { return };
-    if state.generation != generation {
-        return; // replaced or left meanwhile
-    }
-    let (bypasses_rls, results) = match outcome {
-        Ok(outcome) => outcome,
-        Err(message) => {
-            core.system(key, "error", message);
-            return;
-        }
-    };
-    // All or nothing (PROTOCOL.md §5.1): a binding that fails for any reason other than an
-    // unpublished table fails the whole channel, with exactly that one message (§5.4).
-    if let Some(BindingResult::Failed(message)) = results.iter().find(|r| matches!(r, BindingResult::Failed(_))) {
-        let message = message.clone();
-        core.system(key, "error", message);
-        return;
-    }
-    state.role = Arc::from(role.as_str());
-    state.claims = Arc::from(subscription.claims_json.as_str());
-    state.bypasses_rls = bypasses_rls;
-    let mut any_active = false;
-    for result in results {
-        match result {
-            BindingResult::Active(bound, infos) => {
-                for info in infos {
-                    core.tables.insert((Arc::from(info.schema.as_str()), Arc::from(info.table.as_str())), info);
-                }
-                core.activate(key, bound);
-                any_active = true;
-            }
-            BindingResult::Waiting(binding, message) => {
-                core.system(key, "error", message);
-                core.channels.get_mut(&key).expect("present").waiting.push(binding);
-            }
-            BindingResult::Failed(message) => core.system(key, "error", message),
-        }
-    }
-    if any_active {
-        if core.stream_up {
-            core.system(key, "ok", SUBSCRIBED.into());
-        } else {
-            core.channels.get_mut(&key).expect("present").ack_pending = true;
-        }
-    }
-}
-
-enum BindingResult {
-    Active(Bound, Vec<Arc<TableInfo>>),
-    Waiting(Binding, String),
-    Failed(String),
-}
-
 async fn validate(meta: &Client, subscription: &Subscription) -> Result<(bool, Vec<BindingResult>), String> {
     let role_info = sql::role_info(meta, &subscription.role).await.map_err(|e| sql::error_text(&e))?;
     let (publication_exists, published) = sql::published_tables(meta).await.map_err(|e| sql::error_text(&e))?;
     let mut results = Vec::with_capacity(subscription.bindings.len());
     for raw in &subscription.bindings {
-        let binding = match binding::parse_binding(raw) {
+        let binding = match binding::parse_binding_text(raw) {
             Ok(binding) => binding,
             Err(message) => {
                 results.push(BindingResult::Failed(message));
                 continue;
             }
         };
-        let Some(role) = role_info else {
-            let message = binding::exception_message(&binding, &format!("role \"{}\" does not exist", subscription.role));
+        if role_info.is_none() {
+            let message = binding::exception_message(&binding, &BindingException::RoleMissing { role: subscription.role.clone() }.text());
             results.push(BindingResult::Failed(message));
             continue;
-        };
-        let _ = role;
+        }
         results.push(bind(meta, &subscription.role, binding, publication_exists, &published).await);
     }
     Ok((role_info.is_some_and(|r| r.bypasses_rls), results))
 }
 
+/// Fetches the metadata of the published tables a binding covers and compiles it for each.
 async fn bind(meta: &Client, role: &str, binding: Binding, publication_exists: bool, published: &[(String, String)]) -> BindingResult {
-    let tables: Vec<&(String, String)> = published
-        .iter()
-        .filter(|(s, t)| (binding.schema == "*" || &binding.schema == s) && (binding.table == "*" || &binding.table == t))
-        .collect();
+    let tables = self::core::tables_of(&binding, published);
     if tables.is_empty() {
         let message = binding::not_published_message(&binding, publication_exists);
         return BindingResult::Waiting(binding, message);
@@ -756,7 +426,11 @@ async fn bind(meta: &Client, role: &str, binding: Binding, publication_exists: b
             Ok(None) => continue,
             Err(error) => return BindingResult::Failed(binding::exception_message(&binding, &sql::error_text(&error))),
         };
-        match compile_for_table(meta, role, &binding, &info).await {
+        let privileges = match sql::selectable_columns(meta, role, info.oid).await {
+            Ok(privileges) => privileges,
+            Err(error) => return BindingResult::Failed(binding::exception_message(&binding, &sql::error_text(&error))),
+        };
+        match self::core::compile(&binding, &info, &privileges) {
             Ok(c) => {
                 compiled.insert((Arc::from(schema.as_str()), Arc::from(table.as_str())), c);
                 infos.push(info);
@@ -765,572 +439,59 @@ async fn bind(meta: &Client, role: &str, binding: Binding, publication_exists: b
             Err(_) => {} // a wildcard skips tables its filters do not fit
         }
     }
-    BindingResult::Active(Bound { binding, tables: compiled }, infos)
+    BindingResult::Active(self::core::Bound { binding, tables: compiled }, infos)
 }
 
 /// Activates waiting bindings whose table got published, and extends wildcards.
-async fn poll_publication(core: &Rc<RefCell<Core>>, meta: &Client) -> Result<(), sql::SqlError> {
+async fn poll_publication(driver: &Rc<Driver>, meta: &Client) -> Result<(), sql::SqlError> {
     let (exists, published) = sql::published_tables(meta).await?;
-    let waiting: Vec<(ChannelKey, u64, Arc<str>, Binding)> = core
-        .borrow()
-        .channels
-        .iter()
-        .flat_map(|(key, c)| c.waiting.iter().map(move |b| (*key, c.generation, Arc::clone(&c.role), b.clone())))
-        .collect();
-    for (key, generation, role, binding) in waiting {
+    for (key, generation, role, binding) in driver.with(|core| core.waiting_bindings()) {
         let result = bind(meta, &role, binding.clone(), exists, &published).await;
-        if let BindingResult::Waiting(..) = result {
-            continue;
-        }
-        let mut core = core.borrow_mut();
-        let Some(state) = core.channels.get_mut(&key) else { continue };
-        if state.generation != generation {
-            continue;
-        }
-        state.waiting.retain(|b| b != &binding);
-        match result {
-            BindingResult::Active(bound, infos) => {
-                for info in infos {
-                    core.tables.insert((Arc::from(info.schema.as_str()), Arc::from(info.table.as_str())), info);
-                }
-                core.activate(key, bound);
-                if core.stream_up {
-                    core.system(key, "ok", SUBSCRIBED.into());
-                } else {
-                    core.channels.get_mut(&key).expect("present").ack_pending = true;
-                }
-            }
-            BindingResult::Failed(message) => core.system(key, "error", message),
-            BindingResult::Waiting(..) => unreachable!("skipped above"),
-        }
+        driver.with(|core| core.waiting_resolved(key, generation, &binding, result));
     }
-    // Wildcards: compile for newly published tables.
-    let wildcards: Vec<(ChannelKey, usize)> = core.borrow().wildcards.iter().copied().collect();
-    for (key, index) in wildcards {
-        let (role, binding, known) = {
-            let core = core.borrow();
-            let Some(state) = core.channels.get(&key) else { continue };
-            let bound = &state.active[index];
-            (Arc::clone(&state.role), bound.binding.clone(), bound.tables.keys().cloned().collect::<AHashSet<_>>())
-        };
-        for (schema, table) in &published {
-            let table_key: TableKey = (Arc::from(schema.as_str()), Arc::from(table.as_str()));
-            let matches = (binding.schema == "*" || &binding.schema == schema) && (binding.table == "*" || &binding.table == table);
-            if !matches || known.contains(&table_key) {
+    for (key, index, role, binding, known) in driver.with(|core| core.wildcard_bindings()) {
+        for (schema, table) in self::core::tables_of(&binding, &published) {
+            let table_key = (Arc::from(schema.as_str()), Arc::from(table.as_str()));
+            if known.contains(&table_key) {
                 continue;
             }
             let Some(info) = sql::table_info(meta, schema, table).await? else { continue };
-            if let Ok(compiled) = compile_for_table(meta, &role, &binding, &info).await {
-                let mut core = core.borrow_mut();
-                core.tables.insert(table_key.clone(), info);
-                if let Some(state) = core.channels.get_mut(&key) {
-                    if let Some(bound) = state.active.get_mut(index) {
-                        bound.tables.insert(table_key, compiled);
-                    }
-                }
+            let Ok(privileges) = sql::selectable_columns(meta, &role, info.oid).await else { continue };
+            if let Ok(compiled) = self::core::compile(&binding, &info, &privileges) {
+                driver.with(|core| core.wildcard_extended(key, index, info, compiled));
             }
         }
     }
     Ok(())
 }
 
-/// The kind of a row change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Insert,
-    Update,
-    Delete,
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Insert => "INSERT",
-            Kind::Update => "UPDATE",
-            Kind::Delete => "DELETE",
-        }
-    }
-
-    fn wanted_by(self, event: EventFilter) -> bool {
-        matches!(
-            (event, self),
-            (EventFilter::All, _) | (EventFilter::Insert, Kind::Insert) | (EventFilter::Update, Kind::Update) | (EventFilter::Delete, Kind::Delete)
-        )
-    }
-}
-
-/// A change ready to match: its rows as cell accessors.
-struct Row<'a> {
-    kind: Kind,
-    relation: &'a RelInfo,
-    new: Option<&'a Tuple>,
-    old: Option<(OldKind, &'a Tuple)>,
-}
-
-impl<'a> Row<'a> {
-    fn of(change: &'a RowChange, relations: &'a AHashMap<u32, RelInfo>) -> Option<Row<'a>> {
-        Some(match change {
-            RowChange::Insert { relation, new } => Row { kind: Kind::Insert, relation: relations.get(relation)?, new: Some(new), old: None },
-            RowChange::Update { relation, old, new } => {
-                Row { kind: Kind::Update, relation: relations.get(relation)?, new: Some(new), old: old.as_ref().map(|(k, t)| (*k, t)) }
-            }
-            RowChange::Delete { relation, old } => Row { kind: Kind::Delete, relation: relations.get(relation)?, new: None, old: Some((old.0, &old.1)) },
-        })
-    }
-
-    /// A cell of the new row (INSERT/UPDATE): `None` = absent (unchanged TOAST without a full
-    /// old row), `Some(None)` = NULL.
-    fn new_cell(&self, index: usize) -> Option<Option<&'a [u8]>> {
-        let new = self.new?;
-        match new.0.get(index)? {
-            Cell::Null => Some(None),
-            Cell::Text(bytes) | Cell::Binary(bytes) => Some(Some(&bytes[..])),
-            Cell::UnchangedToast => match self.old {
-                Some((OldKind::Full, old)) => match old.0.get(index)? {
-                    Cell::Text(bytes) | Cell::Binary(bytes) => Some(Some(&bytes[..])),
-                    Cell::Null => Some(None),
-                    Cell::UnchangedToast => None,
-                },
-                _ => None,
-            },
-        }
-    }
-
-    /// A cell of the old row: only replica-identity columns for key-only images.
-    fn old_cell(&self, index: usize) -> Option<Option<&'a [u8]>> {
-        let (kind, old) = self.old?;
-        if kind == OldKind::Key && !self.relation.relation.columns.get(index)?.key {
-            return None;
-        }
-        match old.0.get(index)? {
-            Cell::Null => Some(None),
-            Cell::Text(bytes) | Cell::Binary(bytes) => Some(Some(&bytes[..])),
-            Cell::UnchangedToast => None,
-        }
-    }
-
-    /// The image filters test: the new row, or the old one for DELETE (PROTOCOL.md §5.2).
-    fn filter_cell(&self, index: usize) -> Option<Option<&'a [u8]>> {
-        match self.kind {
-            Kind::Delete => self.old_cell(index),
-            _ => self.new_cell(index),
-        }
-    }
-}
-
-/// One channel's interest in one change.
-struct Interest {
-    key: ChannelKey,
-    ids: SmallVec<[u32; 4]>,
-    visible: Arc<Vec<bool>>,
-    key_visible: bool,
-    claims_group: Option<ClaimsGroup>,
-}
-
-async fn process(core: &Rc<RefCell<Core>>, rls: &Db, batch: Vec<Arc<Txn>>) {
-    // 1. Match (no awaits: the core is borrowed).
-    let mut matched: Vec<(Arc<Txn>, usize, Vec<Interest>)> = Vec::new();
-    {
-        let core = core.borrow();
-        for txn in &batch {
-            for (index, change) in txn.changes.iter().enumerate() {
-                let Some(row) = Row::of(change, &core.relations) else { continue };
-                if row.kind == Kind::Insert && &*row.relation.schema == "realtime" && &*row.relation.table == "messages" {
-                    if let Some((topic, message)) = database_broadcast(&row) {
-                        let owner = topic.owner(core.shards.len());
-                        core.send(owner, PgOut::Publish { topic, message });
-                    }
-                }
-                let interests = match_change(&core, &row);
-                if !interests.is_empty() {
-                    matched.push((Arc::clone(txn), index, interests));
-                }
-            }
-        }
-    }
+/// One batch: match, run its RLS round trips (one per table), deliver.
+async fn process(driver: &Rc<Driver>, rls: &Db, batch: Vec<Arc<Txn>>) {
+    let matched: MatchedBatch = driver.with(|core| core.match_batch(&batch));
     tracing::debug!(txns = batch.len(), matched = matched.len(), "batch matched");
     if matched.is_empty() {
         return;
     }
-    // 2. RLS: one query per (table, role + claims) for the whole batch.
-    let mut requests: RlsRequests = AHashMap::new();
-    {
-        let core = core.borrow();
-        for (m, (txn, index, interests)) in matched.iter().enumerate() {
-            let Some(row) = Row::of(&txn.changes[*index], &core.relations) else { continue };
-            let table_key: TableKey = (Arc::clone(&row.relation.schema), Arc::clone(&row.relation.table));
-            let Some(table) = core.tables.get(&table_key) else { continue };
-            if row.kind == Kind::Delete || !table.rls_enabled || table.primary_key.is_empty() {
-                continue;
-            }
-            let Some(pk) = primary_key_values(&row, table) else { continue };
-            let mut seen = AHashSet::new();
-            for interest in interests {
-                if let Some((role, claims)) = &interest.claims_group {
-                    if seen.insert((Arc::clone(role), Arc::clone(claims))) {
-                        requests.entry((table_key.clone(), Arc::clone(role), Arc::clone(claims))).or_default().push((m, pk.clone()));
-                    }
-                }
-            }
-        }
-    }
-    // (matched index, role, claims) → visible / error. One round trip per table for all of
-    // its claims groups.
-    let mut verdicts: Verdicts = AHashMap::new();
-    let mut by_table: AHashMap<TableKey, Vec<(ClaimsGroup, KeysToCheck)>> = AHashMap::new();
-    for ((table_key, role, claims), rows) in requests {
-        by_table.entry(table_key).or_default().push(((role, claims), rows));
-    }
-    for (table_key, groups) in by_table {
-        let table = core.borrow().tables.get(&table_key).cloned();
-        let Some(table) = table else { continue };
-        let keys: Vec<Vec<Vec<String>>> = groups.iter().map(|(_, rows)| rows.iter().map(|(_, pk)| pk.clone()).collect()).collect();
-        let request: Vec<sql::RlsGroup<'_>> = groups
+    let queries = driver.with(|core| core.plan_rls(&matched));
+    let mut verdicts = Verdicts::default();
+    for query in &queries {
+        let keys: Vec<Vec<Vec<String>>> = query.groups.iter().map(|(_, rows)| rows.iter().map(|(_, pk)| pk.clone()).collect()).collect();
+        let request: Vec<sql::RlsGroup<'_>> = query
+            .groups
             .iter()
             .zip(&keys)
             .map(|(((role, claims), _), rows)| sql::RlsGroup { role, claims_json: claims, rows })
             .collect();
-        core.borrow().stats.rls_queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let client = rls.get().await;
         let started = std::time::Instant::now();
-        let results = sql::rls_visible_groups(&client, &table, &request).await;
-        core.borrow().stats.rls_latency.observe(started.elapsed().as_micros() as u64);
-        for (((role, claims), rows), result) in groups.iter().zip(results) {
-            match result {
-                Ok(visible) => {
-                    for ((m, _), ok) in rows.iter().zip(visible) {
-                        verdicts.insert((*m, Arc::clone(role), Arc::clone(claims)), Ok(ok));
-                    }
-                }
-                Err(error) => {
-                    let message: Arc<str> = Arc::from(sql::error_text(&error).as_str());
-                    tracing::warn!(role = %role, table = %table.table, error = %message, "RLS check failed for one claims group");
-                    for (m, _) in rows {
-                        verdicts.insert((*m, Arc::clone(role), Arc::clone(claims)), Err(Arc::clone(&message)));
-                    }
-                }
+        let results: Vec<Result<Vec<bool>, String>> = match rls.get().await {
+            Ok(client) => {
+                let results = sql::rls_visible_groups(&client, &query.table, &request).await;
+                driver.stats.rls_latency.observe(started.elapsed().as_micros() as u64);
+                results.into_iter().map(|r| r.map_err(|e| sql::error_text(&e))).collect()
             }
-        }
-    }
-    // 3. Payloads and delivery.
-    let core = core.borrow();
-    for (m, (txn, index, interests)) in matched.iter().enumerate() {
-        let Some(row) = Row::of(&txn.changes[*index], &core.relations) else { continue };
-        let table_key: TableKey = (Arc::clone(&row.relation.schema), Arc::clone(&row.relation.table));
-        let Some(table) = core.tables.get(&table_key) else { continue };
-        deliver_change(&core, txn, &row, table, m, interests, &verdicts);
-    }
-}
-
-/// A row inserted into `realtime.messages` as a broadcast (PROTOCOL.md §3.4): topic, event,
-/// `binary_payload` if set else `payload`, metadata `{"id": "<row id>"}`; rows missing any of
-/// them (or over the payload limit) are skipped.
-fn database_broadcast(row: &Row<'_>) -> Option<(engine::TopicKey, Arc<engine::Broadcast>)> {
-    let cell = |name: &str| -> Option<Option<&[u8]>> { row.new_cell(*row.relation.index.get(name)?) };
-    let text = |name: &str| cell(name).flatten().and_then(|b| std::str::from_utf8(b).ok());
-    let topic = text("topic")?;
-    let event = text("event")?;
-    let id = text("id")?;
-    let private = match cell("private").flatten()? {
-        b"t" => true,
-        b"f" => false,
-        _ => return None,
-    };
-    text("inserted_at")?;
-    let (encoding, payload) = match (cell("binary_payload").flatten(), cell("payload").flatten()) {
-        (Some(hex), _) => {
-            let digits = hex.strip_prefix(b"\\x").unwrap_or(hex);
-            (engine::broadcast::PayloadEncoding::Binary, Bytes::from(decode_hex(digits)?))
-        }
-        (None, Some(json)) => (engine::broadcast::PayloadEncoding::Json, Bytes::copy_from_slice(json)),
-        (None, None) => return None,
-    };
-    if payload.len() > engine::Limits::default().payload_bytes_max {
-        tracing::warn!(topic, "database broadcast over the payload limit dropped");
-        return None;
-    }
-    let mut metadata = Vec::with_capacity(id.len() + 10);
-    metadata.extend_from_slice(b"{\"id\":");
-    write_str(&mut metadata, id);
-    metadata.push(b'}');
-    let message = engine::Broadcast {
-        origin: None,
-        body: engine::BroadcastBody::User { event: Bytes::copy_from_slice(event.as_bytes()), encoding, payload, metadata: Bytes::from(metadata) },
-    };
-    Some((engine::TopicKey::new_sub(topic, private), Arc::new(message)))
-}
-
-fn decode_hex(digits: &[u8]) -> Option<Vec<u8>> {
-    if !digits.len().is_multiple_of(2) {
-        return None;
-    }
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    };
-    digits.chunks(2).map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?)).collect()
-}
-
-fn primary_key_values(row: &Row<'_>, table: &TableInfo) -> Option<Vec<String>> {
-    table
-        .primary_key
-        .iter()
-        .map(|name| {
-            let index = *row.relation.index.get(name)?;
-            row.new_cell(index)?.map(|b| String::from_utf8_lossy(b).into_owned())
-        })
-        .collect()
-}
-
-fn match_change(core: &Core, row: &Row<'_>) -> Vec<Interest> {
-    let table_key: TableKey = (Arc::clone(&row.relation.schema), Arc::clone(&row.relation.table));
-    let mut by_channel: AHashMap<ChannelKey, Interest> = AHashMap::new();
-    let exact = core.by_table.get(&table_key).into_iter().flatten();
-    for &(key, index) in exact.chain(core.wildcards.iter()) {
-        let Some(state) = core.channels.get(&key) else { continue };
-        let Some(bound) = state.active.get(index) else { continue };
-        if !row.kind.wanted_by(bound.binding.event) {
-            continue;
-        }
-        let Some(compiled) = bound.tables.get(&table_key) else { continue };
-        let passes = compiled.filters.iter().all(|(column, filter)| {
-            let Some(&position) = row.relation.index.get(column) else { return false };
-            filter.matches(|_| row.filter_cell(position))
-        });
-        if !passes {
-            continue;
-        }
-        let interest = by_channel.entry(key).or_insert_with(|| Interest {
-            key,
-            ids: SmallVec::new(),
-            visible: Arc::clone(&compiled.visible),
-            key_visible: compiled.key_visible,
-            claims_group: (!state.bypasses_rls).then(|| (Arc::clone(&state.role), Arc::clone(&state.claims))),
-        });
-        if !interest.ids.contains(&bound.binding.id) {
-            interest.ids.push(bound.binding.id);
-        }
-    }
-    by_channel.into_values().collect()
-}
-
-/// A claims group: role and claims JSON.
-type ClaimsGroup = (Arc<str>, Arc<str>);
-/// (matched change index, claims group) → visible, or the check's error.
-type Verdicts = AHashMap<(usize, Arc<str>, Arc<str>), Result<bool, Arc<str>>>;
-/// (table, claims group) → (matched change index, primary key values) to check.
-type RlsRequests = AHashMap<(TableKey, Arc<str>, Arc<str>), Vec<(usize, Vec<String>)>>;
-
-/// (matched change index, primary key values) of one claims group's checks.
-type KeysToCheck = Vec<(usize, Vec<String>)>;
-
-/// What a channel gets for a change.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Variant {
-    Row(Arc<Vec<bool>>),
-    Error(Arc<str>),
-}
-
-fn deliver_change(
-    core: &Core,
-    txn: &Txn,
-    row: &Row<'_>,
-    table: &TableInfo,
-    m: usize,
-    interests: &[Interest],
-    verdicts: &Verdicts,
-) {
-    let no_key = table.primary_key.is_empty() && row.kind != Kind::Delete;
-    let mut groups: AHashMap<(SmallVec<[u32; 4]>, Variant), Vec<ChannelKey>> = AHashMap::new();
-    for interest in interests {
-        let variant = if no_key {
-            Variant::Error(Arc::from("Error 400: Bad Request, no primary key"))
-        } else if !interest.key_visible && row.kind != Kind::Delete {
-            Variant::Error(Arc::from("Error 401: Unauthorized"))
-        } else {
-            match (&interest.claims_group, row.kind) {
-                (Some((role, claims)), Kind::Insert | Kind::Update) if table.rls_enabled => {
-                    match verdicts.get(&(m, Arc::clone(role), Arc::clone(claims))) {
-                        Some(Ok(true)) => Variant::Row(Arc::clone(&interest.visible)),
-                        Some(Ok(false)) | None => continue,
-                        Some(Err(message)) => Variant::Error(Arc::clone(message)),
-                    }
-                }
-                _ => Variant::Row(Arc::clone(&interest.visible)),
-            }
+            Err(_) => query.groups.iter().map(|_| Err(SystemMessage::DatabaseUnreachable.text().into_owned())).collect(),
         };
-        let mut ids = interest.ids.clone();
-        ids.sort_unstable();
-        groups.entry((ids, variant)).or_default().push(interest.key);
+        verdicts.record(query, results);
     }
-    let mut data_cache: AHashMap<Variant, (Bytes, Bytes)> = AHashMap::new();
-    for ((ids, variant), keys) in groups {
-        let (data_v1, data_v2) = data_cache
-            .entry(variant.clone())
-            .or_insert_with(|| build_data(txn, row, table, &variant))
-            .clone();
-        let ids_json = format!("[{}]", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
-        let wrap = |data: &Bytes| {
-            let mut out = Vec::with_capacity(data.len() + ids_json.len() + 20);
-            out.extend_from_slice(b"{\"ids\":");
-            out.extend_from_slice(ids_json.as_bytes());
-            out.extend_from_slice(b",\"data\":");
-            out.extend_from_slice(data);
-            out.push(b'}');
-            Bytes::from(out)
-        };
-        let (payload_v1, payload_v2) = (wrap(&data_v1), wrap(&data_v2));
-        let mut per_shard: AHashMap<ShardId, Vec<(ConnId, ChannelSerial)>> = AHashMap::new();
-        for key in &keys {
-            per_shard.entry(key.shard).or_default().push((key.conn, key.channel));
-        }
-        core.stats.deliveries.fetch_add(keys.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        for (shard, targets) in per_shard {
-            let delivery = ChangeDelivery { payload_v1: payload_v1.clone(), payload_v2: payload_v2.clone(), targets };
-            core.send(shard, PgOut::Change(Arc::new(delivery)));
-        }
-    }
-}
-
-fn write_str(out: &mut Vec<u8>, text: &str) {
-    serde_json::to_writer(&mut *out, text).expect("writing to a Vec cannot fail");
-}
-
-/// Writes `{"col": value, ...}` for the columns `cell` yields, visible ones only; returns
-/// whether anything was cut for size.
-fn write_record<'a>(out: &mut Vec<u8>, row: &Row<'a>, table: &TableInfo, visible: &[bool], cell: impl Fn(usize) -> Option<Option<&'a [u8]>>, only_key: bool, cut: bool) {
-    out.push(b'{');
-    let mut first = true;
-    for (i, column) in row.relation.relation.columns.iter().enumerate() {
-        let table_index = table.columns.iter().position(|c| c.name == column.name);
-        if !table_index.is_some_and(|t| visible.get(t).copied().unwrap_or(false)) {
-            continue;
-        }
-        if only_key && !table.primary_key.contains(&column.name) {
-            continue;
-        }
-        let Some(value) = cell(i) else { continue };
-        let mut rendered = Vec::new();
-        match value {
-            None => rendered.extend_from_slice(b"null"),
-            Some(text) => value::write_json_value(column.type_oid, text, &mut rendered),
-        }
-        if cut && rendered.len() > FIELD_BYTES_MAX_WHEN_CUT {
-            continue;
-        }
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        write_str(out, &column.name);
-        out.push(b':');
-        out.extend_from_slice(&rendered);
-    }
-    out.push(b'}');
-}
-
-/// The `data` object for V1 and V2 (PROTOCOL.md §5.5, §5.6).
-fn build_data(txn: &Txn, row: &Row<'_>, table: &TableInfo, variant: &Variant) -> (Bytes, Bytes) {
-    let mut head = Vec::with_capacity(256);
-    head.extend_from_slice(b"{\"schema\":");
-    write_str(&mut head, &table.schema);
-    head.extend_from_slice(b",\"table\":");
-    write_str(&mut head, &table.table);
-    head.extend_from_slice(b",\"type\":");
-    write_str(&mut head, row.kind.name());
-    let (v2, record, old_record) = match variant {
-        Variant::Error(message) => {
-            let mut body = head.clone();
-            body.extend_from_slice(b",\"columns\":[],\"commit_timestamp\":null");
-            let (record, old_record): (Option<&[u8]>, Option<&[u8]>) = match row.kind {
-                Kind::Insert => (Some(b"{}"), None),
-                Kind::Update => (Some(b"{}"), Some(b"{}")),
-                Kind::Delete => (None, Some(b"{}")),
-            };
-            if let Some(r) = record {
-                body.extend_from_slice(b",\"record\":");
-                body.extend_from_slice(r);
-            }
-            if let Some(o) = old_record {
-                body.extend_from_slice(b",\"old_record\":");
-                body.extend_from_slice(o);
-            }
-            body.extend_from_slice(b",\"errors\":[");
-            write_str(&mut body, message);
-            body.push(b']');
-            (body, record.map(<[u8]>::to_vec), old_record.map(<[u8]>::to_vec))
-        }
-        Variant::Row(visible) => {
-            let mut body = head.clone();
-            body.extend_from_slice(b",\"commit_timestamp\":");
-            write_str(&mut body, &value::format_commit_timestamp(txn.commit_time));
-            body.extend_from_slice(b",\"columns\":[");
-            let mut first = true;
-            for (i, column) in table.columns.iter().enumerate() {
-                if !visible.get(i).copied().unwrap_or(false) {
-                    continue;
-                }
-                if !first {
-                    body.push(b',');
-                }
-                first = false;
-                body.extend_from_slice(b"{\"name\":");
-                write_str(&mut body, &column.name);
-                body.extend_from_slice(b",\"type\":");
-                write_str(&mut body, &column.type_name);
-                body.push(b'}');
-            }
-            body.push(b']');
-            let render = |cut: bool| {
-                let record = (row.kind != Kind::Delete).then(|| {
-                    let mut out = Vec::new();
-                    write_record(&mut out, row, table, visible, |i| row.new_cell(i), false, cut);
-                    out
-                });
-                let old_record = (row.kind != Kind::Insert).then(|| {
-                    let mut out = Vec::new();
-                    let reduce_to_key = row.kind == Kind::Delete && table.rls_enabled;
-                    if row.old.is_some() {
-                        write_record(&mut out, row, table, visible, |i| row.old_cell(i), reduce_to_key, cut);
-                    } else if row.relation.relation.replica_identity == b'n' {
-                        out.extend_from_slice(b"{}");
-                    } else {
-                        // Default identity and an unchanged key: the key, from the new row.
-                        write_record(&mut out, row, table, visible, |i| row.new_cell(i), true, cut);
-                    }
-                    out
-                });
-                (record, old_record)
-            };
-            let (mut record, mut old_record) = render(false);
-            let size = record.as_ref().map_or(0, Vec::len) + old_record.as_ref().map_or(0, Vec::len);
-            let too_big = size > RECORD_BYTES_MAX;
-            if too_big {
-                (record, old_record) = render(true);
-            }
-            if let Some(r) = &record {
-                body.extend_from_slice(b",\"record\":");
-                body.extend_from_slice(r);
-            }
-            if let Some(o) = &old_record {
-                body.extend_from_slice(b",\"old_record\":");
-                body.extend_from_slice(o);
-            }
-            body.extend_from_slice(if too_big { b",\"errors\":[\"Error 413: Payload Too Large\"]" } else { b",\"errors\":null" });
-            (body, record, old_record)
-        }
-    };
-    let mut v1 = v2.clone();
-    v1.extend_from_slice(b",\"eventType\":");
-    write_str(&mut v1, row.kind.name());
-    v1.extend_from_slice(b",\"new\":");
-    v1.extend_from_slice(record.as_deref().unwrap_or(b"{}"));
-    v1.extend_from_slice(b",\"old\":");
-    v1.extend_from_slice(old_record.as_deref().unwrap_or(b"{}"));
-    v1.push(b'}');
-    let mut v2 = v2;
-    v2.push(b'}');
-    (Bytes::from(v1), Bytes::from(v2))
+    driver.with(|core| core.deliver(matched, &verdicts));
 }

@@ -9,10 +9,19 @@
 
 use std::fmt;
 
-use regex::bytes::Regex;
+use engine::client_error::{BindingError, BindingException};
+use regex::bytes::{Regex, RegexBuilder};
 
 /// Most values an `in` filter may list.
 pub const IN_VALUES_MAX: usize = 100;
+/// Longest `filter` string a binding may carry, in bytes (beyond: the binding fails with
+/// [`engine::client_error::ChangesLimit::FilterTooLong`]). Far above any real filter (an
+/// `in` list of 100 long values); it bounds the parse and compile work one binding can cause.
+pub const FILTER_BYTES_MAX: usize = 65_536;
+/// Most memory one compiled pattern (`like`, `ilike`, `match`, `imatch`) may take, and the
+/// bound of its lazy-DFA cache (beyond: the binding fails with
+/// [`engine::client_error::ChangesLimit::PatternTooComplex`], never a panic).
+pub const REGEX_BYTES_MAX: usize = 256 * 1024;
 
 /// A filter operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,8 +122,8 @@ fn elixir_list(items: &[&str]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
-fn parse_error(detail: impl fmt::Display) -> FilterParseError {
-    FilterParseError(format!("Error parsing `filter` params: {detail}"))
+fn parse_error(error: BindingError) -> FilterParseError {
+    FilterParseError(error.text())
 }
 
 /// Splits on commas outside parentheses and outside quoted sections.
@@ -171,6 +180,9 @@ fn unquote(value: &str) -> String {
 
 /// Parses a filter string (AND of segments). A whitespace-only filter is no filter.
 pub fn parse(filter: &str) -> Result<Vec<RawFilter>, FilterParseError> {
+    if filter.len() > FILTER_BYTES_MAX {
+        return Err(FilterParseError(engine::client_error::ChangesLimit::FilterTooLong { bytes: filter.len(), max: FILTER_BYTES_MAX }.text()));
+    }
     if filter.trim().is_empty() {
         return Ok(Vec::new());
     }
@@ -178,24 +190,24 @@ pub fn parse(filter: &str) -> Result<Vec<RawFilter>, FilterParseError> {
     for segment in split_segments(filter) {
         let segment = segment.trim();
         if segment.is_empty() {
-            return Err(parse_error("filter must not contain empty segments (check for extra commas)"));
+            return Err(parse_error(BindingError::FilterEmptySegment));
         }
         let Some((column, rest)) = segment.split_once('=') else {
-            return Err(parse_error(elixir_list(&segment.split('=').collect::<Vec<_>>())));
+            return Err(parse_error(BindingError::FilterParse { detail: elixir_list(&segment.split('=').collect::<Vec<_>>()) }));
         };
         let (negate, rest) = match rest.strip_prefix("not.") {
             Some(rest) => (true, rest),
             None => (false, rest),
         };
         let Some((op_name, value)) = rest.split_once('.') else {
-            return Err(parse_error(elixir_list(&[rest])));
+            return Err(parse_error(BindingError::FilterParse { detail: elixir_list(&[rest]) }));
         };
         let Some(op) = Op::parse(op_name) else {
-            return Err(parse_error(elixir_list(&[op_name, value])));
+            return Err(parse_error(BindingError::FilterParse { detail: elixir_list(&[op_name, value]) }));
         };
         let value = if op == Op::In {
             let Some(inner) = value.strip_prefix('(').and_then(|v| v.strip_suffix(')')) else {
-                return Err(parse_error("`in` filter value must be wrapped by parentheses"));
+                return Err(parse_error(BindingError::FilterInNeedsParentheses));
             };
             inner.to_string()
         } else {
@@ -204,6 +216,10 @@ pub fn parse(filter: &str) -> Result<Vec<RawFilter>, FilterParseError> {
         filters.push(RawFilter { column: column.trim().to_string(), op, value, negate });
     }
     Ok(filters)
+}
+
+fn malformed(body: &str) -> String {
+    BindingException::MalformedArrayLiteral { body: body.to_string() }.text()
 }
 
 /// Parses the items of an `in` list as a PostgreSQL array literal body (`a,"b,c",NULL`).
@@ -221,10 +237,10 @@ fn array_items(body: &str) -> Result<Vec<Option<String>>, String> {
             chars.next();
             loop {
                 match chars.next() {
-                    Some('\\') => item.push(chars.next().ok_or_else(|| format!("malformed array literal: \"{{{body}}}\""))?),
+                    Some('\\') => item.push(chars.next().ok_or_else(|| malformed(body))?),
                     Some('"') => break,
                     Some(c) => item.push(c),
-                    None => return Err(format!("malformed array literal: \"{{{body}}}\"")),
+                    None => return Err(malformed(body)),
                 }
             }
             while chars.peek().is_some_and(|c| c.is_whitespace()) {
@@ -248,7 +264,7 @@ fn array_items(body: &str) -> Result<Vec<Option<String>>, String> {
         match chars.next() {
             None => break,
             Some(',') => continue,
-            Some(_) => return Err(format!("malformed array literal: \"{{{body}}}\"")),
+            Some(_) => return Err(malformed(body)),
         }
     }
     Ok(items)
@@ -339,7 +355,7 @@ fn type_label(type_name: &str) -> &str {
 }
 
 fn operand(kind: Kind, type_name: &str, text: &str) -> Result<Operand, FilterCheckError> {
-    let invalid = || FilterCheckError(format!("invalid input syntax for type {}: \"{text}\"", type_label(type_name)));
+    let invalid = || FilterCheckError(BindingException::InvalidInput { type_label: type_label(type_name).to_string(), text: text.to_string() }.text());
     Ok(match kind {
         Kind::Integer => Operand::Integer(text.trim().parse().map_err(|_| invalid())?),
         Kind::Decimal => {
@@ -348,7 +364,7 @@ fn operand(kind: Kind, type_name: &str, text: &str) -> Result<Operand, FilterChe
         }
         Kind::Boolean => Operand::Boolean(parse_bool(text.trim().as_bytes()).ok_or_else(invalid)?),
         Kind::Uuid => {
-            let normalized = normalize_uuid(text.trim().as_bytes()).ok_or_else(|| FilterCheckError(format!("invalid input syntax for type uuid: \"{text}\"")))?;
+            let normalized = normalize_uuid(text.trim().as_bytes()).ok_or_else(|| FilterCheckError(BindingException::InvalidInput { type_label: "uuid".into(), text: text.to_string() }.text()))?;
             Operand::Text(normalized)
         }
         Kind::Text | Kind::Other => Operand::Text(text.as_bytes().to_vec()),
@@ -370,8 +386,19 @@ fn normalize_uuid(text: &[u8]) -> Option<Vec<u8>> {
     (hex.len() == 32 && hex.iter().all(u8::is_ascii_hexdigit)).then_some(hex)
 }
 
+/// Compiles a pattern within [`REGEX_BYTES_MAX`]; a syntax error is reported with `op`'s name.
+fn bounded_regex(pattern: &str, op: Op) -> Result<Regex, FilterCheckError> {
+    RegexBuilder::new(pattern).size_limit(REGEX_BYTES_MAX).dfa_size_limit(REGEX_BYTES_MAX).build().map_err(|error| match error {
+        regex::Error::CompiledTooBig(_) => {
+            FilterCheckError(engine::client_error::ChangesLimit::PatternTooComplex { op: op.name(), max: REGEX_BYTES_MAX }.text())
+        }
+        other => FilterCheckError(BindingException::InvalidRegex { op: op.name(), error: other.to_string() }.text()),
+    })
+}
+
 /// Translates a LIKE pattern (`%`, `_`, `\` escapes) to an anchored regex.
-fn like_regex(pattern: &str, case_insensitive: bool) -> Regex {
+fn like_regex(pattern: &str, op: Op) -> Result<Regex, FilterCheckError> {
+    let case_insensitive = op == Op::Ilike;
     let mut out = String::from(if case_insensitive { "(?is)^" } else { "(?s)^" });
     let mut chars = pattern.chars();
     while let Some(c) = chars.next() {
@@ -387,7 +414,7 @@ fn like_regex(pattern: &str, case_insensitive: bool) -> Regex {
         }
     }
     out.push('$');
-    Regex::new(&out).expect("escaped LIKE pattern is a valid regex")
+    bounded_regex(&out, op)
 }
 
 /// Validates `raw` against the column (`index`, `type_name`) and prepares it for evaluation.
@@ -399,7 +426,7 @@ pub fn compile(raw: &RawFilter, index: usize, type_name: &str) -> Result<Filter,
         Op::In => {
             let items = array_items(&raw.value).map_err(FilterCheckError)?;
             if items.len() > IN_VALUES_MAX {
-                return Err(FilterCheckError(format!("too many values for `in` filter. Maximum {IN_VALUES_MAX}")));
+                return Err(FilterCheckError(BindingException::TooManyInValues { max: IN_VALUES_MAX }.text()));
             }
             let items = items
                 .into_iter()
@@ -409,17 +436,16 @@ pub fn compile(raw: &RawFilter, index: usize, type_name: &str) -> Result<Filter,
         }
         Op::Like | Op::Ilike => {
             if kind != Kind::Text {
-                return Err(FilterCheckError(format!("operator {} requires a text-compatible column type, got {type_name}", raw.op.name())));
+                return Err(FilterCheckError(BindingException::OperatorNeedsText { op: raw.op.name(), type_name: type_name.to_string() }.text()));
             }
-            Test::Pattern(like_regex(&raw.value, raw.op == Op::Ilike))
+            Test::Pattern(like_regex(&raw.value, raw.op)?)
         }
         Op::Match | Op::Imatch => {
             if kind != Kind::Text {
-                return Err(FilterCheckError(format!("operator {} requires a text-compatible column type, got {type_name}", raw.op.name())));
+                return Err(FilterCheckError(BindingException::OperatorNeedsText { op: raw.op.name(), type_name: type_name.to_string() }.text()));
             }
             let pattern = if raw.op == Op::Imatch { format!("(?i){}", raw.value) } else { raw.value.clone() };
-            let regex = Regex::new(&pattern).map_err(|e| FilterCheckError(format!("invalid regular expression for {} filter: {e}", raw.op.name())))?;
-            Test::Pattern(regex)
+            Test::Pattern(bounded_regex(&pattern, raw.op)?)
         }
         Op::Is => {
             let keyword = match raw.value.to_ascii_lowercase().as_str() {
@@ -427,10 +453,10 @@ pub fn compile(raw: &RawFilter, index: usize, type_name: &str) -> Result<Filter,
                 "true" => IsKeyword::True,
                 "false" => IsKeyword::False,
                 "unknown" => IsKeyword::Unknown,
-                _ => return Err(FilterCheckError("invalid value for is filter: must be null, true, false, or unknown".into())),
+                _ => return Err(FilterCheckError(BindingException::InvalidIsValue.text())),
             };
             if keyword != IsKeyword::Null && kind != Kind::Boolean {
-                return Err(FilterCheckError(format!("is {} filter requires a boolean column, got {type_name}", raw.value.to_ascii_lowercase())));
+                return Err(FilterCheckError(BindingException::IsNeedsBoolean { keyword: raw.value.to_ascii_lowercase(), type_name: type_name.to_string() }.text()));
             }
             Test::Is(keyword)
         }
@@ -517,6 +543,24 @@ mod tests {
 
     fn err(filter: &str) -> String {
         parse(filter).unwrap_err().0
+    }
+
+    #[test]
+    fn bounds_give_errors_not_panics() {
+        let long = format!("t=eq.{}", "x".repeat(FILTER_BYTES_MAX));
+        assert_eq!(err(&long), format!("Error parsing `filter` params: the filter is {} bytes long; at most {FILTER_BYTES_MAX} bytes are allowed", long.len()));
+        let at_limit = format!("t=like.{}", "_".repeat(FILTER_BYTES_MAX - 7));
+        assert_eq!(at_limit.len(), FILTER_BYTES_MAX);
+        let raw = &parse(&at_limit).unwrap()[0];
+        for (op, name) in [(Op::Like, "like"), (Op::Ilike, "ilike")] {
+            let raw = RawFilter { op, ..raw.clone() };
+            let error = compile(&raw, 0, "text").unwrap_err().0;
+            assert_eq!(error, format!("the pattern of the {name} filter is too complex (its compiled form exceeds {REGEX_BYTES_MAX} bytes); use a shorter pattern"));
+        }
+        let nested = &parse("t=match.(a{100}){100}").unwrap()[0];
+        assert!(compile(nested, 0, "text").unwrap_err().0.starts_with("the pattern of the match filter is too complex"));
+        // An ordinary pattern is far below the limit.
+        assert!(eval("t=like.%needle%haystack_", "text", Some("a needle in a haystackX")));
     }
 
     #[test]

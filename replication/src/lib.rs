@@ -6,6 +6,7 @@
 //! - `install`: the idempotent, versioned install of the `realtime` schema objects.
 #![deny(unreachable_pub)]
 #![warn(missing_docs)]
+pub mod error;
 pub mod filter;
 pub mod binding;
 pub mod pgconn;

@@ -49,7 +49,8 @@ pub struct ConnParams {
 /// Errors of the replication connection.
 #[derive(Debug)]
 pub enum PgError {
-    /// TCP or protocol IO failed: transient.
+    /// TCP or protocol IO failed (transient; see [`crate::error::ReplicationError`] for the
+    /// classification of all variants).
     Io(std::io::Error),
     /// The server answered with an error.
     Server {
@@ -83,17 +84,6 @@ impl From<std::io::Error> for PgError {
     }
 }
 
-impl PgError {
-    /// Whether retrying cannot help (Materialize's rule: SQLSTATE classes 28 auth, 3D unknown
-    /// database, 42 syntax/privilege are definite; everything else is treated as transient).
-    pub fn is_definite(&self) -> bool {
-        match self {
-            PgError::Config(_) => true,
-            PgError::Server { code, .. } => code.starts_with("28") || code.starts_with("3D") || code.starts_with("42"),
-            _ => false,
-        }
-    }
-}
 
 impl ConnParams {
     /// Parses a URL (`postgres://user:pass@host:port/db`) or key=value connection string.

@@ -1,9 +1,10 @@
 //! Private-channel authorization (PROTOCOL.md §6.5–6.6): RLS policies on `realtime.messages`
 //! decide who may read (join, receive) and write (send, track) a topic.
 //!
-//! Each check is one round trip: a transaction that inserts probe rows as the server (read
-//! checks) or asks `realtime.powa_can_insert` as the subscriber (write checks), sets the
-//! subscriber's role and claims, reads the answer, and rolls back. Nothing is ever committed,
+//! Each check is a transaction that inserts probe rows as the server (read checks) or asks
+//! `realtime.powa_can_insert` as the subscriber (write checks), sets the subscriber's role and
+//! claims, reads the answer, and rolls back: prepared statements with bound parameters,
+//! pipelined (two round trips: prepare, then the whole transaction). Nothing is ever committed,
 //! so a probe never reaches the replication stream or a subscriber.
 //!
 //! The core caches answers (see [`CACHE_ENTRIES_MAX`], [`CACHE_TTL`]) and runs concurrent
@@ -12,9 +13,9 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
-use crate::sql::{self, literal, SqlError};
+use crate::sql::{self, SqlError};
 
 /// Cache bound: beyond it the cache is cleared (checks are cheap; the bound keeps memory flat
 /// under a storm of distinct claims).
@@ -25,59 +26,25 @@ pub const CACHE_ENTRIES_MAX: usize = 65_536;
 /// within this time.
 pub const CACHE_TTL: Duration = Duration::from_secs(30);
 
-/// What to check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CheckKind {
-    /// SELECT policies: broadcast and presence read.
-    Read,
-    /// INSERT policies: broadcast and presence write.
-    Write,
-}
+pub use engine::changes::{AuthzRequest, AuthzResult, CheckKind};
 
-/// Who asks, about which topic.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct AuthzRequest {
-    /// Role claim.
-    pub role: String,
-    /// All claims, as JSON.
-    pub claims_json: String,
-    /// The `sub` claim, if any.
-    pub sub: Option<String>,
-    /// The sub-topic (`realtime.topic()`).
-    pub topic: String,
-    /// Read or write.
-    pub kind: CheckKind,
-}
+/// The subscriber's role and claims, as `realtime.topic()` and `auth.*()` read them: `$1` role,
+/// `$2` topic, `$3` claims JSON, `$4` the `sub` claim.
+const SETTINGS: &str = "SELECT set_config('role', $1, true), set_config('realtime.topic', $2, true), \
+     set_config('request.jwt.claims', $3, true), set_config('request.jwt.claim.sub', $4, true), \
+     set_config('request.jwt.claim.role', $1, true), set_config('request.headers', '{}', true)";
 
-/// The answer: per extension, granted or not; `Err` when the check could not run (a policy
-/// raising an error, the database down), which counts as a denial with a reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuthzResult {
-    /// `extension = 'broadcast'`.
-    pub broadcast: bool,
-    /// `extension = 'presence'`.
-    pub presence: bool,
-    /// Why the check failed, when it did.
-    pub error: Option<String>,
-}
+/// Read check, step 1 (as the server): one probe row per extension (`$1`, `$3` ids, `$2` topic).
+const PROBES: &str = "INSERT INTO realtime.messages (id, topic, extension, inserted_at, updated_at) VALUES \
+     ($1::text::uuid, $2, 'broadcast', now() at time zone 'utc', now() at time zone 'utc'), \
+     ($3::text::uuid, $2, 'presence', now() at time zone 'utc', now() at time zone 'utc')";
 
-impl AuthzResult {
-    fn failed(message: String) -> AuthzResult {
-        AuthzResult { broadcast: false, presence: false, error: Some(message) }
-    }
-}
+/// Read check, step 2 (as the subscriber): which probes its SELECT policies let it see.
+const VISIBLE_PROBES: &str = "SELECT extension::text FROM realtime.messages WHERE id IN ($1::text::uuid, $2::text::uuid)";
 
-fn settings(request: &AuthzRequest) -> String {
-    format!(
-        "SELECT 'cfg', set_config('role', {role}, true), set_config('realtime.topic', {topic}, true), \
-         set_config('request.jwt.claims', {claims}, true), set_config('request.jwt.claim.sub', {sub}, true), \
-         set_config('request.jwt.claim.role', {role}, true), set_config('request.headers', '{{}}', true); ",
-        role = literal(&request.role),
-        topic = literal(&request.topic),
-        claims = literal(&request.claims_json),
-        sub = literal(request.sub.as_deref().unwrap_or("")),
-    )
-}
+/// Write check (as the subscriber): which extensions its INSERT policies allow on topic `$1`.
+const WRITABLE: &str = "SELECT 'broadcast'::text WHERE realtime.powa_can_insert($1, 'broadcast') \
+     UNION ALL SELECT 'presence'::text WHERE realtime.powa_can_insert($1, 'presence')";
 
 /// Runs one check.
 pub async fn check(client: &Client, request: &AuthzRequest) -> AuthzResult {
@@ -90,39 +57,44 @@ pub async fn check(client: &Client, request: &AuthzRequest) -> AuthzResult {
     }
 }
 
+/// One check, pipelined: the statements are prepared (one round trip), then `BEGIN`, the
+/// steps and `ROLLBACK` are all sent before any answer is read (one more). Every value is a
+/// bound parameter.
 async fn run(client: &Client, request: &AuthzRequest) -> Result<AuthzResult, SqlError> {
-    let sql = match request.kind {
+    use std::future::Future;
+    use std::pin::Pin;
+
+    type Step<'a> = Pin<Box<dyn Future<Output = Result<Option<Vec<tokio_postgres::Row>>, SqlError>> + 'a>>;
+    let sub = request.sub.as_deref().unwrap_or("");
+    let (role, topic, claims) = (request.role.as_str(), request.topic.as_str(), request.claims_json.as_str());
+    let settings = client.prepare(SETTINGS);
+    let (broadcast_id, presence_id) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
+    let mut steps: Vec<Step<'_>> = Vec::with_capacity(5);
+    match request.kind {
         CheckKind::Read => {
-            let broadcast_id = uuid::Uuid::new_v4().to_string();
-            let presence_id = uuid::Uuid::new_v4().to_string();
-            let topic = literal(&request.topic);
-            let now = "(now() at time zone 'utc')";
-            format!(
-                "BEGIN; \
-                 INSERT INTO realtime.messages (id, topic, extension, inserted_at, updated_at) VALUES \
-                 ('{broadcast_id}', {topic}, 'broadcast', {now}, {now}), ('{presence_id}', {topic}, 'presence', {now}, {now}); \
-                 {settings}\
-                 SELECT 'granted', extension FROM realtime.messages WHERE id IN ('{broadcast_id}', '{presence_id}'); \
-                 ROLLBACK;",
-                settings = settings(request)
-            )
+            let (settings, probes, visible) = futures_util::future::try_join3(settings, client.prepare(PROBES), client.prepare(VISIBLE_PROBES)).await?;
+            let (broadcast_id, presence_id) = (&broadcast_id, &presence_id);
+            steps.push(Box::pin(async { client.simple_query("BEGIN").await.map(|_| None) }));
+            steps.push(Box::pin(async move { client.query(&probes, &[broadcast_id, &topic, presence_id]).await.map(|_| None) }));
+            steps.push(Box::pin(async move { client.query(&settings, &[&role, &topic, &claims, &sub]).await.map(|_| None) }));
+            steps.push(Box::pin(async move { client.query(&visible, &[broadcast_id, presence_id]).await.map(Some) }));
         }
-        CheckKind::Write => format!(
-            "BEGIN; {settings}SELECT 'granted', 'broadcast' WHERE realtime.powa_can_insert({topic}, 'broadcast') \
-             UNION ALL SELECT 'granted', 'presence' WHERE realtime.powa_can_insert({topic}, 'presence'); ROLLBACK;",
-            settings = settings(request),
-            topic = literal(&request.topic)
-        ),
-    };
+        CheckKind::Write => {
+            let (settings, writable) = futures_util::future::try_join(settings, client.prepare(WRITABLE)).await?;
+            steps.push(Box::pin(async { client.simple_query("BEGIN").await.map(|_| None) }));
+            steps.push(Box::pin(async move { client.query(&settings, &[&role, &topic, &claims, &sub]).await.map(|_| None) }));
+            steps.push(Box::pin(async move { client.query(&writable, &[&topic]).await.map(Some) }));
+        }
+    }
+    steps.push(Box::pin(async { client.simple_query("ROLLBACK").await.map(|_| None) }));
     let mut result = AuthzResult { broadcast: false, presence: false, error: None };
-    for message in client.simple_query(&sql).await? {
-        if let SimpleQueryMessage::Row(row) = message {
-            if row.get(0) == Some("granted") {
-                match row.get(1) {
-                    Some("broadcast") => result.broadcast = true,
-                    Some("presence") => result.presence = true,
-                    _ => {}
-                }
+    for outcome in futures_util::future::join_all(steps).await {
+        let Some(rows) = outcome? else { continue };
+        for row in rows {
+            match row.get::<_, Option<String>>(0).as_deref() {
+                Some("broadcast") => result.broadcast = true,
+                Some("presence") => result.presence = true,
+                _ => {}
             }
         }
     }

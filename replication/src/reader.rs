@@ -19,8 +19,11 @@
 //! core cannot keep up, its queue fills and the reader drops whole transactions (counted),
 //! never relation metadata.
 //!
-//! **Failures.** Any error closes the connection; the loop reconnects with exponential backoff
-//! (0.5 s doubling to 10 s). A missing `supabase_realtime` publication is waited for (polled every
+//! **Failures.** Any error closes the connection. A transient one (lost connection, server
+//! restart) makes the loop reconnect with exponential backoff (0.5 s doubling to 10 s); a
+//! definite one (wrong password, missing database, no replication privilege: see
+//! [`crate::error`]) stops the reader for good: it is logged once with what to fix, sent to the
+//! core as [`WalEvent::StreamFailed`] and marked in [`ReaderControl::failed`] (`/healthz` 503). A missing `supabase_realtime` publication is waited for (polled every
 //! 2 s) before streaming starts, because pgoutput on PostgreSQL 15 aborts the stream on the first
 //! change when a requested publication does not exist.
 
@@ -30,6 +33,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+use crate::error::ReplicationError;
 use crate::pgconn::{ConnParams, PgConn, PgError};
 use crate::pgoutput::{self, Message, OldKind, Relation, Tuple, TypeMessage};
 use crate::stream::{self, ReplicationMessage, PG_EPOCH_OFFSET_SECS};
@@ -49,6 +53,8 @@ pub struct ReaderControl {
     pub reads_publication: std::sync::atomic::AtomicBool,
     /// Restart the stream at the next tick.
     pub restart: std::sync::atomic::AtomicBool,
+    /// The reader stopped on a definite error (it does not retry).
+    pub failed: std::sync::atomic::AtomicBool,
 }
 
 /// Most row changes one transaction may carry through the queue; the rest are dropped
@@ -112,6 +118,8 @@ pub enum WalEvent {
     StreamUp,
     /// Streaming stopped (the reason is for logs and `system` messages).
     StreamDown(String),
+    /// Streaming stopped for good: a definite error (logged with what to fix). Nothing follows.
+    StreamFailed(ReplicationError),
     /// Relation metadata (always delivered, never dropped).
     Relation(Relation),
     /// Type metadata.
@@ -166,6 +174,12 @@ fn run(params: ConnParams, events: flume::Sender<WalEvent>, stats: Arc<ReaderSta
             // Postgres Changes binding can be active before its publication exists).
             tracing::info!("restarting the replication stream to read {PUBLICATION}");
             continue;
+        }
+        if let Some(error) = result.as_ref().err().map(ReplicationError::from_pg).filter(ReplicationError::is_definite) {
+            tracing::error!(%error, "replication stopped for good (not retrying)");
+            control.failed.store(true, Ordering::Relaxed);
+            let _ = events.send(WalEvent::StreamFailed(error));
+            return;
         }
         let reason = match &result {
             Ok(()) => "the replication stream ended".to_string(),

@@ -2,14 +2,15 @@
 //! the schema install, table metadata, publication membership, and batched RLS checks.
 //!
 //! Identifiers are quoted; values from clients never appear in SQL text (filters are evaluated in
-//! Rust, `crate::filter`). The RLS check sends primary-key values read from the WAL and the
-//! subscriber's verified claims as escaped literals inside one multi-statement simple query —
-//! `BEGIN; set role and claims; SELECT …; ROLLBACK` — so a check is one round trip and two checks
-//! can never interleave on the connection.
+//! Rust, `crate::filter`). The RLS check binds primary-key values read from the WAL and the
+//! subscriber's verified claims as parameters of prepared statements, pipelined on the RLS
+//! connection — `BEGIN; per group: set role and claims, SELECT …; ROLLBACK` sent before any answer
+//! is read — and the driver runs one batch at a time on that connection, so two checks can never
+//! interleave.
 
 use std::sync::Arc;
 
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 use crate::binding::quote_ident;
 use crate::reader::PUBLICATION;
@@ -139,16 +140,6 @@ pub async fn selectable_columns(client: &Client, role: &str, oid: i64) -> Result
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// A SQL string literal.
-pub fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
-/// A PostgreSQL text-array literal body element, quoted.
-fn array_element(text: &str) -> String {
-    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
 /// One claims group's share of an RLS check: who, and which primary keys to test.
 #[derive(Debug, Clone)]
 pub struct RlsGroup<'a> {
@@ -160,51 +151,86 @@ pub struct RlsGroup<'a> {
     pub rows: &'a [Vec<String>],
 }
 
-/// RLS checks for several claims groups on one table in **one** round trip: a single
-/// read-only transaction that, for each group, sets the role and claims and selects which of
-/// its keys are visible. If any group's query fails (a policy raising an error, an unknown
-/// role), the groups are re-run one by one so that only the failing group gets the error.
+/// RLS checks for several claims groups on one table, **pipelined**: the two statements are
+/// prepared (one round trip), then `BEGIN READ ONLY`, per group `set_config(role, claims)` and
+/// the key lookup, and `ROLLBACK` are all sent before any answer is read (one more round trip).
+/// Every value — role, claims, primary keys from the WAL — is a bound parameter; only quoted
+/// identifiers and type names from the catalog are in the SQL text. If any group's lookup fails
+/// (a policy raising an error, an unknown role), the transaction is aborted for the rest, so
+/// the groups are re-run one by one and only the failing group gets the error.
 pub async fn rls_visible_groups(client: &Client, table: &TableInfo, groups: &[RlsGroup<'_>]) -> Vec<Result<Vec<bool>, SqlError>> {
-    let mut sql = String::from("BEGIN READ ONLY; ");
-    for (index, group) in groups.iter().enumerate() {
-        sql.push_str(&format!(
-            "SELECT 'cfg', set_config('role', {}, true), set_config('request.jwt.claims', {}, true); ",
-            literal(group.role),
-            literal(group.claims_json)
-        ));
-        sql.push_str(&visible_select(table, group.rows, &format!("'row', '{index}'")));
-    }
-    sql.push_str("ROLLBACK;");
-    match client.simple_query(&sql).await {
-        Ok(messages) => {
-            let mut visible: Vec<ahash::AHashSet<Vec<String>>> = vec![ahash::AHashSet::new(); groups.len()];
-            for message in messages {
-                if let SimpleQueryMessage::Row(row) = message {
-                    if row.get(0) != Some("row") {
-                        continue;
-                    }
-                    let Some(index) = row.get(1).and_then(|i| i.parse::<usize>().ok()) else { continue };
-                    let key = (2..row.len()).map(|i| row.get(i).unwrap_or("").to_string()).collect();
-                    if let Some(set) = visible.get_mut(index) {
-                        set.insert(key);
-                    }
-                }
-            }
-            groups.iter().zip(visible).map(|(group, set)| Ok(group.rows.iter().map(|r| set.contains(r)).collect())).collect()
-        }
-        Err(_) => {
-            let _ = client.batch_execute("ROLLBACK").await;
+    match rls_pipeline(client, table, groups).await {
+        Ok(results) => results.into_iter().map(Ok).collect(),
+        Err(_) if groups.len() > 1 => {
             let mut results = Vec::with_capacity(groups.len());
             for group in groups {
-                results.push(rls_visible(client, group.role, group.claims_json, table, group.rows).await);
+                results.push(rls_pipeline(client, table, std::slice::from_ref(group)).await.map(|mut r| r.remove(0)));
             }
             results
         }
+        Err(error) => vec![Err(error)],
     }
 }
 
-/// `SELECT <tag>, <pk>::text… FROM <table> WHERE (<pk>) IN (<the given keys>);`
-fn visible_select(table: &TableInfo, rows: &[Vec<String>], tag: &str) -> String {
+/// One pipelined transaction for `groups`; the first error fails all of them.
+async fn rls_pipeline(client: &Client, table: &TableInfo, groups: &[RlsGroup<'_>]) -> Result<Vec<Vec<bool>>, SqlError> {
+    use std::future::Future;
+    use std::pin::Pin;
+    use tokio_postgres::types::ToSql;
+
+    let (configure, lookup) = futures_util::future::try_join(
+        client.prepare("SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true)"),
+        client.prepare(&visible_select(table)),
+    )
+    .await?;
+    let key_columns = table.primary_key.len();
+    // Column-major key arrays per group: arrays[g][k] = the k-th key column of every row.
+    let arrays: Vec<Vec<Vec<&str>>> = groups
+        .iter()
+        .map(|group| (0..key_columns).map(|k| group.rows.iter().map(|row| row[k].as_str()).collect()).collect())
+        .collect();
+    type Step<'a> = Pin<Box<dyn Future<Output = Result<Option<Vec<tokio_postgres::Row>>, SqlError>> + 'a>>;
+    let mut steps: Vec<Step<'_>> = Vec::with_capacity(2 + 2 * groups.len());
+    steps.push(Box::pin(async { client.simple_query("BEGIN READ ONLY").await.map(|_| None) }));
+    for (group, arrays) in groups.iter().zip(&arrays) {
+        let (configure, lookup) = (&configure, &lookup);
+        steps.push(Box::pin(async move { client.query(configure, &[&group.role, &group.claims_json]).await.map(|_| None) }));
+        steps.push(Box::pin(async move {
+            let params: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            client.query(lookup, &params).await.map(Some)
+        }));
+    }
+    steps.push(Box::pin(async { client.simple_query("ROLLBACK").await.map(|_| None) }));
+    let outcomes = futures_util::future::join_all(steps).await;
+    let mut lookups = Vec::with_capacity(groups.len());
+    let mut failure = None;
+    for outcome in outcomes {
+        match outcome {
+            Ok(Some(rows)) => lookups.push(rows),
+            Ok(None) => {}
+            Err(error) => {
+                failure.get_or_insert(error);
+            }
+        }
+    }
+    if let Some(error) = failure {
+        // Leave the connection usable for the next check.
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(error);
+    }
+    Ok(groups
+        .iter()
+        .zip(lookups)
+        .map(|(group, rows)| {
+            let visible: ahash::AHashSet<Vec<String>> = rows.iter().map(|row| (0..key_columns).map(|i| row.get::<_, Option<String>>(i).unwrap_or_default()).collect()).collect();
+            group.rows.iter().map(|row| visible.contains(row)).collect()
+        })
+        .collect())
+}
+
+/// `SELECT <pk>::text… FROM <table> WHERE (<pk>) IN (SELECT … FROM unnest($1::text[], …))`:
+/// which of the given keys (one text array per key column) the current role may read.
+fn visible_select(table: &TableInfo) -> String {
     let key: Vec<&ColumnInfo> = table
         .primary_key
         .iter()
@@ -214,53 +240,57 @@ fn visible_select(table: &TableInfo, rows: &[Vec<String>], tag: &str) -> String 
     let qualified = format!("{}.{}", quote_ident(&table.schema), quote_ident(&table.table));
     let key_list = key.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
     let key_text = key.iter().map(|c| format!("{}::text", quote_ident(&c.name))).collect::<Vec<_>>().join(", ");
-    let arrays = (0..key.len())
-        .map(|i| {
-            let items = rows.iter().map(|row| array_element(&row[i])).collect::<Vec<_>>().join(",");
-            format!("{}::text[]", literal(&format!("{{{items}}}")))
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let arrays = (1..=key.len()).map(|i| format!("${i}::text[]")).collect::<Vec<_>>().join(", ");
     let names = (0..key.len()).map(|i| format!("v{i}")).collect::<Vec<_>>().join(", ");
     let casts = key.iter().enumerate().map(|(i, c)| format!("v{i}::{}", c.type_sql)).collect::<Vec<_>>().join(", ");
-    format!("SELECT {tag}, {key_text} FROM {qualified} WHERE ({key_list}) IN (SELECT {casts} FROM unnest({arrays}) AS u({names})); ")
+    format!("SELECT {key_text} FROM {qualified} WHERE ({key_list}) IN (SELECT {casts} FROM unnest({arrays}) AS u({names}))")
 }
 
-/// Which of `rows` (primary-key values as text, in key order) the role + claims may SELECT:
-/// one transaction-scoped round trip.
+/// Which of `rows` (primary-key values as text, in key order) the role + claims may SELECT.
 pub async fn rls_visible(client: &Client, role: &str, claims_json: &str, table: &TableInfo, rows: &[Vec<String>]) -> Result<Vec<bool>, SqlError> {
-    let sql = format!(
-        "BEGIN READ ONLY; SELECT 'cfg', set_config('role', {}, true), set_config('request.jwt.claims', {}, true); {}ROLLBACK;",
-        literal(role),
-        literal(claims_json),
-        visible_select(table, rows, "'row', '0'")
-    );
-    let messages = match client.simple_query(&sql).await {
-        Ok(messages) => messages,
-        Err(error) => {
-            // Leave the connection usable for the next check.
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(error);
-        }
-    };
-    let mut visible_keys: ahash::AHashSet<Vec<String>> = ahash::AHashSet::new();
-    for message in messages {
-        if let SimpleQueryMessage::Row(row) = message {
-            if row.get(0) == Some("row") {
-                visible_keys.insert((2..row.len()).map(|i| row.get(i).unwrap_or("").to_string()).collect());
-            }
-        }
-    }
-    Ok(rows.iter().map(|row| visible_keys.contains(row)).collect())
+    let group = RlsGroup { role, claims_json, rows };
+    rls_pipeline(client, table, std::slice::from_ref(&group)).await.map(|mut r| r.remove(0))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The pipelined, parameterised RLS check against a real PostgreSQL: per-group answers, a
+    /// composite key with values that would need escaping, and a group whose policy raises
+    /// getting the error alone.
     #[test]
-    fn literals_escape_quotes() {
-        assert_eq!(literal("it's"), "'it''s'");
-        assert_eq!(array_element(r#"a"b\c"#), r#""a\"b\\c""#);
+    fn rls_groups_are_checked_with_parameters_and_a_failing_group_is_isolated() {
+        let (cluster, _guard) = crate::cluster::Cluster::throwaway().expect("PostgreSQL 15");
+        cluster
+            .psql(
+                "create role reader nologin; create role breaker nologin; \
+                 create table public.t (a int, b text, owner text, primary key (a, b)); \
+                 grant select on public.t to reader, breaker; \
+                 alter table public.t enable row level security; \
+                 create function public.boom() returns boolean language plpgsql as $$ begin raise exception 'policy raised'; end $$; \
+                 create policy own on public.t for select to reader using (owner = current_setting('request.jwt.claims', true)::json->>'sub'); \
+                 create policy boom on public.t for select to breaker using (public.boom()); \
+                 insert into public.t values (1, 'it''s', 'alice'), (2, 'x\"y', 'bob'), (3, 'z', 'alice');",
+            )
+            .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async {
+            let client = connect(&cluster.url()).await.unwrap();
+            let table = table_info(&client, "public", "t").await.unwrap().unwrap();
+            let rows: Vec<Vec<String>> = [("1", "it's"), ("2", "x\"y"), ("3", "z"), ("4", "missing")].iter().map(|(a, b)| vec![a.to_string(), b.to_string()]).collect();
+            let group = |role: &'static str, claims: &'static str| RlsGroup { role, claims_json: claims, rows: &rows };
+            let groups = [group("reader", r#"{"sub":"alice"}"#), group("breaker", "{}"), group("reader", r#"{"sub":"bob"}"#)];
+            let results = rls_visible_groups(&client, &table, &groups).await;
+            assert_eq!(results[0].as_ref().unwrap(), &vec![true, false, true, false]);
+            let error = results[1].as_ref().unwrap_err();
+            assert_eq!(error_text(error), "policy raised");
+            assert_eq!(results[2].as_ref().unwrap(), &vec![false, true, false, false]);
+            // The connection is usable afterwards, outside any transaction.
+            let ok = rls_visible_groups(&client, &table, &groups[..1]).await;
+            assert_eq!(ok[0].as_ref().unwrap(), &vec![true, false, true, false]);
+            assert_eq!(client.query_one("select current_user::text", &[]).await.unwrap().get::<_, String>(0), "postgres");
+        });
     }
 }

@@ -46,7 +46,8 @@ pub struct Postgres {
 }
 
 /// Checks and installs (blocking, before the server listens), then starts the threads.
-pub fn start(url: &str, shards: usize) -> Result<Postgres, StartError> {
+/// `payload_bytes_max` is the configured payload limit, applied to broadcasts from SQL too.
+pub fn start(url: &str, shards: usize, payload_bytes_max: usize) -> Result<Postgres, StartError> {
     let params = ConnParams::parse(url).map_err(StartError::Config)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let local = tokio::task::LocalSet::new();
@@ -64,6 +65,6 @@ pub fn start(url: &str, shards: usize) -> Result<Postgres, StartError> {
     let control = Arc::new(reader::ReaderControl::default());
     reader::spawn(params, events_tx, Arc::clone(&reader_stats), Arc::clone(&control));
     let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let core = changes::spawn(url.to_string(), shards, events_rx, Arc::clone(&healthy), control);
+    let core = changes::spawn(url.to_string(), shards, payload_bytes_max, events_rx, Arc::clone(&healthy), control);
     Ok(Postgres { commands: core.commands, inboxes: core.shard_inboxes, reader_stats, core_stats: core.stats, healthy })
 }

@@ -140,7 +140,7 @@ async fn serve_on<S: Transport>(shard: Rc<Shard>, mut stream: S, deadline: Insta
         Route::WebSocket => return upgrade(shard, stream, head, buf).await,
         Route::Health if shard.config.control.is_draining() => http::response(503, "text/plain", engine::client_error::DRAINING.as_bytes()),
         Route::Health => match &shard.config.postgres {
-            Some(link) if !link.healthy.load(std::sync::atomic::Ordering::Relaxed) => http::response(503, "text/plain", b"database unavailable"),
+            Some(link) if !link.healthy.load(std::sync::atomic::Ordering::Relaxed) => http::response(503, "text/plain", engine::client_error::HttpMessage::DatabaseUnavailable.text().as_bytes()),
             _ => http::response(200, "text/plain", b"ok"),
         },
         Route::Metrics => {
@@ -210,7 +210,7 @@ async fn rest_call<S: Transport>(shard: &Rc<Shard>, stream: &mut S, head: &http:
     if let (Some(checks), Some(link)) = (result.private_checks, &shard.config.postgres) {
         // One INSERT-policy check per distinct topic (PROTOCOL.md §8.2); granted topics are sent,
         // the others dropped (batch) or answered 403 (single).
-        let mut verdicts: Vec<(String, replication::policy::AuthzResult)> = Vec::new();
+        let mut verdicts: Vec<(String, engine::changes::AuthzResult)> = Vec::new();
         for item in &checks.messages {
             if verdicts.iter().any(|(topic, _)| **topic == *item.topic.sub) {
                 continue;
@@ -238,17 +238,19 @@ async fn rest_call<S: Transport>(shard: &Rc<Shard>, stream: &mut S, head: &http:
 }
 
 /// Asks the Postgres core whether `claims` may write broadcasts to `topic` (bounded wait).
-async fn write_check(link: &super::PgLink, claims: &auth::Claims, topic: &str) -> replication::policy::AuthzResult {
+async fn write_check(link: &super::PgLink, claims: &auth::Claims, topic: &str) -> engine::changes::AuthzResult {
     let (reply, answer) = flume::bounded(1);
-    let request = replication::policy::AuthzRequest {
+    let request = engine::changes::AuthzRequest {
         role: claims.role.clone(),
         claims_json: claims.json.to_string(),
         sub: claims.sub.clone(),
         topic: topic.to_string(),
-        kind: replication::policy::CheckKind::Write,
+        kind: engine::changes::CheckKind::Write,
     };
-    let failed = |message: &str| replication::policy::AuthzResult { broadcast: false, presence: false, error: Some(message.to_string()) };
-    if link.commands.try_send(replication::changes::Command::Authorize { request, reply: replication::changes::AuthzReply::Caller(reply) }).is_err() {
+    let failed = |message: &str| engine::changes::AuthzResult { broadcast: false, presence: false, error: Some(message.to_string()) };
+    if link.commands.try_send(engine::changes::Command::Authorize { request, reply: engine::changes::AuthzReply::Caller(engine::changes::CallerReply::new(move |result| {
+        let _ = reply.try_send(result);
+    })) }).is_err() {
         return failed("authorization queue full");
     }
     match glommio::timer::timeout(Duration::from_secs(10), async { Ok(answer.recv_async().await) }).await {

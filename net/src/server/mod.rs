@@ -66,13 +66,13 @@ pub struct ServerConfig {
 }
 
 /// Queues between the shards and the Postgres Changes core (both bounded: commands
-/// `replication::changes::COMMANDS_MAX`, each inbox `SHARD_INBOX_MAX`).
+/// `engine::changes::COMMANDS_MAX`, each inbox `SHARD_INBOX_MAX`).
 #[derive(Debug)]
 pub struct PgLink {
     /// Sessions' commands to the core.
-    pub commands: flume::Sender<replication::changes::Command>,
+    pub commands: flume::Sender<engine::changes::Command>,
     /// One inbox per shard, indexed by shard id.
-    pub inboxes: Vec<flume::Receiver<replication::changes::PgOut>>,
+    pub inboxes: Vec<flume::Receiver<engine::changes::PgOut>>,
     /// Whether the database connection is up (`/healthz` answers 503 otherwise).
     pub healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }

@@ -6,7 +6,8 @@
 //! flusher task drains in order. The overflow is bounded by [`SHARD_OVERFLOW_MESSAGES_MAX`]
 //! for broadcasts (beyond it they are dropped and counted); join/leave bookkeeping is never
 //! dropped (it is bounded by connections × channels). Because no receive path ever awaits a
-//! send, two shards can never deadlock on each other's full queues.
+//! send, two shards can never deadlock on each other's full queues. Commands to the Postgres
+//! Changes core follow the same rule (an overflow queue with its own flusher, never dropped).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -20,7 +21,7 @@ use glommio::channels::shared_channel::ConnectedReceiver;
 use glommio::{GlommioError, ResourceType};
 
 use engine::client_error::CloseReason;
-use engine::limits::SHARD_OVERFLOW_MESSAGES_MAX;
+use engine::limits::{DELAYED_JOIN_ERRORS_PER_CONNECTION_MAX, SHARD_OVERFLOW_MESSAGES_MAX};
 use engine::shard::LocalEffect;
 use engine::{ConnId, PresenceCoalescing, ShardId, ShardMsg, ShardState};
 
@@ -58,6 +59,16 @@ pub(crate) struct Shard {
     senders: Senders<ShardMsg>,
     overflow: RefCell<Vec<VecDeque<ShardMsg>>>,
     flushing: Vec<Cell<bool>>,
+    /// Commands for the Postgres Changes core that found its queue full, sent in order by a
+    /// flusher task. Never dropped (a lost Unsubscribe would leak a subscription in the core, a
+    /// lost Authorize would leave a join waiting until its deadline); bounded by this shard's
+    /// connections × channels × the commands a channel has in flight (join, first write, leave,
+    /// token refresh).
+    pg_overflow: RefCell<VecDeque<engine::changes::Command>>,
+    pg_flushing: Cell<bool>,
+    /// Join error replies waiting out the delay, per connection (by address; at most
+    /// [`DELAYED_JOIN_ERRORS_PER_CONNECTION_MAX`] each, entries removed at zero).
+    delayed_replies: RefCell<AHashMap<usize, u32>>,
     next_conn: Cell<u64>,
     /// This shard's share of the tenant's presence events (§4.6), and the tenant-wide verdict
     /// as of the last tick.
@@ -82,6 +93,9 @@ impl Shard {
             senders,
             overflow: RefCell::new((0..shards).map(|_| VecDeque::new()).collect()),
             flushing: (0..shards).map(|_| Cell::new(false)).collect(),
+            pg_overflow: RefCell::new(VecDeque::new()),
+            pg_flushing: Cell::new(false),
+            delayed_replies: RefCell::new(AHashMap::new()),
             next_conn: Cell::new(1),
             presence_window: RefCell::new(engine::rate::RateWindow::default()),
             presence_exceeded: Cell::new(false),
@@ -106,17 +120,7 @@ impl Shard {
             self.push(conn, frame);
         }
         for frame in fx.delayed {
-            let delay = self.config.limits.join_error_delay;
-            if delay.is_zero() {
-                self.push(conn, frame);
-            } else {
-                let (shard, conn) = (Rc::clone(self), Rc::clone(conn));
-                glommio::spawn_local(async move {
-                    glommio::timer::sleep(delay).await;
-                    shard.push(&conn, frame);
-                })
-                .detach();
-            }
+            self.push_delayed(conn, frame);
         }
         if fx.published > 0 {
             metrics::add(&self.counters().broadcasts_in, fx.published);
@@ -142,20 +146,50 @@ impl Shard {
         if let Some(reason) = fx.close {
             conn.outbox.close(reason);
         }
-        if let Some(link) = &self.config.postgres {
-            for command in fx.pg {
-                if link.commands.try_send(command).is_err() {
-                    tracing::warn!(shard = self.id.0, "Postgres Changes command queue full: a subscription change was dropped");
-                }
-            }
+        for command in fx.pg {
+            self.send_command(command);
         }
         self.route(fx.shard);
     }
 
+    /// Sends a command to the Postgres Changes core without waiting: straight into its queue
+    /// when there is room and nothing waits before it, else into the overflow.
+    fn send_command(self: &Rc<Self>, command: engine::changes::Command) {
+        let Some(link) = &self.config.postgres else { return };
+        if !self.pg_flushing.get() {
+            let rejected = match link.commands.try_send(command) {
+                Ok(()) => return,
+                Err(flume::TrySendError::Full(command)) => command,
+                Err(flume::TrySendError::Disconnected(_)) => return, // shutdown
+            };
+            self.pg_overflow.borrow_mut().push_back(rejected);
+            self.pg_flushing.set(true);
+            tracing::warn!(shard = self.id.0, "Postgres Changes command queue full: commands wait in the overflow");
+            let shard = Rc::clone(self);
+            glommio::spawn_local(async move { shard.flush_commands().await }).detach();
+            return;
+        }
+        self.pg_overflow.borrow_mut().push_back(command);
+    }
+
+    /// Drains the command overflow in order, waiting for room in the core's queue.
+    async fn flush_commands(self: Rc<Self>) {
+        let Some(link) = &self.config.postgres else { return };
+        loop {
+            let next = self.pg_overflow.borrow_mut().pop_front();
+            let Some(command) = next else { break };
+            if link.commands.send_async(command).await.is_err() {
+                self.pg_overflow.borrow_mut().clear();
+                break;
+            }
+        }
+        self.pg_flushing.set(false);
+    }
+
     /// Writes what the Postgres Changes core sends: `system` statuses and change payloads,
     /// encoded once per (topic, format) within a delivery.
-    pub(crate) async fn postgres_inbox(self: Rc<Self>, inbox: flume::Receiver<replication::changes::PgOut>) {
-        use replication::changes::PgOut;
+    pub(crate) async fn postgres_inbox(self: Rc<Self>, inbox: flume::Receiver<engine::changes::PgOut>) {
+        use engine::changes::PgOut;
         while let Ok(out) = inbox.recv_async().await {
             match out {
                 PgOut::System { conn, channel, status, message } => {
@@ -234,6 +268,34 @@ impl Shard {
             }
             glommio::yield_if_needed().await;
         }
+    }
+
+    /// Queues a join error reply after the join error delay, in a timer task; beyond
+    /// [`DELAYED_JOIN_ERRORS_PER_CONNECTION_MAX`] waiting on this connection, at once.
+    fn push_delayed(self: &Rc<Self>, conn: &Rc<Conn>, frame: bytes::Bytes) {
+        let delay = self.config.limits.join_error_delay;
+        // The key is the connection's address: a waiting task holds an `Rc` to it, so the
+        // address cannot be reused while its count is above zero.
+        let key = Rc::as_ptr(conn) as usize;
+        let waiting = self.delayed_replies.borrow().get(&key).copied().unwrap_or(0);
+        if delay.is_zero() || waiting >= DELAYED_JOIN_ERRORS_PER_CONNECTION_MAX {
+            self.push(conn, frame);
+            return;
+        }
+        self.delayed_replies.borrow_mut().insert(key, waiting + 1);
+        let (shard, conn) = (Rc::clone(self), Rc::clone(conn));
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(delay).await;
+            shard.push(&conn, frame);
+            let mut counts = shard.delayed_replies.borrow_mut();
+            match counts.get_mut(&key) {
+                Some(count) if *count > 1 => *count -= 1,
+                _ => {
+                    counts.remove(&key);
+                }
+            }
+        })
+        .detach();
     }
 
     /// Queues a frame on a connection; counts the connection once if this push overflowed it.

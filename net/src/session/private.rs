@@ -10,8 +10,7 @@ use bytes::Bytes;
 use engine::client_error::{JoinError, SystemMessage};
 use engine::topic::sub_topic;
 use engine::{BroadcastBody, ChannelSerial, ShardMsg, ShardState, Subscriber};
-use replication::changes::{AuthzReply, ChannelKey, Command as PgCommand, ReplayedMessage};
-use replication::policy::{AuthzRequest, AuthzResult, CheckKind};
+use engine::changes::{AuthzReply, AuthzRequest, AuthzResult, ChannelKey, CheckKind, Command as PgCommand, ReplayedMessage};
 
 use super::{as_ref, Channel, ChannelState, Context, Effects, Session};
 use crate::frame::{self, Ref};
@@ -80,6 +79,23 @@ impl Session {
                 fx.pg.push(self.authorize(channel, CheckKind::Write));
                 None
             }
+        }
+    }
+
+    /// Private joins still waiting for the database past their deadline fail with the §2.5
+    /// database error; a late answer finds no channel and is ignored.
+    pub(super) fn abandon_authorizing(&mut self, now_secs: i64, fx: &mut Effects) {
+        let overdue: Vec<Box<str>> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.state == ChannelState::Authorizing && c.authorize_deadline_secs <= now_secs)
+            .map(|(topic, _)| topic.clone())
+            .collect();
+        for topic in overdue {
+            let channel = self.channels.remove(&topic).expect("listed");
+            tracing::warn!(conn = self.conn.0, topic = %topic, "private join got no policy answer in time");
+            let reason = JoinError::UnableToConnectToProject.reason();
+            fx.delayed.push(frame::encode_error_reason(self.format, as_ref(&channel.join_ref), as_ref(&channel.join_reply_ref), &topic, &reason));
         }
     }
 

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::fanout;
-use replication::changes::Command as PgCommand;
+use engine::changes::Command as PgCommand;
 use serde_json::{json, Value};
 
 const SECRET: &[u8] = b"secret";
@@ -270,6 +270,25 @@ fn topics_longer_than_the_limit_are_refused() {
 }
 
 #[test]
+fn bindings_per_join_are_bounded() {
+    let mut h = Harness::new();
+    h.database = true;
+    let a = h.connect(Format::V2);
+    let bindings = |n: usize| (0..n).map(|i| json!({"event": "*", "schema": "public", "table": format!("t{i}")})).collect::<Vec<_>>();
+    let max = engine::limits::BINDINGS_PER_JOIN_MAX;
+    h.text(a, &v2_join("realtime:over", json!({"postgres_changes": bindings(max + 1)})));
+    assert_eq!(
+        h.take_delayed(a),
+        vec![json!(["1", "1", "realtime:over", "phx_reply", {"status": "error", "response": {"reason": format!("PostgresChangesBindingsLimit: Too many postgres_changes bindings, at most {max} per channel")}}])]
+    );
+    assert!(h.pg.is_empty(), "nothing reaches the changes core");
+    assert_eq!(h.sessions[a].channel_count(), 0);
+    h.text(a, &v2_join("realtime:at", json!({"postgres_changes": bindings(max)})));
+    let reply = &h.take(a)[0];
+    assert_eq!((reply[4]["status"].as_str(), reply[4]["response"]["postgres_changes"].as_array().map(Vec::len)), (Some("ok"), Some(max)));
+}
+
+#[test]
 fn channel_limit_and_duplicate_join() {
     let mut h = Harness::new();
     h.limits.channels_per_client_max = 2;
@@ -508,13 +527,13 @@ fn channel_tokens_expire_while_connected() {
 }
 
 /// Answers the pending policy check of `conn` (the core's role in these tests).
-fn answer(h: &mut Harness, conn: usize, broadcast: bool, presence: bool) -> replication::policy::CheckKind {
-    let index = h.pg.iter().position(|c| matches!(c, PgCommand::Authorize { reply: replication::changes::AuthzReply::Channel(k), .. } if k.conn.0 as usize == conn)).expect("a check was requested");
-    let PgCommand::Authorize { request, reply: replication::changes::AuthzReply::Channel(key) } = h.pg.remove(index) else { unreachable!() };
+fn answer(h: &mut Harness, conn: usize, broadcast: bool, presence: bool) -> engine::changes::CheckKind {
+    let index = h.pg.iter().position(|c| matches!(c, PgCommand::Authorize { reply: engine::changes::AuthzReply::Channel(k), .. } if k.conn.0 as usize == conn)).expect("a check was requested");
+    let PgCommand::Authorize { request, reply: engine::changes::AuthzReply::Channel(key) } = h.pg.remove(index) else { unreachable!() };
     let (limits, keys) = h.ctx();
     let ctx = Context { limits: &limits, keys: &keys, database: true, now_secs: NOW, now_ms: NOW * 1000, presence_rate_exceeded: false };
     let mut fx = Effects::default();
-    let result = replication::policy::AuthzResult { broadcast, presence, error: None };
+    let result = engine::changes::AuthzResult { broadcast, presence, error: None };
     h.sessions[conn].on_authorized(&mut h.state, ctx, key.channel, request.kind, result, &mut fx);
     h.apply(conn, fx);
     request.kind
@@ -527,7 +546,7 @@ fn private_join_waits_for_the_read_check() {
     let a = h.connect(Format::V2);
     h.text(a, &v2_join("realtime:secret", json!({"private": true})));
     assert!(h.take(a).is_empty(), "no reply before the check");
-    assert_eq!(answer(&mut h, a, false, false), replication::policy::CheckKind::Read);
+    assert_eq!(answer(&mut h, a, false, false), engine::changes::CheckKind::Read);
     assert_eq!(
         h.take_delayed(a)[0][4]["response"]["reason"],
         json!("Unauthorized: You do not have permissions to read from this Channel topic: secret")
@@ -536,6 +555,32 @@ fn private_join_waits_for_the_read_check() {
     h.text(a, &v2_join("realtime:secret", json!({"private": true})));
     answer(&mut h, a, true, false);
     assert_eq!(h.take(a)[0][4], json!({"status": "ok", "response": {"postgres_changes": []}}));
+}
+
+#[test]
+fn a_private_join_without_a_policy_answer_fails_at_its_deadline() {
+    let mut h = Harness::new();
+    h.database = true;
+    let a = h.connect(Format::V2);
+    h.text(a, &v2_join("realtime:secret", json!({"private": true})));
+    let deadline = NOW + engine::limits::AUTHORIZE_TIMEOUT_SECS;
+    assert_eq!(h.sessions[a].next_expiry(), Some(deadline), "the driver's timer looks at this session");
+    let mut fx = Effects::default();
+    h.sessions[a].expire_channels(&mut h.state, deadline - 1, &mut fx);
+    h.apply(a, fx);
+    assert!(h.take(a).is_empty() && h.take_delayed(a).is_empty(), "still waiting");
+    let mut fx = Effects::default();
+    h.sessions[a].expire_channels(&mut h.state, deadline, &mut fx);
+    h.apply(a, fx);
+    assert_eq!(
+        h.take_delayed(a),
+        vec![json!(["1", "1", "realtime:secret", "phx_reply", {"status": "error", "response": {"reason": "UnableToConnectToProject: Realtime was unable to connect to the project database"}}])]
+    );
+    assert_eq!(h.sessions[a].channel_count(), 0, "the channel slot is free");
+    // The answer arrives late: nothing happens.
+    answer(&mut h, a, true, true);
+    assert!(h.take(a).is_empty() && h.take_delayed(a).is_empty());
+    assert_eq!(h.sessions[a].channel_count(), 0);
 }
 
 #[test]
@@ -556,7 +601,7 @@ fn private_writes_are_checked_once_and_denied_silently() {
     h.text(a, r#"["1","2","realtime:room","broadcast",{"type":"broadcast","event":"e","payload":1}]"#);
     h.text(a, r#"["1","3","realtime:room","broadcast",{"type":"broadcast","event":"e","payload":2}]"#);
     assert!(h.take(b).is_empty());
-    assert_eq!(answer(&mut h, a, true, false), replication::policy::CheckKind::Write);
+    assert_eq!(answer(&mut h, a, true, false), engine::changes::CheckKind::Write);
     assert_eq!(h.take(a).len(), 2, "two acks");
     assert_eq!(h.take(b).len(), 2);
     assert!(h.take(public).is_empty(), "private and public channels of one name never meet");
@@ -602,8 +647,8 @@ fn replay_follows_the_join_reply() {
     assert_eq!((topic.as_str(), since_ms, limit), ("room", 1_700_000_000_000, 25), "limit clamped to 25");
     assert!(h.take(a).is_empty(), "nothing before the reply");
     let messages = vec![
-        replication::changes::ReplayedMessage { id: "id-1".into(), event: "e1".into(), payload: Some(r#"{"n":1}"#.into()), binary: None },
-        replication::changes::ReplayedMessage { id: "id-2".into(), event: "e2".into(), payload: Some(r#"{"n":2}"#.into()), binary: None },
+        engine::changes::ReplayedMessage { id: "id-1".into(), event: "e1".into(), payload: Some(r#"{"n":1}"#.into()), binary: None },
+        engine::changes::ReplayedMessage { id: "id-2".into(), event: "e2".into(), payload: Some(r#"{"n":2}"#.into()), binary: None },
     ];
     let mut fx = Effects::default();
     h.sessions[a].on_replayed(&mut h.state, key.channel, Ok(messages), &mut fx);
