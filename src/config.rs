@@ -92,6 +92,7 @@ pub(crate) fn server_config(secret: Vec<u8>) -> Result<ServerConfig> {
         drain,
         control: std::sync::Arc::new(net::server::Control::default()),
         metrics_hooks: Vec::new(),
+        postgres_status: None,
         tls: tls()?,
         panic_shard_for_tests,
     })

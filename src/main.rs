@@ -116,7 +116,8 @@ fn attach_database(server: &mut net::server::ServerConfig) -> Result<()> {
 fn attach_database_url(server: &mut net::server::ServerConfig, url: &str) -> Result<()> {
     let postgres = replication::start::start(url, server.shards, server.limits.payload_bytes_max).context("DATABASE_URL")?;
     server.database = true;
-    server.metrics_hooks.push(pgmetrics::hook(postgres.reader_stats, postgres.core_stats, std::sync::Arc::clone(&postgres.healthy)));
+    server.metrics_hooks.push(pgmetrics::hook(std::sync::Arc::clone(&postgres.reader_stats), std::sync::Arc::clone(&postgres.core_stats), std::sync::Arc::clone(&postgres.healthy)));
+    server.postgres_status = Some(pgmetrics::status(postgres.reader_stats, postgres.core_stats, std::sync::Arc::clone(&postgres.healthy)));
     server.postgres = Some(net::server::PgLink { commands: postgres.commands, inboxes: postgres.inboxes, healthy: postgres.healthy });
     Ok(())
 }

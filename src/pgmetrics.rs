@@ -4,13 +4,35 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use net::server::{series, MetricsHook};
+use net::server::{series, MetricsHook, StatusHook};
 use replication::changes::CoreStats;
 use replication::reader::ReaderStats;
 
 /// The hook for one database.
 pub(crate) fn hook(reader: Arc<ReaderStats>, core: Arc<CoreStats>, healthy: Arc<AtomicBool>) -> MetricsHook {
     MetricsHook(Box::new(move |out| render(&reader, &core, &healthy, out)))
+}
+
+/// The Postgres Changes section of `GET /api/status` (the status page shows it as it is).
+pub(crate) fn status(reader: Arc<ReaderStats>, core: Arc<CoreStats>, healthy: Arc<AtomicBool>) -> StatusHook {
+    StatusHook(Box::new(move || {
+        let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+        let (rls_checks, rls_mean_micros) = core.rls_latency.count_and_mean_micros();
+        let millis = |micros: u64| micros as f64 / 1000.0;
+        serde_json::json!({
+            "database_connected": healthy.load(Ordering::Relaxed),
+            "replication_lag_bytes": load(&reader.server_wal_end).saturating_sub(load(&reader.received_lsn)),
+            "replication_lag_seconds": load(&reader.commit_lag_micros) as f64 / 1e6,
+            "replication_reconnects": load(&reader.reconnects),
+            "changes_decoded": load(&reader.changes_decoded),
+            "transactions_dropped": load(&reader.txns_dropped),
+            "subscriptions": load(&core.channels),
+            "deliveries": load(&core.deliveries),
+            "rls_checks": rls_checks,
+            "rls_check_mean_ms": millis(rls_mean_micros),
+            "rls_check_p99_ms_at_most": core.rls_latency.quantile_bound_micros(0.99).filter(|&b| b != u64::MAX).map(millis),
+        })
+    }))
 }
 
 fn render(reader: &ReaderStats, core: &CoreStats, healthy: &AtomicBool, out: &mut String) {

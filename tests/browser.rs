@@ -2,6 +2,9 @@
 //! `/status`): runs `tests/js/browser/browser.test.mjs` against a real `powa-realtime serve`
 //! attached to a throwaway PostgreSQL 15 cluster.
 //!
+//! The last scenario restarts a server of its own (SIGTERM, graceful drain, a new process on the
+//! same address) and checks that supabase-js and the inspector reconnect and rejoin by themselves.
+//!
 //! Chromium comes from the Debian package (`tools/test.sh` installs it); when it is missing this
 //! test fails, it never skips. Screenshots of both pages land in `target/browser-artifacts/`.
 
@@ -75,6 +78,8 @@ fn official_clients_and_built_in_pages_in_headless_chromium() {
         .env("POWA_PG_URL", db.url())
         .env("POWA_ARTIFACTS", &artifacts)
         .env("CHROMIUM", &browser)
+        .env("POWA_BINARY", support::binary())
+        .env("POWA_JWT_SECRET", support::SECRET)
         .env("PATH", path_with_psql());
     support::node::run("browser", command, NODE_TIMEOUT, &mut server);
     for name in ["inspector-desktop", "inspector-phone", "status-desktop", "status-phone"] {

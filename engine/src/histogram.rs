@@ -23,6 +23,31 @@ impl Histogram {
         self.sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
+    /// How many values were recorded, and the mean (µs).
+    pub fn count_and_mean_micros(&self) -> (u64, u64) {
+        let count: u64 = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum();
+        (count, self.sum_micros.load(Ordering::Relaxed).checked_div(count).unwrap_or(0))
+    }
+
+    /// The upper bound (µs) of the bucket holding the `q`-quantile (0 < q ≤ 1); `None` when
+    /// empty, `u64::MAX` when it lies above the last bound.
+    pub fn quantile_bound_micros(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut cumulative = 0;
+        for (count, bound) in counts.iter().zip(LATENCY_BOUNDS_MICROS.iter().copied().chain([u64::MAX])) {
+            cumulative += count;
+            if cumulative >= rank {
+                return Some(bound);
+            }
+        }
+        Some(u64::MAX)
+    }
+
     /// Renders the sum of `histograms` as one Prometheus histogram `name` (seconds).
     pub fn render<'a>(name: &str, help: &str, histograms: impl Iterator<Item = &'a Histogram>, out: &mut String) {
         let mut counts = [0u64; LATENCY_BOUNDS_MICROS.len() + 1];
@@ -53,6 +78,19 @@ impl Histogram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_are_bucket_bounds() {
+        let h = Histogram::default();
+        assert_eq!(h.quantile_bound_micros(0.5), None);
+        for micros in [50, 60, 70, 2_000, 30_000_000] {
+            h.observe(micros);
+        }
+        assert_eq!(h.quantile_bound_micros(0.5), Some(100));
+        assert_eq!(h.quantile_bound_micros(0.8), Some(2_500));
+        assert_eq!(h.quantile_bound_micros(1.0), Some(u64::MAX));
+        assert_eq!(h.count_and_mean_micros(), (5, (50 + 60 + 70 + 2_000 + 30_000_000) / 5));
+    }
 
     #[test]
     fn buckets_are_cumulative_and_sum_in_seconds() {

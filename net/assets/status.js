@@ -43,6 +43,8 @@ function render(status) {
   $('version').textContent = `version ${status.version}`;
   drawLine($('chart-deliveries'), status.history.deliveries_per_second, 'deliveries per second');
   drawLine($('chart-connections'), status.history.connections, 'connections');
+  $('lag-panel').hidden = !status.postgres;
+  if (status.postgres) drawLine($('chart-lag'), status.history.replication_lag_bytes, 'replication lag in bytes');
   fillTable('shards', status.shards.map((s) => [s.id, s.connections, s.channels, s.owned_topics, s.deliveries_per_second]));
   fillTable('top-topics', status.top_topics.map((t) => [t.topic + (t.private ? ' (private)' : ''), t.subscribers]));
   const list = $('postgres-state');

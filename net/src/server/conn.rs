@@ -167,10 +167,9 @@ fn status_call(shard: &Shard, head: &http::Head) -> Bytes {
         return http::json_message(401, "message", engine::client_error::HttpMessage::ServiceRoleRequired.text());
     }
     let postgres = shard.config.postgres.as_ref().map(|link| {
-        serde_json::json!({
-            "configured": true,
-            "connected": link.healthy.load(std::sync::atomic::Ordering::Relaxed),
-        })
+        let mut section = shard.config.postgres_status.as_ref().map_or_else(|| serde_json::json!({}), |hook| (hook.0)());
+        section["connected"] = serde_json::Value::Bool(link.healthy.load(std::sync::atomic::Ordering::Relaxed));
+        section
     });
     let body = shard.status.render(unix_now(), postgres).to_string();
     http::response_with_headers(200, "application/json", "Cache-Control: no-store\r\n", body.as_bytes())

@@ -26,7 +26,7 @@ use engine::{Limits, ShardId, ShardMsg};
 pub use control::Control;
 pub use metrics::{series, Metrics, MetricsHook};
 pub use tls::{Tls, TlsError};
-pub use status::StatusBoard;
+pub use status::{StatusBoard, StatusHook};
 
 /// io_uring buffer memory per executor: the minimum, so that executors start under the
 /// default 8 MiB memlock limit (measured: 192 KiB pinned per executor).
@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub control: Arc<Control>,
     /// More `/metrics` series (the binary's Postgres side).
     pub metrics_hooks: Vec<MetricsHook>,
+    /// The Postgres Changes section of `GET /api/status` (the binary's).
+    pub postgres_status: Option<StatusHook>,
     /// TLS on the listener (`REALTIME_TLS_CERT`/`REALTIME_TLS_KEY`); the binary keeps a handle
     /// to reload the pair on SIGHUP.
     pub tls: Option<Arc<Tls>>,

@@ -512,11 +512,20 @@ impl Shard {
                     connections: self.counters().connections_open.load(Relaxed),
                     channels,
                     deliveries_per_second: deliveries.saturating_sub(last_deliveries) / TICK.as_secs().max(1),
+                    replication_lag_bytes: self.replication_lag_bytes(),
                 },
             );
             last_deliveries = deliveries;
             tick = tick.wrapping_add(1);
             glommio::timer::sleep(TICK).await;
+        }
+    }
+
+    /// The replication lag for the status history: shard 0 samples it (one number per process).
+    fn replication_lag_bytes(&self) -> u64 {
+        match (&self.config.postgres_status, self.id.index()) {
+            (Some(hook), 0) => (hook.0)()["replication_lag_bytes"].as_u64().unwrap_or(0),
+            _ => 0,
         }
     }
 

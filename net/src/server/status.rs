@@ -21,6 +21,16 @@ pub(crate) const HISTORY_SAMPLES_MAX: usize = 300;
 /// Topics listed per shard (the page shows the top of their union).
 pub(crate) const TOP_TOPICS_MAX: usize = 10;
 
+/// The Postgres Changes part of the status data, from the binary (which knows the replication
+/// side; `net` does not).
+pub struct StatusHook(pub Box<dyn Fn() -> Value + Send + Sync>);
+
+impl std::fmt::Debug for StatusHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatusHook")
+    }
+}
+
 /// One second of one shard.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Sample {
@@ -28,6 +38,8 @@ pub(crate) struct Sample {
     pub(crate) connections: u64,
     pub(crate) channels: u64,
     pub(crate) deliveries_per_second: u64,
+    /// Replication lag (bytes), sampled by shard 0 only (it is one number per process).
+    pub(crate) replication_lag_bytes: u64,
 }
 
 /// A topic in a shard's top list.
@@ -123,6 +135,7 @@ impl StatusBoard {
                 "connections": history.iter().map(|s| s.connections).collect::<Vec<_>>(),
                 "channels": history.iter().map(|s| s.channels).collect::<Vec<_>>(),
                 "deliveries_per_second": history.iter().map(|s| s.deliveries_per_second).collect::<Vec<_>>(),
+                "replication_lag_bytes": history.iter().map(|s| s.replication_lag_bytes).collect::<Vec<_>>(),
             },
         })
     }
@@ -138,6 +151,7 @@ fn merge_history(total: &mut Vec<Sample>, shard: &VecDeque<Sample>) {
                 merged.connections += sample.connections;
                 merged.channels += sample.channels;
                 merged.deliveries_per_second += sample.deliveries_per_second;
+                merged.replication_lag_bytes += sample.replication_lag_bytes;
             }
             Err(at) => total.insert(at, *sample),
         }
@@ -152,9 +166,9 @@ mod tests {
     fn history_is_bounded_and_merged_by_second() {
         let board = StatusBoard::new(2);
         for second in 0..(HISTORY_SAMPLES_MAX as i64 + 10) {
-            board.push_sample(0, Sample { unix_secs: second, connections: 1, channels: 2, deliveries_per_second: 3 });
+            board.push_sample(0, Sample { unix_secs: second, connections: 1, channels: 2, deliveries_per_second: 3, replication_lag_bytes: 0 });
         }
-        board.push_sample(1, Sample { unix_secs: HISTORY_SAMPLES_MAX as i64 + 9, connections: 10, channels: 20, deliveries_per_second: 30 });
+        board.push_sample(1, Sample { unix_secs: HISTORY_SAMPLES_MAX as i64 + 9, connections: 10, channels: 20, deliveries_per_second: 30, replication_lag_bytes: 7 });
         let status = board.render(0, None);
         let connections = status["history"]["connections"].as_array().unwrap();
         assert_eq!(connections.len(), HISTORY_SAMPLES_MAX);
@@ -164,6 +178,7 @@ mod tests {
         assert_eq!(status["totals"]["deliveries_per_second"], 33);
         assert_eq!(status["shards"][1]["channels"], 20);
         assert_eq!(status["postgres"], Value::Null);
+        assert_eq!(status["history"]["replication_lag_bytes"].as_array().unwrap().last().unwrap(), 7);
     }
 
     #[test]

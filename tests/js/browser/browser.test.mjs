@@ -9,12 +9,13 @@
 //   POWA_PG_URL        for psql (public.todos with RLS; realtime.messages policies)
 //   POWA_ARTIFACTS     where screenshots go
 //   CHROMIUM           the browser binary
+//   POWA_BINARY, POWA_JWT_SECRET  to run a server of its own for the restart test
 // Every page is watched: a console error, an uncaught exception or a request to anything but
 // the test's own loopback servers fails the run.
 import { test, before, after } from 'node:test'
 import assert from 'node:assert/strict'
 import { createServer } from 'node:http'
-import { execFile } from 'node:child_process'
+import { execFile, spawn } from 'node:child_process'
 import { promisify } from 'node:util'
 import { mkdirSync } from 'node:fs'
 import { join, dirname } from 'node:path'
@@ -42,6 +43,8 @@ const env = {
   pg: requireEnv('POWA_PG_URL'),
   artifacts: requireEnv('POWA_ARTIFACTS'),
   chromium: requireEnv('CHROMIUM'),
+  binary: requireEnv('POWA_BINARY'),
+  secret: requireEnv('POWA_JWT_SECRET'),
 }
 
 const DESKTOP = { width: 1280, height: 800 }
@@ -92,11 +95,14 @@ async function startPageServer() {
 }
 
 /** A new tab, watched for console errors, exceptions and requests that leave the machine. */
-async function newPage(label, viewport = DESKTOP) {
-  const page = await browser.newPage()
+async function newPage(label, viewport = DESKTOP, inBrowser = browser) {
+  const page = await inBrowser.newPage()
   await page.setViewport(viewport)
   page.on('console', (message) => {
-    if (message.type() === 'error') problems.push(`${label}: console error: ${message.text()}`)
+    if (process.env.POWA_TRACE === '1') console.error(`[${label}] console ${message.type()}: ${message.text().slice(0, 300)}`)
+    // While a test stops the server on purpose, the browser reports the refused reconnects.
+    const expected = page.serverDown && /WebSocket connection to .* failed/.test(message.text())
+    if (message.type() === 'error' && !expected) problems.push(`${label}: console error: ${message.text()}`)
   })
   page.on('pageerror', (error) => problems.push(`${label}: uncaught: ${error.message}`))
   page.on('request', (request) => {
@@ -121,8 +127,8 @@ async function newPage(label, viewport = DESKTOP) {
   return page
 }
 
-async function clientsPage(label) {
-  const page = await newPage(label)
+async function clientsPage(label, inBrowser = browser) {
+  const page = await newPage(label, DESKTOP, inBrowser)
   await page.goto(pageOrigin, { waitUntil: 'load' })
   await page.waitForFunction(() => window.libReady === true, WAIT)
   return page
@@ -134,10 +140,8 @@ async function screenshot(page, name) {
   await page.screenshot({ path: join(env.artifacts, `${name}.png`), fullPage: false })
 }
 
-before(async () => {
-  mkdirSync(env.artifacts, { recursive: true })
-  await startPageServer()
-  browser = await puppeteer.launch({
+function launchBrowser() {
+  return puppeteer.launch({
     executablePath: env.chromium,
     headless: true,
     // Tabs in the background keep running at full speed (several tabs act at once here).
@@ -146,6 +150,12 @@ before(async () => {
       '--disable-background-timer-throttling', '--disable-renderer-backgrounding', '--disable-backgrounding-occluded-windows',
     ],
   })
+}
+
+before(async () => {
+  mkdirSync(env.artifacts, { recursive: true })
+  await startPageServer()
+  browser = await launchBrowser()
 })
 
 after(async () => {
@@ -323,13 +333,105 @@ test('status page: service-role data, connection count matching reality; anon ge
   for (const secret of [env.anon, env.service, env.userA, 'hello-from-inspector']) {
     assert.ok(!body.includes(secret), 'the status data holds no tokens or payloads')
   }
-  assert.equal(JSON.parse(body).totals.connections, 2)
+  const status = JSON.parse(body)
+  assert.equal(status.totals.connections, 2)
+  assert.equal(status.postgres.connected, true)
+  assert.equal(status.postgres.database_connected, true)
+  assert.ok(status.postgres.rls_checks >= 1, `RLS checks counted: ${JSON.stringify(status.postgres)}`)
+  assert.equal(typeof status.postgres.replication_lag_bytes, 'number')
+  assert.equal(status.history.replication_lag_bytes.length, status.history.time.length)
+  assert.ok(await desktop.$('#chart-lag svg'), 'the replication lag chart is drawn')
+  assert.match(await desktop.$eval('#postgres-state', (list) => list.textContent), /subscriptions/)
 
   const phone = await newPage('status-phone', PHONE)
   await phone.goto(`${env.http}/status#apikey=${env.service}`, { waitUntil: 'load' })
   await phone.waitForFunction(() => document.querySelector('#connections').textContent === '2', WAIT)
   await screenshot(desktop, 'status-desktop')
   await screenshot(phone, 'status-phone')
+})
+
+/** Starts `powa-realtime serve` on `addr` and waits for /healthz. */
+async function startServer(addr) {
+  const child = spawn(env.binary, ['serve'], {
+    env: { PATH: process.env.PATH, REALTIME_ADDR: addr, JWT_SECRET: env.secret, REALTIME_SHARDS: '2', REALTIME_DRAIN_SECS: '1', RUST_LOG: 'warn' },
+    stdio: ['ignore', 'inherit', 'inherit'],
+  })
+  const deadline = Date.now() + WAIT_MS
+  while (Date.now() < deadline) {
+    const healthy = await fetch(`http://${addr}/healthz`).then((r) => r.status === 200, () => false)
+    if (healthy) return child
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+  child.kill('SIGKILL')
+  throw new Error(`the server on ${addr} did not become healthy`)
+}
+
+async function freeAddr() {
+  const probe = createServer()
+  await new Promise((resolve) => probe.listen(0, '127.0.0.1', resolve))
+  const { port } = probe.address()
+  await new Promise((resolve) => probe.close(resolve))
+  return `127.0.0.1:${port}`
+}
+
+test('after a server restart (graceful drain), supabase-js and the inspector reconnect and rejoin by themselves', async () => {
+  const addr = await freeAddr()
+  let server = await startServer(addr)
+  // realtime-js does not reconnect while its page is hidden ("Not reconnecting as page is
+  // hidden"), as in a real browser's background tab; so each client gets a browser of its own,
+  // where its page is the visible one.
+  const second = await launchBrowser()
+  try {
+    const js = await clientsPage('restart-supabase-js', second)
+    const status = await js.evaluate(async (http, anon) => {
+      const client = window.lib.createClient(http, anon)
+      window.client = client
+      window.subscribed = 0
+      window.notices = []
+      window.received = []
+      const channel = client.channel('restart-room', { config: { broadcast: { self: true, ack: true } } })
+      channel.on('system', {}, (payload) => window.notices.push(payload.message))
+      channel.on('broadcast', { event: 'after' }, (message) => window.received.push(message.payload))
+      window.channel = channel
+      return await new Promise((resolve) => channel.subscribe((s) => {
+        if (s === 'SUBSCRIBED') { window.subscribed += 1; resolve(s) }
+      }))
+    }, `http://${addr}`, env.anon)
+    assert.equal(status, 'SUBSCRIBED')
+    const inspector = await newPage('restart-inspector')
+    await inspector.goto(`http://${addr}/inspector#apikey=${env.anon}`, { waitUntil: 'load' })
+    await inspector.click('#connect')
+    await inspector.waitForFunction(() => document.querySelector('#socket-status').textContent === 'open', WAIT)
+    await inspector.type('#channel-name', 'restart-room')
+    await inspector.click('#join-button')
+    await inspector.waitForFunction(() => document.querySelector('.channel .state')?.textContent === 'joined', WAIT)
+
+    for (const page of [js, inspector]) page.serverDown = true
+    const exited = new Promise((resolve) => server.once('exit', (code, signal) => resolve({ code, signal })))
+    server.kill('SIGTERM')
+    assert.deepEqual(await exited, { code: 0, signal: null }, 'the drain ends with status 0')
+    await js.waitForFunction(() => window.notices.includes('Server requested disconnect'), WAIT)
+    await inspector.waitForFunction(() => document.querySelector('.channel .state').textContent === 'disconnected', WAIT)
+    server = await startServer(addr)
+
+    await js.waitForFunction(() => window.subscribed >= 2, { timeout: 30000, polling: 100 })
+    await inspector.waitForFunction(
+      () => document.querySelector('#socket-status').textContent === 'open' && document.querySelector('.channel .state').textContent === 'joined',
+      { timeout: 30000, polling: 100 },
+    )
+    for (const page of [js, inspector]) page.serverDown = false
+    const ack = await js.evaluate(() => window.channel.send({ type: 'broadcast', event: 'after', payload: { restarted: true } }))
+    assert.equal(ack, 'ok')
+    await js.waitForFunction(() => window.received.length === 1, WAIT)
+    await inspector.waitForFunction(
+      () => [...document.querySelectorAll('.channel tbody tr')].some((row) => row.textContent.includes('broadcast: after') && row.textContent.includes('restarted')),
+      WAIT,
+    )
+    await js.evaluate(() => window.client.removeAllChannels())
+  } finally {
+    server.kill('SIGKILL')
+    await second.close()
+  }
 })
 
 test('no page logged an error or asked for anything outside this machine', () => {
