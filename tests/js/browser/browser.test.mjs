@@ -138,6 +138,7 @@ async function screenshot(page, name) {
   await page.bringToFront()
   await page.evaluate(() => window.scrollTo(0, 0))
   await page.screenshot({ path: join(env.artifacts, `${name}.png`), fullPage: false })
+  await page.screenshot({ path: join(env.artifacts, `${name}-full.png`), fullPage: true })
 }
 
 function launchBrowser() {
