@@ -227,11 +227,10 @@ fn dev_picks_a_new_port_when_its_port_is_taken() {
 fn dev_drains_the_server_before_stopping_postgres() {
     let work = WorkDir::new();
     let data_dir = work.0.join(".powa/pgdata");
-    let mut dev = Dev::start_with(&work.0, &[("REALTIME_DRAIN_SECS", "4")]);
+    let mut dev = Dev::start_with(&work.0, &[("REALTIME_DRAIN_SECS", "4"), ("REALTIME_SHARDS", "1")]);
     let key = dev.anon_key();
     let url = dev.database_url();
     let ws_url = format!("ws://{}/realtime/v1/websocket?apikey={key}&vsn=1.0.0", dev.addr);
-    // Two clients: the closes are spread, so the second closes well after the first.
     let mut clients: Vec<wsclient::Client> = (0..2)
         .map(|_| {
             let mut client = wsclient::Client::connect(&ws_url);
@@ -241,15 +240,31 @@ fn dev_drains_the_server_before_stopping_postgres() {
         .collect();
     // SAFETY: kill on our own child's pid.
     assert_eq!(unsafe { libc::kill(dev.child.id() as libc::pid_t, libc::SIGINT) }, 0);
-    for (index, client) in clients.iter_mut().enumerate() {
-        let notice = client.recv_json(Duration::from_secs(10));
-        assert_eq!(notice["payload"]["message"], "Server requested disconnect", "{notice}");
-        assert_eq!(client.recv_close(Duration::from_secs(10)), Some(1012));
-        if index == 0 {
-            assert!(!processes_using(&data_dir).is_empty(), "PostgreSQL stopped before the server drained");
-            assert_eq!(psql(&url, "select 1"), "1");
+    // One shard, two connections: the closes are spread over the drain, so the second comes
+    // about half the drain after the first. PostgreSQL must answer right after the first close,
+    // while the server is still draining the second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        assert!(Instant::now() < deadline, "no disconnect notice within 10 s of SIGINT");
+        let got = clients.iter_mut().position(|client| match client.recv_frame(Duration::from_millis(20)) {
+            wsclient::Frame::Timeout => false,
+            wsclient::Frame::Text(text) => {
+                assert!(text.contains("Server requested disconnect"), "{text}");
+                true
+            }
+            other => panic!("expected the disconnect notice, got {}", wsclient::describe(&other)),
+        });
+        if let Some(index) = got {
+            break index;
         }
-    }
+    };
+    assert!(!processes_using(&data_dir).is_empty(), "PostgreSQL stopped before the server drained");
+    assert_eq!(psql(&url, "select 1"), "1");
+    assert_eq!(clients[first].recv_close(Duration::from_secs(10)), Some(1012));
+    let second = &mut clients[1 - first];
+    let notice = second.recv_json(Duration::from_secs(10));
+    assert_eq!(notice["payload"]["message"], "Server requested disconnect", "{notice}");
+    assert_eq!(second.recv_close(Duration::from_secs(10)), Some(1012));
     let deadline = Instant::now() + Duration::from_secs(4 + 5 + 10);
     let status = loop {
         if let Some(status) = dev.child.try_wait().unwrap() {
