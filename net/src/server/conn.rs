@@ -206,7 +206,7 @@ async fn rest_call<S: Transport>(shard: &Rc<Shard>, stream: &mut S, head: &http:
     let result = rest::handle(route, head, &body, &shard.config.keys, shard.config.limits.payload_bytes_max, shard.config.database, unix_now());
     let mut response = result.response;
     let mut outgoing = result.outgoing;
-    if let (Some(checks), Some(link)) = (result.private_checks, &shard.config.postgres) {
+    if let (Some(checks), Some(_)) = (result.private_checks, &shard.config.postgres) {
         // One INSERT-policy check per distinct topic (PROTOCOL.md §8.2); granted topics are sent,
         // the others dropped (batch) or answered 403 (single).
         let mut verdicts: Vec<(String, engine::changes::AuthzResult)> = Vec::new();
@@ -214,7 +214,7 @@ async fn rest_call<S: Transport>(shard: &Rc<Shard>, stream: &mut S, head: &http:
             if verdicts.iter().any(|(topic, _)| **topic == *item.topic.sub) {
                 continue;
             }
-            let verdict = write_check(link, &checks.claims, &item.topic.sub).await;
+            let verdict = write_check(shard, &checks.claims, &item.topic.sub).await;
             verdicts.push((item.topic.sub.to_string(), verdict));
         }
         for item in checks.messages {
@@ -237,7 +237,7 @@ async fn rest_call<S: Transport>(shard: &Rc<Shard>, stream: &mut S, head: &http:
 }
 
 /// Asks the Postgres core whether `claims` may write broadcasts to `topic` (bounded wait).
-async fn write_check(link: &super::PgLink, claims: &auth::Claims, topic: &str) -> engine::changes::AuthzResult {
+async fn write_check(shard: &Rc<Shard>, claims: &auth::Claims, topic: &str) -> engine::changes::AuthzResult {
     let (reply, answer) = flume::bounded(1);
     let request = engine::changes::AuthzRequest {
         role: claims.role.clone(),
@@ -247,11 +247,14 @@ async fn write_check(link: &super::PgLink, claims: &auth::Claims, topic: &str) -
         kind: engine::changes::CheckKind::Write,
     };
     let failed = |message: &str| engine::changes::AuthzResult { broadcast: false, presence: false, error: Some(message.to_string()) };
-    if link.commands.try_send(engine::changes::Command::Authorize { request, reply: engine::changes::AuthzReply::Caller(engine::changes::CallerReply::new(move |result| {
-        let _ = reply.try_send(result);
-    })) }).is_err() {
-        return failed("authorization queue full");
-    }
+    // Through the shard's command queue and its overflow: a momentarily full queue delays the
+    // check instead of refusing it; the caller's wait below is bounded either way.
+    shard.send_caller_command(engine::changes::Command::Authorize {
+        request,
+        reply: engine::changes::AuthzReply::Caller(engine::changes::CallerReply::new(move |result| {
+            let _ = reply.try_send(result);
+        })),
+    });
     match glommio::timer::timeout(Duration::from_secs(10), async { Ok(answer.recv_async().await) }).await {
         Ok(Ok(result)) => result,
         _ => failed("authorization timed out"),

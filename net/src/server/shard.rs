@@ -43,7 +43,45 @@ fn database_row_id(body: &engine::BroadcastBody) -> Option<String> {
     }
 }
 
-/// A connection as its shard holds it.
+/// Queues `command` in the command overflow, first removing the queued commands it supersedes,
+/// so the overflow holds at most a few commands per channel whatever a client does (a token
+/// refreshed in a loop while the core is behind costs one queued Subscribe and one queued read
+/// check, not one per refresh):
+/// - a `Subscribe` or `Unsubscribe` replaces a queued `Subscribe` of the same channel (the core
+///   replaces a subscription anyway), and an `Unsubscribe` also the channel's queued policy
+///   checks and replay (the channel is gone: nobody waits for their answers);
+/// - a policy check for a channel replaces a queued one of the same kind for that channel (the
+///   session acts on whichever answer comes, and the newest check carries the newest claims).
+///
+/// REST callers' checks (each with its own waiting caller) and replays are never replaced by
+/// anything but their channel's `Unsubscribe`. Bound: connections × channels × 4 (subscription,
+/// read check, write check, replay) plus the REST calls in flight.
+fn push_coalesced(queue: &mut VecDeque<engine::changes::Command>, command: engine::changes::Command) {
+    use engine::changes::{AuthzReply, Command};
+    match &command {
+        Command::Subscribe(subscription) => {
+            let key = subscription.key;
+            queue.retain(|queued| !matches!(queued, Command::Subscribe(s) if s.key == key));
+        }
+        Command::Unsubscribe(key) => {
+            let key = *key;
+            queue.retain(|queued| match queued {
+                Command::Subscribe(s) => s.key != key,
+                Command::Authorize { reply: AuthzReply::Channel(k), .. } => *k != key,
+                Command::Replay { key: k, .. } => *k != key,
+                _ => true,
+            });
+        }
+        Command::Authorize { request, reply: AuthzReply::Channel(key) } => {
+            let (key, kind) = (*key, request.kind);
+            queue.retain(|queued| !matches!(queued, Command::Authorize { request: r, reply: AuthzReply::Channel(k) } if *k == key && r.kind == kind));
+        }
+        Command::Authorize { reply: AuthzReply::Caller(_), .. } | Command::Replay { .. } => {}
+    }
+    queue.push_back(command);
+}
+
+/// A connection as its shard holds it./// A connection as its shard holds it.
 pub(crate) struct Conn {
     pub(crate) outbox: Outbox,
     pub(crate) session: RefCell<Session>,
@@ -162,14 +200,20 @@ impl Shard {
                 Err(flume::TrySendError::Full(command)) => command,
                 Err(flume::TrySendError::Disconnected(_)) => return, // shutdown
             };
-            self.pg_overflow.borrow_mut().push_back(rejected);
+            push_coalesced(&mut self.pg_overflow.borrow_mut(), rejected);
             self.pg_flushing.set(true);
             tracing::warn!(shard = self.id.0, "Postgres Changes command queue full: commands wait in the overflow");
             let shard = Rc::clone(self);
             glommio::spawn_local(async move { shard.flush_commands().await }).detach();
             return;
         }
-        self.pg_overflow.borrow_mut().push_back(command);
+        push_coalesced(&mut self.pg_overflow.borrow_mut(), command);
+    }
+
+    /// A REST caller's policy check: through the same queue and overflow as the sessions'
+    /// commands (never refused because the queue is momentarily full).
+    pub(crate) fn send_caller_command(self: &Rc<Self>, command: engine::changes::Command) {
+        self.send_command(command);
     }
 
     /// Drains the command overflow in order, waiting for room in the core's queue.
@@ -534,5 +578,73 @@ impl Shard {
         while let Some(msg) = receiver.recv().await {
             self.route(vec![(self.id, msg)]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use engine::changes::{AuthzReply, AuthzRequest, CallerReply, ChannelKey, CheckKind, Command, Subscription};
+    use engine::ChannelSerial;
+
+    fn key(channel: u32) -> ChannelKey {
+        ChannelKey { shard: ShardId(0), conn: ConnId(1), channel: ChannelSerial(channel) }
+    }
+
+    fn subscribe(channel: u32, claims: &str) -> Command {
+        Command::Subscribe(Subscription { key: key(channel), role: "authenticated".into(), claims_json: claims.into(), bindings: Vec::new() })
+    }
+
+    fn check(channel: u32, kind: CheckKind, claims: &str) -> Command {
+        let request = AuthzRequest { role: "authenticated".into(), claims_json: claims.into(), sub: None, topic: "room".into(), kind };
+        Command::Authorize { request, reply: AuthzReply::Channel(key(channel)) }
+    }
+
+    fn caller_check() -> Command {
+        let request = AuthzRequest { role: "authenticated".into(), claims_json: "{}".into(), sub: None, topic: "room".into(), kind: CheckKind::Write };
+        Command::Authorize { request, reply: AuthzReply::Caller(CallerReply::new(|_| {})) }
+    }
+
+    /// A short description of each queued command, for comparisons.
+    fn shape(queue: &VecDeque<Command>) -> Vec<String> {
+        queue
+            .iter()
+            .map(|command| match command {
+                Command::Subscribe(s) => format!("subscribe {} {}", s.key.channel.0, s.claims_json),
+                Command::Unsubscribe(k) => format!("unsubscribe {}", k.channel.0),
+                Command::Authorize { request, reply: AuthzReply::Channel(k) } => format!("check {} {:?} {}", k.channel.0, request.kind, request.claims_json),
+                Command::Authorize { reply: AuthzReply::Caller(_), .. } => "caller check".into(),
+                Command::Replay { key, .. } => format!("replay {}", key.channel.0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_refresh_loop_costs_one_queued_subscription_and_one_read_check_per_channel() {
+        let mut queue = VecDeque::new();
+        for refresh in 0..1_000 {
+            let claims = format!("{{\"n\":{refresh}}}");
+            push_coalesced(&mut queue, check(7, CheckKind::Read, &claims));
+            push_coalesced(&mut queue, subscribe(7, &claims));
+        }
+        push_coalesced(&mut queue, check(7, CheckKind::Write, "w"));
+        push_coalesced(&mut queue, subscribe(8, "other"));
+        push_coalesced(&mut queue, caller_check());
+        push_coalesced(&mut queue, caller_check());
+        assert_eq!(
+            shape(&queue),
+            vec!["check 7 Read {\"n\":999}", "subscribe 7 {\"n\":999}", "check 7 Write w", "subscribe 8 other", "caller check", "caller check"]
+        );
+    }
+
+    #[test]
+    fn an_unsubscribe_removes_what_its_channel_still_had_queued() {
+        let mut queue = VecDeque::new();
+        push_coalesced(&mut queue, check(7, CheckKind::Read, "a"));
+        push_coalesced(&mut queue, Command::Replay { key: key(7), topic: "room".into(), since_ms: 0, limit: 25 });
+        push_coalesced(&mut queue, subscribe(7, "a"));
+        push_coalesced(&mut queue, subscribe(8, "b"));
+        push_coalesced(&mut queue, Command::Unsubscribe(key(7)));
+        assert_eq!(shape(&queue), vec!["subscribe 8 b", "unsubscribe 7"]);
     }
 }
