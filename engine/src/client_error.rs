@@ -319,6 +319,30 @@ impl CloseReason {
     }
 }
 
+/// The reason phrase of an HTTP status line (RFC 9110 §15); statuses the server never sends
+/// read as 500's phrase.
+pub fn http_reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        415 => "Unsupported Media Type",
+        422 => "Unprocessable Entity",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
+    }
+}
+
 /// Bodies of plain HTTP answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HttpMessage {
@@ -718,6 +742,15 @@ mod tests {
             assert_eq!(error.reason(), text);
         }
 
+        let phrases = [
+            (200, "OK"), (201, "Created"), (202, "Accepted"), (204, "No Content"), (400, "Bad Request"), (401, "Unauthorized"),
+            (403, "Forbidden"), (404, "Not Found"), (405, "Method Not Allowed"), (411, "Length Required"), (413, "Payload Too Large"),
+            (415, "Unsupported Media Type"), (422, "Unprocessable Entity"), (429, "Too Many Requests"),
+            (431, "Request Header Fields Too Large"), (503, "Service Unavailable"), (500, "Internal Server Error"), (599, "Internal Server Error"),
+        ];
+        for (status, phrase) in phrases {
+            assert_eq!(http_reason_phrase(status), phrase);
+        }
         assert_eq!(HttpMessage::NotFound.text(), "Not found");
         assert_eq!(HttpMessage::UpgradeRequired.text(), "WebSocket upgrade required");
         assert_eq!(HttpMessage::ServiceRoleRequired.text(), "A valid service_role key is required");

@@ -177,27 +177,6 @@ pub fn switching_protocols(key: &str) -> Bytes {
     ))
 }
 
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        202 => "Accepted",
-        204 => "No Content",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        411 => "Length Required",
-        413 => "Payload Too Large",
-        415 => "Unsupported Media Type",
-        422 => "Unprocessable Entity",
-        429 => "Too Many Requests",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "Internal Server Error",
-    }
-}
-
 /// A complete response that closes the connection.
 pub fn response(status: u16, content_type: &str, body: &[u8]) -> Bytes {
     response_with_headers(status, content_type, "", body)
@@ -207,7 +186,7 @@ pub fn response(status: u16, content_type: &str, body: &[u8]) -> Bytes {
 pub fn response_with_headers(status: u16, content_type: &str, extra_headers: &str, body: &[u8]) -> Bytes {
     let mut out = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n",
-        reason_phrase(status),
+        engine::client_error::http_reason_phrase(status),
         body.len()
     )
     .into_bytes();
