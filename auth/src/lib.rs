@@ -14,6 +14,8 @@
 
 mod error;
 mod verify;
+#[doc(hidden)]
+pub mod fuzzing;
 
 pub use error::AuthError;
 pub use verify::{clean_token, sign_hs256, Claims, KeyStore};

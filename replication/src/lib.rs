@@ -21,3 +21,5 @@ pub mod sql;
 pub mod changes;
 pub mod policy;
 pub mod tls;
+#[doc(hidden)]
+pub mod fuzzing;

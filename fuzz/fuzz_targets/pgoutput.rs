@@ -1,0 +1,4 @@
+//! `replication::fuzzing::pgoutput`: see its documentation for the input layout and the invariants.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| replication::fuzzing::pgoutput(data));
