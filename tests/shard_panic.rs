@@ -47,6 +47,4 @@ fn a_panicking_shard_ends_the_process_with_its_message() {
         "the panic message is logged; stderr:\n{stderr}"
     );
     assert!(stderr.contains("exiting so that a supervisor restarts the server"), "stderr:\n{stderr}");
-    // Nothing listens any more: the port is free for the restart.
-    assert!(std::net::TcpStream::connect(&addr).is_err(), "nothing may accept on {addr} after the exit");
 }
