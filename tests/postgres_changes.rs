@@ -718,6 +718,54 @@ fn recipe_1_live_updating_todo_list_verbatim() {
     ws.conn.assert_nothing_pending(topic);
 }
 
+/// Issue 11: the RLS check judges the row as committed, so the owner gets a todo's INSERT and
+/// UPDATE even when the row is updated and deleted right after (each statement its own
+/// transaction, all three within a few ms); another user gets only the key-only DELETE.
+#[test]
+fn recipe_1_insert_update_delete_in_quick_succession_reach_the_owner() {
+    let mut db = Db::new();
+    db.exec(TODOS_TABLE);
+    db.exec(RECIPE_1_STEP_1);
+    let server = db.server();
+    db.exec(RECIPE_1_STEP_2);
+    db.exec("GRANT SELECT ON public.todos TO anon, authenticated");
+    let topic = "realtime:public:todos";
+    let bindings = json!([binding("*", "todos")]);
+    let mut owner = Conn::open(&server, &support::token("authenticated", &["--sub", USER_A]), Vsn::V2, "owner");
+    let mut other = Conn::open(&server, &support::token("authenticated", &["--sub", USER_B]), Vsn::V2, "other");
+    for conn in [&mut owner, &mut other] {
+        conn.join(topic, &bindings, None);
+        conn.subscribed(topic);
+    }
+    let mut fastest_ms = i64::MAX;
+    for id in 1001..1006 {
+        // Three transactions in one round trip.
+        db.exec(&format!(
+            "BEGIN; INSERT INTO public.todos (id, title, owner_id) VALUES ({id}, 'Buy milk', '{USER_A}'); COMMIT; \
+             BEGIN; UPDATE public.todos SET done = true WHERE id = {id}; COMMIT; \
+             BEGIN; DELETE FROM public.todos WHERE id = {id}; COMMIT;"
+        ));
+        let mut stamps = Vec::new();
+        for (want, done) in [("INSERT", false), ("UPDATE", true)] {
+            let (payload, raw) = owner.change(topic);
+            assert_eq!(summary(&payload), (want.to_string(), json!(id)), "{raw}\n{}", owner.dump());
+            assert_eq!(payload["data"]["record"]["done"], json!(done), "{raw}");
+            assert_eq!(payload["data"]["record"]["owner_id"], json!(USER_A), "{raw}");
+            stamps.push(parse_commit_timestamp(payload["data"]["commit_timestamp"].as_str().unwrap()).unwrap());
+        }
+        for conn in [&mut owner, &mut other] {
+            let (payload, raw) = conn.change(topic);
+            assert_eq!(summary(&payload), ("DELETE".to_string(), json!(id)), "{raw}\n{}", conn.dump());
+            assert_eq!(payload["data"]["old_record"], json!({"id": id}), "{raw}");
+            stamps.push(parse_commit_timestamp(payload["data"]["commit_timestamp"].as_str().unwrap()).unwrap());
+        }
+        fastest_ms = fastest_ms.min(stamps.iter().max().unwrap() - stamps.iter().min().unwrap());
+    }
+    assert!(fastest_ms <= 10, "at least one insert → update → delete committed within 10 ms (fastest {fastest_ms} ms)");
+    owner.assert_nothing_pending(topic);
+    other.assert_nothing_pending(topic);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. RLS per subscriber (§5.6)
 // ---------------------------------------------------------------------------------------------

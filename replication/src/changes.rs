@@ -185,6 +185,8 @@ struct Driver {
     meta: Rc<Db>,
     /// Policy checks (their own connection).
     authz: Rc<Db>,
+    /// Compiled RLS checks of Postgres Changes.
+    policies: CompiledPolicies,
 }
 
 impl Driver {
@@ -260,6 +262,7 @@ async fn run(
         stats,
         meta: Rc::clone(&meta),
         authz,
+        policies: CompiledPolicies::default(),
     });
     // Commands: the core answers what it can at once and asks for the queries it needs (each
     // runs in its own task, so a join storm never stalls change delivery).
@@ -301,6 +304,10 @@ async fn run(
                         driver.with(ChangesCore::stream_restarting);
                         control.restart.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
+                }
+                match sql::rls_fingerprint(&client).await {
+                    Ok(fingerprint) => driver.policies.observe(fingerprint),
+                    Err(error) => tracing::warn!(error = %sql::error_text(&error), "RLS catalog fingerprint failed"),
                 }
                 if driver.with(|core| core.wants_publication_poll()) {
                     if let Err(error) = poll_publication(&driver, &client).await {
@@ -465,6 +472,51 @@ async fn poll_publication(driver: &Rc<Driver>, meta: &Client) -> Result<(), sql:
     Ok(())
 }
 
+/// Compiled SELECT policies per (table oid, role) ([`sql::compile_rls`]), valid while the
+/// catalog fingerprint ([`sql::rls_fingerprint`]) is the one they were compiled under; the
+/// publication poll re-reads the fingerprint every [`PUBLICATION_POLL`] and clears the cache
+/// when policies, roles or tables' RLS settings changed. Bounded: cleared beyond
+/// [`POLICIES_MAX`] entries.
+#[derive(Default)]
+pub(crate) struct CompiledPolicies {
+    entries: RefCell<AHashMap<(i64, Arc<str>), Rc<str>>>,
+    fingerprint: RefCell<Option<String>>,
+}
+
+/// Bound of the compiled-policy cache.
+const POLICIES_MAX: usize = 16_384;
+
+impl CompiledPolicies {
+    /// Clears the cache when the catalog changed since the last call.
+    fn observe(&self, fingerprint: String) {
+        let mut current = self.fingerprint.borrow_mut();
+        if current.as_deref() != Some(fingerprint.as_str()) {
+            if current.is_some() {
+                tracing::info!("policies, roles or RLS settings changed: recompiling RLS checks");
+            }
+            self.entries.borrow_mut().clear();
+            *current = Some(fingerprint);
+        }
+    }
+
+    /// The compiled policy of `role` on `table`, compiling it on a miss.
+    async fn get(&self, client: &Client, table: &sql::TableInfo, role: &Arc<str>) -> Result<Rc<str>, sql::SqlError> {
+        if let Some(policy) = self.entries.borrow().get(&(table.oid, Arc::clone(role))) {
+            return Ok(Rc::clone(policy));
+        }
+        if self.fingerprint.borrow().is_none() {
+            self.observe(sql::rls_fingerprint(client).await?);
+        }
+        let policy: Rc<str> = Rc::from(sql::compile_rls(client, table, role).await?);
+        let mut entries = self.entries.borrow_mut();
+        if entries.len() >= POLICIES_MAX {
+            entries.clear();
+        }
+        entries.insert((table.oid, Arc::clone(role)), Rc::clone(&policy));
+        Ok(policy)
+    }
+}
+
 /// One batch: match, run its RLS round trips (one per table), deliver.
 async fn process(driver: &Rc<Driver>, rls: &Db, batch: Vec<Arc<Txn>>) {
     let matched: MatchedBatch = driver.with(|core| core.match_batch(&batch));
@@ -475,19 +527,34 @@ async fn process(driver: &Rc<Driver>, rls: &Db, batch: Vec<Arc<Txn>>) {
     let queries = driver.with(|core| core.plan_rls(&matched));
     let mut verdicts = Verdicts::default();
     for query in &queries {
-        let keys: Vec<Vec<Vec<String>>> = query.groups.iter().map(|(_, rows)| rows.iter().map(|(_, pk)| pk.clone()).collect()).collect();
-        let request: Vec<sql::RlsGroup<'_>> = query
-            .groups
-            .iter()
-            .zip(&keys)
-            .map(|(((role, claims), _), rows)| sql::RlsGroup { role, claims_json: claims, rows })
-            .collect();
         let started = std::time::Instant::now();
         let results: Vec<Result<Vec<bool>, String>> = match rls.get().await {
             Ok(client) => {
-                let results = sql::rls_visible_groups(&client, &query.table, &request).await;
+                // Each group's role's compiled policies (cached; a failure to compile is that
+                // group's error).
+                let mut policies: Vec<Result<Rc<str>, String>> = Vec::with_capacity(query.groups.len());
+                for ((role, _), _) in &query.groups {
+                    policies.push(driver.policies.get(&client, &query.table, role).await.map_err(|e| sql::error_text(&e)));
+                }
+                let images: Vec<Vec<sql::RowImage>> = query.groups.iter().map(|(_, rows)| rows.iter().map(|(_, image)| image.clone()).collect()).collect();
+                let runnable: Vec<usize> = (0..query.groups.len()).filter(|g| policies[*g].is_ok()).collect();
+                let request: Vec<sql::RlsGroup<'_>> = runnable
+                    .iter()
+                    .map(|&g| {
+                        let ((role, claims), _) = &query.groups[g];
+                        let policy: &str = policies[g].as_ref().map(|p| &**p).unwrap_or("false");
+                        sql::RlsGroup { role, claims_json: claims, policy, rows: &images[g] }
+                    })
+                    .collect();
+                let mut answers = sql::rls_visible_groups(&client, &query.table, &request).await.into_iter();
                 driver.stats.rls_latency.observe(started.elapsed().as_micros() as u64);
-                results.into_iter().map(|r| r.map_err(|e| sql::error_text(&e))).collect()
+                policies
+                    .iter()
+                    .map(|policy| match policy {
+                        Ok(_) => answers.next().map(|r| r.map_err(|e| sql::error_text(&e))).unwrap_or_else(|| Err(SystemMessage::DatabaseUnreachable.text().into_owned())),
+                        Err(error) => Err(error.clone()),
+                    })
+                    .collect()
             }
             Err(_) => query.groups.iter().map(|_| Err(SystemMessage::DatabaseUnreachable.text().into_owned())).collect(),
         };

@@ -170,7 +170,7 @@ fn answer(query: &RlsQuery, batch: &[Arc<Txn>], visible: &impl Fn(&str, &str) ->
         .map(|((_, claims), rows)| {
             let claims: Value = serde_json::from_str(claims).unwrap();
             let sub = claims["sub"].as_str().unwrap_or("");
-            Ok(rows.iter().map(|(_, pk)| visible(sub, &owner_of(&pk[0]))).collect())
+            Ok(rows.iter().map(|(_, image)| visible(sub, &owner_of(&image.key[0]))).collect())
         })
         .collect()
 }
