@@ -479,9 +479,12 @@ async fn poll_publication(driver: &Rc<Driver>, meta: &Client) -> Result<(), sql:
 /// [`POLICIES_MAX`] entries.
 #[derive(Default)]
 pub(crate) struct CompiledPolicies {
-    entries: RefCell<AHashMap<(i64, Arc<str>), Rc<str>>>,
+    entries: RefCell<PolicyEntries>,
     fingerprint: RefCell<Option<String>>,
 }
+
+/// (table oid, role) → compiled SELECT policy expression.
+type PolicyEntries = AHashMap<(i64, Arc<str>), Rc<str>>;
 
 /// Bound of the compiled-policy cache.
 const POLICIES_MAX: usize = 16_384;
