@@ -331,7 +331,7 @@ async fn run(
                 }
                 other => {
                     if !batch.is_empty() {
-                        process(&driver, &rls, std::mem::take(&mut batch)).await;
+                        process_and_confirm(&driver, &rls, &control, std::mem::take(&mut batch)).await;
                     }
                     handle_event(&driver, &meta, &control, other).await;
                     next = events.try_recv().ok();
@@ -339,7 +339,7 @@ async fn run(
             }
         }
         if !batch.is_empty() {
-            process(&driver, &rls, batch).await;
+            process_and_confirm(&driver, &rls, &control, batch).await;
         }
     }
     // The reader stopped (a definite error): commands, policy checks and replays are still
@@ -378,6 +378,7 @@ async fn handle_event(driver: &Rc<Driver>, meta: &Db, control: &crate::reader::R
         // stream restarts with it.
         WalEvent::StreamUp => driver.with(|core| core.stream_up(control.reads_publication.load(std::sync::atomic::Ordering::Relaxed))),
         WalEvent::StreamDown(reason) => driver.with(|core| core.stream_down(reason)),
+        WalEvent::ChangesMissed => driver.with(ChangesCore::changes_missed),
         WalEvent::StreamFailed(_) => {
             // The reader logged the error with what to fix.
             meta.health.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -518,6 +519,14 @@ impl CompiledPolicies {
         entries.insert((table.oid, Arc::clone(role)), Rc::clone(&policy));
         Ok(policy)
     }
+}
+
+/// Processes a batch, then lets the reader confirm it: the slot advances only past
+/// transactions handed to the shards.
+async fn process_and_confirm(driver: &Rc<Driver>, rls: &Db, control: &crate::reader::ReaderControl, batch: Vec<Arc<Txn>>) {
+    let end = batch.iter().map(|t| t.end_lsn).max().unwrap_or(0);
+    process(driver, rls, batch).await;
+    control.handed_off.fetch_max(end, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// One batch: match, run its RLS round trips (one per table), deliver.

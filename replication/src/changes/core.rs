@@ -351,6 +351,14 @@ impl ChangesCore {
         }
     }
 
+    /// The slot was recreated: changes committed while the stream was down are lost;
+    /// subscribers are told (so apps refetch).
+    pub(crate) fn changes_missed(&mut self) {
+        for key in self.active_channels() {
+            self.notice(key, &ChangesNotice::ChangesMissed);
+        }
+    }
+
     /// The stream stopped for good (a definite error); subscribers are told, and later
     /// subscriptions at once.
     pub(crate) fn stream_failed(&mut self) {

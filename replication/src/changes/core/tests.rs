@@ -66,7 +66,7 @@ fn delete(id: i64) -> RowChange {
 }
 
 fn txn(changes: Vec<RowChange>) -> Arc<Txn> {
-    Arc::new(Txn { commit_time: COMMIT_TIME, commit_lsn: 1, changes })
+    Arc::new(Txn { commit_time: COMMIT_TIME, commit_lsn: 1, end_lsn: 2, changes })
 }
 
 /// A core with the `todos` relation, the stream up.
