@@ -766,6 +766,37 @@ fn recipe_1_insert_update_delete_in_quick_succession_reach_the_owner() {
     other.assert_nothing_pending(topic);
 }
 
+/// Issue 11: compiled RLS checks follow policy edits without a restart (the catalog fingerprint
+/// is polled every 2 s): a policy switched to deny stops INSERTs, switched back lets them through.
+#[test]
+fn policy_edits_are_picked_up_without_a_restart() {
+    let mut db = Db::new();
+    db.exec(TODOS_TABLE);
+    db.exec(RECIPE_1_STEP_1);
+    let server = db.server();
+    db.exec(RECIPE_1_STEP_2);
+    db.exec("GRANT SELECT ON public.todos TO anon, authenticated");
+    let topic = "realtime:public:todos";
+    let mut owner = Conn::open(&server, &support::token("authenticated", &["--sub", USER_A]), Vsn::V2, "owner");
+    owner.join(topic, &json!([binding("*", "todos")]), None);
+    owner.subscribed(topic);
+    db.exec(&format!("INSERT INTO public.todos (id, title, owner_id) VALUES (1, 'a', '{USER_A}')"));
+    assert_eq!(summary(&owner.change(topic).0), ("INSERT".to_string(), json!(1)));
+    // Deny everything.
+    db.exec("ALTER POLICY own_todos_read ON public.todos USING (false)");
+    std::thread::sleep(Duration::from_millis(2500));
+    db.exec(&format!("INSERT INTO public.todos (id, title, owner_id) VALUES (2, 'b', '{USER_A}')"));
+    db.exec("DELETE FROM public.todos WHERE id = 2");
+    // The DELETE (never RLS-checked) is the sentinel: the INSERT before it was withheld.
+    assert_eq!(summary(&owner.change(topic).0), ("DELETE".to_string(), json!(2)), "{}", owner.dump());
+    // Allow again.
+    db.exec("ALTER POLICY own_todos_read ON public.todos USING (owner_id = auth.uid())");
+    std::thread::sleep(Duration::from_millis(2500));
+    db.exec(&format!("INSERT INTO public.todos (id, title, owner_id) VALUES (3, 'c', '{USER_A}')"));
+    assert_eq!(summary(&owner.change(topic).0), ("INSERT".to_string(), json!(3)), "{}", owner.dump());
+    owner.assert_nothing_pending(topic);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. RLS per subscriber (§5.6)
 // ---------------------------------------------------------------------------------------------

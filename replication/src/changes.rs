@@ -548,7 +548,7 @@ async fn process(driver: &Rc<Driver>, rls: &Db, batch: Vec<Arc<Txn>>) {
                 for ((role, _), _) in &query.groups {
                     policies.push(driver.policies.get(&client, &query.table, role).await.map_err(|e| sql::error_text(&e)));
                 }
-                let images: Vec<Vec<sql::RowImage>> = query.groups.iter().map(|(_, rows)| rows.iter().map(|(_, image)| image.clone()).collect()).collect();
+                let images: Vec<Vec<&sql::RowImage>> = query.groups.iter().map(|(_, rows)| rows.iter().map(|(_, image)| &**image).collect()).collect();
                 let runnable: Vec<usize> = (0..query.groups.len()).filter(|g| policies[*g].is_ok()).collect();
                 let request: Vec<sql::RlsGroup<'_>> = runnable
                     .iter()

@@ -162,7 +162,7 @@ pub struct RlsGroup<'a> {
     /// The role's SELECT policies on the table, compiled by [`compile_rls`].
     pub policy: &'a str,
     /// The rows to test.
-    pub rows: &'a [RowImage],
+    pub rows: &'a [&'a RowImage],
 }
 
 /// The SELECT policies that apply to `role` on `table`, compiled into one SQL boolean
@@ -268,15 +268,15 @@ pub async fn rls_visible_groups(client: &Client, table: &TableInfo, groups: &[Rl
 /// Per group: column-major parameters of its complete images (one text array per column, then
 /// the row positions) and the key arrays of its incomplete ones (one per key column, then
 /// positions).
-struct GroupParams {
-    image_arrays: Vec<Vec<Option<String>>>,
+struct GroupParams<'a> {
+    image_arrays: Vec<Vec<Option<&'a str>>>,
     image_positions: Vec<i32>,
-    key_arrays: Vec<Vec<String>>,
+    key_arrays: Vec<Vec<&'a str>>,
     key_positions: Vec<i32>,
 }
 
-impl GroupParams {
-    fn of(table: &TableInfo, rows: &[RowImage]) -> GroupParams {
+impl<'a> GroupParams<'a> {
+    fn of(table: &TableInfo, rows: &[&'a RowImage]) -> GroupParams<'a> {
         let mut params = GroupParams {
             image_arrays: vec![Vec::new(); table.columns.len()],
             image_positions: Vec::new(),
@@ -287,13 +287,13 @@ impl GroupParams {
             match &row.cells {
                 Some(cells) if cells.len() == table.columns.len() => {
                     for (array, cell) in params.image_arrays.iter_mut().zip(cells) {
-                        array.push(cell.clone());
+                        array.push(cell.as_deref());
                     }
                     params.image_positions.push(position as i32);
                 }
                 _ => {
                     for (array, value) in params.key_arrays.iter_mut().zip(&row.key) {
-                        array.push(value.clone());
+                        array.push(value.as_str());
                     }
                     params.key_positions.push(position as i32);
                 }
@@ -451,7 +451,8 @@ mod tests {
             // Three complete committed images and one incomplete one (read back by key; not in
             // the table).
             let image = |a: &str, b: &str, owner: &str| RowImage { key: vec![a.into(), b.into()], cells: Some(vec![Some(a.into()), Some(b.into()), Some(owner.into())]) };
-            let rows = vec![image("1", "it's", "alice"), image("2", "x\"y", "bob"), image("3", "z", "alice"), RowImage { key: vec!["4".into(), "missing".into()], cells: None }];
+            let owned = [image("1", "it's", "alice"), image("2", "x\"y", "bob"), image("3", "z", "alice"), RowImage { key: vec!["4".into(), "missing".into()], cells: None }];
+            let rows: Vec<&RowImage> = owned.iter().collect();
             let reader = compile_rls(&client, &table, "reader").await.unwrap();
             let breaker = compile_rls(&client, &table, "breaker").await.unwrap();
             let group = |role: &'static str, claims: &'static str| RlsGroup { role, claims_json: claims, policy: if role == "reader" { &reader } else { &breaker }, rows: &rows };
@@ -488,10 +489,11 @@ mod tests {
             let table = table_info(&client, "public", "t").await.unwrap().unwrap();
             let policy = compile_rls(&client, &table, "reader").await.unwrap();
             // Row 1 is gone; row 2 now belongs to bob but was committed as alice's.
-            let rows = vec![
+            let owned = [
                 RowImage { key: vec!["1".into()], cells: Some(vec![Some("1".into()), Some("alice".into())]) },
                 RowImage { key: vec!["2".into()], cells: Some(vec![Some("2".into()), Some("alice".into())]) },
             ];
+            let rows: Vec<&RowImage> = owned.iter().collect();
             let groups = [RlsGroup { role: "reader", claims_json: r#"{"sub":"alice"}"#, policy: &policy, rows: &rows }, RlsGroup { role: "reader", claims_json: r#"{"sub":"bob"}"#, policy: &policy, rows: &rows }];
             let results = rls_visible_groups(&client, &table, &groups).await;
             assert_eq!(results[0].as_ref().unwrap(), &vec![true, true]);
@@ -635,7 +637,8 @@ mod tests {
                             serde_json::Value::Object(claims).to_string()
                         })
                         .collect();
-                    let groups: Vec<RlsGroup<'_>> = claims.iter().map(|c| RlsGroup { role, claims_json: c, policy: &policy, rows: &images }).collect();
+                    let image_refs: Vec<&RowImage> = images.iter().collect();
+                    let groups: Vec<RlsGroup<'_>> = claims.iter().map(|c| RlsGroup { role, claims_json: c, policy: &policy, rows: &image_refs }).collect();
                     let ours = rls_visible_groups(&client, &table, &groups).await;
                     for (claims, ours) in claims.iter().zip(ours) {
                         client.batch_execute("begin").await.unwrap();

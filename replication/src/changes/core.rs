@@ -114,7 +114,7 @@ impl MatchedBatch {
 }
 
 /// (matched change index, the row as committed) of one claims group's checks.
-pub(crate) type KeysToCheck = Vec<(usize, crate::sql::RowImage)>;
+pub(crate) type KeysToCheck = Vec<(usize, Arc<crate::sql::RowImage>)>;
 
 /// A wildcard binding to extend: (channel, binding index, role, binding, tables it covers).
 pub(crate) type WildcardBinding = (ChannelKey, usize, Arc<str>, Binding, AHashSet<TableKey>);
@@ -627,13 +627,13 @@ impl ChangesCore {
             if row.kind == Kind::Delete || !table.rls_enabled || table.primary_key.is_empty() {
                 continue;
             }
-            let Some(image) = row_image(&row, table) else { continue };
+            let Some(image) = row_image(&row, table).map(Arc::new) else { continue };
             let groups = by_table.entry(table_key).or_default();
             let mut seen = AHashSet::new();
             for interest in interests {
                 if let Some(group) = &interest.claims_group {
                     if seen.insert(group.clone()) {
-                        groups.entry(group.clone()).or_default().push((m, image.clone()));
+                        groups.entry(group.clone()).or_default().push((m, Arc::clone(&image)));
                     }
                 }
             }
