@@ -613,6 +613,16 @@ mod tests {
         assert!(!eval("id=eq.5", "int4", Some("50")));
         assert!(eval("n=gt.9", "int8", Some("10")), "numeric, not lexical");
         assert!(eval("n=lte.2.5", "numeric", Some("2.50")));
+        // Issue 11: by value, not by text.
+        assert!(eval("n=gt.9.99", "numeric", Some("10.0")), "numeric by value");
+        assert!(eval("n=lt.123456789012345678901234567890.2", "numeric", Some("123456789012345678901234567890.1")), "numeric beyond f64");
+        assert!(eval("t=gt.2026-01-01T00:00:00Z", "timestamptz", Some("2026-01-01 01:00:00+00")));
+        assert!(!eval("t=gt.2026-01-01 00:00:00+02", "timestamptz", Some("2025-12-31 21:59:59+00")), "instants, offsets applied");
+        assert!(eval("d=lt.2026-02-01", "date", Some("2026-01-31")));
+        assert!(eval("d=gt.0001-01-01", "date", Some("2026-01-31")) && eval("d=lt.0001-01-01", "date", Some("0005-01-01 BC")), "BC dates");
+        assert!(!eval("i=gt.1 day", "interval", Some("23:00:00")) && eval("i=lt.2 days", "interval", Some("1 day 23:00:00")));
+        assert!(eval("i=eq.1 mon", "interval", Some("30 days")), "a month is 30 days in interval order");
+        assert!(eval("t=lt.10:00", "time", Some("09:59:59.999999")));
         assert!(eval("id=in.(1,2,3)", "int4", Some("2")));
         assert!(!eval("id=not.in.(1,2,3)", "int4", Some("2")));
         assert!(eval("s=in.(\"a,b\",c)", "text", Some("a,b")));
@@ -678,7 +688,7 @@ mod tests {
     }
 
     /// Differential test of typed comparisons (issue 11 item 4): random numeric, date,
-    /// timestamp, timestamptz, time and timetz values, rendered by PostgreSQL as the replication
+    /// timestamp, timestamptz, time, timetz and interval values, rendered by PostgreSQL as the replication
     /// connection sees them (DateStyle ISO, TimeZone UTC), compared by the filter and by
     /// PostgreSQL's own `<`/`=`. Seeded (`POWA_FILTER_DIFF_SEED`; printed on failure).
     #[test]
@@ -713,6 +723,8 @@ mod tests {
             values.push(("timestamptz", if next(15) == 0 { "'infinity'".into() } else { format!("'{date} {clock}{zone}'") }));
             values.push(("time", format!("'{clock}'")));
             values.push(("timetz", format!("'{clock}{zone}'")));
+            let sign = |n: u64| if n == 0 { "-" } else { "" };
+            values.push(("interval", format!("'{}{} years {}{} mons {}{} days {}{:02}:{:02}:{:02}.{:03}'", sign(next(4)), next(3), sign(next(4)), next(14), sign(next(4)), next(40), sign(next(3)), next(30), next(60), next(60), next(1000))));
         }
         sql.push_str("create table v (n int, ty text, v text); insert into v values ");
         sql.push_str(&values.iter().enumerate().map(|(i, (ty, v))| format!("({i}, '{ty}', {v}::{ty}::text)")).collect::<Vec<_>>().join(", "));
@@ -722,6 +734,7 @@ mod tests {
                       when 'timestamp' then (a.v::timestamp < b.v::timestamp)::int - (a.v::timestamp > b.v::timestamp)::int \
                       when 'timestamptz' then (a.v::timestamptz < b.v::timestamptz)::int - (a.v::timestamptz > b.v::timestamptz)::int \
                       when 'time' then (a.v::time < b.v::time)::int - (a.v::time > b.v::time)::int \
+                      when 'interval' then (a.v::interval < b.v::interval)::int - (a.v::interval > b.v::interval)::int \
                       else (a.v::timetz < b.v::timetz)::int - (a.v::timetz > b.v::timetz)::int end \
             from v a join v b on a.ty = b.ty;");
         let output = cluster.psql(&sql).unwrap();

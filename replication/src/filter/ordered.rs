@@ -103,6 +103,8 @@ pub enum Temporal {
     Time,
     /// `timetz`.
     TimeTz,
+    /// `interval` (ordered as PostgreSQL does: months of 30 days, days of 24 hours).
+    Interval,
 }
 
 impl Temporal {
@@ -113,6 +115,7 @@ impl Temporal {
             "timestamptz" => Temporal::TimestampTz,
             "time" => Temporal::Time,
             "timetz" => Temporal::TimeTz,
+            "interval" => Temporal::Interval,
             _ => return None,
         })
     }
@@ -127,6 +130,7 @@ impl Temporal {
             _ => {}
         }
         match self {
+            Temporal::Interval => interval_micros(text).map(|micros| (micros, 0)),
             Temporal::Time | Temporal::TimeTz => {
                 let (micros, offset) = time_of_day(text)?;
                 match self {
@@ -163,6 +167,70 @@ impl Temporal {
             }
         }
     }
+}
+
+const DAY_MICROS: i128 = 86_400_000_000;
+
+/// An interval in the `postgres` output style or written with units (`1 year 2 mons 3 days
+/// -04:05:06.5`, `-1 days +02:00:00`, `90 minutes`, `1.5 hours`), as microseconds with months
+/// of 30 days (PostgreSQL's interval order). Other forms (ISO 8601 `P…`, `ago`) → `None`.
+fn interval_micros(text: &str) -> Option<i128> {
+    let mut total: i128 = 0;
+    let mut tokens = text.split_whitespace().peekable();
+    let mut any = false;
+    while let Some(token) = tokens.next() {
+        any = true;
+        if token.contains(':') {
+            let (negative, clock) = match token.as_bytes().first()? {
+                b'-' => (true, &token[1..]),
+                b'+' => (false, &token[1..]),
+                _ => (false, token),
+            };
+            let mut parts = clock.splitn(3, ':');
+            let hours = digits(parts.next()?)? as i128;
+            let minutes = digits(parts.next()?)? as i128;
+            let seconds = match parts.next() {
+                Some(s) => scaled(s, 1_000_000)?,
+                None => 0,
+            };
+            let micros = (hours * 3600 + minutes * 60) * 1_000_000 + seconds;
+            total += if negative { -micros } else { micros };
+            continue;
+        }
+        let unit_text = tokens.next()?.to_ascii_lowercase();
+        let unit: i128 = match unit_text.as_str() {
+            "year" | "years" | "yr" | "yrs" | "y" => 360 * DAY_MICROS,
+            "mon" | "mons" | "month" | "months" => 30 * DAY_MICROS,
+            "week" | "weeks" | "w" => 7 * DAY_MICROS,
+            "day" | "days" | "d" => DAY_MICROS,
+            "hour" | "hours" | "hr" | "hrs" | "h" => 3_600_000_000,
+            "minute" | "minutes" | "min" | "mins" | "m" => 60_000_000,
+            "second" | "seconds" | "sec" | "secs" | "s" => 1_000_000,
+            "millisecond" | "milliseconds" | "ms" | "msec" | "msecs" => 1_000,
+            "microsecond" | "microseconds" | "us" | "usec" | "usecs" => 1,
+            _ => return None,
+        };
+        total += scaled(token, unit)?;
+    }
+    any.then_some(total)
+}
+
+/// `[+-]int[.frac]` × `unit`, exact while the fraction divides (else truncated toward zero, as
+/// PostgreSQL's cascade of fractional units does at microseconds).
+fn scaled(text: &str, unit: i128) -> Option<i128> {
+    let (negative, body) = match text.as_bytes().first()? {
+        b'-' => (true, &text[1..]),
+        b'+' => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+    if int.is_empty() && frac.is_empty() || int.len() > 18 || frac.len() > 18 || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let int: i128 = if int.is_empty() { 0 } else { int.parse().ok()? };
+    let frac_value: i128 = if frac.is_empty() { 0 } else { frac.parse().ok()? };
+    let value = int * unit + frac_value * unit / 10_i128.pow(frac.len() as u32);
+    Some(if negative { -value } else { value })
 }
 
 fn digits(text: &str) -> Option<i64> {
