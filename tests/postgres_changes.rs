@@ -766,6 +766,41 @@ fn recipe_1_insert_update_delete_in_quick_succession_reach_the_owner() {
     other.assert_nothing_pending(topic);
 }
 
+/// Issue 11: an UPDATE whose new image lacks an unchanged TOASTed column (replica identity
+/// default) cannot be judged on the image alone; the check reads the row back by key, so the
+/// owner still gets it and another user does not.
+#[test]
+fn update_with_an_unchanged_toasted_column_is_checked_by_reading_the_row() {
+    let mut db = Db::new();
+    db.exec("CREATE TABLE public.docs (id int PRIMARY KEY, body text, done bool NOT NULL DEFAULT false, owner_id uuid NOT NULL)");
+    db.exec("ALTER TABLE public.docs ALTER COLUMN body SET STORAGE EXTERNAL");
+    db.exec("CREATE PUBLICATION supabase_realtime FOR TABLE public.docs");
+    let server = db.server();
+    db.exec("GRANT SELECT ON public.docs TO anon, authenticated");
+    db.exec("ALTER TABLE public.docs ENABLE ROW LEVEL SECURITY");
+    db.exec("CREATE POLICY own_docs ON public.docs FOR SELECT TO authenticated USING (owner_id = auth.uid())");
+    let topic = "realtime:docs";
+    let mut owner = Conn::open(&server, &support::token("authenticated", &["--sub", USER_A]), Vsn::V2, "owner");
+    let mut other = Conn::open(&server, &support::token("authenticated", &["--sub", USER_B]), Vsn::V2, "other");
+    for conn in [&mut owner, &mut other] {
+        conn.join(topic, &json!([binding("UPDATE", "docs")]), None);
+        conn.subscribed(topic);
+    }
+    db.exec(&format!("INSERT INTO public.docs (id, body, owner_id) VALUES (1, (SELECT string_agg(md5(g::text), '') FROM generate_series(1, 400) g), '{USER_A}')"));
+    db.exec(&format!("INSERT INTO public.docs (id, body, owner_id) VALUES (2, 'short', '{USER_B}')"));
+    db.exec("UPDATE public.docs SET done = true WHERE id = 1");
+    db.exec("UPDATE public.docs SET done = true WHERE id = 2");
+    let (payload, raw) = owner.change(topic);
+    assert_eq!(summary(&payload), ("UPDATE".to_string(), json!(1)), "{raw}");
+    assert_eq!(payload["data"]["record"]["done"], json!(true), "{raw}");
+    assert!(payload["data"]["record"].get("body").is_none(), "the unchanged TOASTed body was not in the WAL, so the image was incomplete: {raw}");
+    // The other user's own row is the sentinel: row 1's UPDATE was withheld from them.
+    let (payload, raw) = other.change(topic);
+    assert_eq!(summary(&payload), ("UPDATE".to_string(), json!(2)), "{raw}");
+    owner.assert_nothing_pending(topic);
+    other.assert_nothing_pending(topic);
+}
+
 /// Issue 11: compiled RLS checks follow policy edits without a restart (the catalog fingerprint
 /// is polled every 2 s): a policy switched to deny stops INSERTs, switched back lets them through.
 #[test]
