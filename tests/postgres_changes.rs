@@ -869,8 +869,9 @@ fn rls_each_user_gets_own_rows_anon_none_deletes_unchecked_with_key_only() {
     }
 
     // Each step waits until its change reached the clients that must get it before the next
-    // step runs: the RLS check reads the table as it is when the change is processed (§5.6
-    // rule 5), so deleting a row before its INSERT was processed could legitimately hide it.
+    // step runs (written when the RLS check read the table as it was when the change was
+    // processed, §5.6 rule 5; the check now judges the committed row, see
+    // recipe_1_insert_update_delete_in_quick_succession_reach_the_owner, and the waits stay).
     // Clients that must not get a change are covered by order: their next expected change
     // would be preceded by it.
     let (a, b, an, sv, a2) = (0usize, 1usize, 2usize, 3usize, 4usize);
