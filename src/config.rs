@@ -97,3 +97,16 @@ pub(crate) fn server_config(secret: Vec<u8>) -> Result<ServerConfig> {
         panic_shard_for_tests,
     })
 }
+
+/// The replication slot: `REALTIME_SLOT_NAME` (default `powa_realtime`),
+/// `REALTIME_SLOT_MAX_RETAINED_MB` (default 1024) and `REALTIME_SLOT_MAX_AWAY_SECS` (default 600).
+pub(crate) fn slot_config() -> Result<replication::reader::SlotConfig> {
+    let defaults = replication::reader::SlotConfig::default();
+    let name = var("REALTIME_SLOT_NAME").map(|n| n.trim().to_string()).unwrap_or(defaults.name);
+    if name.is_empty() || name.len() > 63 || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+        bail!("REALTIME_SLOT_NAME={name:?}: use 1 to 63 characters of a-z, 0-9 and _");
+    }
+    let max_retained_mb: u64 = number("REALTIME_SLOT_MAX_RETAINED_MB", 1024)?;
+    let max_away_secs: u64 = number("REALTIME_SLOT_MAX_AWAY_SECS", 600)?;
+    Ok(replication::reader::SlotConfig { name, max_retained_bytes: max_retained_mb.saturating_mul(1024 * 1024), max_away: Duration::from_secs(max_away_secs) })
+}

@@ -26,7 +26,8 @@ USAGE:
 
 ENVIRONMENT: REALTIME_ADDR (127.0.0.1:4000), JWT_SECRET, JWT_JWKS, REALTIME_SHARDS (cores),
     DATABASE_URL, REALTIME_DRAIN_SECS (10), REALTIME_TLS_CERT + REALTIME_TLS_KEY (PEM; SIGHUP reloads), REALTIME_MAX_* limits, REALTIME_IDLE_TIMEOUT_SECS, REALTIME_JOIN_ERROR_DELAY_MS,
-    REALTIME_CONNECT_ERROR_DELAY_MS, RUST_LOG (info), REALTIME_LOG_FORMAT (text|json). See README.md.
+    REALTIME_CONNECT_ERROR_DELAY_MS, REALTIME_SLOT_NAME (powa_realtime), REALTIME_SLOT_MAX_RETAINED_MB (1024),
+    REALTIME_SLOT_MAX_AWAY_SECS (600), RUST_LOG (info), REALTIME_LOG_FORMAT (text|json). See README.md.
 ";
 
 /// Exit status after a panic (Rust's own for a panicking main thread).
@@ -89,9 +90,13 @@ fn serve() -> Result<()> {
     let secret = std::env::var("JWT_SECRET").context("JWT_SECRET is required by `serve` (the HS256 secret project tokens are signed with)")?;
     let mut server = config::server_config(secret.into_bytes())?;
     signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: tls_reload(&server), hangup_stops: false, before_exit: || {} })?;
-    attach_database(&mut server)?;
+    let replication = attach_database(&mut server)?;
     tracing::info!(addr = %server.addr, shards = server.shards, database = server.database, "powa-realtime serving");
     net::server::run(server)?;
+    // A clean stop (the drain finished): drop the replication slot.
+    if let Some(control) = replication {
+        replication::start::stop(&control, SLOT_DROP_WAIT);
+    }
     Ok(())
 }
 
@@ -106,20 +111,26 @@ fn tls_reload(server: &net::server::ServerConfig) -> Option<Box<dyn Fn() + Send>
 }
 
 /// With `DATABASE_URL`: install the schema and start the replication side.
-fn attach_database(server: &mut net::server::ServerConfig) -> Result<()> {
+fn attach_database(server: &mut net::server::ServerConfig) -> Result<Option<ReaderControl>> {
     match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.trim().is_empty() => attach_database_url(server, url.trim()),
-        _ => Ok(()),
+        Ok(url) if !url.trim().is_empty() => attach_database_url(server, url.trim()).map(Some),
+        _ => Ok(None),
     }
 }
 
-fn attach_database_url(server: &mut net::server::ServerConfig, url: &str) -> Result<()> {
-    let postgres = replication::start::start(url, server.shards, server.limits.payload_bytes_max).context("DATABASE_URL")?;
+/// How long a clean stop waits for the replication slot to be dropped.
+const SLOT_DROP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+type ReaderControl = std::sync::Arc<replication::reader::ReaderControl>;
+
+fn attach_database_url(server: &mut net::server::ServerConfig, url: &str) -> Result<ReaderControl> {
+    let postgres = replication::start::start(url, server.shards, server.limits.payload_bytes_max, config::slot_config()?).context("DATABASE_URL")?;
+    let control = std::sync::Arc::clone(&postgres.control);
     server.database = true;
     server.metrics_hooks.push(pgmetrics::hook(std::sync::Arc::clone(&postgres.reader_stats), std::sync::Arc::clone(&postgres.core_stats), std::sync::Arc::clone(&postgres.healthy)));
     server.postgres_status = Some(pgmetrics::status(postgres.reader_stats, postgres.core_stats, std::sync::Arc::clone(&postgres.healthy)));
     server.postgres = Some(net::server::PgLink { commands: postgres.commands, inboxes: postgres.inboxes, healthy: postgres.healthy });
-    Ok(())
+    Ok(control)
 }
 
 /// Reads or creates the dev secret under `./.powa/`.
@@ -168,10 +179,14 @@ fn dev() -> Result<()> {
         Some(_) => dev::database_url(),
         None => std::env::var("DATABASE_URL").ok(),
     };
+    let mut replication = None;
     if let Some(url) = url {
-        if let Err(error) = attach_database_url(&mut server, url.trim()) {
-            dev::shutdown();
-            return Err(error);
+        match attach_database_url(&mut server, url.trim()) {
+            Ok(control) => replication = Some(control),
+            Err(error) => {
+                dev::shutdown();
+                return Err(error);
+            }
         }
     }
     let exp = now() + DEV_KEY_LIFETIME_SECS;
@@ -200,6 +215,9 @@ fn dev() -> Result<()> {
     }
     println!("  Ctrl-C stops the server{}.", if database.is_some() { " and PostgreSQL" } else { "" });
     let result = net::server::run(server);
+    if let Some(control) = replication {
+        replication::start::stop(&control, SLOT_DROP_WAIT);
+    }
     dev::shutdown();
     result?;
     Ok(())

@@ -718,6 +718,120 @@ fn recipe_1_live_updating_todo_list_verbatim() {
     ws.conn.assert_nothing_pending(topic);
 }
 
+/// Issue 11: the RLS check judges the row as committed, so the owner gets a todo's INSERT and
+/// UPDATE even when the row is updated and deleted right after (each statement its own
+/// transaction, all three within a few ms); another user gets only the key-only DELETE.
+#[test]
+fn recipe_1_insert_update_delete_in_quick_succession_reach_the_owner() {
+    let mut db = Db::new();
+    db.exec(TODOS_TABLE);
+    db.exec(RECIPE_1_STEP_1);
+    let server = db.server();
+    db.exec(RECIPE_1_STEP_2);
+    db.exec("GRANT SELECT ON public.todos TO anon, authenticated");
+    let topic = "realtime:public:todos";
+    let bindings = json!([binding("*", "todos")]);
+    let mut owner = Conn::open(&server, &support::token("authenticated", &["--sub", USER_A]), Vsn::V2, "owner");
+    let mut other = Conn::open(&server, &support::token("authenticated", &["--sub", USER_B]), Vsn::V2, "other");
+    for conn in [&mut owner, &mut other] {
+        conn.join(topic, &bindings, None);
+        conn.subscribed(topic);
+    }
+    let mut fastest_ms = i64::MAX;
+    for id in 1001..1006 {
+        // Three transactions in one round trip.
+        db.exec(&format!(
+            "BEGIN; INSERT INTO public.todos (id, title, owner_id) VALUES ({id}, 'Buy milk', '{USER_A}'); COMMIT; \
+             BEGIN; UPDATE public.todos SET done = true WHERE id = {id}; COMMIT; \
+             BEGIN; DELETE FROM public.todos WHERE id = {id}; COMMIT;"
+        ));
+        let mut stamps = Vec::new();
+        for (want, done) in [("INSERT", false), ("UPDATE", true)] {
+            let (payload, raw) = owner.change(topic);
+            assert_eq!(summary(&payload), (want.to_string(), json!(id)), "{raw}\n{}", owner.dump());
+            assert_eq!(payload["data"]["record"]["done"], json!(done), "{raw}");
+            assert_eq!(payload["data"]["record"]["owner_id"], json!(USER_A), "{raw}");
+            stamps.push(parse_commit_timestamp(payload["data"]["commit_timestamp"].as_str().unwrap()).unwrap());
+        }
+        for conn in [&mut owner, &mut other] {
+            let (payload, raw) = conn.change(topic);
+            assert_eq!(summary(&payload), ("DELETE".to_string(), json!(id)), "{raw}\n{}", conn.dump());
+            assert_eq!(payload["data"]["old_record"], json!({"id": id}), "{raw}");
+            stamps.push(parse_commit_timestamp(payload["data"]["commit_timestamp"].as_str().unwrap()).unwrap());
+        }
+        fastest_ms = fastest_ms.min(stamps.iter().max().unwrap() - stamps.iter().min().unwrap());
+    }
+    assert!(fastest_ms <= 10, "at least one insert → update → delete committed within 10 ms (fastest {fastest_ms} ms)");
+    owner.assert_nothing_pending(topic);
+    other.assert_nothing_pending(topic);
+}
+
+/// Issue 11: an UPDATE whose new image lacks an unchanged TOASTed column (replica identity
+/// default) cannot be judged on the image alone; the check reads the row back by key, so the
+/// owner still gets it and another user does not.
+#[test]
+fn update_with_an_unchanged_toasted_column_is_checked_by_reading_the_row() {
+    let mut db = Db::new();
+    db.exec("CREATE TABLE public.docs (id int PRIMARY KEY, body text, done bool NOT NULL DEFAULT false, owner_id uuid NOT NULL)");
+    db.exec("ALTER TABLE public.docs ALTER COLUMN body SET STORAGE EXTERNAL");
+    db.exec("CREATE PUBLICATION supabase_realtime FOR TABLE public.docs");
+    let server = db.server();
+    db.exec("GRANT SELECT ON public.docs TO anon, authenticated");
+    db.exec("ALTER TABLE public.docs ENABLE ROW LEVEL SECURITY");
+    db.exec("CREATE POLICY own_docs ON public.docs FOR SELECT TO authenticated USING (owner_id = auth.uid())");
+    let topic = "realtime:docs";
+    let mut owner = Conn::open(&server, &support::token("authenticated", &["--sub", USER_A]), Vsn::V2, "owner");
+    let mut other = Conn::open(&server, &support::token("authenticated", &["--sub", USER_B]), Vsn::V2, "other");
+    for conn in [&mut owner, &mut other] {
+        conn.join(topic, &json!([binding("UPDATE", "docs")]), None);
+        conn.subscribed(topic);
+    }
+    db.exec(&format!("INSERT INTO public.docs (id, body, owner_id) VALUES (1, (SELECT string_agg(md5(g::text), '') FROM generate_series(1, 400) g), '{USER_A}')"));
+    db.exec(&format!("INSERT INTO public.docs (id, body, owner_id) VALUES (2, 'short', '{USER_B}')"));
+    db.exec("UPDATE public.docs SET done = true WHERE id = 1");
+    db.exec("UPDATE public.docs SET done = true WHERE id = 2");
+    let (payload, raw) = owner.change(topic);
+    assert_eq!(summary(&payload), ("UPDATE".to_string(), json!(1)), "{raw}");
+    assert_eq!(payload["data"]["record"]["done"], json!(true), "{raw}");
+    assert!(payload["data"]["record"].get("body").is_none(), "the unchanged TOASTed body was not in the WAL, so the image was incomplete: {raw}");
+    // The other user's own row is the sentinel: row 1's UPDATE was withheld from them.
+    let (payload, raw) = other.change(topic);
+    assert_eq!(summary(&payload), ("UPDATE".to_string(), json!(2)), "{raw}");
+    owner.assert_nothing_pending(topic);
+    other.assert_nothing_pending(topic);
+}
+
+/// Issue 11: compiled RLS checks follow policy edits without a restart (the catalog fingerprint
+/// is polled every 2 s): a policy switched to deny stops INSERTs, switched back lets them through.
+#[test]
+fn policy_edits_are_picked_up_without_a_restart() {
+    let mut db = Db::new();
+    db.exec(TODOS_TABLE);
+    db.exec(RECIPE_1_STEP_1);
+    let server = db.server();
+    db.exec(RECIPE_1_STEP_2);
+    db.exec("GRANT SELECT ON public.todos TO anon, authenticated");
+    let topic = "realtime:public:todos";
+    let mut owner = Conn::open(&server, &support::token("authenticated", &["--sub", USER_A]), Vsn::V2, "owner");
+    owner.join(topic, &json!([binding("*", "todos")]), None);
+    owner.subscribed(topic);
+    db.exec(&format!("INSERT INTO public.todos (id, title, owner_id) VALUES (1, 'a', '{USER_A}')"));
+    assert_eq!(summary(&owner.change(topic).0), ("INSERT".to_string(), json!(1)));
+    // Deny everything.
+    db.exec("ALTER POLICY own_todos_read ON public.todos USING (false)");
+    std::thread::sleep(Duration::from_millis(2500));
+    db.exec(&format!("INSERT INTO public.todos (id, title, owner_id) VALUES (2, 'b', '{USER_A}')"));
+    db.exec("DELETE FROM public.todos WHERE id = 2");
+    // The DELETE (never RLS-checked) is the sentinel: the INSERT before it was withheld.
+    assert_eq!(summary(&owner.change(topic).0), ("DELETE".to_string(), json!(2)), "{}", owner.dump());
+    // Allow again.
+    db.exec("ALTER POLICY own_todos_read ON public.todos USING (owner_id = auth.uid())");
+    std::thread::sleep(Duration::from_millis(2500));
+    db.exec(&format!("INSERT INTO public.todos (id, title, owner_id) VALUES (3, 'c', '{USER_A}')"));
+    assert_eq!(summary(&owner.change(topic).0), ("INSERT".to_string(), json!(3)), "{}", owner.dump());
+    owner.assert_nothing_pending(topic);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. RLS per subscriber (§5.6)
 // ---------------------------------------------------------------------------------------------
@@ -755,8 +869,9 @@ fn rls_each_user_gets_own_rows_anon_none_deletes_unchecked_with_key_only() {
     }
 
     // Each step waits until its change reached the clients that must get it before the next
-    // step runs: the RLS check reads the table as it is when the change is processed (§5.6
-    // rule 5), so deleting a row before its INSERT was processed could legitimately hide it.
+    // step runs (written when the RLS check read the table as it was when the change was
+    // processed, §5.6 rule 5; the check now judges the committed row, see
+    // recipe_1_insert_update_delete_in_quick_succession_reach_the_owner, and the waits stay).
     // Clients that must not get a change are covered by order: their next expected change
     // would be preceded by it.
     let (a, b, an, sv, a2) = (0usize, 1usize, 2usize, 3usize, 4usize);

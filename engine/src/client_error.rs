@@ -602,6 +602,9 @@ pub enum ChangesNotice {
     /// The replication stream stopped for good on a definite error (the server's configuration
     /// must be fixed; the operator's log says how).
     StreamStopped,
+    /// The replication slot had to be recreated (the server was away too long, too much WAL
+    /// was pending, or the slot was gone): changes committed meanwhile were not delivered.
+    ChangesMissed,
 }
 
 impl ChangesNotice {
@@ -614,6 +617,7 @@ impl ChangesNotice {
             )
             .into(),
             ChangesNotice::StreamStopped => "Postgres Changes stopped: the server cannot use its database connection settings; changes are not delivered until the server is reconfigured and restarted".into(),
+            ChangesNotice::ChangesMissed => "Changes committed while the replication stream was down were missed (the server was away too long or too much WAL was pending); refetch the data".into(),
         }
     }
 
@@ -621,7 +625,7 @@ impl ChangesNotice {
     pub fn status(&self) -> &'static str {
         match self {
             ChangesNotice::Subscribed => "ok",
-            ChangesNotice::StreamLost { .. } | ChangesNotice::StreamStopped => "error",
+            ChangesNotice::StreamLost { .. } | ChangesNotice::StreamStopped | ChangesNotice::ChangesMissed => "error",
         }
     }
 }
@@ -859,6 +863,7 @@ mod tests {
             (ChangesNotice::Subscribed, "ok", "Subscribed to PostgreSQL"),
             (ChangesNotice::StreamLost { reason: "EOF".into() }, "error", "The replication connection to the database was lost (EOF); changes are not delivered until it is back, when a new \"Subscribed to PostgreSQL\" follows"),
             (ChangesNotice::StreamStopped, "error", "Postgres Changes stopped: the server cannot use its database connection settings; changes are not delivered until the server is reconfigured and restarted"),
+            (ChangesNotice::ChangesMissed, "error", "Changes committed while the replication stream was down were missed (the server was away too long or too much WAL was pending); refetch the data"),
         ];
         for (notice, status, text) in notices {
             assert_eq!((notice.status(), notice.text().as_ref()), (status, text));

@@ -185,6 +185,8 @@ struct Driver {
     meta: Rc<Db>,
     /// Policy checks (their own connection).
     authz: Rc<Db>,
+    /// Compiled RLS checks of Postgres Changes.
+    policies: CompiledPolicies,
 }
 
 impl Driver {
@@ -260,6 +262,7 @@ async fn run(
         stats,
         meta: Rc::clone(&meta),
         authz,
+        policies: CompiledPolicies::default(),
     });
     // Commands: the core answers what it can at once and asks for the queries it needs (each
     // runs in its own task, so a join storm never stalls change delivery).
@@ -302,6 +305,10 @@ async fn run(
                         control.restart.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
+                match sql::rls_fingerprint(&client).await {
+                    Ok(fingerprint) => driver.policies.observe(fingerprint),
+                    Err(error) => tracing::warn!(error = %sql::error_text(&error), "RLS catalog fingerprint failed"),
+                }
                 if driver.with(|core| core.wants_publication_poll()) {
                     if let Err(error) = poll_publication(&driver, &client).await {
                         tracing::warn!(error = %sql::error_text(&error), "publication poll failed");
@@ -324,7 +331,7 @@ async fn run(
                 }
                 other => {
                     if !batch.is_empty() {
-                        process(&driver, &rls, std::mem::take(&mut batch)).await;
+                        process_and_confirm(&driver, &rls, &control, std::mem::take(&mut batch)).await;
                     }
                     handle_event(&driver, &meta, &control, other).await;
                     next = events.try_recv().ok();
@@ -332,7 +339,7 @@ async fn run(
             }
         }
         if !batch.is_empty() {
-            process(&driver, &rls, batch).await;
+            process_and_confirm(&driver, &rls, &control, batch).await;
         }
     }
     // The reader stopped (a definite error): commands, policy checks and replays are still
@@ -371,6 +378,7 @@ async fn handle_event(driver: &Rc<Driver>, meta: &Db, control: &crate::reader::R
         // stream restarts with it.
         WalEvent::StreamUp => driver.with(|core| core.stream_up(control.reads_publication.load(std::sync::atomic::Ordering::Relaxed))),
         WalEvent::StreamDown(reason) => driver.with(|core| core.stream_down(reason)),
+        WalEvent::ChangesMissed => driver.with(ChangesCore::changes_missed),
         WalEvent::StreamFailed(_) => {
             // The reader logged the error with what to fix.
             meta.health.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -465,6 +473,62 @@ async fn poll_publication(driver: &Rc<Driver>, meta: &Client) -> Result<(), sql:
     Ok(())
 }
 
+/// Compiled SELECT policies per (table oid, role) ([`sql::compile_rls`]), valid while the
+/// catalog fingerprint ([`sql::rls_fingerprint`]) is the one they were compiled under; the
+/// publication poll re-reads the fingerprint every [`PUBLICATION_POLL`] and clears the cache
+/// when policies, roles or tables' RLS settings changed. Bounded: cleared beyond
+/// [`POLICIES_MAX`] entries.
+#[derive(Default)]
+pub(crate) struct CompiledPolicies {
+    entries: RefCell<PolicyEntries>,
+    fingerprint: RefCell<Option<String>>,
+}
+
+/// (table oid, role) → compiled SELECT policy expression.
+type PolicyEntries = AHashMap<(i64, Arc<str>), Rc<str>>;
+
+/// Bound of the compiled-policy cache.
+const POLICIES_MAX: usize = 16_384;
+
+impl CompiledPolicies {
+    /// Clears the cache when the catalog changed since the last call.
+    fn observe(&self, fingerprint: String) {
+        let mut current = self.fingerprint.borrow_mut();
+        if current.as_deref() != Some(fingerprint.as_str()) {
+            if current.is_some() {
+                tracing::info!("policies, roles or RLS settings changed: recompiling RLS checks");
+            }
+            self.entries.borrow_mut().clear();
+            *current = Some(fingerprint);
+        }
+    }
+
+    /// The compiled policy of `role` on `table`, compiling it on a miss.
+    async fn get(&self, client: &Client, table: &sql::TableInfo, role: &Arc<str>) -> Result<Rc<str>, sql::SqlError> {
+        if let Some(policy) = self.entries.borrow().get(&(table.oid, Arc::clone(role))) {
+            return Ok(Rc::clone(policy));
+        }
+        if self.fingerprint.borrow().is_none() {
+            self.observe(sql::rls_fingerprint(client).await?);
+        }
+        let policy: Rc<str> = Rc::from(sql::compile_rls(client, table, role).await?);
+        let mut entries = self.entries.borrow_mut();
+        if entries.len() >= POLICIES_MAX {
+            entries.clear();
+        }
+        entries.insert((table.oid, Arc::clone(role)), Rc::clone(&policy));
+        Ok(policy)
+    }
+}
+
+/// Processes a batch, then lets the reader confirm it: the slot advances only past
+/// transactions handed to the shards.
+async fn process_and_confirm(driver: &Rc<Driver>, rls: &Db, control: &crate::reader::ReaderControl, batch: Vec<Arc<Txn>>) {
+    let end = batch.iter().map(|t| t.end_lsn).max().unwrap_or(0);
+    process(driver, rls, batch).await;
+    control.handed_off.fetch_max(end, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// One batch: match, run its RLS round trips (one per table), deliver.
 async fn process(driver: &Rc<Driver>, rls: &Db, batch: Vec<Arc<Txn>>) {
     let matched: MatchedBatch = driver.with(|core| core.match_batch(&batch));
@@ -475,19 +539,34 @@ async fn process(driver: &Rc<Driver>, rls: &Db, batch: Vec<Arc<Txn>>) {
     let queries = driver.with(|core| core.plan_rls(&matched));
     let mut verdicts = Verdicts::default();
     for query in &queries {
-        let keys: Vec<Vec<Vec<String>>> = query.groups.iter().map(|(_, rows)| rows.iter().map(|(_, pk)| pk.clone()).collect()).collect();
-        let request: Vec<sql::RlsGroup<'_>> = query
-            .groups
-            .iter()
-            .zip(&keys)
-            .map(|(((role, claims), _), rows)| sql::RlsGroup { role, claims_json: claims, rows })
-            .collect();
         let started = std::time::Instant::now();
         let results: Vec<Result<Vec<bool>, String>> = match rls.get().await {
             Ok(client) => {
-                let results = sql::rls_visible_groups(&client, &query.table, &request).await;
+                // Each group's role's compiled policies (cached; a failure to compile is that
+                // group's error).
+                let mut policies: Vec<Result<Rc<str>, String>> = Vec::with_capacity(query.groups.len());
+                for ((role, _), _) in &query.groups {
+                    policies.push(driver.policies.get(&client, &query.table, role).await.map_err(|e| sql::error_text(&e)));
+                }
+                let images: Vec<Vec<&sql::RowImage>> = query.groups.iter().map(|(_, rows)| rows.iter().map(|(_, image)| &**image).collect()).collect();
+                let runnable: Vec<usize> = (0..query.groups.len()).filter(|g| policies[*g].is_ok()).collect();
+                let request: Vec<sql::RlsGroup<'_>> = runnable
+                    .iter()
+                    .map(|&g| {
+                        let ((role, claims), _) = &query.groups[g];
+                        let policy: &str = policies[g].as_ref().map(|p| &**p).unwrap_or("false");
+                        sql::RlsGroup { role, claims_json: claims, policy, rows: &images[g] }
+                    })
+                    .collect();
+                let mut answers = sql::rls_visible_groups(&client, &query.table, &request).await.into_iter();
                 driver.stats.rls_latency.observe(started.elapsed().as_micros() as u64);
-                results.into_iter().map(|r| r.map_err(|e| sql::error_text(&e))).collect()
+                policies
+                    .iter()
+                    .map(|policy| match policy {
+                        Ok(_) => answers.next().map(|r| r.map_err(|e| sql::error_text(&e))).unwrap_or_else(|| Err(SystemMessage::DatabaseUnreachable.text().into_owned())),
+                        Err(error) => Err(error.clone()),
+                    })
+                    .collect()
             }
             Err(_) => query.groups.iter().map(|_| Err(SystemMessage::DatabaseUnreachable.text().into_owned())).collect(),
         };

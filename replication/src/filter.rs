@@ -3,14 +3,19 @@
 //!
 //! Filter values never reach SQL: they are parsed into typed values once, at subscribe time,
 //! and compared with each change's column text. Comparison follows the column's type: integers
-//! and decimals numerically, booleans by truth value, `uuid` case-insensitively, everything else
-//! by bytes (the `C` collation; a database with a linguistic collation may order `lt`/`gt` on
-//! text differently — README, Limits).
+//! and floats numerically, `numeric` exactly and date/time types by value (`ordered`), booleans
+//! by truth value, `uuid` case-insensitively, everything else by bytes (the `C` collation; a
+//! database with a linguistic collation may order `lt`/`gt` on text differently — README).
 
 use std::fmt;
 
 use engine::client_error::{BindingError, BindingException};
 use regex::bytes::{Regex, RegexBuilder};
+
+mod ordered;
+
+use ordered::Numeric;
+pub use ordered::Temporal;
 
 /// Most values an `in` filter may list.
 pub const IN_VALUES_MAX: usize = 100;
@@ -275,8 +280,12 @@ fn array_items(body: &str) -> Result<Vec<Option<String>>, String> {
 pub enum Kind {
     /// int2/int4/int8/oid.
     Integer,
-    /// numeric/float4/float8.
+    /// float4/float8/money.
     Decimal,
+    /// numeric: exact decimal order.
+    Numeric,
+    /// date, timestamp, timestamptz, time, timetz: by value.
+    Temporal(Temporal),
     /// bool.
     Boolean,
     /// uuid (case-insensitive).
@@ -292,11 +301,12 @@ impl Kind {
     pub fn of(type_name: &str) -> Kind {
         match type_name {
             "int2" | "int4" | "int8" | "oid" => Kind::Integer,
-            "numeric" | "float4" | "float8" | "money" => Kind::Decimal,
+            "numeric" => Kind::Numeric,
+            "float4" | "float8" | "money" => Kind::Decimal,
             "bool" => Kind::Boolean,
             "uuid" => Kind::Uuid,
             "text" | "varchar" | "bpchar" | "name" | "citext" | "char" => Kind::Text,
-            _ => Kind::Other,
+            other => Temporal::of(other).map(Kind::Temporal).unwrap_or(Kind::Other),
         }
     }
 }
@@ -307,6 +317,8 @@ enum Operand {
     Integer(i128),
     Decimal(f64),
     Boolean(bool),
+    Numeric(Numeric),
+    Temporal((i128, i64)),
     Text(Vec<u8>),
 }
 
@@ -367,6 +379,9 @@ fn operand(kind: Kind, type_name: &str, text: &str) -> Result<Operand, FilterChe
             let normalized = normalize_uuid(text.trim().as_bytes()).ok_or_else(|| FilterCheckError(BindingException::InvalidInput { type_label: "uuid".into(), text: text.to_string() }.text()))?;
             Operand::Text(normalized)
         }
+        Kind::Numeric => Operand::Numeric(Numeric::parse(text).ok_or_else(invalid)?),
+        // An operand in a form the ISO parser does not know keeps the text comparison.
+        Kind::Temporal(t) => t.key(text).map(Operand::Temporal).unwrap_or_else(|| Operand::Text(text.as_bytes().to_vec())),
         Kind::Text | Kind::Other => Operand::Text(text.as_bytes().to_vec()),
     })
 }
@@ -470,6 +485,8 @@ fn compare(kind: Kind, value: &[u8], operand: &Operand) -> Option<std::cmp::Orde
         (Kind::Decimal, Operand::Decimal(b)) => std::str::from_utf8(value).ok()?.trim().parse::<f64>().ok()?.partial_cmp(b),
         (Kind::Boolean, Operand::Boolean(b)) => parse_bool(value).map(|a| a.cmp(b)),
         (Kind::Uuid, Operand::Text(b)) => normalize_uuid(value).map(|a| a.cmp(b)),
+        (Kind::Numeric, Operand::Numeric(b)) => Numeric::parse(std::str::from_utf8(value).ok()?).map(|a| a.cmp(b)),
+        (Kind::Temporal(t), Operand::Temporal(b)) => t.key(std::str::from_utf8(value).ok()?).map(|a| a.cmp(b)),
         (_, Operand::Text(b)) => Some(value.cmp(b.as_slice())),
         _ => None,
     }
@@ -596,6 +613,16 @@ mod tests {
         assert!(!eval("id=eq.5", "int4", Some("50")));
         assert!(eval("n=gt.9", "int8", Some("10")), "numeric, not lexical");
         assert!(eval("n=lte.2.5", "numeric", Some("2.50")));
+        // Issue 11: by value, not by text.
+        assert!(eval("n=gt.9.99", "numeric", Some("10.0")), "numeric by value");
+        assert!(eval("n=lt.123456789012345678901234567890.2", "numeric", Some("123456789012345678901234567890.1")), "numeric beyond f64");
+        assert!(eval("t=gt.2026-01-01T00:00:00Z", "timestamptz", Some("2026-01-01 01:00:00+00")));
+        assert!(!eval("t=gt.2026-01-01 00:00:00+02", "timestamptz", Some("2025-12-31 21:59:59+00")), "instants, offsets applied");
+        assert!(eval("d=lt.2026-02-01", "date", Some("2026-01-31")));
+        assert!(eval("d=gt.0001-01-01", "date", Some("2026-01-31")) && eval("d=lt.0001-01-01", "date", Some("0005-01-01 BC")), "BC dates");
+        assert!(!eval("i=gt.1 day", "interval", Some("23:00:00")) && eval("i=lt.2 days", "interval", Some("1 day 23:00:00")));
+        assert!(eval("i=eq.1 mon", "interval", Some("30 days")), "a month is 30 days in interval order");
+        assert!(eval("t=lt.10:00", "time", Some("09:59:59.999999")));
         assert!(eval("id=in.(1,2,3)", "int4", Some("2")));
         assert!(!eval("id=not.in.(1,2,3)", "int4", Some("2")));
         assert!(eval("s=in.(\"a,b\",c)", "text", Some("a,b")));
@@ -658,5 +685,80 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Differential test of typed comparisons (issue 11 item 4): random numeric, date,
+    /// timestamp, timestamptz, time, timetz and interval values, rendered by PostgreSQL as the replication
+    /// connection sees them (DateStyle ISO, TimeZone UTC), compared by the filter and by
+    /// PostgreSQL's own `<`/`=`. Seeded (`POWA_FILTER_DIFF_SEED`; printed on failure).
+    #[test]
+    fn typed_order_differential_against_postgres() {
+        let seed: u64 = std::env::var("POWA_FILTER_DIFF_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+        });
+        let mut state = seed;
+        let mut next = move |n: u64| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            (z ^ (z >> 31)) % n
+        };
+        let (cluster, _guard) = crate::cluster::Cluster::throwaway().expect("PostgreSQL 15");
+        let mut sql = String::from("set timezone = 'UTC'; set datestyle = 'ISO, MDY'; ");
+        let mut values: Vec<(&str, String)> = Vec::new();
+        for _ in 0..60 {
+            let sign = if next(3) == 0 { "-" } else { "" };
+            let numeric = match next(12) {
+                0 => "'NaN'".to_string(),
+                1 => format!("'{sign}Infinity'"),
+                _ => format!("'{sign}{}.{}e{}'", next(100_000), next(1_000), next(7) as i64 - 3),
+            };
+            let date = format!("{:04}-{:02}-{:02}{}", 1 + next(3000), 1 + next(12), 1 + next(28), if next(10) == 0 { " BC" } else { "" });
+            let clock = format!("{:02}:{:02}:{:02}.{:06}", next(24), next(60), next(60), next(1_000_000));
+            let zone = format!("{}{:02}:{:02}", if next(2) == 0 { "+" } else { "-" }, next(14), next(2) * 30);
+            values.push(("numeric", numeric));
+            values.push(("date", format!("'{date}'")));
+            values.push(("timestamp", format!("'{date} {clock}'")));
+            values.push(("timestamptz", if next(15) == 0 { "'infinity'".into() } else { format!("'{date} {clock}{zone}'") }));
+            values.push(("time", format!("'{clock}'")));
+            values.push(("timetz", format!("'{clock}{zone}'")));
+            let sign = |n: u64| if n == 0 { "-" } else { "" };
+            values.push(("interval", format!("'{}{} years {}{} mons {}{} days {}{:02}:{:02}:{:02}.{:03}'", sign(next(4)), next(3), sign(next(4)), next(14), sign(next(4)), next(40), sign(next(3)), next(30), next(60), next(60), next(1000))));
+        }
+        sql.push_str("create table v (n int, ty text, v text); insert into v values ");
+        sql.push_str(&values.iter().enumerate().map(|(i, (ty, v))| format!("({i}, '{ty}', {v}::{ty}::text)")).collect::<Vec<_>>().join(", "));
+        sql.push_str("; select a.ty, a.v, b.v, case when a.v = b.v then 0 else 0 end, \
+            case a.ty when 'numeric' then (a.v::numeric < b.v::numeric)::int - (a.v::numeric > b.v::numeric)::int \
+                      when 'date' then (a.v::date < b.v::date)::int - (a.v::date > b.v::date)::int \
+                      when 'timestamp' then (a.v::timestamp < b.v::timestamp)::int - (a.v::timestamp > b.v::timestamp)::int \
+                      when 'timestamptz' then (a.v::timestamptz < b.v::timestamptz)::int - (a.v::timestamptz > b.v::timestamptz)::int \
+                      when 'time' then (a.v::time < b.v::time)::int - (a.v::time > b.v::time)::int \
+                      when 'interval' then (a.v::interval < b.v::interval)::int - (a.v::interval > b.v::interval)::int \
+                      else (a.v::timetz < b.v::timetz)::int - (a.v::timetz > b.v::timetz)::int end \
+            from v a join v b on a.ty = b.ty;");
+        let output = cluster.psql(&sql).unwrap();
+        let mut cases = 0;
+        for line in output.lines() {
+            let fields: Vec<&str> = line.split('|').collect();
+            if fields.len() != 5 {
+                continue;
+            }
+            let (ty, a, b, pg) = (fields[0], fields[1], fields[2], fields[4].trim());
+            let Ok(pg) = pg.parse::<i32>() else { continue };
+            // PostgreSQL: 1 = a < b, -1 = a > b, 0 = equal.
+            let wanted = match pg {
+                1 => std::cmp::Ordering::Less,
+                -1 => std::cmp::Ordering::Greater,
+                _ => std::cmp::Ordering::Equal,
+            };
+            for (op, holds) in [("lt", wanted.is_lt()), ("lte", wanted.is_le()), ("gt", wanted.is_gt()), ("gte", wanted.is_ge()), ("eq", wanted.is_eq())] {
+                let raw = RawFilter { column: "c".into(), op: Op::parse(op).unwrap(), value: b.to_string(), negate: false };
+                let compiled = compile(&raw, 0, ty).unwrap_or_else(|e| panic!("seed {seed}: {ty} {b}: {e:?}"));
+                assert_eq!(compiled.matches(|_| Some(Some(a.as_bytes()))), holds, "seed {seed}: {ty}: {a} {op} {b}");
+                cases += 1;
+            }
+        }
+        assert!(cases > 10_000, "seed {seed}: only {cases} comparisons ({output:.200})");
     }
 }

@@ -6,18 +6,27 @@
 //!          └──────── standby status update ───────┘  (every second and when asked)
 //! ```
 //!
-//! **Slot.** A *temporary* slot (`CREATE_REPLICATION_SLOT … TEMPORARY LOGICAL pgoutput`) with a
-//! name unique to this process. It disappears with the connection, so a crashed or stopped
-//! server never leaves a slot holding WAL on the user's disk. The price is that changes
-//! committed while the connection is down are not delivered (upstream behaves the same and
-//! uses a temporary slot too); subscribers are told with a `system` message when the stream drops
-//! and again when it is back.
+//! **Slot.** A *permanent* logical slot named [`SlotConfig::name`] (`powa_realtime` by default),
+//! owned by the server, so no change is lost across a reconnect (issue 11): when the
+//! connection drops (walsender killed, PostgreSQL restarted, failover to a replica promoted
+//! with the slot) the reader resumes from the slot's confirmed position and the core gets every
+//! transaction committed meanwhile, in commit order, exactly once (transactions whose commit
+//! end LSN is at or below the last one handed to the core are skipped). Subscribers get a
+//! `system` error when the stream drops and a new "Subscribed to PostgreSQL" when it is back.
 //!
-//! **Progress.** Delivery is best effort (PROTOCOL.md §5.9), so the reader confirms everything
-//! it has *received* (write = flush = apply = the last WAL end seen), every second and whenever
-//! the server asks. The slot therefore never retains WAL because subscribers are slow: when the
-//! core cannot keep up, its queue fills and the reader drops whole transactions (counted),
-//! never relation metadata.
+//! The risk of a permanent slot is bounded: at the first connection of a process a stale,
+//! inactive slot of that name (a crashed server's) is dropped and recreated; on a reconnect the
+//! slot is dropped and recreated — and subscribers are told with [`WalEvent::ChangesMissed`]
+//! that changes were missed — when its retained WAL exceeds [`SlotConfig::max_retained_bytes`]
+//! or the stream has been down longer than [`SlotConfig::max_away`]; a clean stop (drain)
+//! drops it ([`ReaderControl::stop`]). If another process holds the slot (two servers on one
+//! database), this one falls back to a temporary slot of its own and logs a warning.
+//!
+//! **Progress.** The reader confirms (write = flush = apply) only what the core has handed to
+//! the shards ([`ReaderControl::handed_off`], the end LSN of the last delivered transaction),
+//! or everything received when nothing is outstanding, every second and whenever the server
+//! asks. When the core cannot keep up, its queue fills and the reader drops whole transactions
+//! (counted), never relation metadata; dropped transactions are not replayed.
 //!
 //! **Failures.** Any error closes the connection. A transient one (lost connection, server
 //! restart) makes the loop reconnect with exponential backoff (0.5 s doubling to 10 s); a
@@ -55,6 +64,43 @@ pub struct ReaderControl {
     pub restart: std::sync::atomic::AtomicBool,
     /// The reader stopped on a definite error (it does not retry).
     pub failed: std::sync::atomic::AtomicBool,
+    /// End LSN of the last transaction the core has handed to the shards (set by the core).
+    pub handed_off: AtomicU64,
+    /// Stop streaming and drop the slot (a clean stop).
+    pub stop: std::sync::atomic::AtomicBool,
+    /// The reader has stopped after [`ReaderControl::stop`] (slot dropped, or dropping failed).
+    pub stopped: std::sync::atomic::AtomicBool,
+}
+
+/// The replication slot and its bounds.
+#[derive(Debug, Clone)]
+pub struct SlotConfig {
+    /// Slot name (`[a-z0-9_]`, at most 63 bytes; anything else is replaced by `_`).
+    pub name: String,
+    /// Beyond this much retained WAL at a reconnect, the slot is dropped and recreated.
+    pub max_retained_bytes: u64,
+    /// Beyond this long down, the slot is dropped and recreated at the reconnect.
+    pub max_away: Duration,
+}
+
+/// Default slot name.
+pub const SLOT_NAME: &str = "powa_realtime";
+
+impl Default for SlotConfig {
+    fn default() -> SlotConfig {
+        SlotConfig { name: SLOT_NAME.into(), max_retained_bytes: 1024 * 1024 * 1024, max_away: Duration::from_secs(600) }
+    }
+}
+
+impl SlotConfig {
+    fn slot_name(&self) -> String {
+        let name: String = self.name.chars().map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' { c } else { '_' }).take(63).collect();
+        if name.is_empty() {
+            SLOT_NAME.into()
+        } else {
+            name
+        }
+    }
 }
 
 /// Most row changes one transaction may carry through the queue; the rest are dropped
@@ -107,6 +153,8 @@ pub struct Txn {
     pub commit_time: i64,
     /// Commit LSN.
     pub commit_lsn: u64,
+    /// End LSN of the commit record (what the slot is confirmed up to once it is delivered).
+    pub end_lsn: u64,
     /// Row changes in WAL order.
     pub changes: Vec<RowChange>,
 }
@@ -120,6 +168,9 @@ pub enum WalEvent {
     StreamDown(String),
     /// Streaming stopped for good: a definite error (logged with what to fix). Nothing follows.
     StreamFailed(ReplicationError),
+    /// The slot had to be recreated (bounds exceeded, or it vanished): changes committed while
+    /// the stream was down are lost. Sent before the `StreamUp` that follows.
+    ChangesMissed,
     /// Relation metadata (always delivered, never dropped).
     Relation(Relation),
     /// Type metadata.
@@ -151,23 +202,61 @@ pub struct ReaderStats {
 }
 
 /// Starts the reader thread.
-pub fn spawn(params: ConnParams, events: flume::Sender<WalEvent>, stats: Arc<ReaderStats>, control: Arc<ReaderControl>) -> std::thread::JoinHandle<()> {
+pub fn spawn(params: ConnParams, slot: SlotConfig, events: flume::Sender<WalEvent>, stats: Arc<ReaderStats>, control: Arc<ReaderControl>) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("replication".into())
-        .spawn(move || run(params, events, stats, control))
+        .spawn(move || {
+            run(&params, &slot, &events, &stats, &control);
+            if control.stop.load(Ordering::Relaxed) {
+                drop_slot(&params, &slot.slot_name());
+                control.stopped.store(true, Ordering::Relaxed);
+            }
+        })
         .expect("spawn the replication thread")
 }
 
-fn run(params: ConnParams, events: flume::Sender<WalEvent>, stats: Arc<ReaderStats>, control: Arc<ReaderControl>) {
+/// What the reader keeps across reconnects.
+#[derive(Debug, Default)]
+struct Session {
+    /// The stream was up and is reported up.
+    up: bool,
+    /// A connection of this process already set up the slot.
+    connected_before: bool,
+    /// When the stream went down: the last message from it (for [`SlotConfig::max_away`]).
+    down_since: Option<Instant>,
+    /// When the stream last sent anything.
+    last_seen: Option<Instant>,
+    /// Highest commit end LSN sent to the core (replays at or below it are skipped).
+    sent_end: u64,
+    /// Highest LSN confirmed to the server.
+    confirmed: u64,
+    /// The slot cannot be resumed (its pending WAL was written while a requested publication
+    /// did not exist, which pgoutput refuses to decode): recreate it at the next connection.
+    recreate: bool,
+}
+
+/// Drops the slot on a clean stop (waits up to 5 s for the walsender to release it).
+fn drop_slot(params: &ConnParams, slot: &str) {
+    let result = PgConn::connect(params, &[("replication", "database"), ("application_name", "powa-realtime")], Duration::from_secs(5))
+        .and_then(|mut conn| conn.simple_query(&format!("DROP_REPLICATION_SLOT {slot} WAIT")).map(|_| ()));
+    match result {
+        Ok(()) => tracing::info!(slot, "replication slot dropped (clean stop)"),
+        Err(error) => tracing::warn!(slot, %error, "could not drop the replication slot at stop; the next start drops or adopts it"),
+    }
+}
+
+fn run(params: &ConnParams, slot: &SlotConfig, events: &flume::Sender<WalEvent>, stats: &ReaderStats, control: &ReaderControl) {
     let mut backoff = BACKOFF_MIN;
-    let mut up = false;
-    let mut attempt: u64 = 0;
+    let mut session = Session::default();
     loop {
-        attempt += 1;
-        let slot = format!("powa_realtime_{}_{}", std::process::id(), attempt);
-        let result = stream_once(&params, &slot, &events, &stats, &control, &mut up);
-        if events.is_disconnected() {
+        let result = stream_once(params, slot, events, stats, control, &mut session);
+        if events.is_disconnected() || control.stop.load(Ordering::Relaxed) {
             return;
+        }
+        if let Err(PgError::Server { code, message }) = &result {
+            if code == "42704" && message.contains("publication") {
+                session.recreate = true;
+            }
         }
         if control.restart.swap(false, Ordering::Relaxed) && result.is_ok() {
             // A planned restart to read a publication that appeared: no down/up notices (no
@@ -185,8 +274,9 @@ fn run(params: ConnParams, events: flume::Sender<WalEvent>, stats: Arc<ReaderSta
             Ok(()) => "the replication stream ended".to_string(),
             Err(error) => error.to_string(),
         };
-        if up {
-            up = false;
+        if session.up {
+            session.up = false;
+            session.down_since = Some(session.last_seen.unwrap_or_else(Instant::now));
             let _ = events.send(WalEvent::StreamDown(reason.clone()));
             backoff = BACKOFF_MIN;
         }
@@ -202,8 +292,71 @@ fn pg_now_micros() -> i64 {
     now.as_micros() as i64 - PG_EPOCH_OFFSET_SECS * 1_000_000
 }
 
-/// Connects, waits for the publication, creates the slot and streams until an error.
-fn stream_once(params: &ConnParams, slot: &str, events: &flume::Sender<WalEvent>, stats: &ReaderStats, control: &ReaderControl, up: &mut bool) -> Result<(), PgError> {
+/// Sets up the slot on a fresh connection: creates it, adopts it (a reconnect within the
+/// bounds), or drops and recreates it (a stale slot at the first connection; bounds exceeded;
+/// another plugin or database). Returns the slot to stream from and whether changes were missed.
+fn prepare_slot(conn: &mut PgConn, config: &SlotConfig, session: &Session) -> Result<(String, bool), PgError> {
+    let name = config.slot_name();
+    let query = format!(
+        "SELECT plugin::text, (database = current_database())::text, active::text, \
+         coalesce(CASE WHEN pg_is_in_recovery() THEN 0 ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) END, 0)::bigint::text \
+         FROM pg_replication_slots WHERE slot_name = '{name}'"
+    );
+    let create = format!("CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput (SNAPSHOT 'nothing')");
+    let mut waited = Duration::ZERO;
+    loop {
+        let rows = conn.simple_query(&query)?;
+        let Some(row) = rows.into_iter().next() else {
+            conn.simple_query(&create)?;
+            let missed = session.connected_before;
+            if missed {
+                tracing::warn!(slot = %name, "the replication slot was gone at the reconnect (dropped, or a failover to a replica without it): recreated; changes committed meanwhile are lost");
+            } else {
+                tracing::info!(slot = %name, "replication slot created");
+            }
+            return Ok((name, missed));
+        };
+        let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        let (plugin, same_database, active, retained) = (field(0), field(1) == "true", field(2) == "true", field(3).parse::<u64>().unwrap_or(0));
+        if active {
+            // The walsender of a connection that just closed may not have released it yet.
+            if waited < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(200));
+                waited += Duration::from_millis(200);
+                continue;
+            }
+            let temporary = format!("{name}_{}", std::process::id());
+            tracing::warn!(slot = %name, fallback = %temporary, "the replication slot is in use by another process (another server on this database?): streaming from a temporary slot instead; changes committed while this server's stream is down are not delivered");
+            conn.simple_query(&format!("CREATE_REPLICATION_SLOT {temporary} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'nothing')"))?;
+            return Ok((temporary, false));
+        }
+        let away = session.down_since.map(|t| t.elapsed()).unwrap_or_default();
+        let reason = if !session.connected_before {
+            Some("a stale slot from an earlier run of the server".to_string())
+        } else if session.recreate {
+            Some("its pending WAL was written while the publication did not exist (pgoutput cannot decode it)".to_string())
+        } else if plugin != "pgoutput" || !same_database {
+            Some("a slot of another plugin or database".to_string())
+        } else if retained > config.max_retained_bytes {
+            Some(format!("it retains {retained} bytes of WAL, more than REALTIME_SLOT_MAX_RETAINED_MB allows"))
+        } else if away > config.max_away {
+            Some(format!("the stream was down for {} s, longer than REALTIME_SLOT_MAX_AWAY_SECS allows", away.as_secs()))
+        } else {
+            None
+        };
+        let Some(reason) = reason else {
+            tracing::info!(slot = %name, retained_bytes = retained, "resuming from the replication slot");
+            return Ok((name, false));
+        };
+        tracing::warn!(slot = %name, %reason, "dropping and recreating the replication slot");
+        conn.simple_query(&format!("DROP_REPLICATION_SLOT {name}"))?;
+        conn.simple_query(&create)?;
+        return Ok((name, session.connected_before));
+    }
+}
+
+/// Connects, waits for the publication, sets up the slot and streams until an error.
+fn stream_once(params: &ConnParams, slot_config: &SlotConfig, events: &flume::Sender<WalEvent>, stats: &ReaderStats, control: &ReaderControl, session: &mut Session) -> Result<(), PgError> {
     let startup = [
         ("replication", "database"),
         ("application_name", "powa-realtime"),
@@ -229,20 +382,27 @@ fn stream_once(params: &ConnParams, slot: &str, events: &flume::Sender<WalEvent>
             tracing::info!(publication = PUBLICATION, "waiting for the publication to exist (CREATE PUBLICATION supabase_realtime ...)");
             waited = true;
         }
-        if events.is_disconnected() {
+        if events.is_disconnected() || control.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
         std::thread::sleep(PUBLICATION_POLL);
     };
     control.reads_publication.store(publications.iter().any(|p| p == PUBLICATION), Ordering::Relaxed);
-    conn.simple_query(&format!("CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'nothing')"))?;
+    let (slot, missed) = prepare_slot(&mut conn, slot_config, session)?;
+    session.connected_before = true;
+    session.recreate = false;
+    if missed {
+        session.sent_end = 0;
+        let _ = events.send(WalEvent::ChangesMissed);
+    }
     conn.start_copy_both(&format!(
         "START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '1', publication_names '{}')",
         publications.join(",")
     ))?;
     conn.set_read_timeout(READ_TICK)?;
     tracing::info!(slot, tls = conn.is_tls(), "replication stream started");
-    *up = true;
+    session.up = true;
+    session.down_since = None;
     if events.send(WalEvent::StreamUp).is_err() {
         return Ok(());
     }
@@ -258,13 +418,14 @@ fn stream_once(params: &ConnParams, slot: &str, events: &flume::Sender<WalEvent>
         };
         let mut reply_requested = false;
         if let Some(message) = message {
+            session.last_seen = Some(Instant::now());
             match message.tag {
                 b'd' => match ReplicationMessage::try_from(message.body) {
                     Ok(ReplicationMessage::XLogData { wal_start, wal_end, data, .. }) => {
                         last_lsn = last_lsn.max(wal_end);
                         stats.server_wal_end.store(wal_end, Ordering::Relaxed);
                         stats.received_lsn.store(wal_start, Ordering::Relaxed);
-                        handle_wal(data, &mut txn, &mut txn_overflow, events, stats)?;
+                        handle_wal(data, &mut txn, &mut txn_overflow, events, stats, &mut session.sent_end)?;
                     }
                     Ok(ReplicationMessage::Keepalive { wal_end, reply_requested: asked, .. }) => {
                         last_lsn = last_lsn.max(wal_end);
@@ -279,19 +440,25 @@ fn stream_once(params: &ConnParams, slot: &str, events: &flume::Sender<WalEvent>
                 _ => {}
             }
         }
-        if events.is_disconnected() || control.restart.load(Ordering::Relaxed) {
+        if events.is_disconnected() || control.restart.load(Ordering::Relaxed) || control.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
         if reply_requested || last_status.elapsed() >= STATUS_INTERVAL {
-            let update = stream::standby_status_update(last_lsn, last_lsn, last_lsn, pg_now_micros(), false);
+            // Only what the core has handed to the shards; everything received when nothing
+            // sent is outstanding and no transaction is half read.
+            let handed = control.handed_off.load(Ordering::Relaxed);
+            let confirm = if handed >= session.sent_end && txn.is_none() { last_lsn } else { handed.min(last_lsn) };
+            session.confirmed = session.confirmed.max(confirm);
+            let update = stream::standby_status_update(session.confirmed, session.confirmed, session.confirmed, pg_now_micros(), false);
             conn.send(b'd', &update)?;
-            stats.confirmed_lsn.store(last_lsn, Ordering::Relaxed);
+            session.last_seen = Some(Instant::now());
+            stats.confirmed_lsn.store(session.confirmed, Ordering::Relaxed);
             last_status = Instant::now();
         }
     }
 }
 
-fn handle_wal(data: Bytes, txn: &mut Option<Txn>, overflow: &mut u64, events: &flume::Sender<WalEvent>, stats: &ReaderStats) -> Result<(), PgError> {
+fn handle_wal(data: Bytes, txn: &mut Option<Txn>, overflow: &mut u64, events: &flume::Sender<WalEvent>, stats: &ReaderStats, sent_end: &mut u64) -> Result<(), PgError> {
     let message = Message::try_from(data).map_err(|e| PgError::Protocol(format!("pgoutput: {e}")))?;
     let mut push = |txn: &mut Option<Txn>, change: RowChange| {
         stats.changes_decoded.fetch_add(1, Ordering::Relaxed);
@@ -302,7 +469,7 @@ fn handle_wal(data: Bytes, txn: &mut Option<Txn>, overflow: &mut u64, events: &f
     };
     match message {
         Message::Begin(begin) => {
-            *txn = Some(Txn { commit_time: begin.commit_time, commit_lsn: begin.final_lsn, changes: Vec::new() });
+            *txn = Some(Txn { commit_time: begin.commit_time, commit_lsn: begin.final_lsn, end_lsn: 0, changes: Vec::new() });
             *overflow = 0;
         }
         Message::Commit(commit) => {
@@ -312,11 +479,17 @@ fn handle_wal(data: Bytes, txn: &mut Option<Txn>, overflow: &mut u64, events: &f
             }
             if let Some(mut done) = txn.take() {
                 done.commit_time = commit.commit_time;
+                done.end_lsn = commit.end_lsn;
+                if commit.end_lsn <= *sent_end {
+                    // Replayed after a reconnect, already sent to the core.
+                    return Ok(());
+                }
                 stats.commit_lag_micros.store(pg_now_micros().saturating_sub(commit.commit_time).max(0) as u64, Ordering::Relaxed);
                 if !done.changes.is_empty() {
                     tracing::debug!(changes = done.changes.len(), "transaction decoded");
+                    let end_lsn = done.end_lsn;
                     match events.try_send(WalEvent::Txn(Arc::new(done))) {
-                        Ok(()) => {}
+                        Ok(()) => *sent_end = end_lsn,
                         Err(flume::TrySendError::Full(_)) => {
                             stats.txns_dropped.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!("changes core is behind: transaction dropped (the slot keeps advancing)");

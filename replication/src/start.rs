@@ -43,11 +43,30 @@ pub struct Postgres {
     pub core_stats: Arc<CoreStats>,
     /// True while the core's database connections are up (`/healthz`).
     pub healthy: Arc<std::sync::atomic::AtomicBool>,
+    /// The reader's controls (a clean stop drops the slot: [`Postgres::stop`]).
+    pub control: Arc<reader::ReaderControl>,
+}
+
+impl Postgres {
+    /// A clean stop: the replication stream ends and the slot is dropped, so a stopped server
+    /// leaves no WAL retained. Waits at most `timeout`.
+    pub fn stop(&self, timeout: std::time::Duration) {
+        stop(&self.control, timeout);
+    }
+}
+
+/// [`Postgres::stop`] with the reader's controls only.
+pub fn stop(control: &reader::ReaderControl, timeout: std::time::Duration) {
+    control.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    while !control.stopped.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed() < timeout {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Checks and installs (blocking, before the server listens), then starts the threads.
 /// `payload_bytes_max` is the configured payload limit, applied to broadcasts from SQL too.
-pub fn start(url: &str, shards: usize, payload_bytes_max: usize) -> Result<Postgres, StartError> {
+pub fn start(url: &str, shards: usize, payload_bytes_max: usize, slot: reader::SlotConfig) -> Result<Postgres, StartError> {
     let params = ConnParams::parse(url).map_err(StartError::Config)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let local = tokio::task::LocalSet::new();
@@ -63,8 +82,8 @@ pub fn start(url: &str, shards: usize, payload_bytes_max: usize) -> Result<Postg
     let (events_tx, events_rx) = flume::bounded(reader::QUEUE_EVENTS_MAX);
     let reader_stats = Arc::new(ReaderStats::default());
     let control = Arc::new(reader::ReaderControl::default());
-    reader::spawn(params, events_tx, Arc::clone(&reader_stats), Arc::clone(&control));
+    reader::spawn(params, slot, events_tx, Arc::clone(&reader_stats), Arc::clone(&control));
     let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let core = changes::spawn(url.to_string(), shards, payload_bytes_max, events_rx, Arc::clone(&healthy), control);
-    Ok(Postgres { commands: core.commands, inboxes: core.shard_inboxes, reader_stats, core_stats: core.stats, healthy })
+    let core = changes::spawn(url.to_string(), shards, payload_bytes_max, events_rx, Arc::clone(&healthy), Arc::clone(&control));
+    Ok(Postgres { commands: core.commands, inboxes: core.shard_inboxes, reader_stats, core_stats: core.stats, healthy, control })
 }

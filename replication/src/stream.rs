@@ -12,14 +12,14 @@
 //! `confirmed_flush_lsn`, the point from which a restarted stream resumes and before which WAL
 //! may be recycled. What to report there depends on the slot:
 //!
-//! - **Temporary slot (what `reader` uses today):** the slot is dropped with the connection, so
+//! - **Temporary slot (`reader`'s fallback when another process holds its slot):** the slot is dropped with the connection, so
 //!   no stream ever resumes from it and the confirmed position matters only for WAL retention.
 //!   The reader therefore confirms the largest `wal_end` it has *received* (from XLogData and
 //!   keepalives), even in the middle of a transaction and before the core has handled it:
 //!   confirming early loses nothing that a reconnect could have recovered (a reconnect makes a
 //!   new slot at the current end of WAL anyway), and it keeps the slot from ever holding WAL
 //!   back because subscribers are slow.
-//! - **Permanent slot (planned):** a restarted stream resumes at the confirmed position, so
+//! - **Permanent slot (what `reader` uses, issue 11):** a restarted stream resumes at the confirmed position, so
 //!   report only the `end_lsn` of the last transaction whose changes have been handed on, and
 //!   nothing past it: confirming too far loses changes after a restart, confirming too little
 //!   (or never) makes the server keep WAL until the disk fills. While no transaction is open on

@@ -29,7 +29,7 @@ use engine::client_error::{BindingException, ChangesNotice, RowError};
 use engine::ShardId;
 
 use super::payload::{self, Variant};
-use super::row::{primary_key_values, Kind, RelInfo, Row, TableKey};
+use super::row::{row_image, Kind, RelInfo, Row, TableKey};
 use super::policy_cache::{Lookup, PolicyCache};
 use super::{AuthzReply, CallerReply, ChannelKey, Command, PgOut, ReplayedMessage, Subscription};
 use crate::policy::{AuthzRequest, AuthzResult};
@@ -113,8 +113,8 @@ impl MatchedBatch {
     }
 }
 
-/// (matched change index, primary-key values) of one claims group's checks.
-pub(crate) type KeysToCheck = Vec<(usize, Vec<String>)>;
+/// (matched change index, the row as committed) of one claims group's checks.
+pub(crate) type KeysToCheck = Vec<(usize, Arc<crate::sql::RowImage>)>;
 
 /// A wildcard binding to extend: (channel, binding index, role, binding, tables it covers).
 pub(crate) type WildcardBinding = (ChannelKey, usize, Arc<str>, Binding, AHashSet<TableKey>);
@@ -124,7 +124,7 @@ pub(crate) type WildcardBinding = (ChannelKey, usize, Arc<str>, Binding, AHashSe
 pub(crate) struct RlsQuery {
     /// The table.
     pub(crate) table: Arc<TableInfo>,
-    /// Per claims group: (matched change index, primary-key values) in order.
+    /// Per claims group: (matched change index, the committed row) in order.
     pub(crate) groups: Vec<(ClaimsGroup, KeysToCheck)>,
 }
 
@@ -348,6 +348,14 @@ impl ChangesCore {
         let notice = ChangesNotice::StreamLost { reason };
         for key in self.active_channels() {
             self.notice(key, &notice);
+        }
+    }
+
+    /// The slot was recreated: changes committed while the stream was down are lost;
+    /// subscribers are told (so apps refetch).
+    pub(crate) fn changes_missed(&mut self) {
+        for key in self.active_channels() {
+            self.notice(key, &ChangesNotice::ChangesMissed);
         }
     }
 
@@ -619,13 +627,13 @@ impl ChangesCore {
             if row.kind == Kind::Delete || !table.rls_enabled || table.primary_key.is_empty() {
                 continue;
             }
-            let Some(pk) = primary_key_values(&row, table) else { continue };
+            let Some(image) = row_image(&row, table).map(Arc::new) else { continue };
             let groups = by_table.entry(table_key).or_default();
             let mut seen = AHashSet::new();
             for interest in interests {
                 if let Some(group) = &interest.claims_group {
                     if seen.insert(group.clone()) {
-                        groups.entry(group.clone()).or_default().push((m, pk.clone()));
+                        groups.entry(group.clone()).or_default().push((m, Arc::clone(&image)));
                     }
                 }
             }

@@ -8,7 +8,7 @@ use ahash::AHashMap;
 use crate::binding::EventFilter;
 use crate::pgoutput::{Cell, OldKind, Relation, Tuple};
 use crate::reader::RowChange;
-use crate::sql::TableInfo;
+use crate::sql::{RowImage, TableInfo};
 
 /// (schema, table).
 pub(crate) type TableKey = (Arc<str>, Arc<str>);
@@ -118,7 +118,8 @@ impl<'a> Row<'a> {
     }
 }
 
-/// The primary-key values of the new row, as text (the RLS check looks rows up by them).
+/// The primary-key values of the new row, as text (the RLS check looks rows up by them when
+/// the committed image is incomplete).
 pub(crate) fn primary_key_values(row: &Row<'_>, table: &TableInfo) -> Option<Vec<String>> {
     table
         .primary_key
@@ -128,5 +129,22 @@ pub(crate) fn primary_key_values(row: &Row<'_>, table: &TableInfo) -> Option<Vec
             row.new_cell(index)?.map(|b| String::from_utf8_lossy(b).into_owned())
         })
         .collect()
+}
+
+/// The new row as committed, for the RLS check: its key, and every column of `table` as text
+/// (`None` = NULL) when all are known — a column the stream did not send (unchanged TOAST
+/// without a full old row, a generated column) leaves `cells` empty and the check reads the
+/// row by key instead.
+pub(crate) fn row_image(row: &Row<'_>, table: &TableInfo) -> Option<RowImage> {
+    let key = primary_key_values(row, table)?;
+    let cells = table
+        .columns
+        .iter()
+        .map(|column| {
+            let index = *row.relation.index.get(&column.name)?;
+            row.new_cell(index).map(|cell| cell.map(|b| String::from_utf8_lossy(b).into_owned()))
+        })
+        .collect();
+    Some(RowImage { key, cells })
 }
 

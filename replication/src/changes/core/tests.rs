@@ -66,7 +66,7 @@ fn delete(id: i64) -> RowChange {
 }
 
 fn txn(changes: Vec<RowChange>) -> Arc<Txn> {
-    Arc::new(Txn { commit_time: COMMIT_TIME, commit_lsn: 1, changes })
+    Arc::new(Txn { commit_time: COMMIT_TIME, commit_lsn: 1, end_lsn: 2, changes })
 }
 
 /// A core with the `todos` relation, the stream up.
@@ -170,7 +170,7 @@ fn answer(query: &RlsQuery, batch: &[Arc<Txn>], visible: &impl Fn(&str, &str) ->
         .map(|((_, claims), rows)| {
             let claims: Value = serde_json::from_str(claims).unwrap();
             let sub = claims["sub"].as_str().unwrap_or("");
-            Ok(rows.iter().map(|(_, pk)| visible(sub, &owner_of(&pk[0]))).collect())
+            Ok(rows.iter().map(|(_, image)| visible(sub, &owner_of(&image.key[0]))).collect())
         })
         .collect()
 }
