@@ -7,6 +7,7 @@ mod conn;
 mod control;
 mod drain;
 mod metrics;
+mod flush;
 mod outbox;
 mod shard;
 mod status;
@@ -193,6 +194,7 @@ async fn shard_main(
     for (_, receiver) in receivers.streams() {
         glommio::spawn_local(Rc::clone(&shard).receive(receiver)).detach();
     }
+    glommio::spawn_local(Rc::clone(&shard).flusher()).detach();
     glommio::spawn_local(Rc::clone(&shard).expire_tokens()).detach();
     glommio::spawn_local(Rc::clone(&shard).rate_ticks()).detach();
     glommio::spawn_local(Rc::clone(&shard).sample_gauges()).detach();
