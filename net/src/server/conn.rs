@@ -309,14 +309,23 @@ async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head
         direct,
     });
     shard.conns.borrow_mut().insert(id, Rc::clone(&conn));
-    let peer = peer_of(&stream.tcp().peer_addr().ok());
-    tracing::debug!(%peer, conn = id.0, shard = shard.id.0, "connection opened");
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let peer = peer_of(&stream.tcp().peer_addr().ok());
+        tracing::debug!(%peer, conn = id.0, shard = shard.id.0, "connection opened");
+    }
     metrics::add(&shard.counters().connections_open, 1);
     metrics::add(&shard.counters().connections_total, 1);
+    // The connection lives on in a task of its own whose future holds only what a live
+    // connection needs; the HTTP/upgrade task (sized for every path: TLS handshake, REST,
+    // authorization) ends here and frees its memory.
+    glommio::spawn_local(live(shard, conn, id, stream, leftover)).detach();
+}
 
+/// A WebSocket connection after the upgrade, until it is closed.
+async fn live<S: Transport>(shard: Rc<Shard>, conn: Rc<Conn>, id: engine::ConnId, stream: S, leftover: BytesMut) {
     let mut writer = TaskWriter::new(stream);
-    let reason = read_loop(&shard, &conn, &mut writer, leftover, &peer).await;
-    tracing::debug!(%peer, conn = id.0, close = reason.map(|r| r.code()), "connection closed");
+    let reason = read_loop(&shard, &conn, &mut writer, leftover).await;
+    tracing::debug!(conn = id.0, close = reason.map(|r| r.code()), "connection closed");
     match reason {
         Some(reason) => conn.outbox.close(reason),
         None if conn.outbox.state() == OutboxState::Open => conn.outbox.kill(),
@@ -344,7 +353,7 @@ enum Event {
 
 /// Reads and handles messages until the connection ends; returns the close to send, if any.
 /// The same task writes whatever the shard's flusher does not (see `outbox.rs`).
-async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, writer: &mut TaskWriter<S>, mut buf: BytesMut, peer: &str) -> Option<CloseReason> {
+async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, writer: &mut TaskWriter<S>, mut buf: BytesMut) -> Option<CloseReason> {
     let mut decoder = WsDecoder::new(WS_MESSAGE_BYTES_MAX);
     loop {
         loop {
@@ -358,7 +367,7 @@ async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, writer: &mu
                 Err(WsError::TooBig) => return Some(CloseReason::MessageTooBig),
                 Err(WsError::InvalidUtf8) => return Some(CloseReason::InvalidPayload),
                 Err(error) => {
-                    tracing::debug!(peer, %error, "WebSocket protocol error");
+                    tracing::debug!(peer = %peer_of(&writer.stream.tcp().peer_addr().ok()), %error, "WebSocket protocol error");
                     return Some(CloseReason::ProtocolError);
                 }
             }
