@@ -307,6 +307,9 @@ async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head
         fd: stream.tcp().as_raw_fd(),
         last_read_ms: std::cell::Cell::new(super::flush::clock_ms()),
         direct,
+        epoll_added: std::cell::Cell::new(false),
+        read_armed: std::cell::Cell::new(false),
+        read_waker: RefCell::new(None),
     });
     shard.conns.borrow_mut().insert(id, Rc::clone(&conn));
     if tracing::enabled!(tracing::Level::DEBUG) {
@@ -324,7 +327,7 @@ async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head
 /// A WebSocket connection after the upgrade, until it is closed.
 async fn live<S: Transport>(shard: Rc<Shard>, conn: Rc<Conn>, id: engine::ConnId, stream: S, leftover: BytesMut) {
     let mut writer = TaskWriter::new(stream);
-    let reason = read_loop(&shard, &conn, &mut writer, leftover).await;
+    let reason = read_loop(&shard, &conn, id, &mut writer, leftover).await;
     tracing::debug!(conn = id.0, close = reason.map(|r| r.code()), "connection closed");
     match reason {
         Some(reason) => conn.outbox.close(reason),
@@ -353,7 +356,7 @@ enum Event {
 
 /// Reads and handles messages until the connection ends; returns the close to send, if any.
 /// The same task writes whatever the shard's flusher does not (see `outbox.rs`).
-async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, writer: &mut TaskWriter<S>, mut buf: BytesMut) -> Option<CloseReason> {
+async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, id: engine::ConnId, writer: &mut TaskWriter<S>, mut buf: BytesMut) -> Option<CloseReason> {
     let mut decoder = WsDecoder::new(WS_MESSAGE_BYTES_MAX);
     loop {
         loop {
@@ -380,7 +383,7 @@ async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, writer: &mu
             // An idle connection holds no read buffer (reads land in the shard's scratch).
             buf = BytesMut::new();
         }
-        let event = std::future::poll_fn(|cx| poll_read_or_write(cx, shard, conn, writer, &mut buf)).await;
+        let event = std::future::poll_fn(|cx| poll_read_or_write(cx, shard, conn, id, writer, &mut buf)).await;
         match event {
             Event::Read(Ok(0)) | Event::Read(Err(_)) | Event::WriterDone => return None,
             Event::Read(Ok(_)) => conn.last_read_ms.set(super::flush::clock_ms()),
@@ -396,12 +399,16 @@ thread_local! {
 }
 
 /// The write side first (it may finish the connection), then a read into `buf`.
-fn poll_read_or_write<S: Transport>(cx: &mut TaskContext<'_>, shard: &Rc<Shard>, conn: &Rc<Conn>, writer: &mut TaskWriter<S>, buf: &mut BytesMut) -> Poll<Event> {
+fn poll_read_or_write<S: Transport>(cx: &mut TaskContext<'_>, shard: &Rc<Shard>, conn: &Rc<Conn>, id: engine::ConnId, writer: &mut TaskWriter<S>, buf: &mut BytesMut) -> Poll<Event> {
     if writer.poll_write_side(cx, shard, conn).is_ready() {
         return Poll::Ready(Event::WriterDone);
     }
     READ_SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
+        if conn.direct {
+            // Plain TCP: no io_uring request while idle (`readiness.rs`).
+            return super::readiness::poll_read(cx, conn, id, &mut scratch[..], buf).map(Event::Read);
+        }
         match Pin::new(&mut writer.stream).poll_read(cx, &mut scratch[..]) {
             Poll::Ready(Ok(n)) => {
                 buf.extend_from_slice(&scratch[..n]);
@@ -544,5 +551,24 @@ fn shutdown(fd: std::os::fd::RawFd) {
     // awaits this writer before dropping them), so it is open and ours.
     unsafe {
         libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    use super::*;
+    fn ret_size<A, B, C, D, E, F: std::future::Future>(_: impl Fn(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    #[test]
+    fn print_sizes() {
+        eprintln!("live<Tcp> future {}", ret_size(live::<TcpStream>));
+        eprintln!("TaskWriter<Tcp> {}", std::mem::size_of::<TaskWriter<TcpStream>>());
+        eprintln!("TcpStream {}", std::mem::size_of::<TcpStream>());
+        eprintln!("Conn {}", std::mem::size_of::<Conn>());
+        eprintln!("Session {}", std::mem::size_of::<Session>());
+        eprintln!("Outbox {}", std::mem::size_of::<Outbox>());
+        eprintln!("WsDecoder {}", std::mem::size_of::<WsDecoder>());
+        eprintln!("Claims {}", std::mem::size_of::<auth::Claims>());
     }
 }

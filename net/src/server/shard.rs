@@ -49,8 +49,14 @@ pub(crate) struct Conn {
     pub(crate) fd: RawFd,
     /// When a read last completed ([`super::flush::clock_ms`]): the idle sweep's input.
     pub(crate) last_read_ms: Cell<u32>,
-    /// Plain TCP: the shard's flusher may write to `fd` directly (TLS: never).
+    /// Plain TCP: the shard's flusher may write to `fd` directly and the task reads it with
+    /// `recv`, waiting on the shard's epoll set when it is empty (TLS: neither).
     pub(crate) direct: bool,
+    /// Epoll state of a plain connection (`super::readiness`): in the set, armed for one
+    /// report, and the task's waker for that report.
+    pub(crate) epoll_added: Cell<bool>,
+    pub(crate) read_armed: Cell<bool>,
+    pub(crate) read_waker: RefCell<Option<std::task::Waker>>,
 }
 
 pub(crate) struct Shard {
