@@ -4,11 +4,15 @@
 # CPU 1). Loopback only; every run bounded by `timeout`.
 #
 #   bash benches/conn_ab.sh BIN_DIR_A BIN_DIR_B OUT_DIR [w7|w1|w3|multi ...]
+#   C=BIN_DIR_C bash benches/conn_ab.sh …   # a third build, run after B each time
 #
 # Each BIN_DIR holds powa-realtime, powa-load and powa-rawfanout (release builds). Results:
 # OUT_DIR/results.jsonl (powa-load's JSON lines, labels A, B, raw, B-2shards), OUT_DIR/load.log.
 set -uo pipefail
 A=$1 B=$2 OUT=$3; shift 3
+C=${C:-}
+SYSTEMS="A B${C:+ C}"
+bin_of() { case $1 in A) echo "$A" ;; C) echo "$C" ;; *) echo "$B" ;; esac; }
 WHAT=${*:-w7 w1 w3 multi}
 SECRET=bench-secret-not-for-production
 LOAD=$B/powa-load
@@ -54,25 +58,22 @@ for what in $WHAT; do
   case $what in
     w7)
       for n in 2000 5000 10000 15000; do
-        for sys in A B; do
-          bin=$A; [ $sys = B ] && bin=$B
-          run "$sys" "$bin" 1 1 1 idle --conns $n --concurrency 64 --settle-ms 3000 --hold-s 20
+        for sys in $SYSTEMS; do
+          run "$sys" "$(bin_of $sys)" 1 1 1 idle --conns $n --concurrency 64 --settle-ms 3000 --hold-s 20
         done
       done
       run raw "$B" 1 1 1 idle --conns 15000 --concurrency 64 --settle-ms 3000 --hold-s 20
       ;;
     w1)
       for n in 1000 5000; do
-        for sys in A B raw; do
-          bin=$A; [ $sys != A ] && bin=$B
-          run "$sys" "$bin" 1 1 1 fanout --subs $n --payload 100 --start 25000 --step-ms 1500 --drain-ms 2000 --max-steps 12
+        for sys in $SYSTEMS raw; do
+          run "$sys" "$(bin_of $sys)" 1 1 1 fanout --subs $n --payload 100 --start 25000 --step-ms 1500 --drain-ms 2000 --max-steps 12
         done
       done
       ;;
     w3)
-      for sys in A B raw A B raw; do
-        bin=$A; [ $sys != A ] && bin=$B
-        run "$sys" "$bin" 1 1 1 storm --conns 15000 --concurrency 256
+      for sys in $SYSTEMS raw $SYSTEMS raw; do
+        run "$sys" "$(bin_of $sys)" 1 1 1 storm --conns 15000 --concurrency 256
       done
       ;;
     multi)

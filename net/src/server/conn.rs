@@ -553,22 +553,3 @@ fn shutdown(fd: std::os::fd::RawFd) {
         libc::shutdown(fd, libc::SHUT_RDWR);
     }
 }
-
-#[cfg(test)]
-mod size_probe {
-    use super::*;
-    fn ret_size<A, B, C, D, E, F: std::future::Future>(_: impl Fn(A, B, C, D, E) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-    #[test]
-    fn print_sizes() {
-        eprintln!("live<Tcp> future {}", ret_size(live::<TcpStream>));
-        eprintln!("TaskWriter<Tcp> {}", std::mem::size_of::<TaskWriter<TcpStream>>());
-        eprintln!("TcpStream {}", std::mem::size_of::<TcpStream>());
-        eprintln!("Conn {}", std::mem::size_of::<Conn>());
-        eprintln!("Session {}", std::mem::size_of::<Session>());
-        eprintln!("Outbox {}", std::mem::size_of::<Outbox>());
-        eprintln!("WsDecoder {}", std::mem::size_of::<WsDecoder>());
-        eprintln!("Claims {}", std::mem::size_of::<auth::Claims>());
-    }
-}

@@ -24,8 +24,9 @@ use engine::client_error::CloseReason;
 use super::outbox::OutboxState;
 use super::shard::{Conn, Shard};
 
-/// Most `iovec`s per `sendmsg` (frames per write).
-const IOV_MAX: usize = 64;
+/// Most `iovec`s per `sendmsg` (frames per write): Linux's `UIO_MAXIOV`. A backlog of small
+/// frames still leaves in one call (a lower cap multiplied the syscalls under load).
+const IOV_MAX: usize = 1024;
 /// Most bytes offered per `sendmsg`.
 const FLUSH_BATCH_BYTES: usize = 256 * 1024;
 

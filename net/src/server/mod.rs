@@ -118,10 +118,8 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let cpus = CpuSet::online().ok().map(|set| set.filter(|location| allowed.as_ref().is_none_or(|a| a.contains(&location.cpu))));
     let cores = cpus.as_ref().map_or(1, |c| c.len());
     let placement = if shards <= cores { PoolPlacement::MaxSpread(shards, cpus) } else { PoolPlacement::Unbound(shards) };
-    let ring_depth = std::env::var("POWA_EXPERIMENT_RING_DEPTH").ok().and_then(|v| v.parse().ok()).unwrap_or(128usize);
     let handles = LocalExecutorPoolBuilder::new(placement)
         .io_memory(IO_MEMORY_BYTES)
-        .ring_depth(ring_depth)
         .name("shard")
         .on_all_shards(move || async move { shard_main(config, mesh, metrics, status).await })
         .map_err(|e| ServerError::Runtime(e.to_string()))?;

@@ -148,7 +148,7 @@ impl Outbox {
                 self.probe_taken.set(Some(read_at));
             }
         }
-        if frames.capacity() > 64 && frames.is_empty() {
+        if frames.capacity() > 4096 && frames.is_empty() {
             *frames = VecDeque::new();
         }
     }
