@@ -47,6 +47,9 @@ pub(crate) struct Outbox {
     writer: Cell<Writer>,
     /// The connection is on its shard's ready list.
     scheduled: Cell<bool>,
+    /// The front frame was partly sent by the flusher: its rest must go out before anything
+    /// else, even a close frame (else the peer would see a broken frame).
+    partial: Cell<bool>,
 }
 
 /// Who writes a connection's queue.
@@ -83,6 +86,7 @@ impl Outbox {
             probe_taken: Cell::new(None),
             writer: Cell::new(if direct { Writer::Shard } else { Writer::Task }),
             scheduled: Cell::new(false),
+            partial: Cell::new(false),
         }
     }
 
@@ -137,8 +141,10 @@ impl Outbox {
                 whole += 1;
             } else {
                 let _ = front.split_to(written);
-                written = 0;
+                self.partial.set(true);
+                break;
             }
+            self.partial.set(false);
         }
         let taken = self.taken.get() + whole;
         self.taken.set(taken);
@@ -167,8 +173,13 @@ impl Outbox {
         }
         let queued = self.queued_bytes.get() + frame.len();
         if queued > OUTBOUND_QUEUED_BYTES_MAX {
-            self.frames.borrow_mut().clear();
-            self.queued_bytes.set(0);
+            let mut frames = self.frames.borrow_mut();
+            // The rest of a frame already partly on the wire stays: it is sent before the close.
+            let rest = if self.partial.get() { frames.pop_front() } else { None };
+            frames.clear();
+            self.queued_bytes.set(rest.as_ref().map_or(0, Bytes::len));
+            frames.extend(rest);
+            drop(frames);
             self.probe.set(None);
             self.state.set(OutboxState::Closing(CloseReason::SlowConsumer));
             self.wake();
@@ -261,6 +272,8 @@ impl Outbox {
             bytes += frame.len();
             batch.push(frames.pop_front().expect("front exists"));
         }
+        // The task now holds any partly sent frame and completes it before anything else.
+        self.partial.set(false);
         self.queued_bytes.set(self.queued_bytes.get() - bytes);
         let taken = self.taken.get() + batch.len() as u64;
         self.taken.set(taken);
@@ -313,5 +326,24 @@ mod tests {
         outbox.kill();
         assert!(matches!(futures_lite::future::block_on(outbox.next(1 << 20, &mut batch)), Next::Stop));
         assert_eq!(outbox.written_probe(), None);
+    }
+
+    #[test]
+    fn an_overflow_keeps_the_rest_of_a_partly_sent_frame_before_the_close() {
+        let outbox = Outbox::new(true);
+        let mut batch = Vec::new();
+        assert!(outbox.push(Bytes::from(vec![1u8; 100])));
+        // The flusher sent 40 bytes of it, then the socket was full.
+        outbox.consume(40);
+        outbox.hand_to_task();
+        // Overflow: everything else is dropped, not the 60 bytes the peer is waiting for.
+        assert!(outbox.push(Bytes::from(vec![2u8; OUTBOUND_QUEUED_BYTES_MAX / 2])));
+        assert!(!outbox.push(Bytes::from(vec![3u8; OUTBOUND_QUEUED_BYTES_MAX / 2 + 100])));
+        assert_eq!(outbox.state(), OutboxState::Closing(CloseReason::SlowConsumer));
+        assert_eq!(outbox.queued_bytes(), 60);
+        assert!(matches!(futures_lite::future::block_on(outbox.next(1 << 20, &mut batch)), Next::Write));
+        assert_eq!(batch.len(), 1);
+        assert_eq!(&batch[0][..], &[1u8; 60][..]);
+        assert!(matches!(futures_lite::future::block_on(outbox.next(1 << 20, &mut batch)), Next::Close(CloseReason::SlowConsumer)));
     }
 }
