@@ -141,8 +141,9 @@ pub struct Session {
     conn: ConnId,
     /// The connection token (cleaned), the fallback channel token.
     conn_token: String,
-    /// Joined channels by topic as the client spelled it.
-    channels: AHashMap<Box<str>, Channel>,
+    /// Joined channels by topic as the client spelled it. Boxed: the map allocates room for
+    /// several entries even with one channel, and a `Channel` is ≈ 400 bytes.
+    channels: AHashMap<Box<str>, Box<Channel>>,
     next_serial: u32,
     /// Generated presence keys made by this session (uniqueness within one millisecond).
     presence_keys_made: u32,
@@ -320,7 +321,7 @@ impl Session {
                 };
                 self.channels.insert(
                     topic.into(),
-                    Channel {
+                    Box::new(Channel {
                         serial,
                         join_ref: raw(frame.join_ref),
                         join_reply_ref: raw(frame.ref_),
@@ -344,7 +345,7 @@ impl Session {
                         authorize_deadline_secs: if request.private { ctx.now_secs.saturating_add(engine::limits::AUTHORIZE_TIMEOUT_SECS) } else { i64::MAX },
                         token,
                         claims,
-                    },
+                    }),
                 );
                 let channel = &self.channels[topic];
                 if channel.private {
@@ -599,7 +600,7 @@ impl Session {
 
     /// The connection is gone: unsubscribe every channel.
     pub fn on_close(&mut self, state: &mut ShardState, fx: &mut Effects) {
-        let channels: Vec<Channel> = self.channels.drain().map(|(_, c)| c).collect();
+        let channels: Vec<Box<Channel>> = self.channels.drain().map(|(_, c)| c).collect();
         for channel in &channels {
             self.unsubscribe(state, channel, fx);
         }

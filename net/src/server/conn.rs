@@ -1,17 +1,19 @@
 //! One TCP connection: the HTTP head, then either a plain response or a WebSocket session.
 //!
-//! Two tasks per WebSocket: this one reads (the socket's read timeout is the idle timeout, so
-//! no read is ever raced against a timer), and a writer task drains the outbox in batches.
-//! When either side ends, the writer shuts the socket down, which wakes a pending read.
+//! One task per WebSocket owns both directions: it reads and handles messages, and it writes
+//! the outbound queue whenever the shard's flusher does not (TLS, a full socket, closing; see
+//! `outbox.rs` and `flush.rs`). No read carries a timer: the shard's once-a-second sweep closes
+//! idle connections through their outbox. When the write side ends it shuts the socket down.
 
 use std::cell::RefCell;
-use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use futures_lite::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use auth::AuthError;
@@ -31,10 +33,8 @@ use crate::ws::{self, OpCode, WsDecoder, WsError, WsMessage};
 pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for a whole REST body, from the end of the head.
 pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bytes asked for per `read` call: starts small (an idle connection holds little), doubles while
-/// reads fill it, up to the maximum; reset when the buffer drains after a burst.
-const READ_CHUNK_MIN_BYTES: usize = 512;
-const READ_CHUNK_MAX_BYTES: usize = 64 * 1024;
+/// Bytes asked for per WebSocket read (into the shard's scratch buffer).
+const READ_SCRATCH_BYTES: usize = 64 * 1024;
 /// A write that makes no progress for this long means the peer stopped reading: the connection
 /// is dropped (its queue is already bounded; this frees the socket too).
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -299,24 +299,40 @@ async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head
     if stream.write_all(&http::switching_protocols(&upgrade.key)).await.is_err() || stream.flush().await.is_err() {
         return;
     }
-    let _ = stream.tcp().set_read_timeout(Some(shard.config.limits.idle_timeout));
+    // No read timeout: the shard's idle sweep closes silent connections (`flush.rs`). A write
+    // that makes no progress for WRITE_STALL_TIMEOUT drops the connection.
+    let _ = stream.tcp().set_read_timeout(None);
     let _ = stream.tcp().set_write_timeout(Some(WRITE_STALL_TIMEOUT));
     let id = shard.next_conn_id();
+    let direct = std::any::TypeId::of::<S>() == std::any::TypeId::of::<TcpStream>();
     let conn = Rc::new(Conn {
-        outbox: Outbox::new(),
+        outbox: Outbox::new(direct),
         session: RefCell::new(Session::new(upgrade.format, shard.id, id, upgrade.token)),
         fd: stream.tcp().as_raw_fd(),
+        last_read_ms: std::cell::Cell::new(super::flush::clock_ms()),
+        direct,
+        epoll_added: std::cell::Cell::new(false),
+        read_armed: std::cell::Cell::new(false),
+        read_waker: RefCell::new(None),
     });
     shard.conns.borrow_mut().insert(id, Rc::clone(&conn));
-    let peer = peer_of(&stream.tcp().peer_addr().ok());
-    tracing::debug!(%peer, conn = id.0, shard = shard.id.0, "connection opened");
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let peer = peer_of(&stream.tcp().peer_addr().ok());
+        tracing::debug!(%peer, conn = id.0, shard = shard.id.0, "connection opened");
+    }
     metrics::add(&shard.counters().connections_open, 1);
     metrics::add(&shard.counters().connections_total, 1);
+    // The connection lives on in a task of its own whose future holds only what a live
+    // connection needs; the HTTP/upgrade task (sized for every path: TLS handshake, REST,
+    // authorization) ends here and frees its memory.
+    glommio::spawn_local(live(shard, conn, id, stream, leftover)).detach();
+}
 
-    let (reader, writer) = futures_lite::io::split(stream);
-    let writer_task = glommio::spawn_local(write_loop(Rc::clone(&shard), Rc::clone(&conn), writer));
-    let reason = read_loop(&shard, &conn, reader, leftover, &peer).await;
-    tracing::debug!(%peer, conn = id.0, close = reason.map(|r| r.code()), "connection closed");
+/// A WebSocket connection after the upgrade, until it is closed.
+async fn live<S: Transport>(shard: Rc<Shard>, conn: Rc<Conn>, id: engine::ConnId, stream: S, leftover: BytesMut) {
+    let mut writer = TaskWriter::new(stream);
+    let reason = read_loop(&shard, &conn, id, &mut writer, leftover).await;
+    tracing::debug!(conn = id.0, close = reason.map(|r| r.code()), "connection closed");
     match reason {
         Some(reason) => conn.outbox.close(reason),
         None if conn.outbox.state() == OutboxState::Open => conn.outbox.kill(),
@@ -329,14 +345,23 @@ async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head
     }
     shard.route(fx.shard);
     shard.conns.borrow_mut().remove(&id);
-    writer_task.await;
+    // Whatever is still queued, then the close frame.
+    std::future::poll_fn(|cx| writer.poll_write_side(cx, &shard, &conn)).await;
+    shutdown(conn.fd);
     metrics::sub(&shard.counters().connections_open, 1);
 }
 
+/// What woke the connection's task.
+enum Event {
+    Read(std::io::Result<usize>),
+    /// The write side is finished (close frame written, or the connection is dead).
+    WriterDone,
+}
+
 /// Reads and handles messages until the connection ends; returns the close to send, if any.
-async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, mut reader: ReadHalf<S>, mut buf: BytesMut, peer: &str) -> Option<CloseReason> {
+/// The same task writes whatever the shard's flusher does not (see `outbox.rs`).
+async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, id: engine::ConnId, writer: &mut TaskWriter<S>, mut buf: BytesMut) -> Option<CloseReason> {
     let mut decoder = WsDecoder::new(WS_MESSAGE_BYTES_MAX);
-    let mut want = READ_CHUNK_MIN_BYTES;
     loop {
         loop {
             match decoder.decode(&mut buf) {
@@ -349,7 +374,7 @@ async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, mut reader:
                 Err(WsError::TooBig) => return Some(CloseReason::MessageTooBig),
                 Err(WsError::InvalidUtf8) => return Some(CloseReason::InvalidPayload),
                 Err(error) => {
-                    tracing::debug!(peer, %error, "WebSocket protocol error");
+                    tracing::debug!(peer = %peer_of(&writer.stream.tcp().peer_addr().ok()), %error, "WebSocket protocol error");
                     return Some(CloseReason::ProtocolError);
                 }
             }
@@ -358,26 +383,45 @@ async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, mut reader:
             return None;
         }
         glommio::yield_if_needed().await;
-        if buf.is_empty() && buf.capacity() > 2 * READ_CHUNK_MAX_BYTES {
+        if buf.is_empty() && buf.capacity() > 0 {
+            // An idle connection holds no read buffer (reads land in the shard's scratch).
             buf = BytesMut::new();
-            want = READ_CHUNK_MIN_BYTES;
         }
-        // Read straight into the connection's buffer: no per-connection scratch array.
-        let filled = buf.len();
-        buf.resize(filled + want, 0);
-        let result = reader.read(&mut buf[filled..]).await;
-        match result {
-            Ok(0) => return None,
-            Ok(n) => {
-                buf.truncate(filled + n);
-                if n == want {
-                    want = (want * 2).min(READ_CHUNK_MAX_BYTES);
-                }
-            }
-            Err(error) if error.kind() == ErrorKind::TimedOut => return Some(CloseReason::IdleTimeout),
-            Err(_) => return None,
+        let event = std::future::poll_fn(|cx| poll_read_or_write(cx, shard, conn, id, writer, &mut buf)).await;
+        match event {
+            Event::Read(Ok(0)) | Event::Read(Err(_)) | Event::WriterDone => return None,
+            Event::Read(Ok(_)) => conn.last_read_ms.set(super::flush::clock_ms()),
         }
     }
+}
+
+thread_local! {
+    /// The shard's read scratch: every WebSocket read lands here and is copied into its
+    /// connection's buffer, so an idle connection holds no read buffer (glommio reads into the
+    /// buffer given at poll time, once the socket is readable).
+    static READ_SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_SCRATCH_BYTES].into_boxed_slice());
+}
+
+/// The write side first (it may finish the connection), then a read into `buf`.
+fn poll_read_or_write<S: Transport>(cx: &mut TaskContext<'_>, shard: &Rc<Shard>, conn: &Rc<Conn>, id: engine::ConnId, writer: &mut TaskWriter<S>, buf: &mut BytesMut) -> Poll<Event> {
+    if writer.poll_write_side(cx, shard, conn).is_ready() {
+        return Poll::Ready(Event::WriterDone);
+    }
+    READ_SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        if conn.direct {
+            // Plain TCP: no io_uring request while idle (`readiness.rs`).
+            return super::readiness::poll_read(cx, conn, id, &mut scratch[..], buf).map(Event::Read);
+        }
+        match Pin::new(&mut writer.stream).poll_read(cx, &mut scratch[..]) {
+            Poll::Ready(Ok(n)) => {
+                buf.extend_from_slice(&scratch[..n]);
+                Poll::Ready(Event::Read(Ok(n)))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Event::Read(Err(error))),
+            Poll::Pending => Poll::Pending,
+        }
+    })
 }
 
 fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, message: WsMessage) -> Option<CloseReason> {
@@ -414,52 +458,95 @@ fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, message: WsMessage) -> Option<Clos
     close
 }
 
-async fn write_loop<S: Transport>(shard: Rc<Shard>, conn: Rc<Conn>, mut writer: WriteHalf<S>) {
-    let mut frames: Vec<Bytes> = Vec::new();
-    let mut batch = Vec::new();
-    loop {
-        match conn.outbox.next(WRITE_BATCH_BYTES, &mut frames).await {
-            Next::Write => {
-                let result = if let [frame] = frames.as_slice() {
-                    writer.write_all(frame).await
-                } else {
-                    batch.clear();
-                    for frame in &frames {
-                        batch.extend_from_slice(frame);
-                    }
-                    writer.write_all(&batch).await
-                };
-                let result = match result {
-                    Ok(()) => writer.flush().await,
-                    Err(error) => Err(error),
-                };
-                frames.clear();
-                // Keep no burst-sized buffers on an idle connection.
-                if batch.capacity() > 16 * 1024 {
-                    batch = Vec::new();
+/// The connection task's write side: writes the queue while the shard's flusher does not
+/// (TLS, a full socket, closing), then the close frame.
+struct TaskWriter<S> {
+    stream: S,
+    /// Bytes being written and how far; empty when idle (no capacity kept after a burst).
+    pending: Vec<u8>,
+    written: usize,
+    flush_due: bool,
+    close_sent: bool,
+    done: bool,
+    frames: Vec<Bytes>,
+}
+
+impl<S: Transport> TaskWriter<S> {
+    fn new(stream: S) -> Self {
+        TaskWriter { stream, pending: Vec::new(), written: 0, flush_due: false, close_sent: false, done: false, frames: Vec::new() }
+    }
+
+    /// Drives the write side; `Ready` once it is finished for good.
+    fn poll_write_side(&mut self, cx: &mut TaskContext<'_>, shard: &Shard, conn: &Conn) -> Poll<()> {
+        if self.done {
+            return Poll::Ready(());
+        }
+        loop {
+            while self.written < self.pending.len() {
+                match Pin::new(&mut self.stream).poll_write(cx, &self.pending[self.written..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => self.written += n,
+                    Poll::Ready(_) => return self.finish(conn, true),
+                    Poll::Pending => return Poll::Pending,
                 }
-                if frames.capacity() > 1024 {
-                    frames = Vec::new();
-                }
-                if result.is_err() {
-                    conn.outbox.kill();
-                    break;
+            }
+            if self.flush_due {
+                match Pin::new(&mut self.stream).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.flush_due = false,
+                    Poll::Ready(Err(_)) => return self.finish(conn, true),
+                    Poll::Pending => return Poll::Pending,
                 }
                 if let Some(read_at) = conn.outbox.written_probe() {
                     shard.observe_delivery(read_at);
                 }
             }
-            Next::Close(reason) => {
-                let frame: Bytes = ws::encode_close(reason.code(), reason.text());
-                if writer.write_all(&frame).await.is_ok() {
-                    let _ = writer.flush().await;
-                }
-                break;
+            if self.close_sent {
+                return self.finish(conn, false);
             }
-            Next::Stop => break,
+            // Keep no burst-sized buffers on an idle connection.
+            if self.pending.capacity() > 16 * 1024 {
+                self.pending = Vec::new();
+            } else {
+                self.pending.clear();
+            }
+            self.written = 0;
+            conn.outbox.task_idle(conn.direct);
+            match conn.outbox.poll_next(cx, WRITE_BATCH_BYTES, &mut self.frames) {
+                Poll::Ready(Next::Write) => {
+                    for frame in &self.frames {
+                        self.pending.extend_from_slice(frame);
+                    }
+                    self.frames.clear();
+                    if self.frames.capacity() > 1024 {
+                        self.frames = Vec::new();
+                    }
+                    self.flush_due = true;
+                }
+                Poll::Ready(Next::Close(reason)) => {
+                    self.pending.extend_from_slice(&ws::encode_close(reason.code(), reason.text()));
+                    self.flush_due = true;
+                    self.close_sent = true;
+                }
+                Poll::Ready(Next::Stop) => return self.finish(conn, false),
+                Poll::Pending => {
+                    if self.pending.capacity() > 0 {
+                        self.pending = Vec::new();
+                    }
+                    return Poll::Pending;
+                }
+            }
         }
     }
-    shutdown(conn.fd);
+
+    fn finish(&mut self, conn: &Conn, failed: bool) -> Poll<()> {
+        if failed {
+            conn.outbox.kill();
+        }
+        self.done = true;
+        self.pending = Vec::new();
+        // Wakes a read pending on the socket.
+        shutdown(conn.fd);
+        Poll::Ready(())
+    }
 }
 
 /// Shuts the socket down in both directions, waking a read pending on it.

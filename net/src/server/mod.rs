@@ -7,7 +7,9 @@ mod conn;
 mod control;
 mod drain;
 mod metrics;
+mod flush;
 mod outbox;
+mod readiness;
 mod shard;
 mod status;
 mod tls;
@@ -195,6 +197,8 @@ async fn shard_main(
     for (_, receiver) in receivers.streams() {
         glommio::spawn_local(Rc::clone(&shard).receive(receiver)).detach();
     }
+    readiness::start(&shard).map_err(|e| format!("shard {} epoll set: {e}", id.0))?;
+    glommio::spawn_local(Rc::clone(&shard).flusher()).detach();
     glommio::spawn_local(Rc::clone(&shard).expire_tokens()).detach();
     glommio::spawn_local(Rc::clone(&shard).rate_ticks()).detach();
     glommio::spawn_local(Rc::clone(&shard).sample_gauges()).detach();

@@ -4,8 +4,13 @@
 //! the queue is cleared and the connection is closed with 1008 "slow consumer": a subscriber
 //! that cannot keep up never stalls its shard or grows memory, and the others keep receiving.
 //!
-//! Writes are batched: the writer task takes every frame queued while its previous write was
-//! in flight and sends them in one write (the measured lever for fan-out on this machine).
+//! Who writes the queue ([`Writer`]): on a plain TCP connection whose socket has room, the
+//! shard's flusher does (`super::flush`): a push only puts the connection on the shard's ready
+//! list, so a broadcast to N local subscribers wakes one task, and the flusher sends each
+//! connection's queued frames in one `sendmsg`. When the socket is full (or the connection is
+//! closing, or it is TLS) the connection's own task writes, awaiting writability, and hands the
+//! queue back to the flusher once it is empty. Either way frames leave in batches: everything
+//! queued while the previous write was in flight goes out in one write.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -38,6 +43,22 @@ pub(crate) struct Outbox {
     probe: Cell<Option<(u64, u64)>>,
     /// The probe's frame is in the writer's current batch: observe it once written.
     probe_taken: Cell<Option<u64>>,
+    /// Who writes the queue now.
+    writer: Cell<Writer>,
+    /// The connection is on its shard's ready list.
+    scheduled: Cell<bool>,
+    /// The front frame was partly sent by the flusher: its rest must go out before anything
+    /// else, even a close frame (else the peer would see a broken frame).
+    partial: Cell<bool>,
+}
+
+/// Who writes a connection's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Writer {
+    /// The shard's flusher, straight to the socket (plain TCP with room in the socket).
+    Shard,
+    /// The connection's task (TLS, a full socket, or closing).
+    Task,
 }
 
 /// What the writer should do next.
@@ -51,7 +72,9 @@ pub(crate) enum Next {
 }
 
 impl Outbox {
-    pub(crate) fn new() -> Outbox {
+    /// A queue written by its connection's task only (`direct` false: TLS) or by the shard's
+    /// flusher while the socket has room (`direct` true: plain TCP).
+    pub(crate) fn new(direct: bool) -> Outbox {
         Outbox {
             frames: RefCell::new(VecDeque::new()),
             queued_bytes: Cell::new(0),
@@ -61,7 +84,86 @@ impl Outbox {
             taken: Cell::new(0),
             probe: Cell::new(None),
             probe_taken: Cell::new(None),
+            writer: Cell::new(if direct { Writer::Shard } else { Writer::Task }),
+            scheduled: Cell::new(false),
+            partial: Cell::new(false),
         }
+    }
+
+    /// Whether the shard's flusher writes this queue now (plain TCP, open, socket with room).
+    pub(crate) fn shard_writes(&self) -> bool {
+        self.writer.get() == Writer::Shard && self.state.get() == OutboxState::Open
+    }
+
+    /// After a push: whether the connection must go on the shard's ready list (it is written
+    /// by the flusher, has frames and is not listed yet). Marks it listed.
+    pub(crate) fn schedule(&self) -> bool {
+        if self.scheduled.get() || !self.shard_writes() || self.frames.borrow().is_empty() {
+            return false;
+        }
+        self.scheduled.set(true);
+        true
+    }
+
+    /// The flusher took the connection off its ready list.
+    pub(crate) fn unscheduled(&self) {
+        self.scheduled.set(false);
+    }
+
+    /// The flusher's batch: up to `iov_max` frames and about `batch_bytes` bytes from the front,
+    /// as `iovec`s pointing into the queued frames (valid until the queue changes). Returns
+    /// the bytes described.
+    pub(crate) fn iovecs(&self, iovs: &mut Vec<libc::iovec>, iov_max: usize, batch_bytes: usize) -> usize {
+        iovs.clear();
+        let frames = self.frames.borrow();
+        let mut bytes = 0;
+        for frame in frames.iter() {
+            if iovs.len() == iov_max || (!iovs.is_empty() && bytes + frame.len() > batch_bytes) {
+                break;
+            }
+            bytes += frame.len();
+            iovs.push(libc::iovec { iov_base: frame.as_ptr() as *mut libc::c_void, iov_len: frame.len() });
+        }
+        bytes
+    }
+
+    /// The flusher wrote `written` bytes from the front: drops the frames sent whole and keeps
+    /// the unsent rest of a frame sent in part at the front.
+    pub(crate) fn consume(&self, mut written: usize) {
+        let mut frames = self.frames.borrow_mut();
+        self.queued_bytes.set(self.queued_bytes.get() - written);
+        let mut whole = 0u64;
+        while written > 0 {
+            let Some(front) = frames.front_mut() else { break };
+            if front.len() <= written {
+                written -= front.len();
+                frames.pop_front();
+                whole += 1;
+            } else {
+                let _ = front.split_to(written);
+                self.partial.set(true);
+                break;
+            }
+            self.partial.set(false);
+        }
+        let taken = self.taken.get() + whole;
+        self.taken.set(taken);
+        if let Some((number, read_at)) = self.probe.get() {
+            if number <= taken {
+                self.probe.set(None);
+                self.probe_taken.set(Some(read_at));
+            }
+        }
+        if frames.capacity() > 4096 && frames.is_empty() {
+            *frames = VecDeque::new();
+        }
+    }
+
+    /// The socket is full: the connection's task writes from now on (awaiting writability)
+    /// and hands the queue back once it is empty.
+    pub(crate) fn hand_to_task(&self) {
+        self.writer.set(Writer::Task);
+        self.wake();
     }
 
     /// Queues a frame. Returns `false` when the frame was not queued (closing or overflow).
@@ -71,8 +173,13 @@ impl Outbox {
         }
         let queued = self.queued_bytes.get() + frame.len();
         if queued > OUTBOUND_QUEUED_BYTES_MAX {
-            self.frames.borrow_mut().clear();
-            self.queued_bytes.set(0);
+            let mut frames = self.frames.borrow_mut();
+            // The rest of a frame already partly on the wire stays: it is sent before the close.
+            let rest = if self.partial.get() { frames.pop_front() } else { None };
+            frames.clear();
+            self.queued_bytes.set(rest.as_ref().map_or(0, Bytes::len));
+            frames.extend(rest);
+            drop(frames);
             self.probe.set(None);
             self.state.set(OutboxState::Closing(CloseReason::SlowConsumer));
             self.wake();
@@ -81,7 +188,9 @@ impl Outbox {
         self.queued_bytes.set(queued);
         self.pushed.set(self.pushed.get() + 1);
         self.frames.borrow_mut().push_back(frame);
-        self.wake();
+        if self.writer.get() == Writer::Task {
+            self.wake();
+        }
         true
     }
 
@@ -132,39 +241,57 @@ impl Outbox {
 
     /// Waits for work, then moves up to `batch_bytes` worth of frames (at least one) into
     /// `batch` (the writer's reused vector: no allocation per write).
+    #[cfg(test)]
     pub(crate) async fn next(&self, batch_bytes: usize, batch: &mut Vec<Bytes>) -> Next {
-        std::future::poll_fn(|cx| {
-            let mut frames = self.frames.borrow_mut();
-            match self.state.get() {
-                OutboxState::Dead => return Poll::Ready(Next::Stop),
-                OutboxState::Closing(reason) if frames.is_empty() => return Poll::Ready(Next::Close(reason)),
-                _ => {}
+        std::future::poll_fn(|cx| self.poll_next(cx, batch_bytes, batch)).await
+    }
+
+    /// The connection task's side: `Ready` with work, or `Pending` (waker kept) while the queue
+    /// is empty or the shard's flusher writes it. A closing or dead queue is always the task's.
+    pub(crate) fn poll_next(&self, cx: &mut std::task::Context<'_>, batch_bytes: usize, batch: &mut Vec<Bytes>) -> Poll<Next> {
+        let mut frames = self.frames.borrow_mut();
+        match self.state.get() {
+            OutboxState::Dead => return Poll::Ready(Next::Stop),
+            OutboxState::Closing(reason) if frames.is_empty() => return Poll::Ready(Next::Close(reason)),
+            OutboxState::Closing(_) => self.writer.set(Writer::Task),
+            OutboxState::Open => {}
+        }
+        if frames.is_empty() || self.writer.get() == Writer::Shard {
+            let mut waker = self.waker.borrow_mut();
+            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *waker = Some(cx.waker().clone());
             }
-            if frames.is_empty() {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
-                return Poll::Pending;
+            return Poll::Pending;
+        }
+        batch.clear();
+        let mut bytes = 0;
+        while let Some(frame) = frames.front() {
+            if !batch.is_empty() && bytes + frame.len() > batch_bytes {
+                break;
             }
-            batch.clear();
-            let mut bytes = 0;
-            while let Some(frame) = frames.front() {
-                if !batch.is_empty() && bytes + frame.len() > batch_bytes {
-                    break;
-                }
-                bytes += frame.len();
-                batch.push(frames.pop_front().expect("front exists"));
+            bytes += frame.len();
+            batch.push(frames.pop_front().expect("front exists"));
+        }
+        // The task now holds any partly sent frame and completes it before anything else.
+        self.partial.set(false);
+        self.queued_bytes.set(self.queued_bytes.get() - bytes);
+        let taken = self.taken.get() + batch.len() as u64;
+        self.taken.set(taken);
+        if let Some((number, read_at)) = self.probe.get() {
+            if number <= taken {
+                self.probe.set(None);
+                self.probe_taken.set(Some(read_at));
             }
-            self.queued_bytes.set(self.queued_bytes.get() - bytes);
-            let taken = self.taken.get() + batch.len() as u64;
-            self.taken.set(taken);
-            if let Some((number, read_at)) = self.probe.get() {
-                if number <= taken {
-                    self.probe.set(None);
-                    self.probe_taken.set(Some(read_at));
-                }
-            }
-            Poll::Ready(Next::Write)
-        })
-        .await
+        }
+        Poll::Ready(Next::Write)
+    }
+
+    /// The task wrote everything it took: an open, empty queue of a plain TCP connection goes
+    /// back to the shard's flusher.
+    pub(crate) fn task_idle(&self, direct: bool) {
+        if direct && self.state.get() == OutboxState::Open && self.frames.borrow().is_empty() {
+            self.writer.set(Writer::Shard);
+        }
     }
 }
 
@@ -178,7 +305,7 @@ mod tests {
 
     #[test]
     fn the_latency_probe_is_reported_once_its_frame_was_taken() {
-        let outbox = Outbox::new();
+        let outbox = Outbox::new(false);
         let mut batch = Vec::new();
         outbox.push(frame(1));
         outbox.push(frame(2));
@@ -199,5 +326,24 @@ mod tests {
         outbox.kill();
         assert!(matches!(futures_lite::future::block_on(outbox.next(1 << 20, &mut batch)), Next::Stop));
         assert_eq!(outbox.written_probe(), None);
+    }
+
+    #[test]
+    fn an_overflow_keeps_the_rest_of_a_partly_sent_frame_before_the_close() {
+        let outbox = Outbox::new(true);
+        let mut batch = Vec::new();
+        assert!(outbox.push(Bytes::from(vec![1u8; 100])));
+        // The flusher sent 40 bytes of it, then the socket was full.
+        outbox.consume(40);
+        outbox.hand_to_task();
+        // Overflow: everything else is dropped, not the 60 bytes the peer is waiting for.
+        assert!(outbox.push(Bytes::from(vec![2u8; OUTBOUND_QUEUED_BYTES_MAX / 2])));
+        assert!(!outbox.push(Bytes::from(vec![3u8; OUTBOUND_QUEUED_BYTES_MAX / 2 + 100])));
+        assert_eq!(outbox.state(), OutboxState::Closing(CloseReason::SlowConsumer));
+        assert_eq!(outbox.queued_bytes(), 60);
+        assert!(matches!(futures_lite::future::block_on(outbox.next(1 << 20, &mut batch)), Next::Write));
+        assert_eq!(batch.len(), 1);
+        assert_eq!(&batch[0][..], &[1u8; 60][..]);
+        assert!(matches!(futures_lite::future::block_on(outbox.next(1 << 20, &mut batch)), Next::Close(CloseReason::SlowConsumer)));
     }
 }

@@ -86,6 +86,16 @@ pub(crate) struct Conn {
     pub(crate) outbox: Outbox,
     pub(crate) session: RefCell<Session>,
     pub(crate) fd: RawFd,
+    /// When a read last completed ([`super::flush::clock_ms`]): the idle sweep's input.
+    pub(crate) last_read_ms: Cell<u32>,
+    /// Plain TCP: the shard's flusher may write to `fd` directly and the task reads it with
+    /// `recv`, waiting on the shard's epoll set when it is empty (TLS: neither).
+    pub(crate) direct: bool,
+    /// Epoll state of a plain connection (`super::readiness`): in the set, armed for one
+    /// report, and the task's waker for that report.
+    pub(crate) epoll_added: Cell<bool>,
+    pub(crate) read_armed: Cell<bool>,
+    pub(crate) read_waker: RefCell<Option<std::task::Waker>>,
 }
 
 pub(crate) struct Shard {
@@ -114,6 +124,9 @@ pub(crate) struct Shard {
     pub(crate) presence_exceeded: Cell<bool>,
     /// This shard's slot of the status page's data (written by [`Shard::status_ticks`]).
     pub(crate) status: Arc<super::StatusBoard>,
+    /// Connections with queued frames for the flusher, and its waker (`super::flush`).
+    pub(crate) ready: RefCell<Vec<Rc<Conn>>>,
+    pub(crate) flusher: RefCell<Option<std::task::Waker>>,
 }
 
 impl Shard {
@@ -138,6 +151,8 @@ impl Shard {
             presence_window: RefCell::new(engine::rate::RateWindow::default()),
             presence_exceeded: Cell::new(false),
             status,
+            ready: RefCell::new(Vec::new()),
+            flusher: RefCell::new(None),
             config,
         }
     }
@@ -343,9 +358,12 @@ impl Shard {
     }
 
     /// Queues a frame on a connection; counts the connection once if this push overflowed it.
-    fn push(&self, conn: &Conn, frame: bytes::Bytes) {
+    fn push(&self, conn: &Rc<Conn>, frame: bytes::Bytes) {
         let was_open = conn.outbox.state() == OutboxState::Open;
         if conn.outbox.push(frame) {
+            if conn.outbox.schedule() {
+                self.schedule(conn);
+            }
             return;
         }
         let slow = conn.outbox.state() == OutboxState::Closing(CloseReason::SlowConsumer);
@@ -488,11 +506,12 @@ impl Shard {
         }
     }
 
-    /// Once a second: close channels whose token expired (PROTOCOL.md §6.4). A timer in its own
-    /// task, racing no read.
+    /// Once a second: close idle connections (`super::flush`) and channels whose token expired
+    /// (PROTOCOL.md §6.4). A timer in its own task, racing no read.
     pub(crate) async fn expire_tokens(self: Rc<Self>) {
         loop {
             glommio::timer::sleep(std::time::Duration::from_secs(1)).await;
+            self.sweep_idle();
             let now = super::conn::unix_now();
             let due: Vec<Rc<Conn>> = self
                 .conns
