@@ -332,7 +332,12 @@ async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head
 async fn live<S: Transport>(shard: Rc<Shard>, conn: Rc<Conn>, id: engine::ConnId, stream: S, leftover: BytesMut) {
     let mut writer = TaskWriter::new(stream);
     let reason = read_loop(&shard, &conn, id, &mut writer, leftover).await;
-    tracing::debug!(conn = id.0, close = reason.map(|r| r.code()), "connection closed");
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        // Looked up now rather than kept for the connection's life (an idle connection holds as
+        // little as it can); "?" once the socket no longer knows its peer.
+        let peer = peer_of(&writer.stream.tcp().peer_addr().ok());
+        tracing::debug!(%peer, conn = id.0, close = reason.map(|r| r.code()), "connection closed");
+    }
     match reason {
         Some(reason) => conn.outbox.close(reason),
         None if conn.outbox.state() == OutboxState::Open => conn.outbox.kill(),
