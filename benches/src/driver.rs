@@ -59,10 +59,17 @@ pub fn start_server(database_url: &str, extra_env: &[(&str, String)]) -> (Server
 pub fn ws_connect(port: u16, token: &str) -> TcpStream {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    upgrade(&mut stream, token);
+    stream
+}
+
+/// Sends the V2 WebSocket upgrade on an open stream (plain or TLS) and reads the 101 head.
+pub fn upgrade<S: Read + Write + ?Sized>(stream: &mut S, token: &str) {
     let request = format!(
-        "GET /realtime/v1/websocket?apikey={token}&vsn=2.0.0 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        "GET /realtime/v1/websocket?apikey={token}&vsn=2.0.0 HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).unwrap();
+    stream.flush().unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -70,7 +77,6 @@ pub fn ws_connect(port: u16, token: &str) -> TcpStream {
         head.push(byte[0]);
     }
     assert!(head.starts_with(b"HTTP/1.1 101"), "upgrade failed: {}", String::from_utf8_lossy(&head));
-    stream
 }
 
 /// A masked client text frame.

@@ -131,18 +131,7 @@ fn connect(port: u16, tls: Option<&Arc<rustls::ClientConfig>>, token: &str) -> B
             Box::new(rustls::StreamOwned::new(conn, tcp))
         }
     };
-    let request = format!(
-        "GET /realtime/v1/websocket?apikey={token}&vsn=2.0.0 HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    stream.flush().unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "upgrade failed: {}", String::from_utf8_lossy(&head));
+    powa_benches::driver::upgrade(&mut *stream, token);
     stream
 }
 
