@@ -43,7 +43,7 @@ pub(crate) fn sample_read() -> Option<u64> {
         count.set(n);
         n
     });
-    (n % LATENCY_SAMPLE_EVERY == 0).then(now_micros)
+    n.is_multiple_of(LATENCY_SAMPLE_EVERY).then(now_micros)
 }
 
 /// Stamps the broadcasts in `messages` (just built, not shared yet) with their read time.

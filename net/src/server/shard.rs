@@ -562,7 +562,7 @@ impl Shard {
         let mut channels = 0;
         let mut tick: u32 = 0;
         loop {
-            if tick % SUMMARY_EVERY_TICKS == 0 {
+            if tick.is_multiple_of(SUMMARY_EVERY_TICKS) {
                 let summary = self.state.borrow().summary(TOP_TOPICS_MAX);
                 channels = summary.local_channels as u64;
                 self.status.set_summary(self.id.index(), &summary);
