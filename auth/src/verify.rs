@@ -98,6 +98,11 @@ impl KeyStore {
                             .map_err(|_| AuthError::NoSigner { kid: None });
                     }
                 }
+                // A tenant configured with a JWKS only has no HS secret: an empty key would
+                // accept tokens signed with an empty secret.
+                if self.secret.is_empty() {
+                    return Err(AuthError::NoSigner { kid: None });
+                }
                 Ok(DecodingKey::from_secret(&self.secret))
             }
             Algorithm::RS256
@@ -219,6 +224,12 @@ mod tests {
         assert_eq!(claims.role, "authenticated");
         assert_eq!(claims.sub.as_deref(), Some("u1"));
         assert_eq!(claims.exp, NOW + 10);
+    }
+
+    #[test]
+    fn a_store_without_a_secret_refuses_hs_tokens_even_with_an_empty_key() {
+        let empty_signed = token(json!({"role":"anon","exp":NOW+10}), b"");
+        assert_eq!(KeyStore::new(Vec::new()).verify(&empty_signed, NOW), Err(AuthError::NoSigner { kid: None }));
     }
 
     #[test]

@@ -30,7 +30,7 @@ fn subscribers() -> Vec<LocalSub> {
 
 fn fanout_bench(c: &mut Criterion) {
     let subs = subscribers();
-    let topic = TopicKey::new("realtime:chat:room-42", false);
+    let topic = TopicKey::new(engine::TenantId::SINGLE, "realtime:chat:room-42", false);
     let mut group = c.benchmark_group("fanout_10k");
     group.throughput(Throughput::Elements(SUBSCRIBERS as u64));
     for size in [100usize, 1_000] {

@@ -58,7 +58,7 @@ fn crdt(c: &mut Criterion) {
 fn churn(per_window: Option<u64>) -> (u64, u64) {
     let coalescing = if per_window.is_some() { PresenceCoalescing::Window } else { PresenceCoalescing::Immediate };
     let mut shard = ShardState::new(ShardId(0), 1).with_coalescing(coalescing);
-    let topic = TopicKey::new("realtime:doc", false);
+    let topic = TopicKey::new(engine::TenantId::SINGLE, "realtime:doc", false);
     let (mut frames, mut diffs) = (0u64, 0u64);
     let mut pending_flush = false;
     let mut run = |shard: &mut ShardState, msgs: Vec<(ShardId, ShardMsg)>, pending_flush: &mut bool| {

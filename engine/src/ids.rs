@@ -13,6 +13,16 @@ pub struct ConnId(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChannelSerial(pub u32);
 
+/// A tenant (project), numbered by the process: the same external id keeps its number across
+/// reloads. Single-tenant mode has one tenant, [`TenantId::SINGLE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct TenantId(pub u32);
+
+impl TenantId {
+    /// The one tenant of single-tenant mode.
+    pub const SINGLE: TenantId = TenantId(0);
+}
+
 impl ShardId {
     /// As an index into per-shard arrays.
     pub fn index(self) -> usize {

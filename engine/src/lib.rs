@@ -28,7 +28,7 @@ pub mod shard;
 pub mod topic;
 
 pub use broadcast::{Broadcast, BroadcastBody, Origin};
-pub use ids::{ChannelSerial, ConnId, ShardId};
+pub use ids::{ChannelSerial, ConnId, ShardId, TenantId};
 pub use limits::Limits;
 pub use shard::{Format, LocalSub, PresenceCoalescing, ShardMsg, ShardState, Subscriber};
 pub use topic::TopicKey;

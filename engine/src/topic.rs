@@ -7,7 +7,7 @@
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
-use crate::ShardId;
+use crate::{ShardId, TenantId};
 
 /// The prefix the official clients put in front of every channel name.
 pub const PREFIX: &str = "realtime:";
@@ -18,6 +18,8 @@ const SEEDS: [u64; 4] = [0x5eed_0f70_091c, 0x0dd_ba11, 0xfeed_face, 0xc0ff_ee00]
 /// The key a topic is stored and routed under.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TopicKey {
+    /// The project the channel belongs to.
+    pub tenant: TenantId,
     /// Private channels are gated by `realtime.messages` policies and never meet public ones.
     pub private: bool,
     /// The sub-topic: the joined topic without a leading `realtime:`.
@@ -31,21 +33,22 @@ pub fn sub_topic(topic: &str) -> &str {
 
 impl TopicKey {
     /// Builds the key of a topic as a client spelled it.
-    pub fn new(topic: &str, private: bool) -> TopicKey {
-        TopicKey { private, sub: Arc::from(sub_topic(topic)) }
+    pub fn new(tenant: TenantId, topic: &str, private: bool) -> TopicKey {
+        TopicKey { tenant, private, sub: Arc::from(sub_topic(topic)) }
     }
 
     /// Builds the key of a sub-topic given as is (REST and database broadcasts address
     /// sub-topics: `realtime:x` there means the channel `realtime:realtime:x`, PROTOCOL.md §8.1).
-    pub fn new_sub(sub: &str, private: bool) -> TopicKey {
-        TopicKey { private, sub: Arc::from(sub) }
+    pub fn new_sub(tenant: TenantId, sub: &str, private: bool) -> TopicKey {
+        TopicKey { tenant, private, sub: Arc::from(sub) }
     }
 
-    /// The shard that owns this topic: `hash(kind, sub-topic) % shards`.
+    /// The shard that owns this topic: `hash(tenant, kind, sub-topic) % shards`.
     pub fn owner(&self, shards: usize) -> ShardId {
         assert!(shards > 0 && shards <= usize::from(u16::MAX));
         let state = ahash::RandomState::with_seeds(SEEDS[0], SEEDS[1], SEEDS[2], SEEDS[3]);
         let mut hasher = state.build_hasher();
+        self.tenant.0.hash(&mut hasher);
         self.private.hash(&mut hasher);
         self.sub.hash(&mut hasher);
         ShardId((hasher.finish() % shards as u64) as u16)
@@ -58,8 +61,10 @@ mod tests {
 
     #[test]
     fn prefixed_and_bare_topics_are_one_channel() {
-        assert_eq!(TopicKey::new("realtime:chat:room-42", false), TopicKey::new("chat:room-42", false));
-        assert_ne!(TopicKey::new("room", false), TopicKey::new("room", true));
+        let t = TenantId::SINGLE;
+        assert_eq!(TopicKey::new(t, "realtime:chat:room-42", false), TopicKey::new(t, "chat:room-42", false));
+        assert_ne!(TopicKey::new(t, "room", false), TopicKey::new(t, "room", true));
+        assert_ne!(TopicKey::new(t, "room", false), TopicKey::new(TenantId(1), "room", false), "tenants never share a topic");
         assert_eq!(sub_topic("realtime:"), "");
         assert_eq!(sub_topic("realtime:realtime:x"), "realtime:x");
     }
@@ -68,7 +73,7 @@ mod tests {
     fn ownership_is_stable_and_spread() {
         let mut counts = [0usize; 4];
         for i in 0..4000 {
-            let key = TopicKey::new(&format!("room-{i}"), false);
+            let key = TopicKey::new(TenantId::SINGLE, &format!("room-{i}"), false);
             assert_eq!(key.owner(4), key.owner(4));
             counts[key.owner(4).index()] += 1;
         }

@@ -178,7 +178,7 @@ fn batch(body: &[u8], bypasses_rls: bool, database: bool, payload_bytes_max: usi
             payload["meta"] = json!({ "id": id });
         }
         let payload = Bytes::from(serde_json::to_vec(&payload).expect("JSON value serialises"));
-        let item = Outgoing { topic: TopicKey::new_sub(topic, private), message: Arc::new(Broadcast { origin: None, body: BroadcastBody::Json { payload } }) };
+        let item = Outgoing { topic: TopicKey::new_sub(engine::TenantId::SINGLE, topic, private), message: Arc::new(Broadcast { origin: None, body: BroadcastBody::Json { payload } }) };
         if private && !bypasses_rls {
             pending.push(item);
         } else {
@@ -268,7 +268,7 @@ fn single(topic: &str, event: &str, content_type: Option<&str>, body: &[u8], pri
     }
     let event = Bytes::copy_from_slice(event.as_bytes());
     let message = Broadcast { origin: None, body: BroadcastBody::User { event, encoding, payload, metadata: Bytes::new() } };
-    let item = Outgoing { topic: TopicKey::new_sub(topic, private), message: Arc::new(message) };
+    let item = Outgoing { topic: TopicKey::new_sub(engine::TenantId::SINGLE, topic, private), message: Arc::new(message) };
     if private && !bypasses_rls {
         let checks = PrivateChecks { claims: placeholder_claims(), messages: vec![item], single: true };
         return RestResult { response: response(202, b""), outgoing: Vec::new(), private_checks: Some(checks) };

@@ -313,7 +313,7 @@ impl Session {
             Ok((request, token, claims)) => {
                 let serial = ChannelSerial(self.next_serial);
                 self.next_serial += 1;
-                let key = TopicKey::new(topic, request.private);
+                let key = TopicKey::new(engine::TenantId::SINGLE, topic, request.private);
                 let join_response = join_response(&request.postgres_changes);
                 let presence_key: Arc<str> = match &request.presence_key {
                     Some(key) => Arc::from(key.as_str()),

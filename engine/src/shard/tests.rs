@@ -51,7 +51,7 @@ fn home(conn: u8, shards: usize) -> usize {
 }
 
 fn topic_key(topic: u8) -> TopicKey {
-    TopicKey::new(&format!("realtime:room-{topic}"), false)
+    TopicKey::new(crate::TenantId(u32::from(topic % 2)), &format!("realtime:room-{topic}"), false)
 }
 
 impl Sim {
@@ -275,7 +275,7 @@ mod presence {
     }
 
     fn topic() -> TopicKey {
-        TopicKey::new("realtime:doc", false)
+        TopicKey::new(crate::TenantId::SINGLE, "realtime:doc", false)
     }
 
     impl PSim {
@@ -447,7 +447,7 @@ mod presence {
 fn join_all(state: &mut ShardState, topic: &str, subscribers: u32, first_conn: u32) {
     for conn in first_conn..first_conn + subscribers {
         let sub = LocalSub { conn: ConnId(conn.into()), channel: ChannelSerial(1), format: Format::V1, prefixed: true, receive_own: true, receive_broadcasts: true, receive_presence: true };
-        let mut queue = vec![state.local_join(TopicKey::new(topic, false), sub, false)];
+        let mut queue = vec![state.local_join(TopicKey::new(crate::TenantId::SINGLE, topic, false), sub, false)];
         while let Some((_, msg)) = queue.pop() {
             let mut out = Vec::new();
             state.handle(msg, &mut out);

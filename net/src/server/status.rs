@@ -184,7 +184,7 @@ mod tests {
     #[test]
     fn top_topics_are_the_union_of_the_shards_tops() {
         let board = StatusBoard::new(2);
-        let topic = |name: &str, n: usize| (engine::TopicKey::new(name, false), n);
+        let topic = |name: &str, n: usize| (engine::TopicKey::new(engine::TenantId::SINGLE, name, false), n);
         let summary = |top: Vec<(engine::TopicKey, usize)>| engine::shard::ShardSummary { owned_topics: top.len(), local_channels: 0, presence_members: 1, top_topics: top };
         board.set_summary(0, &summary(vec![topic("a", 5), topic("b", 1)]));
         board.set_summary(1, &summary(vec![topic("realtime:c", 7)]));

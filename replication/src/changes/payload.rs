@@ -103,7 +103,7 @@ pub(crate) fn database_broadcast(row: &Row<'_>, payload_bytes_max: usize) -> Opt
         origin: None,
         body: engine::BroadcastBody::User { event: Bytes::copy_from_slice(event.as_bytes()), encoding, payload, metadata: Bytes::from(metadata) },
     };
-    Some((engine::TopicKey::new_sub(topic, private), Arc::new(message)))
+    Some((engine::TopicKey::new_sub(engine::TenantId::SINGLE, topic, private), Arc::new(message)))
 }
 
 fn decode_hex(digits: &[u8]) -> Option<Vec<u8>> {

@@ -1,0 +1,76 @@
+//! A tenant's counters, shared by every shard: one cache-line slot per shard, written only by
+//! that shard (relaxed atomics), summed by whoever needs the tenant-wide figure (the tenant-wide
+//! limits of PROTOCOL.md §9, `/metrics`, the database manager's idle check).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// One shard's share of a tenant's counters.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct ShardSlot {
+    /// Open WebSocket connections of the tenant on this shard.
+    pub connections: AtomicU64,
+    /// Connections with at least one joined channel (the concurrent-users limit counts these).
+    pub users: AtomicU64,
+    /// Window sums as of this shard's last tick (§9.2): events, joins, presence events.
+    pub events_window: AtomicU64,
+    /// See `events_window`.
+    pub joins_window: AtomicU64,
+    /// See `events_window`.
+    pub presence_window: AtomicU64,
+    /// Totals since start, published by the shard every second (for `/metrics`).
+    pub events_total: AtomicU64,
+    /// See `events_total`.
+    pub joins_total: AtomicU64,
+    /// Refusals and channel shutdowns caused by a tenant limit.
+    pub limit_hits_total: AtomicU64,
+}
+
+/// A tenant's counters: one slot per shard.
+#[derive(Debug)]
+pub struct TenantCounters {
+    slots: Box<[ShardSlot]>,
+}
+
+impl TenantCounters {
+    /// Counters for `shards` shards.
+    pub fn new(shards: usize) -> TenantCounters {
+        TenantCounters { slots: (0..shards.max(1)).map(|_| ShardSlot::default()).collect() }
+    }
+
+    /// Shard `shard`'s slot (an out-of-range shard gets the last slot rather than a panic).
+    pub fn slot(&self, shard: usize) -> &ShardSlot {
+        &self.slots[shard.min(self.slots.len() - 1)]
+    }
+
+    /// The sum of one field over every shard.
+    pub fn sum(&self, field: impl Fn(&ShardSlot) -> &AtomicU64) -> u64 {
+        self.slots.iter().map(|slot| field(slot).load(Ordering::Relaxed)).sum()
+    }
+
+    /// Tenant-wide connected users.
+    pub fn users(&self) -> u64 {
+        self.sum(|s| &s.users)
+    }
+
+    /// Tenant-wide open connections.
+    pub fn connections(&self) -> u64 {
+        self.sum(|s| &s.connections)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_every_shard() {
+        let counters = TenantCounters::new(3);
+        counters.slot(0).users.fetch_add(2, Ordering::Relaxed);
+        counters.slot(2).users.fetch_add(5, Ordering::Relaxed);
+        counters.slot(99).connections.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(counters.users(), 7);
+        assert_eq!(counters.connections(), 1);
+        assert_eq!(std::mem::size_of::<ShardSlot>(), 64);
+    }
+}
