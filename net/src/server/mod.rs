@@ -69,16 +69,34 @@ pub struct ServerConfig {
     pub panic_shard_for_tests: Option<usize>,
 }
 
-/// Queues between the shards and the Postgres Changes core (both bounded: commands
-/// `engine::changes::COMMANDS_MAX`, each inbox `SHARD_INBOX_MAX`).
+/// Queues between the shards and the tenants' Postgres Changes cores. Every core sends into the
+/// same per-shard inboxes (bounded, `engine::changes::SHARD_INBOX_MAX`); commands go to the
+/// core of the connection's tenant, found through [`Databases`].
 #[derive(Debug)]
 pub struct PgLink {
-    /// Sessions' commands to the core.
-    pub commands: flume::Sender<engine::changes::Command>,
-    /// One inbox per shard, indexed by shard id.
+    /// One inbox per shard, indexed by shard id, shared by every tenant's core.
     pub inboxes: Vec<flume::Receiver<engine::changes::PgOut>>,
-    /// Whether the database connection is up (`/healthz` answers 503 otherwise).
-    pub healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Finds (and starts on first need) a tenant's core.
+    pub databases: Arc<dyn Databases>,
+}
+
+/// A tenant's Postgres Changes core as the shards see it.
+#[derive(Debug, Clone)]
+pub struct DbHandle {
+    /// Sessions' commands to the core (bounded: `engine::changes::COMMANDS_MAX`). When the core
+    /// stopped (idle, or its tenant changed), sends fail as disconnected and the shard asks
+    /// [`Databases::handle`] again.
+    pub commands: flume::Sender<engine::changes::Command>,
+    /// Whether the core's database connections are up.
+    pub healthy: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Where shards find the core of a tenant that has a database. The binary implements it over
+/// `replication` (net never sees the database side's types). Called on a shard thread: it must
+/// not block (a start is only scheduled; the core reports failures through its answers).
+pub trait Databases: Send + Sync + std::fmt::Debug {
+    /// The core of `tenant`, whose database is `url`, started on first need.
+    fn handle(&self, tenant: engine::TenantId, url: &str) -> DbHandle;
 }
 
 /// Start-up failures.
