@@ -35,8 +35,20 @@ fn tls() -> Result<Option<std::sync::Arc<net::server::Tls>>> {
     }
 }
 
-/// Builds the server configuration; `secret` is the HS256 secret.
-pub(crate) fn server_config(secret: Vec<u8>) -> Result<ServerConfig> {
+/// `REALTIME_TENANTS`: the tenants file that switches on multi-tenant mode.
+pub(crate) fn tenants_file() -> Option<std::path::PathBuf> {
+    var("REALTIME_TENANTS").map(|p| std::path::PathBuf::from(p.trim()))
+}
+
+/// Reads and checks a tenants file.
+pub(crate) fn read_tenants(path: &std::path::Path) -> Result<Vec<tenants::TenantConfig>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading REALTIME_TENANTS file {}", path.display()))?;
+    tenants::parse_file(&text).with_context(|| format!("REALTIME_TENANTS file {}", path.display()))
+}
+
+/// Builds the server configuration. Single-tenant mode (no tenants file) calls `secret` for
+/// the HS256 secret (`JWT_SECRET`, or `dev`'s kept one).
+pub(crate) fn server_config(secret: impl FnOnce() -> Result<Vec<u8>>) -> Result<ServerConfig> {
     let addr_text = var("REALTIME_ADDR").unwrap_or_else(|| "127.0.0.1:4000".into());
     let addr: SocketAddr = addr_text
         .to_socket_addrs()
@@ -48,8 +60,11 @@ pub(crate) fn server_config(secret: Vec<u8>) -> Result<ServerConfig> {
     if shards == 0 || shards > 256 {
         bail!("REALTIME_SHARDS must be in 1..=256");
     }
-    if var("REALTIME_TENANTS").is_some() {
-        bail!("REALTIME_TENANTS (multi-tenant mode) is not supported yet; unset it to run single-tenant");
+    if var("REALTIME_TENANTS").is_some() && var("REALTIME_CONTROL_DATABASE_URL").is_some() {
+        bail!("REALTIME_TENANTS and REALTIME_CONTROL_DATABASE_URL are two sources of tenants: set one of them");
+    }
+    if var("REALTIME_CONTROL_DATABASE_URL").is_some() {
+        bail!("REALTIME_CONTROL_DATABASE_URL (tenants in a control database, the tenant API) is not supported yet; use a REALTIME_TENANTS file");
     }
     let defaults = Limits::default();
     let limits = Limits {
@@ -65,29 +80,31 @@ pub(crate) fn server_config(secret: Vec<u8>) -> Result<ServerConfig> {
         presence_coalesce: Duration::from_millis(number("REALTIME_PRESENCE_COALESCE_MS", defaults.presence_coalesce.as_millis() as u64)?),
     };
     limits.validate()?;
-    for (name, value) in [
-        ("REALTIME_MAX_CONCURRENT_USERS", limits.concurrent_users_max),
-        ("REALTIME_MAX_EVENTS_PER_SECOND", limits.events_per_second_max),
-        ("REALTIME_MAX_JOINS_PER_SECOND", limits.joins_per_second_max),
-    ] {
-        if value != 0 {
-            bail!("{name}={value}: tenant-wide rate limits are not enforced yet; leave it unset (0 = unlimited)");
-        }
-    }
-    let mut keys = KeyStore::new(secret);
-    if let Some(path) = var("JWT_JWKS") {
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading JWT_JWKS file {path}"))?;
-        keys = keys.with_jwks_json(&text).with_context(|| format!("JWT_JWKS file {path} is not a JWKS"))?;
-    }
     let database_url = var("DATABASE_URL");
+    let registry = match tenants_file() {
+        Some(path) => {
+            let configs = read_tenants(&path)?;
+            let count = configs.len();
+            let registry = tenants::Registry::multi(configs, tenants::ProcessLimits::of(&limits), shards).with_context(|| format!("REALTIME_TENANTS file {}", path.display()))?;
+            tracing::info!(tenants = count, file = %path.display(), "multi-tenant mode: the tenant comes from the Host header");
+            registry
+        }
+        None => {
+            let mut keys = KeyStore::new(secret()?);
+            if let Some(path) = var("JWT_JWKS") {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("reading JWT_JWKS file {path}"))?;
+                keys = keys.with_jwks_json(&text).with_context(|| format!("JWT_JWKS file {path} is not a JWKS"))?;
+            }
+            tenants::Registry::single(keys, limits.clone(), database_url.clone(), shards)
+        }
+    };
     let panic_shard_for_tests = std::env::var("POWA_TEST_PANIC_SHARD").ok().and_then(|v| v.trim().parse().ok());
     let drain = Duration::from_secs(number("REALTIME_DRAIN_SECS", DRAIN_SECS_DEFAULT)?);
     Ok(ServerConfig {
         addr,
         shards,
         limits,
-        keys,
-        database: database_url.is_some(),
+        tenants: std::sync::Arc::new(registry),
         postgres: None,
         drain,
         control: std::sync::Arc::new(net::server::Control::default()),

@@ -3,6 +3,7 @@
 //! Commands (CONTRACT.md): `serve`, `dev`, `token`. Configuration comes from the environment.
 
 mod config;
+mod databases;
 mod dev;
 mod pgmetrics;
 mod signals;
@@ -87,11 +88,15 @@ fn serve() -> Result<()> {
     // Before any other thread exists, so that every thread inherits the mask.
     let blocked = signals::block()?;
     init_logging()?;
-    let secret = std::env::var("JWT_SECRET").context("JWT_SECRET is required by `serve` (the HS256 secret project tokens are signed with)")?;
-    let mut server = config::server_config(secret.into_bytes())?;
-    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: tls_reload(&server), hangup_stops: false, before_exit: || {} })?;
+    let mut server = config::server_config(|| {
+        let secret = std::env::var("JWT_SECRET").context("JWT_SECRET is required by `serve` in single-tenant mode (the HS256 secret project tokens are signed with); multi-tenant mode takes each tenant's keys from REALTIME_TENANTS")?;
+        Ok(secret.into_bytes())
+    })?;
+    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: reload_hook(&server), hangup_stops: false, before_exit: || {} })?;
     let replication = attach_database(&mut server)?;
-    tracing::info!(addr = %server.addr, shards = server.shards, database = server.database, "powa-realtime serving");
+    let directory = server.tenants.load();
+    tracing::info!(addr = %server.addr, shards = server.shards, database = server.postgres.is_some(), tenants = if directory.multi_tenant() { directory.len() } else { 0 }, "powa-realtime serving");
+    drop(directory);
     net::server::run(server)?;
     // A clean stop (the drain finished): drop the replication slot.
     if let Some(control) = replication {
@@ -100,18 +105,43 @@ fn serve() -> Result<()> {
     Ok(())
 }
 
-/// SIGHUP's hook with TLS: re-read the certificate and key (new handshakes use them; on error
-/// the previous pair stays).
-fn tls_reload(server: &net::server::ServerConfig) -> Option<Box<dyn Fn() + Send>> {
-    let tls = std::sync::Arc::clone(server.tls.as_ref()?);
-    Some(Box::new(move || match tls.reload() {
-        Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
-        Err(error) => tracing::error!(%error, "SIGHUP: TLS reload failed; the previous certificate stays in use"),
+/// SIGHUP's hook: re-read the TLS certificate and key (new handshakes use them) and the tenants
+/// file (tenants swapped live; sockets of removed tenants or of tenants whose keys or gates
+/// changed are disconnected by their shards). On any error the previous state stays.
+fn reload_hook(server: &net::server::ServerConfig) -> Option<Box<dyn Fn() + Send>> {
+    let tls = server.tls.clone();
+    let tenants = config::tenants_file().map(|path| (path, std::sync::Arc::clone(&server.tenants)));
+    if tls.is_none() && tenants.is_none() {
+        return None;
+    }
+    Some(Box::new(move || {
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                Err(error) => tracing::error!(%error, "SIGHUP: TLS reload failed; the previous certificate stays in use"),
+            }
+        }
+        if let Some((path, registry)) = &tenants {
+            let reloaded = config::read_tenants(path).and_then(|configs| registry.replace(configs).map_err(anyhow::Error::from));
+            match reloaded {
+                Ok(reload) => tracing::info!(
+                    added = ?reload.added,
+                    removed = ?reload.removed,
+                    disconnected = ?reload.disconnected,
+                    updated = ?reload.updated,
+                    "SIGHUP: tenants file reloaded"
+                ),
+                Err(error) => tracing::error!(error = format!("{error:#}"), "SIGHUP: tenants file refused; the previous tenants stay"),
+            }
+        }
     }))
 }
 
-/// With `DATABASE_URL`: install the schema and start the replication side.
+/// With `DATABASE_URL` (single-tenant mode): install the schema and start the replication side.
 fn attach_database(server: &mut net::server::ServerConfig) -> Result<Option<ReaderControl>> {
+    if server.tenants.load().multi_tenant() {
+        return Ok(None);
+    }
     match std::env::var("DATABASE_URL") {
         Ok(url) if !url.trim().is_empty() => attach_database_url(server, url.trim()).map(Some),
         _ => Ok(None),
@@ -126,10 +156,11 @@ type ReaderControl = std::sync::Arc<replication::reader::ReaderControl>;
 fn attach_database_url(server: &mut net::server::ServerConfig, url: &str) -> Result<ReaderControl> {
     let postgres = replication::start::start(url, server.shards, server.limits.payload_bytes_max, config::slot_config()?).context("DATABASE_URL")?;
     let control = std::sync::Arc::clone(&postgres.control);
-    server.database = true;
+    server.tenants.set_single_database(Some(url.to_string()));
     server.metrics_hooks.push(pgmetrics::hook(std::sync::Arc::clone(&postgres.reader_stats), std::sync::Arc::clone(&postgres.core_stats), std::sync::Arc::clone(&postgres.healthy)));
     server.postgres_status = Some(pgmetrics::status(postgres.reader_stats, postgres.core_stats, std::sync::Arc::clone(&postgres.healthy)));
-    server.postgres = Some(net::server::PgLink { commands: postgres.commands, inboxes: postgres.inboxes, healthy: postgres.healthy });
+    let handle = net::server::DbHandle { commands: postgres.commands, healthy: postgres.healthy };
+    server.postgres = Some(net::server::PgLink { inboxes: postgres.inboxes, databases: std::sync::Arc::new(databases::Single(handle)) });
     Ok(control)
 }
 
@@ -164,13 +195,16 @@ fn dev() -> Result<()> {
     let blocked = signals::block()?;
     init_logging()?;
     let dir = Path::new(".powa");
+    if config::tenants_file().is_some() {
+        bail!("`dev` serves one project; for multi-tenant mode run `powa-realtime serve` with REALTIME_TENANTS=<tenants.toml> (README \"Multi-tenant mode\")");
+    }
     let secret = match std::env::var("JWT_SECRET") {
         Ok(secret) => secret,
         Err(_) => dev_secret(dir)?,
     };
-    let mut server = config::server_config(secret.clone().into_bytes())?;
+    let mut server = config::server_config(|| Ok(secret.clone().into_bytes()))?;
     // The server drains first; `dev::shutdown` after `run` stops PostgreSQL.
-    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: tls_reload(&server), hangup_stops: true, before_exit: dev::shutdown })?;
+    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: reload_hook(&server), hangup_stops: true, before_exit: dev::shutdown })?;
     let database = match std::env::var("DATABASE_URL") {
         Ok(url) if !url.trim().is_empty() => None,
         _ => Some(dev::start_database(dir)?),
@@ -214,6 +248,7 @@ fn dev() -> Result<()> {
         None => println!("  DATABASE_URL:     from the environment"),
     }
     println!("  Ctrl-C stops the server{}.", if database.is_some() { " and PostgreSQL" } else { "" });
+    println!("  Many projects on one server: `powa-realtime serve` with REALTIME_TENANTS=<tenants.toml> (README \"Multi-tenant mode\").");
     let result = net::server::run(server);
     if let Some(control) = replication {
         replication::start::stop(&control, SLOT_DROP_WAIT);

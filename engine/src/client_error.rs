@@ -12,6 +12,10 @@ pub enum UpgradeError {
     NotGet,
     /// Row 2: `vsn` not negotiable. Empty body.
     VsnUnsupported,
+    /// Row 3: the Host names no tenant.
+    TenantNotFound,
+    /// Row 4: the tenant is suspended.
+    TenantSuspended,
     /// Row 5.
     ApiKeyMissing,
     /// Row 6 (also other claim failures, §0.4).
@@ -40,7 +44,8 @@ impl UpgradeError {
     pub fn status(&self) -> u16 {
         match self {
             UpgradeError::NotGet => 400,
-            UpgradeError::VsnUnsupported => 403,
+            UpgradeError::VsnUnsupported | UpgradeError::TenantSuspended => 403,
+            UpgradeError::TenantNotFound => 404,
             UpgradeError::ApiKeyMissing
             | UpgradeError::NotJwt
             | UpgradeError::NoSigner { .. }
@@ -56,6 +61,8 @@ impl UpgradeError {
     pub fn message(&self) -> Option<Cow<'static, str>> {
         Some(match self {
             UpgradeError::NotGet | UpgradeError::VsnUnsupported => return None,
+            UpgradeError::TenantNotFound => "Tenant not found".into(),
+            UpgradeError::TenantSuspended => "Realtime was disabled for this tenant".into(),
             UpgradeError::ApiKeyMissing => "API key is missing".into(),
             UpgradeError::NotJwt => NOT_JWT.into(),
             UpgradeError::NoSigner { kid } => no_signer(kid.as_deref()),
@@ -84,6 +91,12 @@ pub enum JoinError {
     TopicNameTooLong,
     /// The server is shutting down.
     RealtimeRestarting,
+    /// The tenant was removed since the socket connected (the socket is closed afterwards).
+    TenantNotFound,
+    /// The tenant was suspended since the socket connected.
+    RealtimeDisabledForTenant,
+    /// A public join on a `private_only` tenant.
+    PrivateOnly,
     /// Concurrent users limit.
     ConnectionRateLimitReached,
     /// Joins per second limit (the socket is closed afterwards).
@@ -140,6 +153,9 @@ impl JoinError {
             JoinError::RealtimeRestarting => {
                 "RealtimeRestarting: Realtime is restarting, please standby".into()
             }
+            JoinError::TenantNotFound => "TenantNotFound: Tenant with the given ID does not exist".into(),
+            JoinError::RealtimeDisabledForTenant => "RealtimeDisabledForTenant: Realtime disabled for this tenant".into(),
+            JoinError::PrivateOnly => "PrivateOnly: This project only allows private channels".into(),
             JoinError::ConnectionRateLimitReached => {
                 "ConnectionRateLimitReached: Too many connected users".into()
             }
@@ -563,6 +579,12 @@ pub enum RestError {
     TenantDatabaseUnavailable,
     /// 415 (`error` key).
     UnsupportedMediaType,
+    /// 401: the Host names no tenant.
+    TenantNotFound,
+    /// 403: the tenant is suspended.
+    TenantSuspended,
+    /// 429: the tenant is above its events-per-second limit.
+    TooManyRequests,
     /// Field error: missing or empty.
     Blank,
     /// Field error: wrong type.
@@ -579,6 +601,9 @@ impl RestError {
             RestError::RlsPolicyError => "RLS policy error",
             RestError::TenantDatabaseUnavailable => "Tenant database unavailable",
             RestError::UnsupportedMediaType => "Unsupported Media Type. Use application/json or application/octet-stream",
+            RestError::TenantNotFound => "Tenant not found in database",
+            RestError::TenantSuspended => "Tenant is suspended",
+            RestError::TooManyRequests => "Too many requests",
             RestError::Blank => "can't be blank",
             RestError::Invalid => "is invalid",
             RestError::PayloadTooLarge => "Payload size exceeds tenant limit",
@@ -701,6 +726,8 @@ mod tests {
     #[test]
     fn golden_strings() {
         let upgrade = [
+            (UpgradeError::TenantNotFound, 404, "Tenant not found"),
+            (UpgradeError::TenantSuspended, 403, "Realtime was disabled for this tenant"),
             (UpgradeError::ApiKeyMissing, 401, "API key is missing"),
             (UpgradeError::NotJwt, 401, "The token provided is not a valid JWT"),
             (UpgradeError::NoSigner { kid: None }, 401, "Failed to generate JWT signer, check your JWT secret or JWKS configuration"),
@@ -725,6 +752,9 @@ mod tests {
             (JoinError::TopicNameRequired, "TopicNameRequired: You must provide a topic name"),
             (JoinError::TopicNameTooLong, "TopicNameTooLong: Topic name must be at most 255 bytes"),
             (JoinError::RealtimeRestarting, "RealtimeRestarting: Realtime is restarting, please standby"),
+            (JoinError::TenantNotFound, "TenantNotFound: Tenant with the given ID does not exist"),
+            (JoinError::RealtimeDisabledForTenant, "RealtimeDisabledForTenant: Realtime disabled for this tenant"),
+            (JoinError::PrivateOnly, "PrivateOnly: This project only allows private channels"),
             (JoinError::ConnectionRateLimitReached, "ConnectionRateLimitReached: Too many connected users"),
             (JoinError::ClientJoinRateLimitReached, "ClientJoinRateLimitReached: Too many joins per second"),
             (JoinError::ChannelRateLimitReached, "ChannelRateLimitReached: Too many channels"),
@@ -851,6 +881,9 @@ mod tests {
             (RestError::RlsPolicyError, "RLS policy error"),
             (RestError::TenantDatabaseUnavailable, "Tenant database unavailable"),
             (RestError::UnsupportedMediaType, "Unsupported Media Type. Use application/json or application/octet-stream"),
+            (RestError::TenantNotFound, "Tenant not found in database"),
+            (RestError::TenantSuspended, "Tenant is suspended"),
+            (RestError::TooManyRequests, "Too many requests"),
             (RestError::Blank, "can't be blank"),
             (RestError::Invalid, "is invalid"),
             (RestError::PayloadTooLarge, "Payload size exceeds tenant limit"),

@@ -101,6 +101,11 @@ pub fn draining() -> Bytes {
     message(503, engine::client_error::DRAINING)
 }
 
+/// A refusal before the handler (unknown or suspended tenant, rate limit), with CORS headers.
+pub fn refusal(status: u16, error: engine::client_error::RestError) -> Bytes {
+    message(status, error.text())
+}
+
 fn message(status: u16, text: &str) -> Bytes {
     response(status, json!({ "message": text }).to_string().as_bytes())
 }
@@ -121,17 +126,18 @@ fn is_uuid(text: &str) -> bool {
 
 /// Handles a REST broadcast call. With a `database`, private messages of callers subject to
 /// RLS are returned in `private_checks`; without one they cannot be checked and are refused.
-pub fn handle(route: &RestRoute, head: &Head, body: &[u8], keys: &KeyStore, payload_bytes_max: usize, database: bool, now: i64) -> RestResult {
+/// `tenant` is the tenant the Host named: every message it produces is addressed in it.
+pub fn handle(tenant: engine::TenantId, route: &RestRoute, head: &Head, body: &[u8], keys: &KeyStore, payload_bytes_max: usize, database: bool, now: i64) -> RestResult {
     let refuse = |response| RestResult { response, outgoing: Vec::new(), private_checks: None };
     let Some(claims) = authorize(head, keys, now) else {
         return refuse(message(401, RestError::Unauthorized.text()));
     };
     let bypasses_rls = claims.role == "service_role";
     let mut result = match route {
-        RestRoute::Batch => batch(body, bypasses_rls, database, payload_bytes_max),
+        RestRoute::Batch => batch(tenant, body, bypasses_rls, database, payload_bytes_max),
         RestRoute::Single { topic, event } => {
             let private = head.query_param("private") == Some("true");
-            single(topic, event, head.header("content-type"), body, private, bypasses_rls, database, payload_bytes_max)
+            single(tenant, topic, event, head.header("content-type"), body, private, bypasses_rls, database, payload_bytes_max)
         }
     };
     if let Some(checks) = &mut result.private_checks {
@@ -144,7 +150,7 @@ fn placeholder_claims() -> Claims {
     Claims { role: String::new(), exp: 0, sub: None, json: std::sync::Arc::from("{}") }
 }
 
-fn batch(body: &[u8], bypasses_rls: bool, database: bool, payload_bytes_max: usize) -> RestResult {
+fn batch(tenant: engine::TenantId, body: &[u8], bypasses_rls: bool, database: bool, payload_bytes_max: usize) -> RestResult {
     let invalid = |errors: Value| RestResult { response: response(422, json!({ "errors": errors }).to_string().as_bytes()), outgoing: Vec::new(), private_checks: None };
     let parsed: Value = match serde_json::from_slice(body) {
         Ok(value) => value,
@@ -178,7 +184,7 @@ fn batch(body: &[u8], bypasses_rls: bool, database: bool, payload_bytes_max: usi
             payload["meta"] = json!({ "id": id });
         }
         let payload = Bytes::from(serde_json::to_vec(&payload).expect("JSON value serialises"));
-        let item = Outgoing { topic: TopicKey::new_sub(engine::TenantId::SINGLE, topic, private), message: Arc::new(Broadcast { origin: None, body: BroadcastBody::Json { payload } }) };
+        let item = Outgoing { topic: TopicKey::new_sub(tenant, topic, private), message: Arc::new(Broadcast { origin: None, body: BroadcastBody::Json { payload } }) };
         if private && !bypasses_rls {
             pending.push(item);
         } else {
@@ -237,7 +243,7 @@ fn validate(message: &Value, payload_bytes_max: usize) -> Map<String, Value> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn single(topic: &str, event: &str, content_type: Option<&str>, body: &[u8], private: bool, bypasses_rls: bool, database: bool, payload_bytes_max: usize) -> RestResult {
+fn single(tenant: engine::TenantId, topic: &str, event: &str, content_type: Option<&str>, body: &[u8], private: bool, bypasses_rls: bool, database: bool, payload_bytes_max: usize) -> RestResult {
     let refuse = |response| RestResult { response, outgoing: Vec::new(), private_checks: None };
     let media = content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
     let (encoding, payload) = match media.as_deref() {
@@ -268,7 +274,7 @@ fn single(topic: &str, event: &str, content_type: Option<&str>, body: &[u8], pri
     }
     let event = Bytes::copy_from_slice(event.as_bytes());
     let message = Broadcast { origin: None, body: BroadcastBody::User { event, encoding, payload, metadata: Bytes::new() } };
-    let item = Outgoing { topic: TopicKey::new_sub(engine::TenantId::SINGLE, topic, private), message: Arc::new(message) };
+    let item = Outgoing { topic: TopicKey::new_sub(tenant, topic, private), message: Arc::new(message) };
     if private && !bypasses_rls {
         let checks = PrivateChecks { claims: placeholder_claims(), messages: vec![item], single: true };
         return RestResult { response: response(202, b""), outgoing: Vec::new(), private_checks: Some(checks) };
@@ -310,7 +316,7 @@ mod tests {
     }
 
     fn call(route: RestRoute, headers: &[(&str, &str)], body: &str) -> RestResult {
-        handle(&route, &head(headers, None), body.as_bytes(), &KeyStore::new(SECRET.to_vec()), 1000, false, NOW)
+        handle(engine::TenantId::SINGLE, &route, &head(headers, None), body.as_bytes(), &KeyStore::new(SECRET.to_vec()), 1000, false, NOW)
     }
 
     #[test]

@@ -62,6 +62,33 @@ pub struct Effects {
     pub left: u64,
     /// The code of each refused join (the reason's prefix, e.g. `ChannelRateLimitReached`).
     pub join_errors: Vec<Box<str>>,
+    /// Joins that passed the private-only and concurrent-users checks (the tenant's joins per
+    /// second count these, even when they fail later: PROTOCOL.md §9.1).
+    pub joins_counted: u64,
+    /// Unknown client events on joined channels (tenant events, §9.1).
+    pub unknown_events: u64,
+    /// Close the connection after the delayed frames (`TenantNotFound`,
+    /// `ClientJoinRateLimitReached`: the socket closes with 1001 after the join error reply).
+    pub close_after_delayed: Option<CloseReason>,
+}
+
+/// What the connection's tenant allows right now (PROTOCOL.md §2.4 steps 3–7).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TenantGate {
+    /// The tenant the connection belongs to.
+    pub id: engine::TenantId,
+    /// The tenant was removed since the socket connected.
+    pub gone: bool,
+    /// The tenant is suspended.
+    pub suspended: bool,
+    /// Only private channels may be joined.
+    pub private_only: bool,
+    /// Every channel gets presence.
+    pub presence_enabled: bool,
+    /// The tenant is at its concurrent-users limit (a socket without channels may not join).
+    pub users_full: bool,
+    /// The tenant's joins per second are above the limit (as of the last tick).
+    pub joins_exceeded: bool,
 }
 
 /// Shared, read-only context of a call.
@@ -79,6 +106,8 @@ pub struct Context<'a> {
     pub now_ms: i64,
     /// The tenant's presence events per second are above their limit (§4.6).
     pub presence_rate_exceeded: bool,
+    /// The tenant's state.
+    pub tenant: TenantGate,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,7 +268,9 @@ impl Session {
             }
             Event::AccessToken => self.access_token(state, ctx, topic, frame.payload.get(), fx),
             // Unknown events are ignored without a reply (PROTOCOL.md §1.10).
-            Event::Heartbeat | Event::Other(_) | Event::Join => {}
+            // Each counts as one of the tenant's events (PROTOCOL.md §9.1).
+            Event::Other(_) => fx.unknown_events += 1,
+            Event::Heartbeat | Event::Join => {}
         }
     }
 
@@ -309,11 +340,11 @@ impl Session {
             self.leave(state, topic, fx);
             fx.frames.push(frame::encode_close(self.format, as_ref(&old_ref), topic, "phx_close"));
         }
-        match self.check_join(ctx, frame) {
+        match self.check_join(ctx, frame, fx) {
             Ok((request, token, claims)) => {
                 let serial = ChannelSerial(self.next_serial);
                 self.next_serial += 1;
-                let key = TopicKey::new(engine::TenantId::SINGLE, topic, request.private);
+                let key = TopicKey::new(ctx.tenant.id, topic, request.private);
                 let join_response = join_response(&request.postgres_changes);
                 let presence_key: Arc<str> = match &request.presence_key {
                     Some(key) => Arc::from(key.as_str()),
@@ -336,7 +367,7 @@ impl Session {
                         replay_frames: Vec::new(),
                         replayed_ids: Vec::new(),
                         broadcast_ack: request.broadcast_ack,
-                        presence_enabled: request.presence_enabled,
+                        presence_enabled: request.presence_enabled || ctx.tenant.presence_enabled,
                         presence_key,
                         presence_calls: 0,
                         presence_window_start_ms: 0,
@@ -357,6 +388,9 @@ impl Session {
             Err(error) => {
                 let reason = error.reason();
                 tracing::debug!(conn = self.conn.0, topic, %reason, "join refused");
+                if matches!(error, JoinError::TenantNotFound | JoinError::ClientJoinRateLimitReached) {
+                    fx.close_after_delayed = Some(CloseReason::GoingAway);
+                }
                 fx.join_errors.push(join_error_code(&reason));
                 fx.delayed.push(frame::encode_error_reason(self.format, frame.join_ref, frame.ref_, topic, &reason));
             }
@@ -379,7 +413,7 @@ impl Session {
     }
 
     /// PROTOCOL.md §2.4, the steps that apply without a database.
-    fn check_join(&self, ctx: Context<'_>, frame: &TextFrame<'_>) -> Result<(JoinRequest, String, Claims), JoinError> {
+    fn check_join(&self, ctx: Context<'_>, frame: &TextFrame<'_>, fx: &mut Effects) -> Result<(JoinRequest, String, Claims), JoinError> {
         let topic: &str = &frame.topic;
         if topic.is_empty() {
             return Err(JoinError::Unknown);
@@ -391,6 +425,24 @@ impl Session {
             return Err(JoinError::TopicNameTooLong);
         }
         let request = parse_join(frame.payload).map_err(|_| JoinError::Unknown)?;
+        // The tenant's gates, in upstream's order (§2.4 steps 3, 5, 6, 7; a suspension since
+        // the socket connected answers as step 10 would).
+        if ctx.tenant.gone {
+            return Err(JoinError::TenantNotFound);
+        }
+        if ctx.tenant.suspended {
+            return Err(JoinError::RealtimeDisabledForTenant);
+        }
+        if ctx.tenant.private_only && !request.private {
+            return Err(JoinError::PrivateOnly);
+        }
+        if ctx.tenant.users_full && self.channels.is_empty() {
+            return Err(JoinError::ConnectionRateLimitReached);
+        }
+        fx.joins_counted += 1;
+        if ctx.tenant.joins_exceeded {
+            return Err(JoinError::ClientJoinRateLimitReached);
+        }
         if self.channels.len() >= ctx.limits.channels_per_client_max as usize {
             return Err(JoinError::ChannelRateLimitReached);
         }
@@ -543,6 +595,13 @@ impl Session {
         fx.frames.push(frame::encode_system(self.format, as_ref(&join_ref), topic, "system", message.status(), &message.text()));
         fx.frames.push(frame::encode_close(self.format, as_ref(&join_ref), topic, "phx_close"));
         self.leave(state, topic, fx);
+    }
+
+    /// Closes one join's channel with a `system` error then `phx_close` (PROTOCOL.md §9.3, §9.4).
+    pub fn shut_channel(&mut self, state: &mut ShardState, serial: ChannelSerial, message: SystemMessage, fx: &mut Effects) {
+        if let Some(topic) = self.topic_of(serial) {
+            self.close_channel(state, &topic, message, fx);
+        }
     }
 
     /// `access_token` (PROTOCOL.md §6.3): never a reply; a bad token closes the channel.

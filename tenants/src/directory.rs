@@ -191,6 +191,30 @@ impl Registry {
         registry
     }
 
+    /// Single-tenant mode: sets the one tenant's database (`dev` learns it after start-up).
+    pub fn set_single_database(&self, database_url: Option<String>) {
+        let old = self.load();
+        let Some(single) = &old.single else { return };
+        let tenant = Arc::new(Tenant {
+            id: single.id,
+            external_id: Arc::clone(&single.external_id),
+            keys: single.keys.clone(),
+            limits: single.limits.clone(),
+            private_only: single.private_only,
+            suspend: single.suspend,
+            presence_enabled: single.presence_enabled,
+            database_url,
+            epoch: single.epoch,
+            counters: Arc::clone(&single.counters),
+            config: single.config.clone(),
+        });
+        let version = self.version.load(Ordering::Acquire) + 1;
+        let mut directory = Directory { version, single: Some(Arc::clone(&tenant)), ..Directory::default() };
+        directory.by_id.insert(tenant.id, tenant);
+        self.current.store(Arc::new(directory));
+        self.version.store(version, Ordering::Release);
+    }
+
     /// Multi-tenant mode with `tenants` (already validated or not: they are validated here).
     pub fn multi(tenants: Vec<TenantConfig>, process: ProcessLimits, shards: usize) -> Result<Registry, TenantError> {
         let registry = Registry::empty(shards, process);

@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -17,7 +18,7 @@ use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use auth::AuthError;
-use engine::client_error::{CloseReason, UpgradeError};
+use engine::client_error::{CloseReason, RestError, UpgradeError};
 use engine::limits::{HTTP_BODY_BYTES_MAX, WS_MESSAGE_BYTES_MAX};
 
 use super::metrics;
@@ -25,7 +26,7 @@ use super::outbox::{Next, Outbox, OutboxState};
 use super::shard::{Conn, Shard};
 use crate::http::{self, Route, UpgradeRefusal};
 use crate::rest;
-use crate::session::{Context, Effects, Session};
+use crate::session::{Effects, Session};
 use crate::ws::{self, OpCode, WsDecoder, WsError, WsMessage};
 
 /// Time allowed for a client to complete the TLS handshake and send its whole request head: a
@@ -139,18 +140,20 @@ async fn serve_on<S: Transport>(shard: Rc<Shard>, mut stream: S, deadline: Insta
     let response = match http::route(&head) {
         Route::WebSocket => return upgrade(shard, stream, head, buf).await,
         Route::Health if shard.config.control.is_draining() => http::response(503, "text/plain", engine::client_error::DRAINING.as_bytes()),
-        Route::Health => match &shard.config.postgres {
-            Some(link) if !link.healthy.load(std::sync::atomic::Ordering::Relaxed) => http::response(503, "text/plain", engine::client_error::HttpMessage::DatabaseUnavailable.text().as_bytes()),
-            _ => http::response(200, "text/plain", b"ok"),
-        },
+        Route::Health if !single_database_healthy(&shard) => http::response(503, "text/plain", engine::client_error::HttpMessage::DatabaseUnavailable.text().as_bytes()),
+        Route::Health => http::response(200, "text/plain", b"ok"),
         Route::Metrics => {
             let mut text = shard.metrics.render();
             for hook in &shard.config.metrics_hooks {
                 (hook.0)(&mut text);
             }
+            super::tenancy::render_metrics(&shard.config.tenants.load(), &mut text);
             http::response(200, "text/plain; version=0.0.4", text.as_bytes())
         }
-        Route::Ping => http::json_message(200, "message", "Success"),
+        Route::Ping => match tenant_of(&shard, &head) {
+            Ok(_) => http::json_message(200, "message", "Success"),
+            Err(refusal) => refusal,
+        },
         Route::Rest(_) if shard.config.control.is_draining() => rest::draining(),
         Route::Rest(route) => rest_call(&shard, &mut stream, &head, buf, &route).await,
         Route::Page(asset) => http::response_with_headers(200, asset.content_type, crate::assets::PAGE_HEADERS, asset.body),
@@ -160,18 +163,55 @@ async fn serve_on<S: Transport>(shard: Rc<Shard>, mut stream: S, deadline: Insta
     send(&mut stream, &response).await;
 }
 
+/// `/healthz` in single-tenant mode with a database: whether its core's connections are up.
+/// Multi-tenant mode answers 200 whatever one tenant's database does (each tenant's joins
+/// report their own database errors).
+fn single_database_healthy(shard: &Shard) -> bool {
+    let directory = shard.config.tenants.load();
+    if directory.multi_tenant() {
+        return true;
+    }
+    let Some(link) = &shard.config.postgres else { return true };
+    let Some(tenant) = directory.get(engine::TenantId::SINGLE) else { return true };
+    let Some(url) = tenant.database_url.as_deref() else { return true };
+    link.databases.handle(tenant.id, url).healthy.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The tenant of a tenant-scoped REST request (PROTOCOL.md §8.1): unknown → 401, suspended →
+/// 403 (both with CORS headers, like every REST answer).
+fn tenant_of(shard: &Shard, head: &http::Head) -> Result<Arc<tenants::Tenant>, Bytes> {
+    let directory = shard.config.tenants.load();
+    let host = head.header("host");
+    match directory.resolve(host) {
+        None => {
+            shard.config.tenants.note_unknown_host(host, unix_now());
+            Err(rest::refusal(401, RestError::TenantNotFound))
+        }
+        Some(tenant) if tenant.suspend => Err(rest::refusal(403, RestError::TenantSuspended)),
+        Some(tenant) => Ok(Arc::clone(tenant)),
+    }
+}
+
 /// `GET /api/status`: the status page's data, for the service role only (it names topics).
 fn status_call(shard: &Shard, head: &http::Head) -> Bytes {
-    let service_role = rest::authorize(head, &shard.config.keys, unix_now()).is_some_and(|claims| claims.role == "service_role");
+    let directory = shard.config.tenants.load();
+    let service_role = directory
+        .resolve(head.header("host"))
+        .and_then(|tenant| rest::authorize(head, &tenant.keys, unix_now()))
+        .is_some_and(|claims| claims.role == "service_role");
     if !service_role {
         return http::json_message(401, "message", engine::client_error::HttpMessage::ServiceRoleRequired.text());
     }
-    let postgres = shard.config.postgres.as_ref().map(|link| {
+    let postgres = shard.config.postgres.as_ref().filter(|_| !directory.multi_tenant()).map(|_| {
         let mut section = shard.config.postgres_status.as_ref().map_or_else(|| serde_json::json!({}), |hook| (hook.0)());
-        section["connected"] = serde_json::Value::Bool(link.healthy.load(std::sync::atomic::Ordering::Relaxed));
+        section["connected"] = serde_json::Value::Bool(single_database_healthy(shard));
         section
     });
-    let body = shard.status.render(unix_now(), postgres).to_string();
+    let mut body = shard.status.render(unix_now(), postgres);
+    if directory.multi_tenant() {
+        body["tenants"] = super::tenancy::status_json(&directory, &shard.config.tenants);
+    }
+    let body = body.to_string();
     http::response_with_headers(200, "application/json", "Cache-Control: no-store\r\n", body.as_bytes())
 }
 
@@ -203,7 +243,16 @@ async fn rest_call<S: Transport>(shard: &Rc<Shard>, stream: &mut S, head: &http:
         }
     }
     body.truncate(length);
-    let result = rest::handle(route, head, &body, &shard.config.keys, shard.config.limits.payload_bytes_max, shard.config.database, unix_now());
+    let tenant = match tenant_of(shard, head) {
+        Ok(tenant) => tenant,
+        Err(refusal) => return refusal,
+    };
+    let shard_tenant = shard.shard_tenant(&tenant);
+    if shard_tenant.events_exceeded() {
+        shard_tenant.count_limit_hit();
+        return rest::refusal(429, RestError::TooManyRequests);
+    }
+    let result = rest::handle(tenant.id, route, head, &body, &tenant.keys, tenant.limits.payload_bytes_max, tenant.database_url.is_some(), unix_now());
     let mut response = result.response;
     let mut outgoing = result.outgoing;
     if let (Some(checks), Some(_)) = (result.private_checks, &shard.config.postgres) {
@@ -214,7 +263,7 @@ async fn rest_call<S: Transport>(shard: &Rc<Shard>, stream: &mut S, head: &http:
             if verdicts.iter().any(|(topic, _)| **topic == *item.topic.sub) {
                 continue;
             }
-            let verdict = write_check(shard, &checks.claims, &item.topic.sub).await;
+            let verdict = write_check(shard, &shard_tenant, &checks.claims, &item.topic.sub).await;
             verdicts.push((item.topic.sub.to_string(), verdict));
         }
         for item in checks.messages {
@@ -228,6 +277,7 @@ async fn rest_call<S: Transport>(shard: &Rc<Shard>, stream: &mut S, head: &http:
         }
     }
     metrics::add(&shard.counters().rest_messages, outgoing.len() as u64);
+    shard_tenant.count_events(outgoing.len() as u64);
     let messages = outgoing
         .into_iter()
         .map(|o| (o.topic.owner(shard.config.shards), engine::ShardMsg::Publish { topic: o.topic, message: o.message }))
@@ -237,7 +287,7 @@ async fn rest_call<S: Transport>(shard: &Rc<Shard>, stream: &mut S, head: &http:
 }
 
 /// Asks the Postgres core whether `claims` may write broadcasts to `topic` (bounded wait).
-async fn write_check(shard: &Rc<Shard>, claims: &auth::Claims, topic: &str) -> engine::changes::AuthzResult {
+async fn write_check(shard: &Rc<Shard>, tenant: &super::tenancy::ShardTenant, claims: &auth::Claims, topic: &str) -> engine::changes::AuthzResult {
     let (reply, answer) = flume::bounded(1);
     let request = engine::changes::AuthzRequest {
         role: claims.role.clone(),
@@ -249,7 +299,7 @@ async fn write_check(shard: &Rc<Shard>, claims: &auth::Claims, topic: &str) -> e
     let failed = |message: &str| engine::changes::AuthzResult { broadcast: false, presence: false, error: Some(message.to_string()) };
     // Through the shard's command queue and its overflow: a momentarily full queue delays the
     // check instead of refusing it; the caller's wait below is bounded either way.
-    shard.send_caller_command(engine::changes::Command::Authorize {
+    shard.send_caller_command(tenant, engine::changes::Command::Authorize {
         request,
         reply: engine::changes::AuthzReply::Caller(engine::changes::CallerReply::new(move |result| {
             let _ = reply.try_send(result);
@@ -284,7 +334,26 @@ async fn refuse<S: Transport>(shard: &Shard, stream: &mut S, refusal: UpgradeRef
 }
 
 async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head, mut leftover: BytesMut) {
-    let upgrade = match http::check_upgrade(&head) {
+    // PROTOCOL.md §1.4's order: GET and vsn (rows 1–2), the tenant (3–4), the token (5–10),
+    // the tenant's users and joins (11–12).
+    let checked = http::check_upgrade(&head);
+    if let Err(refusal @ (UpgradeRefusal::NotAnUpgrade | UpgradeRefusal::Refused(UpgradeError::NotGet | UpgradeError::VsnUnsupported))) = checked {
+        return refuse(&shard, &mut stream, refusal).await;
+    }
+    let directory = shard.config.tenants.load();
+    let host = head.header("host");
+    let tenant = match directory.resolve(host) {
+        Some(tenant) => Arc::clone(tenant),
+        None => {
+            shard.config.tenants.note_unknown_host(host, unix_now());
+            return refuse(&shard, &mut stream, UpgradeRefusal::Refused(UpgradeError::TenantNotFound)).await;
+        }
+    };
+    drop(directory);
+    if tenant.suspend {
+        return refuse(&shard, &mut stream, UpgradeRefusal::Refused(UpgradeError::TenantSuspended)).await;
+    }
+    let upgrade = match checked {
         Ok(upgrade) => upgrade,
         Err(refusal) => return refuse(&shard, &mut stream, refusal).await,
     };
@@ -293,8 +362,20 @@ async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head
     if leftover.is_empty() {
         leftover = BytesMut::new();
     }
-    if let Err(error) = shard.config.keys.verify(&upgrade.token, unix_now()) {
+    if let Err(error) = tenant.keys.verify(&upgrade.token, unix_now()) {
         return refuse(&shard, &mut stream, UpgradeRefusal::Refused(upgrade_error(error))).await;
+    }
+    let shard_tenant = shard.shard_tenant(&tenant);
+    let limited = if shard_tenant.users_full() {
+        Some(UpgradeError::TooManyUsers)
+    } else if shard_tenant.joins_exceeded() {
+        Some(UpgradeError::TooManyJoins)
+    } else {
+        None
+    };
+    if let Some(error) = limited {
+        shard_tenant.count_limit_hit();
+        return refuse(&shard, &mut stream, UpgradeRefusal::Refused(error)).await;
     }
     if stream.write_all(&http::switching_protocols(&upgrade.key)).await.is_err() || stream.flush().await.is_err() {
         return;
@@ -311,6 +392,9 @@ async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head
         fd: stream.tcp().as_raw_fd(),
         last_read_ms: std::cell::Cell::new(super::flush::clock_ms()),
         direct,
+        tenant_epoch: tenant.epoch,
+        tenant: Rc::clone(&shard_tenant),
+        user: std::cell::Cell::new(false),
         epoll_added: std::cell::Cell::new(false),
         read_armed: std::cell::Cell::new(false),
         read_waker: RefCell::new(None),
@@ -322,6 +406,7 @@ async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head
     }
     metrics::add(&shard.counters().connections_open, 1);
     metrics::add(&shard.counters().connections_total, 1);
+    shard_tenant.add_connection(true);
     // The connection lives on in a task of its own whose future holds only what a live
     // connection needs; the HTTP/upgrade task (sized for every path: TLS handshake, REST,
     // authorization) ends here and frees its memory.
@@ -350,6 +435,10 @@ async fn live<S: Transport>(shard: Rc<Shard>, conn: Rc<Conn>, id: engine::ConnId
     }
     shard.route(fx.shard);
     shard.conns.borrow_mut().remove(&id);
+    if conn.user.replace(false) {
+        conn.tenant.add_user(false);
+    }
+    conn.tenant.add_connection(false);
     // Whatever is still queued, then the close frame.
     std::future::poll_fn(|cx| writer.poll_write_side(cx, &shard, &conn)).await;
     shutdown(conn.fd);
@@ -430,27 +519,18 @@ fn poll_read_or_write<S: Transport>(cx: &mut TaskContext<'_>, shard: &Rc<Shard>,
 }
 
 fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, message: WsMessage) -> Option<CloseReason> {
-    let now_ms = unix_now_ms();
-    let ctx = Context {
-        limits: &shard.config.limits,
-        keys: &shard.config.keys,
-        database: shard.config.database,
-        now_secs: now_ms / 1000,
-        now_ms,
-        presence_rate_exceeded: shard.presence_exceeded.get(),
-    };
     let mut fx = Effects::default();
     let sampled = metrics::sample_read();
     match message {
         WsMessage::Text(bytes) | WsMessage::Binary(bytes) if bytes.is_empty() => {}
-        WsMessage::Text(bytes) => {
+        WsMessage::Text(bytes) => Shard::with_context(conn, |ctx| {
             let mut state = shard.state.borrow_mut();
             conn.session.borrow_mut().on_text(&mut state, ctx, &bytes, &mut fx);
-        }
-        WsMessage::Binary(bytes) => {
+        }),
+        WsMessage::Binary(bytes) => Shard::with_context(conn, |ctx| {
             let mut state = shard.state.borrow_mut();
             conn.session.borrow_mut().on_binary(&mut state, ctx, &bytes, &mut fx);
-        }
+        }),
         WsMessage::Ping(payload) => fx.frames.push(ws::encode_frame(OpCode::Pong, &payload)),
         WsMessage::Pong => {}
         WsMessage::Close(_) => return Some(CloseReason::Normal),

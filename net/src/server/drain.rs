@@ -102,7 +102,7 @@ impl Shard {
 }
 
 /// Queues the disconnect notices behind everything already queued, then close 1012.
-fn disconnect(conn: &Conn) {
+pub(crate) fn disconnect(conn: &Conn) {
     for frame in conn.session.borrow().disconnect_notices() {
         conn.outbox.push(frame);
     }

@@ -99,9 +99,6 @@ impl std::fmt::Debug for MetricsHook {
 #[derive(Debug)]
 pub struct Metrics {
     pub(crate) shards: Vec<ShardCounters>,
-    /// Each shard's presence events in the last 60 s, published every rate tick: the tenant-wide
-    /// presence rate is their sum (read by every shard).
-    pub(crate) presence_window_sums: Vec<AtomicU64>,
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
@@ -125,7 +122,6 @@ impl Metrics {
     pub(crate) fn new(shards: usize) -> Metrics {
         Metrics {
             shards: (0..shards).map(|_| ShardCounters::default()).collect(),
-            presence_window_sums: (0..shards).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 

@@ -12,6 +12,7 @@ mod outbox;
 mod readiness;
 mod shard;
 mod status;
+mod tenancy;
 mod tls;
 
 use std::net::SocketAddr;
@@ -21,7 +22,6 @@ use std::sync::Arc;
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
 
-use auth::KeyStore;
 use engine::limits::SHARD_QUEUE_MESSAGES_MAX;
 use engine::{Limits, ShardId, ShardMsg};
 
@@ -44,13 +44,12 @@ pub struct ServerConfig {
     pub addr: SocketAddr,
     /// Number of shards (executors).
     pub shards: usize,
-    /// Limits.
+    /// Limits: the per-process ones (idle timeout, delays, presence coalescing) for every
+    /// tenant; each tenant's own limits live in its [`tenants::Tenant`].
     pub limits: Limits,
-    /// JWT key material.
-    pub keys: KeyStore,
-    /// Whether a project database is configured.
-    pub database: bool,
-    /// The Postgres Changes core, when a database is configured.
+    /// The tenants (single-tenant mode: one, whatever the Host).
+    pub tenants: Arc<tenants::Registry>,
+    /// The tenants' Postgres Changes cores, when any tenant may have a database.
     pub postgres: Option<PgLink>,
     /// How long the graceful drain may take (`REALTIME_DRAIN_SECS`).
     pub drain: std::time::Duration,
@@ -211,6 +210,7 @@ async fn shard_main(
     let (senders, mut receivers) = mesh.join().await.map_err(|e| format!("shard mesh join failed: {e}"))?;
     let id = ShardId(senders.peer_id() as u16);
     let listener = listen(config.addr).map_err(|e| format!("bind {}: {e}", config.addr))?;
+    shard::POSTGRES_LINKED.with(|linked| linked.set(config.postgres.is_some()));
     let shard = Rc::new(shard::Shard::new(id, Arc::clone(&config), senders, metrics, status));
     for (_, receiver) in receivers.streams() {
         glommio::spawn_local(Rc::clone(&shard).receive(receiver)).detach();

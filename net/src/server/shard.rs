@@ -20,16 +20,17 @@ use glommio::channels::channel_mesh::Senders;
 use glommio::channels::shared_channel::ConnectedReceiver;
 use glommio::{GlommioError, ResourceType};
 
-use engine::client_error::CloseReason;
+use engine::client_error::{CloseReason, SystemMessage};
 use engine::limits::{DELAYED_JOIN_ERRORS_PER_CONNECTION_MAX, SHARD_OVERFLOW_MESSAGES_MAX};
 use engine::shard::LocalEffect;
-use engine::{ConnId, PresenceCoalescing, ShardId, ShardMsg, ShardState};
+use engine::{ConnId, PresenceCoalescing, ShardId, ShardMsg, ShardState, TenantId};
 
 use super::metrics::{self, ShardCounters};
 use super::outbox::{Outbox, OutboxState};
+use super::tenancy::ShardTenant;
 use super::ServerConfig;
 use crate::fanout;
-use crate::session::{Effects, Session};
+use crate::session::{Context, Effects, Session};
 
 /// The `id` of a database broadcast (its metadata is `{"id": "<row id>"}`).
 fn database_row_id(body: &engine::BroadcastBody) -> Option<String> {
@@ -56,16 +57,17 @@ fn database_row_id(body: &engine::BroadcastBody) -> Option<String> {
 /// REST callers' checks (each with its own waiting caller) and replays are never replaced by
 /// anything but their channel's `Unsubscribe`. Bound: connections × channels × 4 (subscription,
 /// read check, write check, replay) plus the REST calls in flight.
-fn push_coalesced(queue: &mut VecDeque<engine::changes::Command>, command: engine::changes::Command) {
+fn push_coalesced<T: AsCommand>(queue: &mut VecDeque<T>, item: T) {
     use engine::changes::{AuthzReply, Command};
-    match &command {
+    let command = item.command();
+    match command {
         Command::Subscribe(subscription) => {
             let key = subscription.key;
-            queue.retain(|queued| !matches!(queued, Command::Subscribe(s) if s.key == key));
+            queue.retain(|queued| !matches!(queued.command(), Command::Subscribe(s) if s.key == key));
         }
         Command::Unsubscribe(key) => {
             let key = *key;
-            queue.retain(|queued| match queued {
+            queue.retain(|queued| match queued.command() {
                 Command::Subscribe(s) => s.key != key,
                 Command::Authorize { reply: AuthzReply::Channel(k), .. } => *k != key,
                 Command::Replay { key: k, .. } => *k != key,
@@ -74,14 +76,42 @@ fn push_coalesced(queue: &mut VecDeque<engine::changes::Command>, command: engin
         }
         Command::Authorize { request, reply: AuthzReply::Channel(key) } => {
             let (key, kind) = (*key, request.kind);
-            queue.retain(|queued| !matches!(queued, Command::Authorize { request: r, reply: AuthzReply::Channel(k) } if *k == key && r.kind == kind));
+            queue.retain(|queued| !matches!(queued.command(), Command::Authorize { request: r, reply: AuthzReply::Channel(k) } if *k == key && r.kind == kind));
         }
         Command::Authorize { reply: AuthzReply::Caller(_), .. } | Command::Replay { .. } => {}
     }
-    queue.push_back(command);
+    queue.push_back(item);
 }
 
-/// A connection as its shard holds it./// A connection as its shard holds it.
+/// What the command overflow holds: a command, with the tenant core it goes to.
+trait AsCommand {
+    fn command(&self) -> &engine::changes::Command;
+}
+
+impl AsCommand for engine::changes::Command {
+    fn command(&self) -> &engine::changes::Command {
+        self
+    }
+}
+
+/// A command waiting in the overflow for its tenant's core.
+struct Routed {
+    to: flume::Sender<engine::changes::Command>,
+    command: engine::changes::Command,
+}
+
+impl AsCommand for Routed {
+    fn command(&self) -> &engine::changes::Command {
+        &self.command
+    }
+}
+
+thread_local! {
+    /// Whether this shard's server has a `PgLink` (set when the shard starts).
+    pub(crate) static POSTGRES_LINKED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A connection as its shard holds it.
 pub(crate) struct Conn {
     pub(crate) outbox: Outbox,
     pub(crate) session: RefCell<Session>,
@@ -91,6 +121,12 @@ pub(crate) struct Conn {
     /// Plain TCP: the shard's flusher may write to `fd` directly and the task reads it with
     /// `recv`, waiting on the shard's epoll set when it is empty (TLS: neither).
     pub(crate) direct: bool,
+    /// The connection's tenant on this shard, and the tenant's epoch when it connected (a
+    /// different epoch now means the tenant's keys or gates changed: disconnect).
+    pub(crate) tenant: Rc<ShardTenant>,
+    pub(crate) tenant_epoch: u64,
+    /// Counted as one of the tenant's connected users (it has a channel).
+    pub(crate) user: Cell<bool>,
     /// Epoll state of a plain connection (`super::readiness`): in the set, armed for one
     /// report, and the task's waker for that report.
     pub(crate) epoll_added: Cell<bool>,
@@ -112,16 +148,16 @@ pub(crate) struct Shard {
     /// lost Authorize would leave a join waiting until its deadline); bounded by this shard's
     /// connections × channels × the commands a channel has in flight (join, first write, leave,
     /// token refresh).
-    pg_overflow: RefCell<VecDeque<engine::changes::Command>>,
+    pg_overflow: RefCell<VecDeque<Routed>>,
     pg_flushing: Cell<bool>,
     /// Join error replies waiting out the delay, per connection (by address; at most
     /// [`DELAYED_JOIN_ERRORS_PER_CONNECTION_MAX`] each, entries removed at zero).
     delayed_replies: RefCell<AHashMap<usize, u32>>,
     next_conn: Cell<u64>,
-    /// This shard's share of the tenant's presence events (§4.6), and the tenant-wide verdict
-    /// as of the last tick.
-    presence_window: RefCell<engine::rate::RateWindow>,
-    pub(crate) presence_exceeded: Cell<bool>,
+    /// The tenants this shard has seen (connections, deliveries), and the directory version it
+    /// last applied (`super::tenancy`).
+    tenants: RefCell<AHashMap<TenantId, Rc<ShardTenant>>>,
+    tenants_version: Cell<u64>,
     /// This shard's slot of the status page's data (written by [`Shard::status_ticks`]).
     pub(crate) status: Arc<super::StatusBoard>,
     /// Connections with queued frames for the flusher, and its waker (`super::flush`).
@@ -148,8 +184,8 @@ impl Shard {
             pg_flushing: Cell::new(false),
             delayed_replies: RefCell::new(AHashMap::new()),
             next_conn: Cell::new(1),
-            presence_window: RefCell::new(engine::rate::RateWindow::default()),
-            presence_exceeded: Cell::new(false),
+            tenants: RefCell::new(AHashMap::new()),
+            tenants_version: Cell::new(0),
             status,
             ready: RefCell::new(Vec::new()),
             flusher: RefCell::new(None),
@@ -172,15 +208,23 @@ impl Shard {
         for frame in fx.frames {
             self.push(conn, frame);
         }
-        for frame in fx.delayed {
-            self.push_delayed(conn, frame);
+        let delayed = fx.delayed.len();
+        for (i, frame) in fx.delayed.into_iter().enumerate() {
+            let close = if i + 1 == delayed { fx.close_after_delayed } else { None };
+            self.push_delayed(conn, frame, close);
         }
+        if delayed == 0 {
+            if let Some(reason) = fx.close_after_delayed {
+                conn.outbox.close(reason);
+            }
+        }
+        let tenant = &conn.tenant;
         if fx.published > 0 {
             metrics::add(&self.counters().broadcasts_in, fx.published);
         }
-        if fx.presence_events > 0 {
-            self.presence_window.borrow_mut().add(fx.presence_events);
-        }
+        tenant.count_events(fx.published + fx.unknown_events);
+        tenant.count_presence(fx.presence_events);
+        tenant.count_joins(fx.joins_counted);
         if fx.malformed > 0 {
             metrics::add(&self.counters().malformed_frames, fx.malformed);
         }
@@ -194,53 +238,156 @@ impl Shard {
             metrics::add(&self.counters().leaves, fx.left);
         }
         if !fx.join_errors.is_empty() {
+            for code in &fx.join_errors {
+                if matches!(&**code, "ConnectionRateLimitReached" | "ClientJoinRateLimitReached" | "ChannelRateLimitReached") {
+                    tenant.count_limit_hit();
+                }
+            }
             self.count_join_errors(&fx.join_errors);
         }
         if let Some(reason) = fx.close {
             conn.outbox.close(reason);
         }
         for command in fx.pg {
-            self.send_command(command);
+            self.send_command(tenant, command);
         }
         self.route(fx.shard);
+        // A connection is one of the tenant's users while it has a channel (§9.1).
+        let user = conn.session.borrow().channel_count() > 0;
+        if user != conn.user.get() {
+            conn.user.set(user);
+            tenant.add_user(user);
+        }
+    }
+
+    /// The session context of a call on `conn`: its tenant's keys and limits, borrowed.
+    pub(crate) fn with_context<R>(conn: &Conn, f: impl FnOnce(Context<'_>) -> R) -> R {
+        let now_ms = super::conn::unix_now_ms();
+        let shard_tenant = &conn.tenant;
+        let tenant = shard_tenant.get();
+        let ctx = Context {
+            limits: &tenant.limits,
+            keys: &tenant.keys,
+            // A tenant's database is usable only where the server runs cores (`PgLink`).
+            database: tenant.database_url.is_some() && POSTGRES_LINKED.with(|linked| linked.get()),
+            now_secs: now_ms / 1000,
+            now_ms,
+            presence_rate_exceeded: shard_tenant.presence_exceeded(),
+            tenant: shard_tenant.gate(),
+        };
+        f(ctx)
+    }
+
+    /// This shard's state for `tenant` (created on first sight). The directory is re-read
+    /// first when it changed, so a connection never starts on an outdated configuration.
+    pub(crate) fn shard_tenant(self: &Rc<Self>, tenant: &Arc<tenants::Tenant>) -> Rc<ShardTenant> {
+        if self.tenants_version.get() != self.config.tenants.version() {
+            self.sync_tenants();
+        }
+        let existing = self.tenants.borrow().get(&tenant.id).cloned();
+        match existing {
+            Some(existing) => existing,
+            None => {
+                let created = Rc::new(ShardTenant::new(self.id.index(), Arc::clone(tenant)));
+                self.tenants.borrow_mut().insert(tenant.id, Rc::clone(&created));
+                created
+            }
+        }
+    }
+
+    /// This shard's state for the tenant numbered `id`, if the directory knows it.
+    pub(crate) fn tenant_by_id(self: &Rc<Self>, id: TenantId) -> Option<Rc<ShardTenant>> {
+        if let Some(existing) = self.tenants.borrow().get(&id) {
+            return Some(Rc::clone(existing));
+        }
+        let directory = self.config.tenants.load();
+        let tenant = directory.get(id)?;
+        Some(self.shard_tenant(tenant))
+    }
+
+    /// Applies a new tenant directory: every tenant this shard knows takes its new
+    /// configuration; the sockets of a removed tenant, or of one whose keys, `private_only` or
+    /// `suspend` changed, get "Server requested disconnect" then close 1012 (PROTOCOL.md §1.11).
+    pub(crate) fn sync_tenants(self: &Rc<Self>) {
+        let version = self.config.tenants.version();
+        let directory = self.config.tenants.load();
+        self.tenants_version.set(version);
+        let mut disconnect: Vec<TenantId> = Vec::new();
+        {
+            let tenants = self.tenants.borrow();
+            for (id, shard_tenant) in tenants.iter() {
+                if shard_tenant.refresh(directory.get(*id)) {
+                    disconnect.push(*id);
+                }
+            }
+        }
+        // Tenants gone with nobody left on this shard are forgotten.
+        self.tenants.borrow_mut().retain(|_, t| !t.is_gone() || Rc::strong_count(t) > 1);
+        if disconnect.is_empty() {
+            return;
+        }
+        let due: Vec<Rc<Conn>> = self
+            .conns
+            .borrow()
+            .values()
+            .filter(|c| disconnect.contains(&c.tenant.get().id) && (c.tenant.is_gone() || c.tenant_epoch != c.tenant.get().epoch))
+            .filter(|c| c.outbox.state() == OutboxState::Open)
+            .cloned()
+            .collect();
+        if !due.is_empty() {
+            tracing::info!(shard = self.id.0, connections = due.len(), "tenant configuration changed: disconnecting its sockets");
+        }
+        for conn in due {
+            super::drain::disconnect(&conn);
+        }
     }
 
     /// Sends a command to the Postgres Changes core without waiting: straight into its queue
     /// when there is room and nothing waits before it, else into the overflow.
-    fn send_command(self: &Rc<Self>, command: engine::changes::Command) {
+    fn send_command(self: &Rc<Self>, tenant: &ShardTenant, command: engine::changes::Command) {
         let Some(link) = &self.config.postgres else { return };
+        let Some(db) = tenant.db(link) else { return };
+        let to = db.commands;
         if !self.pg_flushing.get() {
-            let rejected = match link.commands.try_send(command) {
+            let rejected = match to.try_send(command) {
                 Ok(()) => return,
                 Err(flume::TrySendError::Full(command)) => command,
-                Err(flume::TrySendError::Disconnected(_)) => return, // shutdown
+                Err(flume::TrySendError::Disconnected(command)) => {
+                    // The core stopped between the lookup and the send (idle stop, a tenant
+                    // change): ask for it again once.
+                    match tenant.db(link) {
+                        Some(db) => {
+                            let _ = db.commands.try_send(command);
+                        }
+                        None => return,
+                    }
+                    return;
+                }
             };
-            push_coalesced(&mut self.pg_overflow.borrow_mut(), rejected);
+            push_coalesced(&mut self.pg_overflow.borrow_mut(), Routed { to, command: rejected });
             self.pg_flushing.set(true);
             tracing::warn!(shard = self.id.0, "Postgres Changes command queue full: commands wait in the overflow");
             let shard = Rc::clone(self);
             glommio::spawn_local(async move { shard.flush_commands().await }).detach();
             return;
         }
-        push_coalesced(&mut self.pg_overflow.borrow_mut(), command);
+        push_coalesced(&mut self.pg_overflow.borrow_mut(), Routed { to, command });
     }
 
     /// A REST caller's policy check: through the same queue and overflow as the sessions'
     /// commands (never refused because the queue is momentarily full).
-    pub(crate) fn send_caller_command(self: &Rc<Self>, command: engine::changes::Command) {
-        self.send_command(command);
+    pub(crate) fn send_caller_command(self: &Rc<Self>, tenant: &ShardTenant, command: engine::changes::Command) {
+        self.send_command(tenant, command);
     }
 
     /// Drains the command overflow in order, waiting for room in the core's queue.
     async fn flush_commands(self: Rc<Self>) {
-        let Some(link) = &self.config.postgres else { return };
         loop {
             let next = self.pg_overflow.borrow_mut().pop_front();
-            let Some(command) = next else { break };
-            if link.commands.send_async(command).await.is_err() {
-                self.pg_overflow.borrow_mut().clear();
-                break;
-            }
+            let Some(Routed { to, command }) = next else { break };
+            // A core that stopped meanwhile drops its commands (its channels are re-subscribed
+            // by nobody: the core is stopped only when its tenant has no subscriptions).
+            let _ = to.send_async(command).await;
         }
         self.pg_flushing.set(false);
     }
@@ -263,20 +410,11 @@ impl Shard {
                 PgOut::Authorized { conn, channel, kind, result } => {
                     let conn = self.conns.borrow().get(&conn).cloned();
                     if let Some(conn) = conn {
-                        let now_ms = super::conn::unix_now_ms();
-                        let ctx = crate::session::Context {
-                            limits: &self.config.limits,
-                            keys: &self.config.keys,
-                            database: self.config.database,
-                            now_secs: now_ms / 1000,
-                            now_ms,
-                            presence_rate_exceeded: self.presence_exceeded.get(),
-                        };
                         let mut fx = Effects::default();
-                        {
+                        Shard::with_context(&conn, |ctx| {
                             let mut state = self.state.borrow_mut();
                             conn.session.borrow_mut().on_authorized(&mut state, ctx, channel, kind, result, &mut fx);
-                        }
+                        });
                         self.apply(&conn, fx);
                     }
                 }
@@ -292,6 +430,15 @@ impl Shard {
                     }
                 }
                 PgOut::Publish { topic, message } => {
+                    // A database broadcast is one of its tenant's events, dropped while the
+                    // tenant is above its events per second (§9.3).
+                    if let Some(tenant) = self.tenant_by_id(topic.tenant) {
+                        if tenant.events_exceeded() {
+                            tenant.count_limit_hit();
+                            continue;
+                        }
+                        tenant.count_events(1);
+                    }
                     metrics::add(&self.counters().database_broadcasts, 1);
                     let owner = topic.owner(self.config.shards);
                     self.route(vec![(owner, engine::ShardMsg::Publish { topic, message })]);
@@ -331,7 +478,7 @@ impl Shard {
 
     /// Queues a join error reply after the join error delay, in a timer task; beyond
     /// [`DELAYED_JOIN_ERRORS_PER_CONNECTION_MAX`] waiting on this connection, at once.
-    fn push_delayed(self: &Rc<Self>, conn: &Rc<Conn>, frame: bytes::Bytes) {
+    fn push_delayed(self: &Rc<Self>, conn: &Rc<Conn>, frame: bytes::Bytes, close: Option<CloseReason>) {
         let delay = self.config.limits.join_error_delay;
         // The key is the connection's address: a waiting task holds an `Rc` to it, so the
         // address cannot be reused while its count is above zero.
@@ -339,6 +486,9 @@ impl Shard {
         let waiting = self.delayed_replies.borrow().get(&key).copied().unwrap_or(0);
         if delay.is_zero() || waiting >= DELAYED_JOIN_ERRORS_PER_CONNECTION_MAX {
             self.push(conn, frame);
+            if let Some(reason) = close {
+                conn.outbox.close(reason);
+            }
             return;
         }
         self.delayed_replies.borrow_mut().insert(key, waiting + 1);
@@ -346,6 +496,9 @@ impl Shard {
         glommio::spawn_local(async move {
             glommio::timer::sleep(delay).await;
             shard.push(&conn, frame);
+            if let Some(reason) = close {
+                conn.outbox.close(reason);
+            }
             let mut counts = shard.delayed_replies.borrow_mut();
             match counts.get_mut(&key) {
                 Some(count) if *count > 1 => *count -= 1,
@@ -451,6 +604,12 @@ impl Shard {
     fn local_effect(self: &Rc<Self>, effect: LocalEffect) {
         match effect {
             LocalEffect::Deliver { topic, message } => {
+                let is_presence = matches!(message.body, engine::BroadcastBody::PresenceDiff(_));
+                let tenant = self.tenant_by_id(topic.tenant);
+                if !is_presence && tenant.as_ref().is_some_and(|t| t.events_exceeded()) {
+                    self.shut_receivers(&topic, &message, tenant.as_deref());
+                    return;
+                }
                 let state = self.state.borrow();
                 let conns = self.conns.borrow();
                 let subscribers = state.local_subscribers(&topic);
@@ -475,9 +634,16 @@ impl Shard {
                     true
                 });
                 metrics::add(&self.counters().deliveries, delivered as u64);
-                if matches!(message.body, engine::BroadcastBody::PresenceDiff(_)) {
-                    // Every delivered presence_diff counts toward the tenant's rate (§4.6).
-                    self.presence_window.borrow_mut().add(delivered as u64);
+                if let Some(tenant) = &tenant {
+                    if is_presence {
+                        // Every delivered presence_diff counts toward the tenant's rate (§4.6).
+                        tenant.count_presence(delivered as u64);
+                    } else {
+                        // Every channel a broadcast reaches is one of the tenant's events (§9.1).
+                        tenant.count_events(delivered as u64);
+                    }
+                }
+                if is_presence {
                     metrics::add(&self.counters().presence_diffs, delivered as u64);
                 }
             }
@@ -498,7 +664,7 @@ impl Shard {
                     let mut fx = Effects::default();
                     {
                         let mut state = self.state.borrow_mut();
-                        conn.session.borrow_mut().on_join_ack(&mut state, &topic, subscriber.channel, presence, self.presence_exceeded.get(), &mut fx);
+                        conn.session.borrow_mut().on_join_ack(&mut state, &topic, subscriber.channel, presence, conn.tenant.presence_exceeded(), &mut fx);
                     }
                     self.apply(&conn, fx);
                 }
@@ -512,6 +678,12 @@ impl Shard {
         loop {
             glommio::timer::sleep(std::time::Duration::from_secs(1)).await;
             self.sweep_idle();
+            if self.tenants_version.get() != self.config.tenants.version() {
+                self.sync_tenants();
+            }
+            for tenant in self.tenants.borrow().values() {
+                tenant.publish_totals();
+            }
             let now = super::conn::unix_now();
             let due: Vec<Rc<Conn>> = self
                 .conns
@@ -534,22 +706,39 @@ impl Shard {
     /// Every rate tick (5 s): publish this shard's window sum and decide, from every shard's,
     /// whether the tenant is above its presence limit (PROTOCOL.md §9.2).
     pub(crate) async fn rate_ticks(self: Rc<Self>) {
-        let limit = self.config.limits.presence_events_per_second_max;
-        if limit == 0 {
-            return;
-        }
         loop {
             glommio::timer::sleep(engine::rate::TICK).await;
-            let (sum, seconds) = {
-                let mut window = self.presence_window.borrow_mut();
-                let sum = window.sum();
-                let seconds = window.seconds();
-                window.tick();
-                (sum, seconds)
-            };
-            self.metrics.presence_window_sums[self.id.index()].store(sum, std::sync::atomic::Ordering::Relaxed);
-            let total: u64 = self.metrics.presence_window_sums.iter().map(|s| s.load(std::sync::atomic::Ordering::Relaxed)).sum();
-            self.presence_exceeded.set(engine::rate::above(total, seconds, limit));
+            let tenants: Vec<Rc<ShardTenant>> = self.tenants.borrow().values().cloned().collect();
+            for tenant in tenants {
+                tenant.tick();
+            }
+        }
+    }
+
+    /// §9.3: while the tenant is above its events per second, every local channel a fan-out
+    /// message would reach is closed with `system` "Too many messages per second" instead.
+    fn shut_receivers(self: &Rc<Self>, topic: &engine::TopicKey, message: &engine::Broadcast, tenant: Option<&ShardTenant>) {
+        let is_sender = |sub: &engine::LocalSub| message.origin.is_some_and(|o| o.shard == self.id && o.conn == sub.conn && o.channel == sub.channel);
+        let receivers: Vec<(Rc<Conn>, engine::ChannelSerial)> = {
+            let state = self.state.borrow();
+            let conns = self.conns.borrow();
+            state
+                .local_subscribers(topic)
+                .iter()
+                .filter(|sub| sub.receive_broadcasts && (sub.receive_own || !is_sender(sub)))
+                .filter_map(|sub| conns.get(&sub.conn).map(|c| (Rc::clone(c), sub.channel)))
+                .collect()
+        };
+        for (conn, serial) in receivers {
+            if let Some(tenant) = tenant {
+                tenant.count_limit_hit();
+            }
+            let mut fx = Effects::default();
+            {
+                let mut state = self.state.borrow_mut();
+                conn.session.borrow_mut().shut_channel(&mut state, serial, SystemMessage::TooManyMessages, &mut fx);
+            }
+            self.apply(&conn, fx);
         }
     }
 

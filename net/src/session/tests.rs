@@ -30,6 +30,11 @@ struct Harness {
     presence_rate_exceeded: bool,
     /// Commands sent to the Postgres core.
     pg: Vec<PgCommand>,
+    /// The tenant's gates.
+    tenant: TenantGate,
+    /// Joins counted toward the tenant's rate, and a close after the delayed frames.
+    joins_counted: u64,
+    close_after_delayed: Vec<Option<CloseReason>>,
 }
 
 impl Harness {
@@ -46,6 +51,9 @@ impl Harness {
             database: false,
             presence_rate_exceeded: false,
             pg: Vec::new(),
+            tenant: TenantGate::default(),
+            joins_counted: 0,
+            close_after_delayed: Vec::new(),
         }
     }
 
@@ -55,6 +63,7 @@ impl Harness {
         self.written.push(Vec::new());
         self.delayed.push(Vec::new());
         self.closed.push(None);
+        self.close_after_delayed.push(None);
         index
     }
 
@@ -64,7 +73,7 @@ impl Harness {
 
     fn text(&mut self, conn: usize, frame: &str) {
         let (limits, keys) = self.ctx();
-        let ctx = Context { limits: &limits, keys: &keys, database: self.database, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms, presence_rate_exceeded: self.presence_rate_exceeded };
+        let ctx = Context { limits: &limits, keys: &keys, database: self.database, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms, presence_rate_exceeded: self.presence_rate_exceeded, tenant: self.tenant };
         let mut fx = Effects::default();
         self.sessions[conn].on_text(&mut self.state, ctx, frame.as_bytes(), &mut fx);
         self.apply(conn, fx);
@@ -72,7 +81,7 @@ impl Harness {
 
     fn binary(&mut self, conn: usize, bytes: &[u8]) {
         let (limits, keys) = self.ctx();
-        let ctx = Context { limits: &limits, keys: &keys, database: self.database, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms, presence_rate_exceeded: self.presence_rate_exceeded };
+        let ctx = Context { limits: &limits, keys: &keys, database: self.database, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms, presence_rate_exceeded: self.presence_rate_exceeded, tenant: self.tenant };
         let mut fx = Effects::default();
         self.sessions[conn].on_binary(&mut self.state, ctx, bytes, &mut fx);
         self.apply(conn, fx);
@@ -84,6 +93,10 @@ impl Harness {
         self.delayed[conn].extend(fx.delayed);
         if fx.close.is_some() {
             self.closed[conn] = fx.close;
+        }
+        self.joins_counted += fx.joins_counted;
+        if fx.close_after_delayed.is_some() {
+            self.close_after_delayed[conn] = fx.close_after_delayed;
         }
         let mut queue: std::collections::VecDeque<_> = fx.shard.into();
         while let Some((_, msg)) = queue.pop_front() {
@@ -531,7 +544,7 @@ fn answer(h: &mut Harness, conn: usize, broadcast: bool, presence: bool) -> engi
     let index = h.pg.iter().position(|c| matches!(c, PgCommand::Authorize { reply: engine::changes::AuthzReply::Channel(k), .. } if k.conn.0 as usize == conn)).expect("a check was requested");
     let PgCommand::Authorize { request, reply: engine::changes::AuthzReply::Channel(key) } = h.pg.remove(index) else { unreachable!() };
     let (limits, keys) = h.ctx();
-    let ctx = Context { limits: &limits, keys: &keys, database: true, now_secs: NOW, now_ms: NOW * 1000, presence_rate_exceeded: false };
+    let ctx = Context { limits: &limits, keys: &keys, database: true, now_secs: NOW, now_ms: NOW * 1000, presence_rate_exceeded: false, tenant: TenantGate::default() };
     let mut fx = Effects::default();
     let result = engine::changes::AuthzResult { broadcast, presence, error: None };
     h.sessions[conn].on_authorized(&mut h.state, ctx, key.channel, request.kind, result, &mut fx);
@@ -708,11 +721,76 @@ fn disconnect_notices_cover_every_joined_channel_and_count_lifecycle() {
     );
     // Joins and leaves are reported for metrics; a refused join by its code.
     let (limits, keys) = h.ctx();
-    let ctx = Context { limits: &limits, keys: &keys, database: false, now_secs: NOW, now_ms: NOW * 1000, presence_rate_exceeded: false };
+    let ctx = Context { limits: &limits, keys: &keys, database: false, now_secs: NOW, now_ms: NOW * 1000, presence_rate_exceeded: false, tenant: TenantGate::default() };
     let mut fx = Effects::default();
     h.sessions[a].on_text(&mut h.state, ctx, br#"["3","3","three","phx_join",{"config":{},"access_token":"nope"}]"#, &mut fx);
     assert_eq!(fx.join_errors, vec![Box::<str>::from("MalformedJWT")]);
     let mut fx = Effects::default();
     h.sessions[a].on_close(&mut h.state, &mut fx);
     assert_eq!(fx.left, 2);
+}
+
+#[test]
+fn tenant_gates_answer_in_upstreams_order_and_count_joins() {
+    let reason = |h: &mut Harness, conn: usize| -> String {
+        let delayed = h.take_delayed(conn);
+        delayed.last().map(|f| f["payload"]["response"]["reason"].as_str().unwrap_or_default().to_string()).unwrap_or_default()
+    };
+    let join = |topic: &str, private: bool| format!(r#"{{"topic":"{topic}","event":"phx_join","payload":{{"config":{{"private":{private}}}}},"ref":"1","join_ref":"1"}}"#);
+    let mut h = Harness::new();
+    h.database = true;
+    let conn = h.connect(Format::V1);
+
+    h.tenant.private_only = true;
+    h.text(conn, &join("realtime:a", false));
+    assert_eq!(reason(&mut h, conn), "PrivateOnly: This project only allows private channels");
+    assert_eq!(h.joins_counted, 0, "refused before the joins count");
+
+    h.tenant.private_only = false;
+    h.tenant.users_full = true;
+    h.text(conn, &join("realtime:a", false));
+    assert_eq!(reason(&mut h, conn), "ConnectionRateLimitReached: Too many connected users");
+    assert_eq!(h.joins_counted, 0);
+
+    h.tenant.users_full = false;
+    h.text(conn, &join("realtime:a", false));
+    assert!(h.take(conn).iter().any(|f| f["payload"]["status"] == "ok"));
+    assert_eq!(h.joins_counted, 1);
+    // A socket already counted as a user may join more channels when the tenant is full.
+    h.tenant.users_full = true;
+    h.text(conn, &join("realtime:b", false));
+    assert!(h.take(conn).iter().any(|f| f["payload"]["status"] == "ok"));
+    assert_eq!(h.joins_counted, 2);
+
+    h.tenant.joins_exceeded = true;
+    h.text(conn, &join("realtime:c", false));
+    assert_eq!(reason(&mut h, conn), "ClientJoinRateLimitReached: Too many joins per second");
+    assert_eq!(h.joins_counted, 3, "counted even though it failed");
+    assert_eq!(h.close_after_delayed[conn], Some(CloseReason::GoingAway));
+
+    let other = h.connect(Format::V1);
+    h.tenant = TenantGate { gone: true, ..TenantGate::default() };
+    h.text(other, &join("realtime:a", false));
+    assert_eq!(reason(&mut h, other), "TenantNotFound: Tenant with the given ID does not exist");
+    assert_eq!(h.close_after_delayed[other], Some(CloseReason::GoingAway));
+    h.tenant = TenantGate { suspended: true, ..TenantGate::default() };
+    h.text(other, &join("realtime:a", false));
+    assert_eq!(reason(&mut h, other), "RealtimeDisabledForTenant: Realtime disabled for this tenant");
+}
+
+#[test]
+fn topics_carry_the_connections_tenant() {
+    let mut h = Harness::new();
+    let a = h.connect(Format::V1);
+    h.tenant.id = engine::TenantId(7);
+    h.text(a, r#"{"topic":"realtime:room","event":"phx_join","payload":{},"ref":"1","join_ref":"1"}"#);
+    let b = h.connect(Format::V1);
+    h.tenant.id = engine::TenantId(8);
+    h.text(b, r#"{"topic":"realtime:room","event":"phx_join","payload":{},"ref":"1","join_ref":"1"}"#);
+    h.take(a);
+    h.take(b);
+    h.tenant.id = engine::TenantId(7);
+    h.text(a, r#"{"topic":"realtime:room","event":"broadcast","payload":{"event":"e","payload":{}},"ref":"2","join_ref":"1"}"#);
+    h.text(a, r#"{"topic":"realtime:room","event":"broadcast","payload":{"event":"e","payload":{}},"ref":"3","join_ref":"1"}"#);
+    assert!(h.take(b).is_empty(), "a broadcast in tenant 7 never reaches tenant 8's channel of the same name");
 }
