@@ -2,7 +2,7 @@
 //! that shard (relaxed atomics), summed by whoever needs the tenant-wide figure (the tenant-wide
 //! limits of PROTOCOL.md §9, `/metrics`, the database manager's idle check).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// One shard's share of a tenant's counters.
 #[derive(Debug, Default)]
@@ -26,16 +26,29 @@ pub struct ShardSlot {
     pub limit_hits_total: AtomicU64,
 }
 
-/// A tenant's counters: one slot per shard.
+/// A tenant's counters: one slot per shard, and the tenant-wide verdicts of the last tick.
 #[derive(Debug)]
 pub struct TenantCounters {
     slots: Box<[ShardSlot]>,
+    /// Whether the tenant's events / joins / presence events per second are triggered, as
+    /// decided by the last shard that ticked (every shard decides from the same published sums;
+    /// a shard that never saw the tenant before reads them too).
+    pub events_exceeded: AtomicBool,
+    /// See `events_exceeded`.
+    pub joins_exceeded: AtomicBool,
+    /// See `events_exceeded`.
+    pub presence_exceeded: AtomicBool,
 }
 
 impl TenantCounters {
     /// Counters for `shards` shards.
     pub fn new(shards: usize) -> TenantCounters {
-        TenantCounters { slots: (0..shards.max(1)).map(|_| ShardSlot::default()).collect() }
+        TenantCounters {
+            slots: (0..shards.max(1)).map(|_| ShardSlot::default()).collect(),
+            events_exceeded: AtomicBool::new(false),
+            joins_exceeded: AtomicBool::new(false),
+            presence_exceeded: AtomicBool::new(false),
+        }
     }
 
     /// Shard `shard`'s slot (an out-of-range shard gets the last slot rather than a panic).

@@ -163,6 +163,11 @@ pub fn service_key() -> String {
     token("service_role", &[])
 }
 
+/// [`http_request`] with `host` as the Host header (the tenant in multi-tenant mode).
+pub fn http_request_host(addr: SocketAddr, host: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+    http_exchange(addr, host, method, path, headers, body)
+}
+
 /// A minimal blocking HTTP/1.1 client: returns (status, body).
 pub fn http_request(
     addr: SocketAddr,
@@ -171,10 +176,14 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<(u16, Vec<u8>)> {
+    http_exchange(addr, "localhost", method, path, headers, body)
+}
+
+fn http_exchange(addr: SocketAddr, host: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
     for (name, value) in headers {

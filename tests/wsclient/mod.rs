@@ -84,6 +84,39 @@ impl Client {
         }
     }
 
+    /// Connects with `host` as the Host header (the tenant in multi-tenant mode) instead of
+    /// the URL's authority; `Err` carries the refusal (status and body) on a failed upgrade.
+    pub fn try_connect_host(url: &str, host: &str) -> Result<Client, (u16, String)> {
+        let addr = socket_addr_of(url);
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| (0, format!("tcp connect: {e}")))?;
+        stream.set_nodelay(true).ok();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
+        let request = tungstenite::http::Request::builder()
+            .uri(url)
+            .header("Host", host)
+            .header("Connection", "Upgrade")
+            .header("Upgrade", "websocket")
+            .header("Sec-WebSocket-Version", "13")
+            .header("Sec-WebSocket-Key", tungstenite::handshake::client::generate_key())
+            .body(())
+            .map_err(|e| (0, format!("bad request: {e}")))?;
+        match tungstenite::client::client(request, stream) {
+            Ok((ws, _response)) => Ok(Client { ws }),
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+                let body = response.body().as_ref().map(|b| String::from_utf8_lossy(b).to_string()).unwrap_or_default();
+                Err((response.status().as_u16(), body))
+            }
+            Err(e) => Err((0, format!("handshake: {e}"))),
+        }
+    }
+
+    /// [`Client::try_connect_host`] that panics on failure.
+    #[track_caller]
+    pub fn connect_host(url: &str, host: &str) -> Client {
+        Self::try_connect_host(url, host).unwrap_or_else(|e| panic!("WebSocket connect to {url} as {host} failed: {e:?}"))
+    }
+
     #[track_caller]
     pub fn send_text(&mut self, text: &str) {
         self.ws

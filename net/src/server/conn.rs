@@ -523,11 +523,11 @@ fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, message: WsMessage) -> Option<Clos
     let sampled = metrics::sample_read();
     match message {
         WsMessage::Text(bytes) | WsMessage::Binary(bytes) if bytes.is_empty() => {}
-        WsMessage::Text(bytes) => Shard::with_context(conn, |ctx| {
+        WsMessage::Text(bytes) => shard.with_context(conn, |ctx| {
             let mut state = shard.state.borrow_mut();
             conn.session.borrow_mut().on_text(&mut state, ctx, &bytes, &mut fx);
         }),
-        WsMessage::Binary(bytes) => Shard::with_context(conn, |ctx| {
+        WsMessage::Binary(bytes) => shard.with_context(conn, |ctx| {
             let mut state = shard.state.borrow_mut();
             conn.session.borrow_mut().on_binary(&mut state, ctx, &bytes, &mut fx);
         }),

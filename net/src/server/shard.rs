@@ -261,7 +261,12 @@ impl Shard {
     }
 
     /// The session context of a call on `conn`: its tenant's keys and limits, borrowed.
-    pub(crate) fn with_context<R>(conn: &Conn, f: impl FnOnce(Context<'_>) -> R) -> R {
+    /// A changed tenant directory is applied first, so a SIGHUP's new limits hold for the
+    /// very next frame (one atomic load per call when nothing changed).
+    pub(crate) fn with_context<R>(self: &Rc<Self>, conn: &Conn, f: impl FnOnce(Context<'_>) -> R) -> R {
+        if self.tenants_version.get() != self.config.tenants.version() {
+            self.sync_tenants();
+        }
         let now_ms = super::conn::unix_now_ms();
         let shard_tenant = &conn.tenant;
         let tenant = shard_tenant.get();
@@ -411,7 +416,7 @@ impl Shard {
                     let conn = self.conns.borrow().get(&conn).cloned();
                     if let Some(conn) = conn {
                         let mut fx = Effects::default();
-                        Shard::with_context(&conn, |ctx| {
+                        self.with_context(&conn, |ctx| {
                             let mut state = self.state.borrow_mut();
                             conn.session.borrow_mut().on_authorized(&mut state, ctx, channel, kind, result, &mut fx);
                         });

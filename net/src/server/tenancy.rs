@@ -32,9 +32,6 @@ pub(crate) struct ShardTenant {
     events: RefCell<RateWindow>,
     joins: RefCell<RateWindow>,
     presence: RefCell<RateWindow>,
-    events_exceeded: Cell<bool>,
-    joins_exceeded: Cell<bool>,
-    presence_exceeded: Cell<bool>,
     events_total: Cell<u64>,
     joins_total: Cell<u64>,
     limit_hits: Cell<u64>,
@@ -50,9 +47,6 @@ impl ShardTenant {
             events: RefCell::new(RateWindow::default()),
             joins: RefCell::new(RateWindow::default()),
             presence: RefCell::new(RateWindow::default()),
-            events_exceeded: Cell::new(false),
-            joins_exceeded: Cell::new(false),
-            presence_exceeded: Cell::new(false),
             events_total: Cell::new(0),
             joins_total: Cell::new(0),
             limit_hits: Cell::new(0),
@@ -79,7 +73,7 @@ impl ShardTenant {
             private_only: tenant.private_only,
             presence_enabled: tenant.presence_enabled,
             users_full: users_max != 0 && tenant.counters.users() >= u64::from(users_max),
-            joins_exceeded: self.joins_exceeded.get(),
+            joins_exceeded: tenant.counters.joins_exceeded.load(Relaxed),
         }
     }
 
@@ -92,17 +86,17 @@ impl ShardTenant {
 
     /// Whether the tenant's joins per second are triggered (upgrade row 12).
     pub(crate) fn joins_exceeded(&self) -> bool {
-        self.joins_exceeded.get()
+        self.tenant.borrow().counters.joins_exceeded.load(Relaxed)
     }
 
     /// Whether the tenant's events per second are triggered (§9.3).
     pub(crate) fn events_exceeded(&self) -> bool {
-        self.events_exceeded.get()
+        self.tenant.borrow().counters.events_exceeded.load(Relaxed)
     }
 
     /// Whether the tenant's presence events per second are triggered (§4.6).
     pub(crate) fn presence_exceeded(&self) -> bool {
-        self.presence_exceeded.get()
+        self.tenant.borrow().counters.presence_exceeded.load(Relaxed)
     }
 
     pub(crate) fn is_gone(&self) -> bool {
@@ -165,21 +159,21 @@ impl ShardTenant {
         let counters = &tenant.counters;
         let slot = counters.slot(self.shard);
         let limits = &tenant.limits;
-        let decide = |window: &RefCell<RateWindow>, field: fn(&ShardSlot) -> &std::sync::atomic::AtomicU64, limit: u32, flag: &Cell<bool>| {
+        let decide = |window: &RefCell<RateWindow>, field: fn(&ShardSlot) -> &std::sync::atomic::AtomicU64, limit: u32, flag: &std::sync::atomic::AtomicBool| {
             let mut window = window.borrow_mut();
             let seconds = window.seconds();
             field(slot).store(window.sum(), Relaxed);
             let total = counters.sum(field);
-            flag.set(above_or_at(total, seconds, limit));
+            flag.store(above_or_at(total, seconds, limit), Relaxed);
             window.tick();
         };
-        decide(&self.events, |s| &s.events_window, limits.events_per_second_max, &self.events_exceeded);
-        decide(&self.joins, |s| &s.joins_window, limits.joins_per_second_max, &self.joins_exceeded);
+        decide(&self.events, |s| &s.events_window, limits.events_per_second_max, &counters.events_exceeded);
+        decide(&self.joins, |s| &s.joins_window, limits.joins_per_second_max, &counters.joins_exceeded);
         // Presence: "average > limit at use time" (§9.2).
         let mut presence = self.presence.borrow_mut();
         let seconds = presence.seconds();
         slot.presence_window.store(presence.sum(), Relaxed);
-        self.presence_exceeded.set(above(counters.sum(|s| &s.presence_window), seconds, limits.presence_events_per_second_max));
+        counters.presence_exceeded.store(above(counters.sum(|s| &s.presence_window), seconds, limits.presence_events_per_second_max), Relaxed);
         presence.tick();
     }
 
