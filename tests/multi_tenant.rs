@@ -356,8 +356,8 @@ fn single_tenant_mode_takes_the_tenant_limits_from_the_environment() {
     let ws = format!("ws://{}/realtime/v1/websocket?apikey={anon}&vsn=1.0.0", server.addr);
     // Any Host maps to the one tenant.
     let mut first = Client::connect_host(&ws, "whatever.example.com");
-    joined(&mut first, "realtime:room");
     let mut second = Client::connect_host(&ws, "localhost");
+    joined(&mut first, "realtime:room");
     let reply = join(&mut second, "realtime:room", json!({}));
     assert_eq!(reply["payload"]["response"]["reason"], "ConnectionRateLimitReached: Too many connected users");
     match Client::try_connect_host(&ws, "localhost") {
