@@ -63,9 +63,6 @@ pub(crate) fn server_config(secret: impl FnOnce() -> Result<Vec<u8>>) -> Result<
     if var("REALTIME_TENANTS").is_some() && var("REALTIME_CONTROL_DATABASE_URL").is_some() {
         bail!("REALTIME_TENANTS and REALTIME_CONTROL_DATABASE_URL are two sources of tenants: set one of them");
     }
-    if var("REALTIME_CONTROL_DATABASE_URL").is_some() {
-        bail!("REALTIME_CONTROL_DATABASE_URL (tenants in a control database, the tenant API) is not supported yet; use a REALTIME_TENANTS file");
-    }
     let defaults = Limits::default();
     let limits = Limits {
         concurrent_users_max: number("REALTIME_MAX_CONCURRENT_USERS", defaults.concurrent_users_max)?,
@@ -82,6 +79,8 @@ pub(crate) fn server_config(secret: impl FnOnce() -> Result<Vec<u8>>) -> Result<
     limits.validate()?;
     let database_url = var("DATABASE_URL");
     let registry = match tenants_file() {
+        // Filled from the control database by `control::start` before the server listens.
+        None if var("REALTIME_CONTROL_DATABASE_URL").is_some() => tenants::Registry::multi(Vec::new(), tenants::ProcessLimits::of(&limits), shards)?,
         Some(path) => {
             let configs = read_tenants(&path)?;
             let count = configs.len();
@@ -110,6 +109,7 @@ pub(crate) fn server_config(secret: impl FnOnce() -> Result<Vec<u8>>) -> Result<
         control: std::sync::Arc::new(net::server::Control::default()),
         metrics_hooks: Vec::new(),
         postgres_status: None,
+        tenant_api: None,
         tls: tls()?,
         panic_shard_for_tests,
     })

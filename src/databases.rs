@@ -1,6 +1,10 @@
-//! How the shards find a tenant's Postgres Changes core (`net::server::Databases`).
+//! What the binary plugs into the shards: how they find a tenant's Postgres Changes core
+//! (`net::server::Databases`) and who answers the tenant API (`net::server::TenantApi`).
 
-use net::server::{Databases, DbHandle};
+use std::sync::Arc;
+
+use net::server::{Databases, DbHandle, TenantApi};
+use tenants::api::{ApiRequest, ApiResponse};
 
 /// Single-tenant mode: the one core started at boot, whatever the tenant.
 #[derive(Debug)]
@@ -9,5 +13,41 @@ pub(crate) struct Single(pub(crate) DbHandle);
 impl Databases for Single {
     fn handle(&self, _tenant: engine::TenantId, _url: &str) -> DbHandle {
         self.0.clone()
+    }
+}
+
+/// The tenant API over a tenants file: read-only (writes answer 405).
+#[derive(Debug)]
+pub(crate) struct FileApi {
+    pub(crate) registry: Arc<tenants::Registry>,
+    pub(crate) keys: auth::KeyStore,
+}
+
+impl TenantApi for FileApi {
+    fn call(&self, request: ApiRequest) -> flume::Receiver<ApiResponse> {
+        let (reply, answer) = flume::bounded(1);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        let response = if tenants::api::authorized(&request, &self.keys, now) {
+            tenants::api::ReadOnly { registry: &self.registry }.answer(&request)
+        } else {
+            ApiResponse::empty(403)
+        };
+        let _ = reply.send(response);
+        answer
+    }
+}
+
+/// The tenant API over the control database: requests go to its thread (bounded queue; a full
+/// queue answers 503 at once).
+#[derive(Debug)]
+pub(crate) struct ControlApi(pub(crate) replication::control::ControlHandle);
+
+impl TenantApi for ControlApi {
+    fn call(&self, request: ApiRequest) -> flume::Receiver<ApiResponse> {
+        let (reply, answer) = flume::bounded(1);
+        if let Err(flume::TrySendError::Full((_, reply)) | flume::TrySendError::Disconnected((_, reply))) = self.0.requests.try_send((request, reply)) {
+            let _ = reply.send(ApiResponse::unavailable("the tenant store is busy"));
+        }
+        answer
     }
 }

@@ -93,6 +93,7 @@ fn serve() -> Result<()> {
         Ok(secret.into_bytes())
     })?;
     signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: reload_hook(&server), hangup_stops: false, before_exit: || {} })?;
+    attach_tenant_sources(&mut server)?;
     let replication = attach_database(&mut server)?;
     let directory = server.tenants.load();
     tracing::info!(addr = %server.addr, shards = server.shards, database = server.postgres.is_some(), tenants = if directory.multi_tenant() { directory.len() } else { 0 }, "powa-realtime serving");
@@ -135,6 +136,25 @@ fn reload_hook(server: &net::server::ServerConfig) -> Option<Box<dyn Fn() + Send
             }
         }
     }))
+}
+
+/// Multi-tenant mode: the control database (`REALTIME_CONTROL_DATABASE_URL`: migrate, load the
+/// tenants, poll) and the tenant API (`API_JWT_SECRET`: read-only over a tenants file).
+fn attach_tenant_sources(server: &mut net::server::ServerConfig) -> Result<()> {
+    let api_keys = std::env::var("API_JWT_SECRET").ok().filter(|s| !s.trim().is_empty()).map(|s| auth::KeyStore::new(s.trim().as_bytes().to_vec()));
+    let control_url = std::env::var("REALTIME_CONTROL_DATABASE_URL").ok().filter(|s| !s.trim().is_empty());
+    if let Some(url) = control_url {
+        // Without API_JWT_SECRET the tenants are still read (and polled); the API answers 404.
+        let keys = api_keys.clone().unwrap_or_else(|| auth::KeyStore::new(Vec::new()));
+        let handle = replication::control::start(url.trim().to_string(), std::sync::Arc::clone(&server.tenants), keys).context("REALTIME_CONTROL_DATABASE_URL")?;
+        tracing::info!(tenants = server.tenants.load().len(), "multi-tenant mode: tenants from the control database");
+        if api_keys.is_some() {
+            server.tenant_api = Some(std::sync::Arc::new(databases::ControlApi(handle)));
+        }
+    } else if let (Some(keys), true) = (api_keys, server.tenants.load().multi_tenant()) {
+        server.tenant_api = Some(std::sync::Arc::new(databases::FileApi { registry: std::sync::Arc::clone(&server.tenants), keys }));
+    }
+    Ok(())
 }
 
 /// With `DATABASE_URL` (single-tenant mode): install the schema and start the replication side.

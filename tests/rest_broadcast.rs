@@ -177,7 +177,8 @@ fn missing_or_bad_credentials_get_401_and_send_nothing() {
     let no_exp = hs256(support::SECRET.as_bytes(), json!({"role": "service_role"}));
     let no_role = hs256(support::SECRET.as_bytes(), json!({"exp": exp}));
     let bearer = |t: &str| format!("Bearer {t}");
-    let cases: Vec<(&str, Vec<(&str, String)>, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, &'a str);
+    let cases: Vec<Case> = vec![
         ("no key at all", vec![], ""),
         ("empty apikey", vec![("apikey", String::new())], ""),
         ("Basic scheme", vec![("Authorization", format!("Basic {svc}"))], ""),

@@ -98,6 +98,8 @@ pub enum Route {
     Page(&'static crate::assets::Asset),
     /// `GET /api/status`: the status page's JSON (service-role key required).
     StatusApi,
+    /// `/api/tenants...`: the tenant API.
+    TenantApi,
     /// Anything else.
     NotFound,
 }
@@ -111,6 +113,7 @@ pub fn route(head: &Head) -> Route {
         "/metrics" => Route::Metrics,
         "/api/ping" | "/realtime/v1/api/ping" => Route::Ping,
         "/api/status" => Route::StatusApi,
+        _ if tenants::api::is_api_path(path) => Route::TenantApi,
         _ => crate::rest::route(path)
             .map(Route::Rest)
             .or_else(|| crate::assets::find(path).map(Route::Page))

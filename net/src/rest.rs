@@ -126,8 +126,23 @@ fn is_uuid(text: &str) -> bool {
 
 /// Handles a REST broadcast call. With a `database`, private messages of callers subject to
 /// RLS are returned in `private_checks`; without one they cannot be checked and are refused.
-/// `tenant` is the tenant the Host named: every message it produces is addressed in it.
-pub fn handle(tenant: engine::TenantId, route: &RestRoute, head: &Head, body: &[u8], keys: &KeyStore, payload_bytes_max: usize, database: bool, now: i64) -> RestResult {
+/// What a REST call needs of the tenant the Host named (every message it produces is
+/// addressed in that tenant).
+#[derive(Debug, Clone, Copy)]
+pub struct RestTenant<'a> {
+    /// The tenant.
+    pub id: engine::TenantId,
+    /// Its keys.
+    pub keys: &'a KeyStore,
+    /// Its payload limit.
+    pub payload_bytes_max: usize,
+    /// Whether it has a database (private messages need one).
+    pub database: bool,
+}
+
+/// Handles a REST broadcast call for `tenant`.
+pub fn handle(tenant: RestTenant<'_>, route: &RestRoute, head: &Head, body: &[u8], now: i64) -> RestResult {
+    let RestTenant { id: tenant, keys, payload_bytes_max, database } = tenant;
     let refuse = |response| RestResult { response, outgoing: Vec::new(), private_checks: None };
     let Some(claims) = authorize(head, keys, now) else {
         return refuse(message(401, RestError::Unauthorized.text()));
@@ -316,7 +331,7 @@ mod tests {
     }
 
     fn call(route: RestRoute, headers: &[(&str, &str)], body: &str) -> RestResult {
-        handle(engine::TenantId::SINGLE, &route, &head(headers, None), body.as_bytes(), &KeyStore::new(SECRET.to_vec()), 1000, false, NOW)
+        handle(RestTenant { id: engine::TenantId::SINGLE, keys: &KeyStore::new(SECRET.to_vec()), payload_bytes_max: 1000, database: false }, &route, &head(headers, None), body.as_bytes(), NOW)
     }
 
     #[test]

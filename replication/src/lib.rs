@@ -19,6 +19,7 @@ pub mod start;
 pub mod reader;
 pub mod sql;
 pub mod changes;
+pub mod control;
 pub mod policy;
 pub mod tls;
 #[doc(hidden)]

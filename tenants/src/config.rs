@@ -53,6 +53,7 @@ const FILE_FIELDS: &[&str] = &[
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TenantConfig {
     /// The Host header's first label that selects this tenant.
+    #[serde(default)]
     pub external_id: String,
     /// A display name (upstream's `name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,37 +182,48 @@ impl ProcessLimits {
 impl TenantConfig {
     /// Checks the fields; the first problem names its field.
     pub fn validate(&self) -> Result<(), TenantError> {
-        let id = &self.external_id;
-        if id.is_empty() || id.len() > EXTERNAL_ID_BYTES_MAX || !id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_') {
-            return Err(TenantError::Invalid(format!(
-                "external_id {id:?}: use 1 to {EXTERNAL_ID_BYTES_MAX} characters of a-z, 0-9, - and _ (the Host header's first label)"
-            )));
+        match self.field_errors().into_iter().next() {
+            None => Ok(()),
+            Some(("external_id", why)) => Err(TenantError::Invalid(format!("external_id {:?}: {why}", self.external_id))),
+            Some((field, why)) => Err(TenantError::Invalid(format!("tenant {:?}: {field} {why}", self.external_id))),
         }
-        let invalid = |field: &str, why: &str| Err(TenantError::Invalid(format!("tenant {id:?}: {field} {why}")));
+    }
+
+    /// Every problem, as (field, message) (the tenant API's 422 names the fields).
+    pub fn field_errors(&self) -> Vec<(&'static str, String)> {
+        let mut errors = Vec::new();
+        let id = &self.external_id;
+        if id.is_empty() {
+            errors.push(("external_id", "can't be blank".to_string()));
+        } else if id.len() > EXTERNAL_ID_BYTES_MAX || !id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_') {
+            errors.push(("external_id", format!("use 1 to {EXTERNAL_ID_BYTES_MAX} characters of a-z, 0-9, - and _ (the Host header's first label)")));
+        }
         match (&self.jwt_secret, &self.jwt_jwks) {
-            (None, None) => return invalid("jwt_secret", "or jwt_jwks is required"),
-            (Some(secret), _) if secret.is_empty() => return invalid("jwt_secret", "is empty"),
+            (None, None) => errors.push(("jwt_secret", "or jwt_jwks is required".to_string())),
+            (Some(secret), _) if secret.is_empty() => errors.push(("jwt_secret", "is empty".to_string())),
             _ => {}
         }
         if self.max_channels_per_client == Some(0) {
-            return invalid("max_channels_per_client", "must be at least 1");
+            errors.push(("max_channels_per_client", "must be at least 1".to_string()));
         }
         if let Some(kb) = self.max_payload_size_in_kb {
             if kb == 0 || kb as usize * 1000 > WS_MESSAGE_BYTES_MAX {
-                return invalid("max_payload_size_in_kb", &format!("must be in 1..={}", WS_MESSAGE_BYTES_MAX / 1000));
+                errors.push(("max_payload_size_in_kb", format!("must be in 1..={}", WS_MESSAGE_BYTES_MAX / 1000)));
             }
         }
         if let Some(url) = &self.database_url {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                return invalid("database_url", "must be a postgres:// URL");
+                errors.push(("database_url", "must be a postgres:// URL".to_string()));
             }
         }
         for extension in &self.extensions {
             if extension.kind == POSTGRES_EXTENSION {
-                extension.database_url()?;
+                if let Err(TenantError::Invalid(why)) = extension.database_url() {
+                    errors.push(("extensions", why));
+                }
             }
         }
-        Ok(())
+        errors
     }
 
     /// The database URL: `database_url`, else a `postgres_cdc_rls` extension's settings.

@@ -318,6 +318,43 @@ impl Registry {
         Ok(reload)
     }
 
+    /// Disconnects every socket of a tenant (the tenant API's reload and shutdown): the tenant
+    /// gets a new epoch, which every shard applies at once. `false` if there is no such tenant.
+    pub fn disconnect(&self, external_id: &str) -> bool {
+        let old = self.load();
+        let Some(current) = old.by_external_id(external_id) else { return false };
+        let bumped = Arc::new(Tenant {
+            id: current.id,
+            external_id: Arc::clone(&current.external_id),
+            keys: current.keys.clone(),
+            limits: current.limits.clone(),
+            private_only: current.private_only,
+            suspend: current.suspend,
+            presence_enabled: current.presence_enabled,
+            database_url: current.database_url.clone(),
+            epoch: current.epoch + 1,
+            counters: Arc::clone(&current.counters),
+            config: current.config.clone(),
+        });
+        let version = self.version.load(Ordering::Acquire) + 1;
+        let mut directory = Directory { version, single: old.single.clone(), ..Directory::default() };
+        for tenant in old.by_id.values() {
+            let tenant = if tenant.id == bumped.id { Arc::clone(&bumped) } else { Arc::clone(tenant) };
+            if !tenant.external_id.is_empty() {
+                directory.by_external_id.insert(Arc::clone(&tenant.external_id), Arc::clone(&tenant));
+            }
+            directory.by_id.insert(tenant.id, tenant);
+        }
+        self.current.store(Arc::new(directory));
+        self.version.store(version, Ordering::Release);
+        true
+    }
+
+    /// The configurations of every tenant (multi-tenant mode), in external-id order.
+    pub fn configs(&self) -> Vec<TenantConfig> {
+        self.load().tenants().into_iter().map(|t| t.config.clone()).collect()
+    }
+
     /// Records a Host that named no tenant: kept for `/api/status` (bounded: the least recently
     /// seen entry makes room) and logged at most once a second with what was derived.
     pub fn note_unknown_host(&self, host: Option<&str>, now_secs: i64) {
@@ -427,6 +464,11 @@ mod tests {
         // A broken reload changes nothing.
         assert!(registry.replace(vec![tenant("x", "")]).is_err());
         assert_eq!(registry.load().version, after.version);
+        // The API's reload disconnects without changing anything else.
+        let epoch = registry.load().by_external_id("acme").unwrap().epoch;
+        assert!(registry.disconnect("acme"));
+        assert_eq!(registry.load().by_external_id("acme").unwrap().epoch, epoch + 1);
+        assert!(!registry.disconnect("nobody"));
         // A tenant that comes back keeps its old number.
         registry.replace(vec![tenant("initech", "i")]).unwrap();
         assert_eq!(registry.load().by_external_id("initech").unwrap().id, before.by_external_id("initech").unwrap().id);

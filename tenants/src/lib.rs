@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod config;
 pub mod counters;
 pub mod directory;

@@ -158,6 +158,7 @@ async fn serve_on<S: Transport>(shard: Rc<Shard>, mut stream: S, deadline: Insta
         Route::Rest(route) => rest_call(&shard, &mut stream, &head, buf, &route).await,
         Route::Page(asset) => http::response_with_headers(200, asset.content_type, crate::assets::PAGE_HEADERS, asset.body),
         Route::StatusApi => status_call(&shard, &head),
+        Route::TenantApi => tenant_api_call(&shard, &mut stream, &head, buf).await,
         Route::NotFound => http::not_found(),
     };
     send(&mut stream, &response).await;
@@ -223,26 +224,9 @@ async fn rest_call<S: Transport>(shard: &Rc<Shard>, stream: &mut S, head: &http:
         "POST" => {}
         _ => return rest::response(405, b""),
     }
-    if head.header("transfer-encoding").is_some() {
-        return rest::response(411, b"");
+    if let Err(refusal) = read_body(stream, head, &mut body).await {
+        return refusal;
     }
-    let length: usize = match head.header("content-length").map(|v| v.trim().parse()) {
-        None => 0,
-        Some(Ok(length)) => length,
-        Some(Err(_)) => return rest::response(400, b""),
-    };
-    if length > HTTP_BODY_BYTES_MAX {
-        return rest::response(413, b"");
-    }
-    // The whole body within BODY_TIMEOUT, however it is trickled.
-    let deadline = Instant::now() + BODY_TIMEOUT;
-    while body.len() < length {
-        let want = (length - body.len()).min(16 * 1024);
-        if read_by(stream, &mut body, want, deadline).await.is_none() {
-            return rest::response(400, b"");
-        }
-    }
-    body.truncate(length);
     let tenant = match tenant_of(shard, head) {
         Ok(tenant) => tenant,
         Err(refusal) => return refusal,
@@ -252,7 +236,8 @@ async fn rest_call<S: Transport>(shard: &Rc<Shard>, stream: &mut S, head: &http:
         shard_tenant.count_limit_hit();
         return rest::refusal(429, RestError::TooManyRequests);
     }
-    let result = rest::handle(tenant.id, route, head, &body, &tenant.keys, tenant.limits.payload_bytes_max, tenant.database_url.is_some(), unix_now());
+    let rest_tenant = rest::RestTenant { id: tenant.id, keys: &tenant.keys, payload_bytes_max: tenant.limits.payload_bytes_max, database: tenant.database_url.is_some() && shard.config.postgres.is_some() };
+    let result = rest::handle(rest_tenant, route, head, &body, unix_now());
     let mut response = result.response;
     let mut outgoing = result.outgoing;
     if let (Some(checks), Some(_)) = (result.private_checks, &shard.config.postgres) {
@@ -284,6 +269,56 @@ async fn rest_call<S: Transport>(shard: &Rc<Shard>, stream: &mut S, head: &http:
         .collect();
     shard.route(messages);
     response
+}
+
+/// Reads a request's body (Content-Length only, at most `HTTP_BODY_BYTES_MAX`, the whole body
+/// within `BODY_TIMEOUT` however it is trickled) into `body`, which holds what came with the head.
+async fn read_body<S: Transport>(stream: &mut S, head: &http::Head, body: &mut BytesMut) -> Result<(), Bytes> {
+    if head.header("transfer-encoding").is_some() {
+        return Err(rest::response(411, b""));
+    }
+    let length: usize = match head.header("content-length").map(|v| v.trim().parse()) {
+        None => 0,
+        Some(Ok(length)) => length,
+        Some(Err(_)) => return Err(rest::response(400, b"")),
+    };
+    if length > HTTP_BODY_BYTES_MAX {
+        return Err(rest::response(413, b""));
+    }
+    let deadline = Instant::now() + BODY_TIMEOUT;
+    while body.len() < length {
+        let want = (length - body.len()).min(16 * 1024);
+        if read_by(stream, body, want, deadline).await.is_none() {
+            return Err(rest::response(400, b""));
+        }
+    }
+    body.truncate(length);
+    Ok(())
+}
+
+/// How long a tenant API call may take (the control database answers it).
+const TENANT_API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `/api/tenants...`: handed to the binary's [`super::TenantApi`] (404 without one).
+async fn tenant_api_call<S: Transport>(shard: &Rc<Shard>, stream: &mut S, head: &http::Head, mut body: BytesMut) -> Bytes {
+    let Some(api) = &shard.config.tenant_api else { return http::not_found() };
+    if let Err(refusal) = read_body(stream, head, &mut body).await {
+        return refusal;
+    }
+    let request = tenants::api::ApiRequest {
+        method: head.method.clone(),
+        path: head.path.clone(),
+        authorization: head.header("authorization").map(str::to_string),
+        body: body.to_vec(),
+    };
+    let answer = api.call(request);
+    let response = match glommio::timer::timeout(TENANT_API_TIMEOUT, async { Ok(answer.recv_async().await) }).await {
+        Ok(Ok(response)) => response,
+        _ => tenants::api::ApiResponse::unavailable("the tenant store did not answer in time"),
+    };
+    let location = response.location.map(|l| format!("Location: {l}\r\n")).unwrap_or_default();
+    let content_type = if response.body.is_empty() { "text/plain" } else { "application/json" };
+    http::response_with_headers(response.status, content_type, &location, &response.body)
 }
 
 /// Asks the Postgres core whether `claims` may write broadcasts to `topic` (bounded wait).

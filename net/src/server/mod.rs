@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub control: Arc<Control>,
     /// More `/metrics` series (the binary's Postgres side).
     pub metrics_hooks: Vec<MetricsHook>,
+    /// The tenant API; `None` answers its paths with 404 (`API_JWT_SECRET` unset).
+    pub tenant_api: Option<Arc<dyn TenantApi>>,
     /// The Postgres Changes section of `GET /api/status` (the binary's).
     pub postgres_status: Option<StatusHook>,
     /// TLS on the listener (`REALTIME_TLS_CERT`/`REALTIME_TLS_KEY`); the binary keeps a handle
@@ -96,6 +98,14 @@ pub struct DbHandle {
 pub trait Databases: Send + Sync + std::fmt::Debug {
     /// The core of `tenant`, whose database is `url`, started on first need.
     fn handle(&self, tenant: engine::TenantId, url: &str) -> DbHandle;
+}
+
+/// The tenant API (`/api/tenants...`, CONTRACT.md): the binary answers it (the tenants file
+/// read-only, or the control database). The answer comes on the returned channel; the
+/// connection waits for it with a bound.
+pub trait TenantApi: Send + Sync + std::fmt::Debug {
+    /// Answers `request` (authorization included).
+    fn call(&self, request: tenants::api::ApiRequest) -> flume::Receiver<tenants::api::ApiResponse>;
 }
 
 /// Start-up failures.

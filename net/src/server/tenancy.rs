@@ -229,53 +229,6 @@ fn above_or_at(sum: u64, seconds: u64, limit: u32) -> bool {
     limit != 0 && sum >= u64::from(limit) * seconds.max(1)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tenant(events: u32) -> Arc<Tenant> {
-        let config = tenants::TenantConfig { external_id: "a".into(), jwt_secret: Some("s".into()), max_events_per_second: Some(events), max_joins_per_second: Some(1), ..Default::default() };
-        let registry = tenants::Registry::multi(vec![config], tenants::ProcessLimits::of(&engine::Limits::default()), 2).unwrap();
-        Arc::clone(registry.load().by_external_id("a").unwrap())
-    }
-
-    #[test]
-    fn limits_trigger_on_the_tenant_wide_sum_at_the_tick() {
-        let tenant = tenant(10);
-        let (a, b) = (ShardTenant::new(0, Arc::clone(&tenant)), ShardTenant::new(1, Arc::clone(&tenant)));
-        // 10/s over the first 5 s window = 50 events, split over two shards.
-        a.count_events(25);
-        assert!(!a.events_exceeded(), "nothing is decided mid-tick");
-        b.count_events(25);
-        b.tick();
-        a.tick();
-        assert!(a.events_exceeded(), "a sees both shards' shares");
-        // The next tick: b's published share is still 25, a's new window is 0 → 25/10 s.
-        a.tick();
-        assert!(!a.events_exceeded());
-        a.count_joins(4);
-        a.tick();
-        assert!(!a.joins_exceeded(), "4 joins over 20 s");
-        a.count_joins(20);
-        a.tick();
-        assert!(a.joins_exceeded());
-    }
-
-    #[test]
-    fn users_are_counted_tenant_wide() {
-        let config = tenants::TenantConfig { external_id: "a".into(), jwt_secret: Some("s".into()), max_concurrent_users: Some(2), ..Default::default() };
-        let registry = tenants::Registry::multi(vec![config], tenants::ProcessLimits::of(&engine::Limits::default()), 2).unwrap();
-        let tenant = Arc::clone(registry.load().by_external_id("a").unwrap());
-        let (a, b) = (ShardTenant::new(0, Arc::clone(&tenant)), ShardTenant::new(1, tenant));
-        a.add_user(true);
-        assert!(!b.users_full());
-        b.add_user(true);
-        assert!(a.users_full() && b.gate().users_full);
-        a.add_user(false);
-        assert!(!b.users_full());
-    }
-}
-
 /// Most tenants `/metrics` names; the rest are summed under `tenant="other"` (bounded
 /// cardinality whatever the number of tenants).
 pub(crate) const METRICS_TENANTS_MAX: usize = 100;
@@ -337,4 +290,51 @@ pub(crate) fn status_json(directory: &tenants::Directory, registry: &tenants::Re
         .map(|u| serde_json::json!({"host": u.host, "derived_tenant": u.derived, "count": u.count, "last_seen": u.last_seen}))
         .collect();
     serde_json::json!({"count": directory.len(), "busiest": busiest, "unknown_hosts": unknown})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(events: u32) -> Arc<Tenant> {
+        let config = tenants::TenantConfig { external_id: "a".into(), jwt_secret: Some("s".into()), max_events_per_second: Some(events), max_joins_per_second: Some(1), ..Default::default() };
+        let registry = tenants::Registry::multi(vec![config], tenants::ProcessLimits::of(&engine::Limits::default()), 2).unwrap();
+        Arc::clone(registry.load().by_external_id("a").unwrap())
+    }
+
+    #[test]
+    fn limits_trigger_on_the_tenant_wide_sum_at_the_tick() {
+        let tenant = tenant(10);
+        let (a, b) = (ShardTenant::new(0, Arc::clone(&tenant)), ShardTenant::new(1, Arc::clone(&tenant)));
+        // 10/s over the first 5 s window = 50 events, split over two shards.
+        a.count_events(25);
+        assert!(!a.events_exceeded(), "nothing is decided mid-tick");
+        b.count_events(25);
+        b.tick();
+        a.tick();
+        assert!(a.events_exceeded(), "a sees both shards' shares");
+        // The next tick: b's published share is still 25, a's new window is 0 → 25/10 s.
+        a.tick();
+        assert!(!a.events_exceeded());
+        a.count_joins(4);
+        a.tick();
+        assert!(!a.joins_exceeded(), "4 joins over 20 s");
+        a.count_joins(20);
+        a.tick();
+        assert!(a.joins_exceeded());
+    }
+
+    #[test]
+    fn users_are_counted_tenant_wide() {
+        let config = tenants::TenantConfig { external_id: "a".into(), jwt_secret: Some("s".into()), max_concurrent_users: Some(2), ..Default::default() };
+        let registry = tenants::Registry::multi(vec![config], tenants::ProcessLimits::of(&engine::Limits::default()), 2).unwrap();
+        let tenant = Arc::clone(registry.load().by_external_id("a").unwrap());
+        let (a, b) = (ShardTenant::new(0, Arc::clone(&tenant)), ShardTenant::new(1, tenant));
+        a.add_user(true);
+        assert!(!b.users_full());
+        b.add_user(true);
+        assert!(a.users_full() && b.gate().users_full);
+        a.add_user(false);
+        assert!(!b.users_full());
+    }
 }
