@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use support::{http_request, http_request_host, Server};
+use support::{http_request, http_request_host, node, Server};
 use wsclient::{v1, Client, Frame};
 
 const ACME_SECRET: &str = "acme-secret-0123456789-abcdefghijklmnopqrstuvwxyz";
@@ -367,4 +367,16 @@ fn single_tenant_mode_takes_the_tenant_limits_from_the_environment() {
     // No per-tenant series in single-tenant mode.
     let (_, metrics) = http_request(server.addr, "GET", "/metrics", &[], b"").unwrap();
     assert!(!String::from_utf8(metrics).unwrap().contains("realtime_tenant_connections"));
+}
+
+#[test]
+fn realtime_js_clients_of_two_tenants_stay_apart() {
+    let dir = node::prepare();
+    let (mut server, _file) = start("realtime-js", "", "");
+    let mut command = node::command(&dir, &["tenants/multi_tenant.test.mjs"]);
+    command
+        .env("POWA_ENDPOINT", server.realtime_js_endpoint())
+        .env("POWA_ACME_ANON", token_for(ACME_SECRET, "anon"))
+        .env("POWA_GLOBEX_ANON", token_for(GLOBEX_SECRET, "anon"));
+    node::run("realtime-js multi-tenant", command, Duration::from_secs(90), &mut server);
 }
