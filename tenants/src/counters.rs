@@ -16,6 +16,8 @@ pub struct ShardSlot {
     pub events_window: AtomicU64,
     /// See `events_window`.
     pub joins_window: AtomicU64,
+    /// See `events_window` (Postgres Changes deliveries).
+    pub db_events_window: AtomicU64,
     /// See `events_window`.
     pub presence_window: AtomicU64,
     /// Totals since start, published by the shard every second (for `/metrics`).
@@ -36,6 +38,8 @@ pub struct TenantCounters {
     pub events_exceeded: AtomicBool,
     /// See `events_exceeded`.
     pub joins_exceeded: AtomicBool,
+    /// See `events_exceeded` (Postgres Changes: dropped while set).
+    pub db_events_exceeded: AtomicBool,
     /// See `events_exceeded`.
     pub presence_exceeded: AtomicBool,
 }
@@ -47,6 +51,7 @@ impl TenantCounters {
             slots: (0..shards.max(1)).map(|_| ShardSlot::default()).collect(),
             events_exceeded: AtomicBool::new(false),
             joins_exceeded: AtomicBool::new(false),
+            db_events_exceeded: AtomicBool::new(false),
             presence_exceeded: AtomicBool::new(false),
         }
     }
@@ -84,6 +89,6 @@ mod tests {
         counters.slot(99).connections.fetch_add(1, Ordering::Relaxed);
         assert_eq!(counters.users(), 7);
         assert_eq!(counters.connections(), 1);
-        assert_eq!(std::mem::size_of::<ShardSlot>(), 64);
+        assert!(std::mem::size_of::<ShardSlot>().is_multiple_of(64));
     }
 }

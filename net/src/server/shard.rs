@@ -450,6 +450,15 @@ impl Shard {
                 }
                 PgOut::Change(delivery) => {
                     tracing::debug!(targets = delivery.targets.len(), "postgres change received by shard");
+                    // One core per tenant: the targets' tenant is the first live target's.
+                    let tenant = delivery.targets.iter().find_map(|(conn, _)| self.conns.borrow().get(conn).map(|c| Rc::clone(&c.tenant)));
+                    if let Some(tenant) = &tenant {
+                        if tenant.db_events_exceeded() {
+                            tenant.count_limit_hit();
+                            continue;
+                        }
+                        tenant.count_db_events(delivery.targets.len() as u64);
+                    }
                     let mut cache: Vec<(String, engine::Format, bytes::Bytes)> = Vec::new();
                     let conns = self.conns.borrow();
                     let mut delivered = 0u64;

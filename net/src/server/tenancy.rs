@@ -30,6 +30,7 @@ pub(crate) struct ShardTenant {
     /// The tenant's core, once a connection of this shard needed it.
     db: RefCell<Option<DbHandle>>,
     events: RefCell<RateWindow>,
+    db_events: RefCell<RateWindow>,
     joins: RefCell<RateWindow>,
     presence: RefCell<RateWindow>,
     events_total: Cell<u64>,
@@ -45,6 +46,7 @@ impl ShardTenant {
             gone: Cell::new(false),
             db: RefCell::new(None),
             events: RefCell::new(RateWindow::default()),
+            db_events: RefCell::new(RateWindow::default()),
             joins: RefCell::new(RateWindow::default()),
             presence: RefCell::new(RateWindow::default()),
             events_total: Cell::new(0),
@@ -112,6 +114,19 @@ impl ShardTenant {
         }
     }
 
+    /// Counts Postgres Changes deliveries (§9.1 "database events per second": +1 per matching
+    /// subscription, limited by the events-per-second value).
+    pub(crate) fn count_db_events(&self, n: u64) {
+        if n > 0 {
+            self.db_events.borrow_mut().add(n);
+        }
+    }
+
+    /// Whether the tenant's database events per second are triggered (changes are dropped).
+    pub(crate) fn db_events_exceeded(&self) -> bool {
+        self.tenant.borrow().counters.db_events_exceeded.load(Relaxed)
+    }
+
     /// Counts joins that passed the private-only and users checks.
     pub(crate) fn count_joins(&self, n: u64) {
         if n > 0 {
@@ -169,6 +184,7 @@ impl ShardTenant {
         };
         decide(&self.events, |s| &s.events_window, limits.events_per_second_max, &counters.events_exceeded);
         decide(&self.joins, |s| &s.joins_window, limits.joins_per_second_max, &counters.joins_exceeded);
+        decide(&self.db_events, |s| &s.db_events_window, limits.events_per_second_max, &counters.db_events_exceeded);
         // Presence: "average > limit at use time" (§9.2).
         let mut presence = self.presence.borrow_mut();
         let seconds = presence.seconds();
