@@ -231,6 +231,8 @@ struct Run {
     /// Asks the run to stop (a permit is kept if it is not waiting yet).
     stop: tokio::sync::Notify,
     stop_asked: AtomicBool,
+    /// Refused for capacity (holds no connection; not counted against `databases_max`).
+    refused: bool,
 }
 
 impl Run {
@@ -341,7 +343,7 @@ impl Fleet {
             let old = runs.remove(&tenant).expect("present");
             old.ask_stop();
         }
-        let active = runs.values().filter(|r| r.state() != TenantState::Stopped).count();
+        let active = runs.values().filter(|r| !r.refused).count();
         let refused = if self.shared.stopping.load(Ordering::Relaxed) {
             Some(ReplicationError { fault: Fault::Definite, detail: "the server is stopping".into(), sqlstate: None })
         } else if active >= self.shared.config.databases_max {
@@ -371,6 +373,7 @@ impl Fleet {
             error: Mutex::new(None),
             stop: tokio::sync::Notify::new(),
             stop_asked: AtomicBool::new(false),
+            refused: refused.is_some(),
         });
         let healthy = Arc::clone(&run.healthy);
         let worker = self.shared.workers.iter().min_by_key(|w| w.load.load(Ordering::Relaxed)).expect("at least one worker");
@@ -674,3 +677,33 @@ async fn drain(commands: &flume::Receiver<Command>) {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_names_are_valid_distinct_and_stable() {
+        let name = tenant_slot_name("powa_realtime", "acme");
+        assert_eq!(name, format!("powa_realtime_acme_{:08x}", {
+            let mut hash: u32 = 0x811c_9dc5;
+            for byte in b"acme" {
+                hash ^= u32::from(*byte);
+                hash = hash.wrapping_mul(0x0100_0193);
+            }
+            hash
+        }));
+        let ids = ["acme", "ACME", "a-c.me", "a_c_me", "dev-tenant", &"x".repeat(200), &"x".repeat(201), "ünïcode", "", "1234"];
+        let names: Vec<String> = ids.iter().map(|id| tenant_slot_name("powa_realtime", id)).collect();
+        for name in &names {
+            assert!(name.len() <= 63, "{name}");
+            assert!(name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'), "{name}");
+        }
+        let distinct: std::collections::HashSet<&String> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len(), "ids that sanitise alike still differ: {names:?}");
+        // A base name that is long or not a valid name is cleaned and cut too.
+        let long = tenant_slot_name(&"Base-Name".repeat(10), "acme");
+        assert!(long.len() <= 63 && long.starts_with("base_name"), "{long}");
+        assert!(tenant_slot_name("", "acme").starts_with("powa_realtime_acme_"));
+    }
+}
