@@ -55,6 +55,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use engine::TenantId;
+use tracing::Instrument;
 
 use crate::changes::{self, Command, CoreStats, PgOut, COMMANDS_MAX, SHARD_INBOX_MAX};
 use crate::error::{Fault, ReplicationError};
@@ -473,7 +474,14 @@ fn spawn_worker(index: usize, jobs: flume::Receiver<Job>, load: Arc<AtomicUsize>
             let local = tokio::task::LocalSet::new();
             let config = Rc::new(config);
             local.block_on(&runtime, async move {
-                while let Ok(Job::Start(job)) = jobs.recv_async().await {
+                loop {
+                    let job = match jobs.recv_async().await {
+                        Ok(Job::Start(job)) => job,
+                        Ok(Job::Quit) => break,
+                        // Every `Fleet` handle is gone: the runs go on (nothing can stop them
+                        // but the process's end).
+                        Err(_) => std::future::pending().await,
+                    };
                     let load = Arc::clone(&load);
                     let runs = Arc::clone(&runs);
                     let config = Rc::clone(&config);
@@ -622,10 +630,12 @@ async fn tenant_main(job: StartJob, config: &FleetConfig, runs: &Runs) {
     };
     let (events_tx, events_rx) = flume::bounded(reader::QUEUE_EVENTS_MAX);
     let slot = SlotConfig { name: run.slot.clone(), ..config.slot.clone() };
-    let reader = tokio::task::spawn_local(reader::run(params, slot, events_tx, Arc::clone(&run.reader_stats), Arc::clone(&run.control)));
+    // The reader's and the core's own logs name the tenant (not in single-tenant mode).
+    let span = if run.external_id.is_empty() { tracing::Span::none() } else { tracing::info_span!("tenant", id = %run.external_id) };
+    let reader = tokio::task::spawn_local(reader::run(params, slot, events_tx, Arc::clone(&run.reader_stats), Arc::clone(&run.control)).instrument(span.clone()));
     let mut core_params = core(events_rx, None);
     core_params.shards = shards;
-    tokio::task::spawn_local(changes::run(core_params));
+    tokio::task::spawn_local(changes::run(core_params).instrument(span));
     run.set_state(TenantState::Running);
     tracing::info!(tenant = %run.external_id, slot = %run.slot, "tenant database started");
     // Idle and failure checks.

@@ -153,3 +153,29 @@ fn beyond_databases_max_a_tenant_gets_the_database_error_and_a_slot_name_is_per_
     assert!(stats[1].error.as_deref().unwrap_or("").contains("databases_max"), "{:?}", stats[1].error);
     assert!(fleet.stop_all(Duration::from_secs(20)));
 }
+
+/// The single-tenant server's path: `start::start` is a fleet of one tenant with the slot's name
+/// as configured; its runs outlive the `Fleet` handle (the binary keeps only the queues), and
+/// `Postgres::stop` drops the slot.
+#[test]
+fn the_single_tenant_start_keeps_its_slot_name_and_outlives_the_fleet_handle() {
+    let (cluster, _guard) = powa_replication::cluster::Cluster::throwaway().expect("PostgreSQL 15");
+    cluster.psql("create table public.items (id int primary key, owner text); create publication supabase_realtime for table public.items").unwrap();
+    let postgres = powa_replication::start::start(&cluster.url(), 2, 3_000_000, powa_replication::reader::SlotConfig::default()).expect("start");
+    let powa_replication::start::Postgres { commands, inboxes, control, fleet, .. } = postgres;
+    drop(fleet);
+    let mut inbox = Inbox::new(inboxes);
+    commands.send(subscribe(key(1, 5, 1), "items")).unwrap();
+    inbox.expect_system(5, 1, "ok", "Subscribed to PostgreSQL");
+    assert_eq!(cluster.psql("select slot_name from pg_replication_slots").unwrap(), "powa_realtime");
+    cluster.psql("insert into public.items values (1, 'single')").unwrap();
+    let (targets, payload) = inbox.expect_change(5);
+    assert_eq!(targets, vec![(5, 1)]);
+    assert!(payload.contains("single"), "{payload}");
+    cluster.psql(r#"select realtime.send('{"n":1}', 'evt', 'room', false)"#).unwrap();
+    let (topic, _) = inbox.expect_publish();
+    assert_eq!(topic.tenant, TenantId::SINGLE);
+    powa_replication::start::stop(&control, Duration::from_secs(10));
+    assert!(control.stopped.load(std::sync::atomic::Ordering::Relaxed));
+    assert_eq!(cluster.psql("select count(*) from pg_replication_slots").unwrap(), "0");
+}
