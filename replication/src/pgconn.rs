@@ -18,6 +18,9 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 /// Largest backend message accepted (a replication CopyData carries one WAL record's change).
 const MESSAGE_BYTES_MAX: usize = 1 << 30;
 
+/// [`PgConn::read_available`] stops taking bytes without waiting beyond this much buffered.
+pub const AVAILABLE_BYTES_MAX: usize = 4 << 20;
+
 /// Whether to use TLS (see `crate::tls`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {
@@ -333,19 +336,10 @@ impl PgConn {
     /// the connection's buffer (the replication loop races it against its status timer).
     pub async fn read_message(&mut self) -> Result<BackendMessage, PgError> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-                if !(4..=MESSAGE_BYTES_MAX).contains(&len) {
-                    return Err(PgError::Protocol(format!("bad message length {len}")));
-                }
-                if self.buf.len() > len {
-                    let tag = self.buf[0];
-                    let mut frame = self.buf.split_to(len + 1);
-                    frame.advance(5);
-                    return Ok(BackendMessage { tag, body: frame.freeze() });
-                }
-                // Nothing reserved on the header's word (up to 1 GiB): the buffer grows as
-                // bytes arrive, so a broken server cannot make us allocate what it never sends.
+            // Nothing reserved on a header's word (up to 1 GiB): the buffer grows as bytes
+            // arrive, so a broken server cannot make us allocate what it never sends.
+            if let Some(message) = self.take_message()? {
+                return Ok(message);
             }
             if self.buf.capacity() - self.buf.len() < 16 * 1024 {
                 self.buf.reserve(64 * 1024);
@@ -355,6 +349,65 @@ impl PgConn {
                 return Err(PgError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the database closed the connection")));
             }
         }
+    }
+
+    /// Every message available now: waits for one (cancel-safe, like
+    /// [`PgConn::read_message`]), then takes what the socket already holds without waiting
+    /// (up to [`AVAILABLE_BYTES_MAX`]). When an ErrorResponse came with them, or the connection
+    /// ended right behind them, returns that error instead of the messages: what arrived with
+    /// the end of a replication stream is not processed (nothing was confirmed past it, so the
+    /// slot sends it again after the reconnect — or the slot's bounds decide that it is lost).
+    /// A process frozen while the walsender went away (SIGSTOP, a suspended VM) thus sees the
+    /// stream's end, not the data that waited in the socket.
+    pub async fn read_available(&mut self) -> Result<Vec<BackendMessage>, PgError> {
+        let first = self.read_message().await?;
+        let mut ended = None;
+        while self.buf.len() < AVAILABLE_BYTES_MAX {
+            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            match futures_util::FutureExt::now_or_never(self.stream.read_buf(&mut self.buf)) {
+                None => break,
+                Some(Ok(0)) => {
+                    ended = Some(PgError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the database closed the connection")));
+                    break;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => {
+                    ended = Some(PgError::Io(error));
+                    break;
+                }
+            }
+        }
+        let mut messages = vec![first];
+        while let Some(message) = self.take_message()? {
+            messages.push(message);
+        }
+        if let Some(error) = messages.iter().find(|m| m.tag == b'E') {
+            return Err(server_error(error.body.clone()));
+        }
+        match ended {
+            Some(error) => Err(error),
+            None => Ok(messages),
+        }
+    }
+
+    /// A complete message from the buffer, if there is one.
+    fn take_message(&mut self) -> Result<Option<BackendMessage>, PgError> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if !(4..=MESSAGE_BYTES_MAX).contains(&len) {
+            return Err(PgError::Protocol(format!("bad message length {len}")));
+        }
+        if self.buf.len() <= len {
+            return Ok(None);
+        }
+        let tag = self.buf[0];
+        let mut frame = self.buf.split_to(len + 1);
+        frame.advance(5);
+        Ok(Some(BackendMessage { tag, body: frame.freeze() }))
     }
 
     /// Runs a simple query; returns the rows of its last result (text values).

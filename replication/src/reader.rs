@@ -115,6 +115,8 @@ pub const QUEUE_EVENTS_MAX: usize = 1024;
 
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 const READ_TICK: Duration = Duration::from_millis(200);
+/// A read tick this late means the reader did not run meanwhile.
+const FROZEN_AFTER: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const PUBLICATION_POLL: Duration = Duration::from_secs(2);
@@ -433,15 +435,27 @@ async fn stream_once(params: &ConnParams, slot_config: &SlotConfig, events: &flu
     let mut last_status = Instant::now();
     let mut txn: Option<Txn> = None;
     let mut txn_overflow = 0u64;
+    let mut batch = std::collections::VecDeque::new();
     loop {
-        // `read_message` is cancel-safe: a tick that ends a pending read loses no bytes.
-        let message = match tokio::time::timeout(READ_TICK, conn.read_message()).await {
-            Ok(Ok(message)) => Some(message),
-            Ok(Err(error)) => return Err(error),
-            Err(_) => None,
-        };
+        // `read_available` is cancel-safe: a tick that ends a pending read loses no bytes. It
+        // returns the stream's error instead of the messages that came with it (the slot sends
+        // them again after the reconnect, or its bounds say they are lost).
+        if batch.is_empty() {
+            let waiting = Instant::now();
+            match tokio::time::timeout(READ_TICK, conn.read_available()).await {
+                Ok(Ok(messages)) => batch.extend(messages),
+                Ok(Err(error)) => return Err(error),
+                // A tick that fires far too late: the process (or this thread) did not run for
+                // a while — e.g. SIGSTOP, a suspended VM. Read what the server said meanwhile
+                // before writing to it (the runtime looks at the socket on its next turn), so
+                // a stream that ended while we were frozen counts as away since its last
+                // message, not as just seen.
+                Err(_) if waiting.elapsed() > FROZEN_AFTER => continue,
+                Err(_) => {}
+            }
+        }
         let mut reply_requested = false;
-        if let Some(message) = message {
+        if let Some(message) = batch.pop_front() {
             session.last_seen = Some(Instant::now());
             match message.tag {
                 b'd' => match ReplicationMessage::try_from(message.body) {
