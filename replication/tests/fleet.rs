@@ -179,3 +179,36 @@ fn the_single_tenant_start_keeps_its_slot_name_and_outlives_the_fleet_handle() {
     assert!(control.stopped.load(std::sync::atomic::Ordering::Relaxed));
     assert_eq!(cluster.psql("select count(*) from pg_replication_slots").unwrap(), "0");
 }
+
+/// A tenant whose database is down at its first need: its commands wait while the start is
+/// retried with backoff, it is reported unhealthy, and once the database is up the queued
+/// subscription is answered and changes flow.
+#[test]
+fn an_unreachable_database_is_retried_until_it_is_up() {
+    let (mut cluster, _guard) = powa_replication::cluster::Cluster::throwaway().expect("PostgreSQL 15");
+    let port = cluster.port();
+    cluster.psql("create table public.items (id int primary key, owner text); create publication supabase_realtime for table public.items").unwrap();
+    let url = cluster.url();
+    let data_dir = cluster.data_dir().to_path_buf();
+    cluster.stop();
+    let mut config = FleetConfig::new(1);
+    config.workers = 1;
+    let (fleet, inboxes) = Fleet::new(config);
+    let mut inbox = Inbox::new(inboxes);
+    let (commands, healthy) = fleet.handle(TenantId(4), "late", &url, 3_000_000);
+    commands.send(subscribe(key(0, 1, 1), "items")).unwrap();
+    wait_until(Duration::from_secs(10), || !healthy.load(std::sync::atomic::Ordering::Relaxed));
+    std::thread::sleep(Duration::from_secs(2));
+    inbox.expect_quiet(Duration::from_millis(100));
+    let stats = fleet.stats();
+    assert_eq!(stats[0].state, TenantState::Starting);
+    assert!(stats[0].reader.reconnects.load(std::sync::atomic::Ordering::Relaxed) >= 2, "retried");
+    let cluster = powa_replication::cluster::Cluster::start(&data_dir, port).expect("start PostgreSQL again");
+    inbox.expect_system(1, 1, "ok", "Subscribed to PostgreSQL");
+    assert!(healthy.load(std::sync::atomic::Ordering::Relaxed));
+    cluster.psql("insert into public.items values (1, 'late-row')").unwrap();
+    let (targets, payload) = inbox.expect_change(1);
+    assert_eq!(targets, vec![(1, 1)]);
+    assert!(payload.contains("late-row"), "{payload}");
+    assert!(fleet.stop_all(Duration::from_secs(20)));
+}
