@@ -17,7 +17,8 @@
 //!
 //! **Failures stay with their tenant.** A transient failure before the core runs (database
 //! unreachable, server starting) is retried with backoff (0.5 s doubling to 30 s) while the
-//! tenant's commands wait; a definite one (wrong password, missing database, no privilege,
+//! tenant's commands wait (each attempt bounded by a 10 s connect timeout; given up when nothing
+//! needs the tenant for [`FleetConfig::idle_stop`]); a definite one (wrong password, missing database, no privilege,
 //! failed install: [`ReplicationError`]) starts the core in its *failed* mode: it opens no
 //! connection and answers every command with the database errors it gives when its database is
 //! gone (a `system` error "Realtime was unable to connect to the project database", a failed
@@ -50,6 +51,7 @@
 //! single-tenant server).
 
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -81,6 +83,8 @@ pub const CONNECTIONS_PER_TENANT_MAX: usize = 5;
 /// How long a tenant's clean stop waits for its reader to leave the stream and drop its slot.
 pub const STOP_WAIT: Duration = Duration::from_secs(10);
 
+/// How long one connection attempt of a tenant's start may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const PREPARE_BACKOFF_MIN: Duration = Duration::from_millis(500);
 const PREPARE_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -366,7 +370,8 @@ impl Fleet {
             slot,
             generation: self.shared.generation.fetch_add(1, Ordering::Relaxed),
             commands: commands.clone(),
-            healthy: Arc::new(AtomicBool::new(true)),
+            // Down until its core has connected (the single-tenant start checked the database).
+            healthy: Arc::new(AtomicBool::new(installed)),
             reader_stats: Arc::new(ReaderStats::default()),
             core_stats: Arc::new(CoreStats::default()),
             control: Arc::new(ReaderControl::default()),
@@ -500,8 +505,6 @@ fn spawn_worker(index: usize, jobs: flume::Receiver<Job>, load: Arc<AtomicUsize>
         .expect("spawn a fleet worker thread")
 }
 
-use std::rc::Rc;
-
 /// Removes `run` from the map if it is still the tenant's current run.
 fn forget(runs: &Runs, run: &Run) {
     let mut map = runs.lock().unwrap_or_else(|p| p.into_inner());
@@ -525,21 +528,38 @@ async fn wait_or_stop(run: &Run, duration: Duration) -> bool {
 /// way each time).
 const INSTALL_ATTEMPTS_MAX: u32 = 5;
 
-/// Preflight and install, retrying transient failures; `Err(None)` when asked to stop.
-async fn prepare(run: &Run) -> Result<(), Option<ReplicationError>> {
+/// Preflight and install, retrying transient failures; `Err(None)` when asked to stop, or when
+/// the tenant stopped being needed while its database stayed unreachable (no command waiting,
+/// not in use, for `idle_stop`).
+async fn prepare(run: &Run, commands: &flume::Receiver<Command>, config: &FleetConfig) -> Result<(), Option<ReplicationError>> {
     let mut backoff = PREPARE_BACKOFF_MIN;
     let mut install_failures = 0;
+    let mut last_needed = Instant::now();
     loop {
-        let result = async {
-            let mut client = crate::sql::connect(&run.url).await.map_err(|e| ReplicationError::from_sql(&e))?;
+        if !commands.is_empty() || config.in_use.as_ref().is_some_and(|in_use| in_use(run.tenant)) {
+            last_needed = Instant::now();
+        }
+        if config.idle_stop.is_some_and(|idle| last_needed.elapsed() >= idle) {
+            tracing::info!(tenant = %run.external_id, "tenant no longer needed while its database is unreachable: giving up for now");
+            return Err(None);
+        }
+        let attempt = async {
+            let connect = tokio::time::timeout(CONNECT_TIMEOUT, crate::sql::connect(&run.url));
+            let mut client = match connect.await {
+                Ok(connected) => connected.map_err(|e| ReplicationError::from_sql(&e))?,
+                Err(_) => return Err(ReplicationError { fault: Fault::Transient, detail: "connecting to the database timed out".into(), sqlstate: None }),
+            };
             let applied = crate::install::install(&mut client).await.map_err(|e| install_error(&e, &mut install_failures))?;
             tracing::info!(tenant = %run.external_id, migrations = applied.len(), "realtime schema installed");
             if let Err(error) = client.simple_query(crate::install::MAINTAIN_SQL).await {
                 tracing::warn!(tenant = %run.external_id, error = %crate::sql::error_text(&error), "realtime.messages partition maintenance failed");
             }
             Ok::<(), ReplicationError>(())
-        }
-        .await;
+        };
+        let result = tokio::select! {
+            result = attempt => result,
+            _ = run.stop.notified() => return Err(None),
+        };
         match result {
             Ok(()) => return Ok(()),
             Err(error) if error.is_definite() => return Err(Some(error)),
@@ -580,11 +600,12 @@ async fn tenant_main(job: StartJob, config: &FleetConfig, runs: &Runs) {
         None => match ConnParams::parse(&run.url) {
             Err(error) => Some(ReplicationError::from_pg(&error)),
             Ok(_) if installed => None,
-            Ok(_) => match prepare(&run).await {
+            Ok(_) => match prepare(&run, &commands, config).await {
                 Ok(()) => None,
                 Err(Some(error)) => Some(error),
                 Err(None) => {
                     run.set_state(TenantState::Stopping);
+                    forget(runs, &run);
                     return;
                 }
             },
