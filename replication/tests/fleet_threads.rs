@@ -13,6 +13,12 @@ use powa_replication::fleet::{Fleet, FleetConfig, TenantState, BLOCKING_THREADS_
 const TENANTS: usize = 20;
 const WORKERS: usize = 2;
 
+/// Resident memory of this process, KiB (for the report; not asserted).
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
+}
+
 fn threads() -> usize {
     std::fs::read_dir("/proc/self/task").expect("/proc/self/task").count()
 }
@@ -35,6 +41,7 @@ fn twenty_tenants_share_two_worker_threads() {
     }
 
     let before = threads();
+    let rss_before = rss_kib();
     let mut config = FleetConfig::new(2);
     config.workers = WORKERS;
     let (fleet, inboxes) = Fleet::new(config);
@@ -49,6 +56,7 @@ fn twenty_tenants_share_two_worker_threads() {
     let first = start(0);
     inbox.expect_system(1, 1, "ok", "Subscribed to PostgreSQL");
     let with_one = threads();
+    let rss_one = rss_kib();
     let mut queues = vec![first];
     for n in 1..TENANTS {
         queues.push(start(n));
@@ -69,7 +77,9 @@ fn twenty_tenants_share_two_worker_threads() {
         assert!(payload.contains(&format!("row-of-{n}\"")), "{payload}");
     }
     let with_all = threads();
+    let rss_all = rss_kib();
     eprintln!("threads: {before} before the fleet, {with_one} with 1 tenant, {with_all} with {TENANTS} tenants");
+    eprintln!("RSS: {rss_before} KiB before the fleet, {rss_one} KiB with 1 tenant, {rss_all} KiB with {TENANTS} tenants");
     let fleet_threads_max = WORKERS * (1 + BLOCKING_THREADS_PER_WORKER);
     assert!(with_one - before <= fleet_threads_max, "{before} → {with_one}");
     assert!(with_all - before <= fleet_threads_max, "the fleet's threads do not grow with its tenants: {before} → {with_one} (1 tenant) → {with_all} ({TENANTS} tenants)");
