@@ -180,6 +180,8 @@ async fn negotiate_tls(mut tcp: TcpStream, params: &ConnParams) -> Result<Stream
 pub struct PgConn {
     stream: Stream,
     buf: BytesMut,
+    /// Bound of each query's answer (the `timeout` given to [`PgConn::connect`]).
+    timeout: Duration,
 }
 
 fn cstring(out: &mut BytesMut, text: &str) {
@@ -216,17 +218,17 @@ impl PgConn {
     /// Connects and authenticates. `startup` adds parameters (e.g. `replication=database`,
     /// GUCs such as `TimeZone`).
     pub async fn connect(params: &ConnParams, startup: &[(&str, &str)], timeout: Duration) -> Result<PgConn, PgError> {
-        match tokio::time::timeout(timeout, PgConn::connect_inner(params, startup)).await {
+        match tokio::time::timeout(timeout, PgConn::connect_inner(params, startup, timeout)).await {
             Ok(result) => result,
             Err(_) => Err(PgError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the database timed out"))),
         }
     }
 
-    async fn connect_inner(params: &ConnParams, startup: &[(&str, &str)]) -> Result<PgConn, PgError> {
+    async fn connect_inner(params: &ConnParams, startup: &[(&str, &str)], timeout: Duration) -> Result<PgConn, PgError> {
         let tcp = TcpStream::connect((params.host.as_str(), params.port)).await?;
         tcp.set_nodelay(true)?;
         let stream = negotiate_tls(tcp, params).await?;
-        let mut conn = PgConn { stream, buf: BytesMut::with_capacity(64 * 1024) };
+        let mut conn = PgConn { stream, buf: BytesMut::with_capacity(64 * 1024), timeout };
         let mut body = BytesMut::new();
         body.put_i32(196_608); // protocol 3.0
         cstring(&mut body, "user");
@@ -410,8 +412,17 @@ impl PgConn {
         Ok(Some(BackendMessage { tag, body: frame.freeze() }))
     }
 
-    /// Runs a simple query; returns the rows of its last result (text values).
+    /// Runs a simple query; returns the rows of its last result (text values). The answer must
+    /// come within the connection's timeout.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, PgError> {
+        let timeout = self.timeout;
+        match tokio::time::timeout(timeout, self.simple_query_inner(sql)).await {
+            Ok(result) => result,
+            Err(_) => Err(timed_out("a query")),
+        }
+    }
+
+    async fn simple_query_inner(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, PgError> {
         let mut body = BytesMut::new();
         cstring(&mut body, sql);
         self.send(b'Q', &body).await?;
@@ -433,8 +444,17 @@ impl PgConn {
         }
     }
 
-    /// Sends `START_REPLICATION ...` and waits for the CopyBoth response.
+    /// Sends `START_REPLICATION ...` and waits for the CopyBoth response (within the
+    /// connection's timeout).
     pub async fn start_copy_both(&mut self, sql: &str) -> Result<(), PgError> {
+        let timeout = self.timeout;
+        match tokio::time::timeout(timeout, self.start_copy_both_inner(sql)).await {
+            Ok(result) => result,
+            Err(_) => Err(timed_out("START_REPLICATION")),
+        }
+    }
+
+    async fn start_copy_both_inner(&mut self, sql: &str) -> Result<(), PgError> {
         let mut body = BytesMut::new();
         cstring(&mut body, sql);
         self.send(b'Q', &body).await?;
@@ -453,6 +473,10 @@ impl PgConn {
     pub fn error_of(body: Bytes) -> PgError {
         server_error(body)
     }
+}
+
+fn timed_out(what: &str) -> PgError {
+    PgError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} got no answer in time")))
 }
 
 fn parse_data_row(mut body: Bytes) -> Result<Vec<Option<String>>, PgError> {

@@ -242,10 +242,7 @@ struct Session {
 async fn drop_slot(params: &ConnParams, slot: &str) {
     let result = async {
         let mut conn = PgConn::connect(params, &[("replication", "database"), ("application_name", "powa-realtime")], Duration::from_secs(5)).await?;
-        match tokio::time::timeout(Duration::from_secs(5), conn.simple_query(&format!("DROP_REPLICATION_SLOT {slot} WAIT"))).await {
-            Ok(result) => result.map(|_| ()),
-            Err(_) => Err(PgError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "the slot stayed in use"))),
-        }
+        conn.simple_query(&format!("DROP_REPLICATION_SLOT {slot} WAIT")).await.map(|_| ())
     }
     .await;
     match result {
