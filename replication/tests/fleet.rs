@@ -80,6 +80,14 @@ fn two_tenants_stay_apart_and_a_broken_tenant_affects_only_itself() {
     assert!(stats[2].error.as_deref().unwrap_or("").contains("password"), "{:?}", stats[2].error);
     assert_eq!(stats[0].core.deliveries.load(std::sync::atomic::Ordering::Relaxed), 1);
     assert!(stats[0].reader.changes_decoded.load(std::sync::atomic::Ordering::Relaxed) >= 2, "A decoded its row and its broadcast");
+    // Connections per running tenant: 1 replication + at most 3 SQL.
+    let per_database = cluster.psql("select datname, count(*) from pg_stat_activity where application_name = 'powa-realtime' group by 1 order by 1").unwrap();
+    for line in per_database.lines() {
+        let (db, count) = line.split_once('|').unwrap();
+        assert!(count.parse::<u32>().unwrap() <= 4, "{db}: {count} connections");
+    }
+    eprintln!("connections per tenant database (datname|count):\n{per_database}");
+    assert!(per_database.contains("tenant_a|") && per_database.contains("tenant_b|"), "{per_database}");
     // Each tenant's slot carries its external id.
     let slots = cluster.psql("select slot_name from pg_replication_slots order by 1").unwrap();
     assert_eq!(slots, format!("{}\n{}", tenant_slot_name("powa_realtime", "acme"), tenant_slot_name("powa_realtime", "globex")));
@@ -96,6 +104,8 @@ fn two_tenants_stay_apart_and_a_broken_tenant_affects_only_itself() {
     assert!(fleet.stop_all(Duration::from_secs(20)), "every tenant stopped in time");
     assert_eq!(cluster.psql("select count(*) from pg_replication_slots").unwrap(), "0", "a clean stop drops every slot");
     assert!(commands_a.is_disconnected());
+    // Stopped runs leave no connection behind (their LocalSets took their SQL clients along).
+    wait_until(Duration::from_secs(10), || cluster.psql("select count(*) from pg_stat_activity where application_name = 'powa-realtime'").unwrap() == "0");
 }
 
 #[test]
