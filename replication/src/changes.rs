@@ -1,7 +1,7 @@
 //! Postgres Changes: subscriptions, matching, batched RLS, payloads — the driver.
 //!
-//! Runs on its own thread (a current-thread tokio runtime, because the SQL client is
-//! tokio-postgres). Sessions send [`Command`]s; the replication reader sends [`WalEvent`]s; the
+//! Each tenant's core runs as tasks on one of the fleet's worker threads (a current-thread tokio
+//! runtime, because the SQL client is tokio-postgres; see [`crate::fleet`]). Sessions send [`Command`]s; the replication reader sends [`WalEvent`]s; the
 //! shards that own the subscribing connections get [`PgOut`]s.
 //!
 //! The decisions live in pure modules, each tested without a database:
@@ -78,34 +78,33 @@ pub struct CoreStats {
     pub rls_latency: engine::histogram::Histogram,
     /// Messages for a shard dropped because its inbox and overflow were full.
     pub inbox_dropped: std::sync::atomic::AtomicU64,
+    /// Commands received from sessions (the fleet's idle check reads it).
+    pub commands: std::sync::atomic::AtomicU64,
 }
 
-/// Handles to a running core.
-pub struct CoreHandle {
-    /// Where sessions send commands.
-    pub commands: flume::Sender<Command>,
-    /// One inbox per shard.
-    pub shard_inboxes: Vec<flume::Receiver<PgOut>>,
+/// Everything one tenant's core runs with ([`run`]).
+pub(crate) struct CoreParams {
+    /// The tenant's database, for SQL.
+    pub(crate) url: String,
+    /// Whose database it is: database broadcasts carry it in their topic key.
+    pub(crate) tenant: engine::TenantId,
+    /// The shards' inboxes (shared by every tenant's core), indexed by shard id.
+    pub(crate) shards: Vec<flume::Sender<PgOut>>,
+    /// The payload limit, applied to broadcasts from SQL.
+    pub(crate) payload_bytes_max: usize,
+    /// Sessions' commands.
+    pub(crate) commands: flume::Receiver<Command>,
+    /// The reader's events.
+    pub(crate) events: flume::Receiver<WalEvent>,
     /// Counters.
-    pub stats: Arc<CoreStats>,
-}
-
-/// Starts the core thread: `url` for SQL, `events` from the reader; `health` is kept true
-/// while its database connections are up.
-pub fn spawn(url: String, shards: usize, payload_bytes_max: usize, events: flume::Receiver<WalEvent>, health: Arc<std::sync::atomic::AtomicBool>, control: Arc<crate::reader::ReaderControl>) -> CoreHandle {
-    let (commands, command_rx) = flume::bounded(COMMANDS_MAX);
-    let (senders, inboxes): (Vec<_>, Vec<_>) = (0..shards).map(|_| flume::bounded(SHARD_INBOX_MAX)).unzip();
-    let stats = Arc::new(CoreStats::default());
-    let thread_stats = Arc::clone(&stats);
-    std::thread::Builder::new()
-        .name("changes".into())
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&runtime, run(url, senders, payload_bytes_max, command_rx, events, thread_stats, health, control));
-        })
-        .expect("spawn the changes thread");
-    CoreHandle { commands, shard_inboxes: inboxes, stats }
+    pub(crate) stats: Arc<CoreStats>,
+    /// Kept true while the core's database connections are up.
+    pub(crate) health: Arc<std::sync::atomic::AtomicBool>,
+    /// The reader's controls.
+    pub(crate) control: Arc<crate::reader::ReaderControl>,
+    /// A definite error met before the core started (wrong password, failed install, no
+    /// capacity): the core opens no connection and answers every query with it.
+    pub(crate) failed: Option<ReplicationError>,
 }
 
 /// A database connection that reconnects (with backoff) when the server restarts or the
@@ -122,8 +121,8 @@ pub(crate) struct Db {
 }
 
 impl Db {
-    fn new(url: &str, health: Arc<std::sync::atomic::AtomicBool>, control: Arc<crate::reader::ReaderControl>) -> Db {
-        Db { url: url.to_string(), client: RefCell::new(None), failed: RefCell::new(None), health, control }
+    fn new(url: &str, health: Arc<std::sync::atomic::AtomicBool>, control: Arc<crate::reader::ReaderControl>, failed: Option<ReplicationError>) -> Db {
+        Db { url: url.to_string(), client: RefCell::new(None), failed: RefCell::new(failed), health, control }
     }
 
     /// A live client, reconnecting first when needed; the definite error that stopped it.
@@ -241,23 +240,16 @@ impl Driver {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    url: String,
-    shards: Vec<flume::Sender<PgOut>>,
-    payload_bytes_max: usize,
-    commands: flume::Receiver<Command>,
-    events: flume::Receiver<WalEvent>,
-    stats: Arc<CoreStats>,
-    health: Arc<std::sync::atomic::AtomicBool>,
-    control: Arc<crate::reader::ReaderControl>,
-) {
-    let meta = Rc::new(Db::new(&url, Arc::clone(&health), Arc::clone(&control)));
-    let rls = Db::new(&url, health, Arc::clone(&control));
+/// One tenant's core: runs until its task (or the tenant's `LocalSet`) is dropped. Every task
+/// it spawns is a `spawn_local` on the current `LocalSet`.
+pub(crate) async fn run(params: CoreParams) {
+    let CoreParams { url, tenant, shards, payload_bytes_max, commands, events, stats, health, control, failed } = params;
+    let meta = Rc::new(Db::new(&url, Arc::clone(&health), Arc::clone(&control), failed.clone()));
+    let rls = Db::new(&url, health, Arc::clone(&control), failed.clone());
     let _ = meta.get().await;
-    let authz = Rc::new(Db::new(&url, Arc::new(std::sync::atomic::AtomicBool::new(true)), Arc::clone(&control)));
+    let authz = Rc::new(Db::new(&url, Arc::new(std::sync::atomic::AtomicBool::new(true)), Arc::clone(&control), failed));
     let driver = Rc::new(Driver {
-        core: RefCell::new(ChangesCore::new(shards.len(), payload_bytes_max)),
+        core: RefCell::new(ChangesCore::new(shards.len(), payload_bytes_max).for_tenant(tenant)),
         outbound: Outbound::new(shards),
         stats,
         meta: Rc::clone(&meta),
@@ -270,6 +262,7 @@ async fn run(
         let driver = Rc::clone(&driver);
         tokio::task::spawn_local(async move {
             while let Ok(command) = commands.recv_async().await {
+                driver.stats.commands.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 driver.with(|core| core.handle_command(command, std::time::Instant::now()));
             }
         });

@@ -16,6 +16,7 @@ pub mod pgoutput;
 pub mod stream;
 pub mod value;
 pub mod start;
+pub mod fleet;
 pub mod reader;
 pub mod sql;
 pub mod changes;

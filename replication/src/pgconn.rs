@@ -1,20 +1,25 @@
-//! A small blocking PostgreSQL wire-protocol client for the replication connection.
+//! A small async PostgreSQL wire-protocol client for the replication connection (tokio; many
+//! tenants' replication connections share the fleet's worker threads).
 //!
 //! Only what logical replication needs: startup (with `replication=database`), password, MD5
 //! and SCRAM-SHA-256 authentication (SCRAM through `postgres-protocol`'s sans-IO state machine),
 //! simple queries, and the CopyBoth stream of `START_REPLICATION`. Messages are framed by hand:
 //! a tag byte and a big-endian length.
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::str::FromStr;
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
 /// Largest backend message accepted (a replication CopyData carries one WAL record's change).
 const MESSAGE_BYTES_MAX: usize = 1 << 30;
+
+/// [`PgConn::read_available`] stops taking bytes without waiting beyond this much buffered.
+pub const AVAILABLE_BYTES_MAX: usize = 4 << 20;
 
 /// Whether to use TLS (see `crate::tls`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,42 +123,28 @@ pub struct BackendMessage {
     pub body: Bytes,
 }
 
-/// The byte stream under a connection: plain TCP or TLS over it.
+/// The byte stream under a connection: plain TCP or TLS over it (tokio, so many connections
+/// share a worker thread).
 enum Stream {
     Plain(TcpStream),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl Stream {
-    fn tcp(&self) -> &TcpStream {
+    async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         match self {
-            Stream::Plain(tcp) => tcp,
-            Stream::Tls(tls) => &tls.sock,
-        }
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Plain(tcp) => tcp.read(buf),
-            Stream::Tls(tls) => tls.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Plain(tcp) => tcp.write(buf),
-            Stream::Tls(tls) => tls.write(buf),
+            Stream::Plain(tcp) => tcp.read_buf(buf).await,
+            Stream::Tls(tls) => tls.read_buf(buf).await,
         }
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         match self {
-            Stream::Plain(tcp) => tcp.flush(),
-            Stream::Tls(tls) => tls.flush(),
+            Stream::Plain(tcp) => tcp.write_all(bytes).await,
+            Stream::Tls(tls) => {
+                tls.write_all(bytes).await?;
+                tls.flush().await
+            }
         }
     }
 }
@@ -162,26 +153,22 @@ impl Write for Stream {
 const SSL_REQUEST_CODE: i32 = 80_877_103;
 
 /// Negotiates TLS on a fresh TCP connection as `mode` asks.
-fn negotiate_tls(mut tcp: TcpStream, params: &ConnParams) -> Result<Stream, PgError> {
+async fn negotiate_tls(mut tcp: TcpStream, params: &ConnParams) -> Result<Stream, PgError> {
     if params.ssl_mode == SslMode::Disable {
         return Ok(Stream::Plain(tcp));
     }
     let mut request = BytesMut::with_capacity(8);
     request.put_i32(8);
     request.put_i32(SSL_REQUEST_CODE);
-    tcp.write_all(&request)?;
+    tcp.write_all(&request).await?;
     let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer)?;
+    tcp.read_exact(&mut answer).await?;
     match (answer[0], params.ssl_mode) {
         (b'S', _) => {
             let name = rustls::pki_types::ServerName::try_from(params.host.clone())
                 .map_err(|_| PgError::Config(format!("{} is not a valid TLS server name", params.host)))?;
-            let connection = rustls::ClientConnection::new(crate::tls::client_config(), name)
-                .map_err(|e| PgError::Protocol(format!("TLS: {e}")))?;
-            let mut tls = rustls::StreamOwned::new(connection, tcp);
-            while tls.conn.is_handshaking() {
-                tls.conn.complete_io(&mut tls.sock).map_err(|e| PgError::Io(std::io::Error::other(format!("TLS handshake: {e}"))))?;
-            }
+            let connector = tokio_rustls::TlsConnector::from(crate::tls::client_config());
+            let tls = connector.connect(name, tcp).await.map_err(|e| PgError::Io(std::io::Error::other(format!("TLS handshake: {e}"))))?;
             Ok(Stream::Tls(Box::new(tls)))
         }
         (_, SslMode::Require) => Err(PgError::Config("the database does not accept TLS connections, and DATABASE_URL has sslmode=require".into())),
@@ -189,10 +176,12 @@ fn negotiate_tls(mut tcp: TcpStream, params: &ConnParams) -> Result<Stream, PgEr
     }
 }
 
-/// A connection.
+/// A connection (async: it runs as a task on the runtime of the thread that made it).
 pub struct PgConn {
     stream: Stream,
     buf: BytesMut,
+    /// Bound of each query's answer (the `timeout` given to [`PgConn::connect`]).
+    timeout: Duration,
 }
 
 fn cstring(out: &mut BytesMut, text: &str) {
@@ -228,16 +217,18 @@ fn server_error(mut body: Bytes) -> PgError {
 impl PgConn {
     /// Connects and authenticates. `startup` adds parameters (e.g. `replication=database`,
     /// GUCs such as `TimeZone`).
-    pub fn connect(params: &ConnParams, startup: &[(&str, &str)], timeout: Duration) -> Result<PgConn, PgError> {
-        let addr = (params.host.as_str(), params.port)
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| PgError::Config(format!("cannot resolve {}", params.host)))?;
-        let tcp = TcpStream::connect_timeout(&addr, timeout)?;
+    pub async fn connect(params: &ConnParams, startup: &[(&str, &str)], timeout: Duration) -> Result<PgConn, PgError> {
+        match tokio::time::timeout(timeout, PgConn::connect_inner(params, startup, timeout)).await {
+            Ok(result) => result,
+            Err(_) => Err(PgError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the database timed out"))),
+        }
+    }
+
+    async fn connect_inner(params: &ConnParams, startup: &[(&str, &str)], timeout: Duration) -> Result<PgConn, PgError> {
+        let tcp = TcpStream::connect((params.host.as_str(), params.port)).await?;
         tcp.set_nodelay(true)?;
-        tcp.set_read_timeout(Some(timeout))?;
-        let stream = negotiate_tls(tcp, params)?;
-        let mut conn = PgConn { stream, buf: BytesMut::with_capacity(64 * 1024) };
+        let stream = negotiate_tls(tcp, params).await?;
+        let mut conn = PgConn { stream, buf: BytesMut::with_capacity(64 * 1024), timeout };
         let mut body = BytesMut::new();
         body.put_i32(196_608); // protocol 3.0
         cstring(&mut body, "user");
@@ -252,11 +243,11 @@ impl PgConn {
         let mut packet = BytesMut::with_capacity(body.len() + 4);
         packet.put_i32(body.len() as i32 + 4);
         packet.put_slice(&body);
-        conn.stream.write_all(&packet)?;
-        conn.authenticate(params)?;
+        conn.stream.write_all(&packet).await?;
+        conn.authenticate(params).await?;
         // ParameterStatus / BackendKeyData until ReadyForQuery.
         loop {
-            let message = conn.read_message()?;
+            let message = conn.read_message().await?;
             match message.tag {
                 b'Z' => return Ok(conn),
                 b'E' => return Err(server_error(message.body)),
@@ -265,10 +256,10 @@ impl PgConn {
         }
     }
 
-    fn authenticate(&mut self, params: &ConnParams) -> Result<(), PgError> {
+    async fn authenticate(&mut self, params: &ConnParams) -> Result<(), PgError> {
         let mut scram: Option<ScramSha256> = None;
         loop {
-            let message = self.read_message()?;
+            let message = self.read_message().await?;
             match message.tag {
                 b'E' => return Err(server_error(message.body)),
                 b'R' => {}
@@ -284,7 +275,7 @@ impl PgConn {
                 3 => {
                     let mut out = BytesMut::new();
                     cstring(&mut out, &password()?);
-                    self.send(b'p', &out)?;
+                    self.send(b'p', &out).await?;
                 }
                 5 => {
                     if body.len() < 4 {
@@ -294,7 +285,7 @@ impl PgConn {
                     let hashed = postgres_protocol::authentication::md5_hash(params.user.as_bytes(), password()?.as_bytes(), salt);
                     let mut out = BytesMut::new();
                     cstring(&mut out, &hashed);
-                    self.send(b'p', &out)?;
+                    self.send(b'p', &out).await?;
                 }
                 10 => {
                     let mut mechanisms = Vec::new();
@@ -310,14 +301,14 @@ impl PgConn {
                     cstring(&mut out, "SCRAM-SHA-256");
                     out.put_i32(first.len() as i32);
                     out.put_slice(&first);
-                    self.send(b'p', &out)?;
+                    self.send(b'p', &out).await?;
                     scram = Some(state);
                 }
                 11 => {
                     let state = scram.as_mut().ok_or_else(|| PgError::Protocol("SASL continue without start".into()))?;
                     state.update(&body).map_err(|e| PgError::Protocol(format!("SCRAM: {e}")))?;
                     let reply = state.message().to_vec();
-                    self.send(b'p', &reply)?;
+                    self.send(b'p', &reply).await?;
                 }
                 12 => {
                     let mut state = scram.take().ok_or_else(|| PgError::Protocol("SASL final without start".into()))?;
@@ -329,18 +320,12 @@ impl PgConn {
     }
 
     /// Sends one frontend message.
-    pub fn send(&mut self, tag: u8, body: &[u8]) -> Result<(), PgError> {
+    pub async fn send(&mut self, tag: u8, body: &[u8]) -> Result<(), PgError> {
         let mut out = BytesMut::with_capacity(body.len() + 5);
         out.put_u8(tag);
         out.put_i32(body.len() as i32 + 4);
         out.put_slice(body);
-        self.stream.write_all(&out)?;
-        Ok(())
-    }
-
-    /// Sets the read timeout (the replication loop wakes up at least this often).
-    pub fn set_read_timeout(&self, timeout: Duration) -> Result<(), PgError> {
-        self.stream.tcp().set_read_timeout(Some(timeout))?;
+        self.stream.write_all(&out).await?;
         Ok(())
     }
 
@@ -349,41 +334,102 @@ impl PgConn {
         matches!(self.stream, Stream::Tls(_))
     }
 
-    /// Reads one backend message (blocking up to the read timeout: `Io(WouldBlock/TimedOut)`).
-    pub fn read_message(&mut self) -> Result<BackendMessage, PgError> {
+    /// Reads one backend message. Cancel-safe: bytes read before the future is dropped stay in
+    /// the connection's buffer (the replication loop races it against its status timer).
+    pub async fn read_message(&mut self) -> Result<BackendMessage, PgError> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-                if !(4..=MESSAGE_BYTES_MAX).contains(&len) {
-                    return Err(PgError::Protocol(format!("bad message length {len}")));
-                }
-                if self.buf.len() > len {
-                    let tag = self.buf[0];
-                    let mut frame = self.buf.split_to(len + 1);
-                    frame.advance(5);
-                    return Ok(BackendMessage { tag, body: frame.freeze() });
-                }
-                // Nothing reserved on the header's word (up to 1 GiB): the buffer grows as
-                // bytes arrive, so a broken server cannot make us allocate what it never sends.
+            // Nothing reserved on a header's word (up to 1 GiB): the buffer grows as bytes
+            // arrive, so a broken server cannot make us allocate what it never sends.
+            if let Some(message) = self.take_message()? {
+                return Ok(message);
             }
-            let mut chunk = [0u8; 64 * 1024];
-            let n = self.stream.read(&mut chunk)?;
+            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            let n = self.stream.read_buf(&mut self.buf).await?;
             if n == 0 {
                 return Err(PgError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the database closed the connection")));
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 
-    /// Runs a simple query; returns the rows of its last result (text values).
-    pub fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, PgError> {
+    /// Every message available now: waits for one (cancel-safe, like
+    /// [`PgConn::read_message`]), then takes what the socket already holds without waiting
+    /// (up to [`AVAILABLE_BYTES_MAX`]). When an ErrorResponse came with them, or the connection
+    /// ended right behind them, returns that error instead of the messages: what arrived with
+    /// the end of a replication stream is not processed (nothing was confirmed past it, so the
+    /// slot sends it again after the reconnect — or the slot's bounds decide that it is lost).
+    /// A process frozen while the walsender went away (SIGSTOP, a suspended VM) thus sees the
+    /// stream's end, not the data that waited in the socket.
+    pub async fn read_available(&mut self) -> Result<Vec<BackendMessage>, PgError> {
+        let first = self.read_message().await?;
+        let mut ended = None;
+        while self.buf.len() < AVAILABLE_BYTES_MAX {
+            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            match futures_util::FutureExt::now_or_never(self.stream.read_buf(&mut self.buf)) {
+                None => break,
+                Some(Ok(0)) => {
+                    ended = Some(PgError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the database closed the connection")));
+                    break;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => {
+                    ended = Some(PgError::Io(error));
+                    break;
+                }
+            }
+        }
+        let mut messages = vec![first];
+        while let Some(message) = self.take_message()? {
+            messages.push(message);
+        }
+        if let Some(error) = messages.iter().find(|m| m.tag == b'E') {
+            return Err(server_error(error.body.clone()));
+        }
+        match ended {
+            Some(error) => Err(error),
+            None => Ok(messages),
+        }
+    }
+
+    /// A complete message from the buffer, if there is one.
+    fn take_message(&mut self) -> Result<Option<BackendMessage>, PgError> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if !(4..=MESSAGE_BYTES_MAX).contains(&len) {
+            return Err(PgError::Protocol(format!("bad message length {len}")));
+        }
+        if self.buf.len() <= len {
+            return Ok(None);
+        }
+        let tag = self.buf[0];
+        let mut frame = self.buf.split_to(len + 1);
+        frame.advance(5);
+        Ok(Some(BackendMessage { tag, body: frame.freeze() }))
+    }
+
+    /// Runs a simple query; returns the rows of its last result (text values). The answer must
+    /// come within the connection's timeout.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, PgError> {
+        let timeout = self.timeout;
+        match tokio::time::timeout(timeout, self.simple_query_inner(sql)).await {
+            Ok(result) => result,
+            Err(_) => Err(timed_out("a query")),
+        }
+    }
+
+    async fn simple_query_inner(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, PgError> {
         let mut body = BytesMut::new();
         cstring(&mut body, sql);
-        self.send(b'Q', &body)?;
+        self.send(b'Q', &body).await?;
         let mut rows = Vec::new();
         let mut error = None;
         loop {
-            let message = self.read_message()?;
+            let message = self.read_message().await?;
             match message.tag {
                 b'T' => rows.clear(),
                 b'D' => rows.push(parse_data_row(message.body)?),
@@ -398,13 +444,22 @@ impl PgConn {
         }
     }
 
-    /// Sends `START_REPLICATION ...` and waits for the CopyBoth response.
-    pub fn start_copy_both(&mut self, sql: &str) -> Result<(), PgError> {
+    /// Sends `START_REPLICATION ...` and waits for the CopyBoth response (within the
+    /// connection's timeout).
+    pub async fn start_copy_both(&mut self, sql: &str) -> Result<(), PgError> {
+        let timeout = self.timeout;
+        match tokio::time::timeout(timeout, self.start_copy_both_inner(sql)).await {
+            Ok(result) => result,
+            Err(_) => Err(timed_out("START_REPLICATION")),
+        }
+    }
+
+    async fn start_copy_both_inner(&mut self, sql: &str) -> Result<(), PgError> {
         let mut body = BytesMut::new();
         cstring(&mut body, sql);
-        self.send(b'Q', &body)?;
+        self.send(b'Q', &body).await?;
         loop {
-            let message = self.read_message()?;
+            let message = self.read_message().await?;
             match message.tag {
                 b'W' => return Ok(()),
                 b'E' => return Err(server_error(message.body)),
@@ -418,6 +473,10 @@ impl PgConn {
     pub fn error_of(body: Bytes) -> PgError {
         server_error(body)
     }
+}
+
+fn timed_out(what: &str) -> PgError {
+    PgError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} got no answer in time")))
 }
 
 fn parse_data_row(mut body: Bytes) -> Result<Vec<Option<String>>, PgError> {

@@ -1,4 +1,7 @@
-//! The replication reader: a dedicated thread that owns the logical replication connection.
+//! The replication reader: a task that owns the logical replication connection. It runs on a
+//! tokio current-thread runtime next to its changes core — one of the fleet's worker threads
+//! ([`crate::fleet`]), which many tenants' readers and cores share; nothing in it blocks the
+//! thread.
 //!
 //! ```text
 //!  PostgreSQL walsender ──CopyData(XLogData)──▶ reader ──WalEvent (bounded)──▶ changes core
@@ -112,6 +115,8 @@ pub const QUEUE_EVENTS_MAX: usize = 1024;
 
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 const READ_TICK: Duration = Duration::from_millis(200);
+/// A read tick this late means the reader did not run meanwhile.
+const FROZEN_AFTER: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const PUBLICATION_POLL: Duration = Duration::from_secs(2);
@@ -201,18 +206,16 @@ pub struct ReaderStats {
     pub commit_lag_micros: AtomicU64,
 }
 
-/// Starts the reader thread.
-pub fn spawn(params: ConnParams, slot: SlotConfig, events: flume::Sender<WalEvent>, stats: Arc<ReaderStats>, control: Arc<ReaderControl>) -> std::thread::JoinHandle<()> {
-    std::thread::Builder::new()
-        .name("replication".into())
-        .spawn(move || {
-            run(&params, &slot, &events, &stats, &control);
-            if control.stop.load(Ordering::Relaxed) {
-                drop_slot(&params, &slot.slot_name());
-                control.stopped.store(true, Ordering::Relaxed);
-            }
-        })
-        .expect("spawn the replication thread")
+/// The reader: streams (reconnecting with backoff) until [`ReaderControl::stop`], a definite
+/// error, or the core's queue closing; after a stop it drops the slot and sets
+/// [`ReaderControl::stopped`]. Run it as a task on a current-thread runtime (it must share the
+/// thread only with tasks that never block).
+pub async fn run(params: ConnParams, slot: SlotConfig, events: flume::Sender<WalEvent>, stats: Arc<ReaderStats>, control: Arc<ReaderControl>) {
+    run_loop(&params, &slot, &events, &stats, &control).await;
+    if control.stop.load(Ordering::Relaxed) {
+        drop_slot(&params, &slot.slot_name()).await;
+    }
+    control.stopped.store(true, Ordering::Relaxed);
 }
 
 /// What the reader keeps across reconnects.
@@ -236,20 +239,23 @@ struct Session {
 }
 
 /// Drops the slot on a clean stop (waits up to 5 s for the walsender to release it).
-fn drop_slot(params: &ConnParams, slot: &str) {
-    let result = PgConn::connect(params, &[("replication", "database"), ("application_name", "powa-realtime")], Duration::from_secs(5))
-        .and_then(|mut conn| conn.simple_query(&format!("DROP_REPLICATION_SLOT {slot} WAIT")).map(|_| ()));
+async fn drop_slot(params: &ConnParams, slot: &str) {
+    let result = async {
+        let mut conn = PgConn::connect(params, &[("replication", "database"), ("application_name", "powa-realtime")], Duration::from_secs(5)).await?;
+        conn.simple_query(&format!("DROP_REPLICATION_SLOT {slot} WAIT")).await.map(|_| ())
+    }
+    .await;
     match result {
         Ok(()) => tracing::info!(slot, "replication slot dropped (clean stop)"),
         Err(error) => tracing::warn!(slot, %error, "could not drop the replication slot at stop; the next start drops or adopts it"),
     }
 }
 
-fn run(params: &ConnParams, slot: &SlotConfig, events: &flume::Sender<WalEvent>, stats: &ReaderStats, control: &ReaderControl) {
+async fn run_loop(params: &ConnParams, slot: &SlotConfig, events: &flume::Sender<WalEvent>, stats: &ReaderStats, control: &ReaderControl) {
     let mut backoff = BACKOFF_MIN;
     let mut session = Session::default();
     loop {
-        let result = stream_once(params, slot, events, stats, control, &mut session);
+        let result = stream_once(params, slot, events, stats, control, &mut session).await;
         if events.is_disconnected() || control.stop.load(Ordering::Relaxed) {
             return;
         }
@@ -267,7 +273,7 @@ fn run(params: &ConnParams, slot: &SlotConfig, events: &flume::Sender<WalEvent>,
         if let Some(error) = result.as_ref().err().map(ReplicationError::from_pg).filter(ReplicationError::is_definite) {
             tracing::error!(%error, "replication stopped for good (not retrying)");
             control.failed.store(true, Ordering::Relaxed);
-            let _ = events.send(WalEvent::StreamFailed(error));
+            let _ = events.send_async(WalEvent::StreamFailed(error)).await;
             return;
         }
         let reason = match &result {
@@ -277,13 +283,28 @@ fn run(params: &ConnParams, slot: &SlotConfig, events: &flume::Sender<WalEvent>,
         if session.up {
             session.up = false;
             session.down_since = Some(session.last_seen.unwrap_or_else(Instant::now));
-            let _ = events.send(WalEvent::StreamDown(reason.clone()));
+            let _ = events.send_async(WalEvent::StreamDown(reason.clone())).await;
             backoff = BACKOFF_MIN;
         }
         tracing::warn!(error = %reason, retry_in_ms = backoff.as_millis() as u64, "replication stream down");
         stats.reconnects.fetch_add(1, Ordering::Relaxed);
-        std::thread::sleep(backoff);
+        sleep_unless_stopped(backoff, control).await;
+        if control.stop.load(Ordering::Relaxed) {
+            return;
+        }
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Sleeps `duration`, waking early (every 200 ms at most) when a stop is asked.
+async fn sleep_unless_stopped(duration: Duration, control: &ReaderControl) {
+    let until = Instant::now() + duration;
+    while !control.stop.load(Ordering::Relaxed) {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left.min(READ_TICK)).await;
     }
 }
 
@@ -295,7 +316,7 @@ fn pg_now_micros() -> i64 {
 /// Sets up the slot on a fresh connection: creates it, adopts it (a reconnect within the
 /// bounds), or drops and recreates it (a stale slot at the first connection; bounds exceeded;
 /// another plugin or database). Returns the slot to stream from and whether changes were missed.
-fn prepare_slot(conn: &mut PgConn, config: &SlotConfig, session: &Session) -> Result<(String, bool), PgError> {
+async fn prepare_slot(conn: &mut PgConn, config: &SlotConfig, session: &Session) -> Result<(String, bool), PgError> {
     let name = config.slot_name();
     let query = format!(
         "SELECT plugin::text, (database = current_database())::text, active::text, \
@@ -305,9 +326,9 @@ fn prepare_slot(conn: &mut PgConn, config: &SlotConfig, session: &Session) -> Re
     let create = format!("CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput (SNAPSHOT 'nothing')");
     let mut waited = Duration::ZERO;
     loop {
-        let rows = conn.simple_query(&query)?;
+        let rows = conn.simple_query(&query).await?;
         let Some(row) = rows.into_iter().next() else {
-            conn.simple_query(&create)?;
+            conn.simple_query(&create).await?;
             let missed = session.connected_before;
             if missed {
                 tracing::warn!(slot = %name, "the replication slot was gone at the reconnect (dropped, or a failover to a replica without it): recreated; changes committed meanwhile are lost");
@@ -321,13 +342,14 @@ fn prepare_slot(conn: &mut PgConn, config: &SlotConfig, session: &Session) -> Re
         if active {
             // The walsender of a connection that just closed may not have released it yet.
             if waited < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(200));
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 waited += Duration::from_millis(200);
                 continue;
             }
-            let temporary = format!("{name}_{}", std::process::id());
+            let suffix = format!("_{}", std::process::id());
+            let temporary = format!("{}{suffix}", &name[..name.len().min(63 - suffix.len())]);
             tracing::warn!(slot = %name, fallback = %temporary, "the replication slot is in use by another process (another server on this database?): streaming from a temporary slot instead; changes committed while this server's stream is down are not delivered");
-            conn.simple_query(&format!("CREATE_REPLICATION_SLOT {temporary} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'nothing')"))?;
+            conn.simple_query(&format!("CREATE_REPLICATION_SLOT {temporary} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'nothing')")).await?;
             return Ok((temporary, false));
         }
         let away = session.down_since.map(|t| t.elapsed()).unwrap_or_default();
@@ -349,14 +371,14 @@ fn prepare_slot(conn: &mut PgConn, config: &SlotConfig, session: &Session) -> Re
             return Ok((name, false));
         };
         tracing::warn!(slot = %name, %reason, "dropping and recreating the replication slot");
-        conn.simple_query(&format!("DROP_REPLICATION_SLOT {name}"))?;
-        conn.simple_query(&create)?;
+        conn.simple_query(&format!("DROP_REPLICATION_SLOT {name}")).await?;
+        conn.simple_query(&create).await?;
         return Ok((name, session.connected_before));
     }
 }
 
 /// Connects, waits for the publication, sets up the slot and streams until an error.
-fn stream_once(params: &ConnParams, slot_config: &SlotConfig, events: &flume::Sender<WalEvent>, stats: &ReaderStats, control: &ReaderControl, session: &mut Session) -> Result<(), PgError> {
+async fn stream_once(params: &ConnParams, slot_config: &SlotConfig, events: &flume::Sender<WalEvent>, stats: &ReaderStats, control: &ReaderControl, session: &mut Session) -> Result<(), PgError> {
     let startup = [
         ("replication", "database"),
         ("application_name", "powa-realtime"),
@@ -367,13 +389,13 @@ fn stream_once(params: &ConnParams, slot_config: &SlotConfig, events: &flume::Se
         ("bytea_output", "hex"),
         ("client_encoding", "UTF8"),
     ];
-    let mut conn = PgConn::connect(params, &startup, Duration::from_secs(10))?;
+    let mut conn = PgConn::connect(params, &startup, Duration::from_secs(10)).await?;
     // pgoutput on PostgreSQL 15 aborts the stream when a requested publication is missing, so
     // read only those that exist; wait while neither does.
     let check = format!("SELECT pubname::text FROM pg_publication WHERE pubname IN ('{PUBLICATION}', '{MESSAGES_PUBLICATION}') ORDER BY 1 DESC");
     let mut waited = false;
     let publications = loop {
-        let rows = conn.simple_query(&check)?;
+        let rows = conn.simple_query(&check).await?;
         let names: Vec<String> = rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect();
         if !names.is_empty() {
             break names;
@@ -385,39 +407,52 @@ fn stream_once(params: &ConnParams, slot_config: &SlotConfig, events: &flume::Se
         if events.is_disconnected() || control.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        std::thread::sleep(PUBLICATION_POLL);
+        sleep_unless_stopped(PUBLICATION_POLL, control).await;
     };
     control.reads_publication.store(publications.iter().any(|p| p == PUBLICATION), Ordering::Relaxed);
-    let (slot, missed) = prepare_slot(&mut conn, slot_config, session)?;
+    let (slot, missed) = prepare_slot(&mut conn, slot_config, session).await?;
     session.connected_before = true;
     session.recreate = false;
     if missed {
         session.sent_end = 0;
-        let _ = events.send(WalEvent::ChangesMissed);
+        let _ = events.send_async(WalEvent::ChangesMissed).await;
     }
     conn.start_copy_both(&format!(
         "START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '1', publication_names '{}')",
         publications.join(",")
-    ))?;
-    conn.set_read_timeout(READ_TICK)?;
+    ))
+    .await?;
     tracing::info!(slot, tls = conn.is_tls(), "replication stream started");
     session.up = true;
     session.down_since = None;
-    if events.send(WalEvent::StreamUp).is_err() {
+    if events.send_async(WalEvent::StreamUp).await.is_err() {
         return Ok(());
     }
     let mut last_lsn: u64 = 0;
     let mut last_status = Instant::now();
     let mut txn: Option<Txn> = None;
     let mut txn_overflow = 0u64;
+    let mut batch = std::collections::VecDeque::new();
     loop {
-        let message = match conn.read_message() {
-            Ok(message) => Some(message),
-            Err(PgError::Io(error)) if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => None,
-            Err(error) => return Err(error),
-        };
+        // `read_available` is cancel-safe: a tick that ends a pending read loses no bytes. It
+        // returns the stream's error instead of the messages that came with it (the slot sends
+        // them again after the reconnect, or its bounds say they are lost).
+        if batch.is_empty() {
+            let waiting = Instant::now();
+            match tokio::time::timeout(READ_TICK, conn.read_available()).await {
+                Ok(Ok(messages)) => batch.extend(messages),
+                Ok(Err(error)) => return Err(error),
+                // A tick that fires far too late: the process (or this thread) did not run for
+                // a while — e.g. SIGSTOP, a suspended VM. Read what the server said meanwhile
+                // before writing to it (the runtime looks at the socket on its next turn), so
+                // a stream that ended while we were frozen counts as away since its last
+                // message, not as just seen.
+                Err(_) if waiting.elapsed() > FROZEN_AFTER => continue,
+                Err(_) => {}
+            }
+        }
         let mut reply_requested = false;
-        if let Some(message) = message {
+        if let Some(message) = batch.pop_front() {
             session.last_seen = Some(Instant::now());
             match message.tag {
                 b'd' => match ReplicationMessage::try_from(message.body) {
@@ -425,7 +460,7 @@ fn stream_once(params: &ConnParams, slot_config: &SlotConfig, events: &flume::Se
                         last_lsn = last_lsn.max(wal_end);
                         stats.server_wal_end.store(wal_end, Ordering::Relaxed);
                         stats.received_lsn.store(wal_start, Ordering::Relaxed);
-                        handle_wal(data, &mut txn, &mut txn_overflow, events, stats, &mut session.sent_end)?;
+                        handle_wal(data, &mut txn, &mut txn_overflow, events, stats, &mut session.sent_end).await?;
                     }
                     Ok(ReplicationMessage::Keepalive { wal_end, reply_requested: asked, .. }) => {
                         last_lsn = last_lsn.max(wal_end);
@@ -450,7 +485,7 @@ fn stream_once(params: &ConnParams, slot_config: &SlotConfig, events: &flume::Se
             let confirm = if handed >= session.sent_end && txn.is_none() { last_lsn } else { handed.min(last_lsn) };
             session.confirmed = session.confirmed.max(confirm);
             let update = stream::standby_status_update(session.confirmed, session.confirmed, session.confirmed, pg_now_micros(), false);
-            conn.send(b'd', &update)?;
+            conn.send(b'd', &update).await?;
             session.last_seen = Some(Instant::now());
             stats.confirmed_lsn.store(session.confirmed, Ordering::Relaxed);
             last_status = Instant::now();
@@ -458,7 +493,7 @@ fn stream_once(params: &ConnParams, slot_config: &SlotConfig, events: &flume::Se
     }
 }
 
-fn handle_wal(data: Bytes, txn: &mut Option<Txn>, overflow: &mut u64, events: &flume::Sender<WalEvent>, stats: &ReaderStats, sent_end: &mut u64) -> Result<(), PgError> {
+async fn handle_wal(data: Bytes, txn: &mut Option<Txn>, overflow: &mut u64, events: &flume::Sender<WalEvent>, stats: &ReaderStats, sent_end: &mut u64) -> Result<(), PgError> {
     let message = Message::try_from(data).map_err(|e| PgError::Protocol(format!("pgoutput: {e}")))?;
     let mut push = |txn: &mut Option<Txn>, change: RowChange| {
         stats.changes_decoded.fetch_add(1, Ordering::Relaxed);
@@ -500,10 +535,10 @@ fn handle_wal(data: Bytes, txn: &mut Option<Txn>, overflow: &mut u64, events: &f
             }
         }
         Message::Relation(relation) => {
-            let _ = events.send(WalEvent::Relation(relation));
+            let _ = events.send_async(WalEvent::Relation(relation)).await;
         }
         Message::Type(type_message) => {
-            let _ = events.send(WalEvent::Type(type_message));
+            let _ = events.send_async(WalEvent::Type(type_message)).await;
         }
         Message::Insert(insert) => push(txn, RowChange::Insert { relation: insert.relation, new: insert.new }),
         Message::Update(update) => push(txn, RowChange::Update { relation: update.relation, old: update.old, new: update.new }),

@@ -1,12 +1,14 @@
 //! Starting the Postgres side of the server: check the database, install the `realtime`
-//! schema, then start the replication reader and the changes core.
+//! schema, then start the replication reader and the changes core (a [`Fleet`] of one tenant).
 
 use std::sync::Arc;
 
-use crate::changes::{self, Command, CoreStats, PgOut};
+use crate::changes::{Command, CoreStats, PgOut};
+use crate::fleet::{self, Fleet, FleetConfig};
 use crate::install::{self, InstallError};
 use crate::pgconn::{ConnParams, PgError};
 use crate::reader::{self, ReaderStats};
+
 
 /// Why the server cannot start with this database.
 #[derive(Debug)]
@@ -45,6 +47,8 @@ pub struct Postgres {
     pub healthy: Arc<std::sync::atomic::AtomicBool>,
     /// The reader's controls (a clean stop drops the slot: [`Postgres::stop`]).
     pub control: Arc<reader::ReaderControl>,
+    /// The fleet of one tenant that runs them.
+    pub fleet: Fleet,
 }
 
 impl Postgres {
@@ -64,10 +68,13 @@ pub fn stop(control: &reader::ReaderControl, timeout: std::time::Duration) {
     }
 }
 
-/// Checks and installs (blocking, before the server listens), then starts the threads.
+/// Checks and installs (blocking, before the server listens), then starts the reader and the
+/// core: a [`Fleet`] of one tenant ([`engine::TenantId::SINGLE`]) on one worker thread, with the
+/// slot's name as configured, no idle stop, and no retry after a definite error (it is reported
+/// and `/healthz` answers 503 until the server is restarted with a fixed configuration).
 /// `payload_bytes_max` is the configured payload limit, applied to broadcasts from SQL too.
 pub fn start(url: &str, shards: usize, payload_bytes_max: usize, slot: reader::SlotConfig) -> Result<Postgres, StartError> {
-    let params = ConnParams::parse(url).map_err(StartError::Config)?;
+    ConnParams::parse(url).map_err(StartError::Config)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async {
@@ -79,11 +86,19 @@ pub fn start(url: &str, shards: usize, payload_bytes_max: usize, slot: reader::S
         }
         Ok::<(), StartError>(())
     })?;
-    let (events_tx, events_rx) = flume::bounded(reader::QUEUE_EVENTS_MAX);
-    let reader_stats = Arc::new(ReaderStats::default());
-    let control = Arc::new(reader::ReaderControl::default());
-    reader::spawn(params, slot, events_tx, Arc::clone(&reader_stats), Arc::clone(&control));
-    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let core = changes::spawn(url.to_string(), shards, payload_bytes_max, events_rx, Arc::clone(&healthy), Arc::clone(&control));
-    Ok(Postgres { commands: core.commands, inboxes: core.shard_inboxes, reader_stats, core_stats: core.stats, healthy, control })
+    drop(local);
+    drop(runtime);
+    let mut config = FleetConfig::new(shards);
+    config.workers = 1;
+    config.idle_stop = None;
+    config.slot = slot;
+    config.slot_per_tenant = false;
+    config.retry_failed_after = NEVER;
+    let (fleet, inboxes) = Fleet::new(config);
+    let (commands, healthy, control) = fleet::single(&fleet, url, payload_bytes_max);
+    let stats = fleet.stats().into_iter().next().expect("the one tenant");
+    Ok(Postgres { commands, inboxes, reader_stats: stats.reader, core_stats: stats.core, healthy, control, fleet })
 }
+
+/// "Never" for the single tenant's retry after a definite error (a century).
+const NEVER: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);

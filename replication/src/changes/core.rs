@@ -195,6 +195,8 @@ pub(crate) struct Counts {
 /// The Postgres Changes state machine.
 pub(crate) struct ChangesCore {
     shards: usize,
+    /// Whose database this core serves: database broadcasts carry it in their topic key.
+    tenant: engine::TenantId,
     /// `REALTIME_MAX_PAYLOAD_BYTES`: database broadcasts over it are dropped, like client ones.
     payload_bytes_max: usize,
     stream_up: bool,
@@ -218,6 +220,7 @@ impl ChangesCore {
     pub(crate) fn new(shards: usize, payload_bytes_max: usize) -> ChangesCore {
         ChangesCore {
             shards,
+            tenant: engine::TenantId::SINGLE,
             payload_bytes_max,
             stream_up: false,
             stream_stopped: false,
@@ -553,6 +556,12 @@ impl ChangesCore {
         }
     }
 
+    /// The same core for `tenant`'s database (the default is [`engine::TenantId::SINGLE`]).
+    pub(crate) fn for_tenant(mut self, tenant: engine::TenantId) -> ChangesCore {
+        self.tenant = tenant;
+        self
+    }
+
     // --- changes ----------------------------------------------------------------------------
 
     /// Matches a batch of transactions against the bindings (event, then filters in Rust);
@@ -564,7 +573,7 @@ impl ChangesCore {
             for (index, change) in txn.changes.iter().enumerate() {
                 let Some(row) = Row::of(change, &self.relations) else { continue };
                 if row.kind == Kind::Insert && &*row.relation.schema == "realtime" && &*row.relation.table == "messages" {
-                    if let Some((topic, message)) = payload::database_broadcast(&row, self.payload_bytes_max) {
+                    if let Some((topic, message)) = payload::database_broadcast(self.tenant, &row, self.payload_bytes_max) {
                         broadcasts.push((topic.owner(self.shards), PgOut::Publish { topic, message }));
                     }
                 }

@@ -70,8 +70,9 @@ pub(crate) fn deliveries(txn: &Txn, row: &Row<'_>, table: &TableInfo, targets: V
 
 /// A row inserted into `realtime.messages` as a broadcast (PROTOCOL.md §3.4): topic, event,
 /// `binary_payload` if set else `payload`, metadata `{"id": "<row id>"}`; rows missing any of
-/// them (or over the payload limit) are skipped.
-pub(crate) fn database_broadcast(row: &Row<'_>, payload_bytes_max: usize) -> Option<(engine::TopicKey, Arc<engine::Broadcast>)> {
+/// them (or over the payload limit) are skipped. The topic key carries `tenant`, the tenant whose
+/// database the row was written to.
+pub(crate) fn database_broadcast(tenant: engine::TenantId, row: &Row<'_>, payload_bytes_max: usize) -> Option<(engine::TopicKey, Arc<engine::Broadcast>)> {
     let cell = |name: &str| -> Option<Option<&[u8]>> { row.new_cell(*row.relation.index.get(name)?) };
     let text = |name: &str| cell(name).flatten().and_then(|b| std::str::from_utf8(b).ok());
     let topic = text("topic")?;
@@ -103,7 +104,7 @@ pub(crate) fn database_broadcast(row: &Row<'_>, payload_bytes_max: usize) -> Opt
         origin: None,
         body: engine::BroadcastBody::User { event: Bytes::copy_from_slice(event.as_bytes()), encoding, payload, metadata: Bytes::from(metadata) },
     };
-    Some((engine::TopicKey::new_sub(engine::TenantId::SINGLE, topic, private), Arc::new(message)))
+    Some((engine::TopicKey::new_sub(tenant, topic, private), Arc::new(message)))
 }
 
 fn decode_hex(digits: &[u8]) -> Option<Vec<u8>> {
