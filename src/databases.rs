@@ -16,6 +16,26 @@ impl Databases for Single {
     }
 }
 
+/// Multi-tenant mode: each tenant's core runs in the fleet (started on first need, stopped when
+/// idle); the tenant's external id and payload limit come from the live directory.
+#[derive(Debug)]
+pub(crate) struct Fleet {
+    pub(crate) fleet: replication::fleet::Fleet,
+    pub(crate) registry: Arc<tenants::Registry>,
+}
+
+impl Databases for Fleet {
+    fn handle(&self, tenant: engine::TenantId, url: &str) -> DbHandle {
+        let directory = self.registry.load();
+        let (external_id, payload_bytes_max) = match directory.get(tenant) {
+            Some(t) => (t.external_id.to_string(), t.limits.payload_bytes_max),
+            None => (format!("tenant-{}", tenant.0), engine::Limits::default().payload_bytes_max),
+        };
+        let (commands, healthy) = self.fleet.handle(tenant, &external_id, url, payload_bytes_max);
+        DbHandle { commands, healthy }
+    }
+}
+
 /// The tenant API over a tenants file: read-only (writes answer 405).
 #[derive(Debug)]
 pub(crate) struct FileApi {

@@ -99,9 +99,9 @@ fn serve() -> Result<()> {
     tracing::info!(addr = %server.addr, shards = server.shards, database = server.postgres.is_some(), tenants = if directory.multi_tenant() { directory.len() } else { 0 }, "powa-realtime serving");
     drop(directory);
     net::server::run(server)?;
-    // A clean stop (the drain finished): drop the replication slot.
-    if let Some(control) = replication {
-        replication::start::stop(&control, SLOT_DROP_WAIT);
+    // A clean stop (the drain finished): drop the replication slots.
+    if let Some(replication) = replication {
+        replication.stop();
     }
     Ok(())
 }
@@ -157,13 +157,47 @@ fn attach_tenant_sources(server: &mut net::server::ServerConfig) -> Result<()> {
     Ok(())
 }
 
+/// What a clean stop must end: the single tenant's replication stream, or the fleet.
+enum Replication {
+    Single(ReaderControl),
+    Fleet(replication::fleet::Fleet),
+}
+
+impl Replication {
+    /// A clean stop (the drain finished): leave the streams and drop the slots.
+    fn stop(&self) {
+        match self {
+            Replication::Single(control) => replication::start::stop(control, SLOT_DROP_WAIT),
+            Replication::Fleet(fleet) => {
+                fleet.stop_all(SLOT_DROP_WAIT);
+            }
+        }
+    }
+}
+
+/// Multi-tenant mode: the fleet that runs each tenant's Postgres side on a fixed set of worker
+/// threads, started on a tenant's first need and stopped when it has had no socket, no
+/// subscription and no command for 5 minutes.
+fn attach_fleet(server: &mut net::server::ServerConfig) -> Result<replication::fleet::Fleet> {
+    let mut config = replication::fleet::FleetConfig::new(server.shards);
+    config.slot = config::slot_config()?;
+    let registry = std::sync::Arc::clone(&server.tenants);
+    config.in_use = Some(std::sync::Arc::new(move |tenant| registry.load().get(tenant).is_some_and(|t| t.counters.connections() > 0)));
+    let (fleet, inboxes) = replication::fleet::Fleet::new(config);
+    let databases = databases::Fleet { fleet: fleet.clone(), registry: std::sync::Arc::clone(&server.tenants) };
+    server.postgres = Some(net::server::PgLink { inboxes, databases: std::sync::Arc::new(databases) });
+    server.metrics_hooks.push(pgmetrics::fleet_hook(fleet.clone()));
+    Ok(fleet)
+}
+
 /// With `DATABASE_URL` (single-tenant mode): install the schema and start the replication side.
-fn attach_database(server: &mut net::server::ServerConfig) -> Result<Option<ReaderControl>> {
+/// Multi-tenant mode: the fleet.
+fn attach_database(server: &mut net::server::ServerConfig) -> Result<Option<Replication>> {
     if server.tenants.load().multi_tenant() {
-        return Ok(None);
+        return attach_fleet(server).map(|fleet| Some(Replication::Fleet(fleet)));
     }
     match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.trim().is_empty() => attach_database_url(server, url.trim()).map(Some),
+        Ok(url) if !url.trim().is_empty() => attach_database_url(server, url.trim()).map(|c| Some(Replication::Single(c))),
         _ => Ok(None),
     }
 }

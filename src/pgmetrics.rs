@@ -53,3 +53,29 @@ fn render(reader: &ReaderStats, core: &CoreStats, healthy: &AtomicBool, out: &mu
     series(out, "realtime_rls_checks_total", "counter", "RLS check round trips", load(&core.rls_queries));
     engine::histogram::Histogram::render("realtime_rls_check_seconds", "Round-trip time of the RLS check queries", std::iter::once(&core.rls_latency), out);
 }
+
+/// Multi-tenant mode: the fleet's tenant databases by state, and totals over every tenant
+/// (bounded cardinality: no per-tenant series here; per-tenant health is in the tenant API's
+/// `/api/tenants/{id}/health`).
+pub(crate) fn fleet_hook(fleet: replication::fleet::Fleet) -> MetricsHook {
+    MetricsHook(Box::new(move |out| {
+        use std::fmt::Write as _;
+        let stats = fleet.stats();
+        let name = "realtime_tenant_databases";
+        let _ = writeln!(out, "# HELP {name} Tenant databases the server runs a replication stream for, by state\n# TYPE {name} gauge");
+        for state in [
+            replication::fleet::TenantState::Starting,
+            replication::fleet::TenantState::Running,
+            replication::fleet::TenantState::Failed,
+            replication::fleet::TenantState::Stopping,
+            replication::fleet::TenantState::Stopped,
+        ] {
+            let count = stats.iter().filter(|s| s.state == state).count();
+            let _ = writeln!(out, "{name}{{state=\"{}\"}} {count}", format!("{state:?}").to_lowercase());
+        }
+        let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+        series(out, "realtime_tenant_databases_up", "gauge", "Tenant databases whose connections are up", stats.iter().filter(|s| s.healthy.load(Ordering::Relaxed)).count());
+        series(out, "realtime_postgres_changes_decoded_total", "counter", "Row changes decoded (all tenants)", stats.iter().map(|s| load(&s.reader.changes_decoded)).sum::<u64>());
+        series(out, "realtime_postgres_changes_deliveries_total", "counter", "Change messages delivered (all tenants)", stats.iter().map(|s| load(&s.core.deliveries)).sum::<u64>());
+    }))
+}
