@@ -380,3 +380,45 @@ fn realtime_js_clients_of_two_tenants_stay_apart() {
         .env("POWA_GLOBEX_ANON", token_for(GLOBEX_SECRET, "anon"));
     node::run("realtime-js multi-tenant", command, Duration::from_secs(90), &mut server);
 }
+
+#[test]
+fn payload_and_presence_limits_are_per_tenant() {
+    let (server, _file) = start("payload-presence", "max_payload_size_in_kb = 1\nmax_presence_events_per_second = 1", "");
+    let big = "x".repeat(2_000);
+    // Payload: 1 KB for acme (+ the 500-byte envelope allowance), upstream's 3000 KB for globex.
+    let mut results = Vec::new();
+    for tenant in ["acme", "globex"] {
+        let mut client = connect(&server, tenant);
+        let reply = join(&mut client, "realtime:big", json!({"broadcast": {"ack": true}}));
+        assert_eq!(reply["payload"]["status"], "ok");
+        client.send_text(&v1("realtime:big", "broadcast", json!({"type": "broadcast", "event": "e", "payload": {"big": big}}), Some("9")));
+        let ack = loop {
+            let frame = client.recv_json(WAIT);
+            if frame["ref"] == "9" {
+                break frame;
+            }
+        };
+        results.push((tenant, ack["payload"]["status"].clone(), ack["payload"]["response"].clone()));
+    }
+    assert_eq!(results[0], ("acme", json!("error"), json!("payload_size_exceeded")));
+    assert_eq!(results[1].1, json!("ok"), "globex's limit is upstream's default");
+    // Presence: 1 event/s for acme. Six members tracking: 6 tracks + their diffs in the first
+    // window put acme above the limit at the tick; the next track closes that channel.
+    let mut members: Vec<Client> = (0..6).map(|_| connect(&server, "acme")).collect();
+    for (i, member) in members.iter_mut().enumerate() {
+        let reply = join(member, "realtime:lobby", json!({"presence": {"key": format!("m{i}")}}));
+        assert_eq!(reply["payload"]["status"], "ok");
+        member.send_text(&v1("realtime:lobby", "presence", json!({"type": "presence", "event": "track", "payload": {"i": i}}), Some("2")));
+    }
+    std::thread::sleep(TICK);
+    members[0].send_text(&v1("realtime:lobby", "presence", json!({"type": "presence", "event": "track", "payload": {"again": true}}), Some("3")));
+    let system = next_event(&mut members[0], "system", WAIT).expect("the tracking channel is shut");
+    assert_eq!(system["payload"]["message"], "Too many presence messages per second");
+    // Globex tracks on.
+    let mut globex = connect(&server, "globex");
+    let reply = join(&mut globex, "realtime:lobby", json!({"presence": {"key": "g"}}));
+    assert_eq!(reply["payload"]["status"], "ok");
+    globex.send_text(&v1("realtime:lobby", "presence", json!({"type": "presence", "event": "track", "payload": {}}), Some("2")));
+    let diff = next_event(&mut globex, "presence_diff", WAIT).expect("globex's own track is diffed");
+    assert!(diff["payload"]["joins"]["g"].is_object());
+}
