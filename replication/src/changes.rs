@@ -390,25 +390,26 @@ async fn handle_event(driver: &Rc<Driver>, meta: &Db, control: &crate::reader::R
     }
 }
 
+/// Every query of a subscription's bindings is sent at once (tokio-postgres pipelines them on
+/// the connection): the role and the publication together, then every binding's tables.
 async fn validate(meta: &Client, subscription: &Subscription) -> Result<(bool, Vec<BindingResult>), String> {
-    let role_info = sql::role_info(meta, &subscription.role).await.map_err(|e| sql::error_text(&e))?;
-    let (publication_exists, published) = sql::published_tables(meta).await.map_err(|e| sql::error_text(&e))?;
-    let mut results = Vec::with_capacity(subscription.bindings.len());
-    for raw in &subscription.bindings {
-        let binding = match binding::parse_binding_text(raw) {
-            Ok(binding) => binding,
-            Err(message) => {
-                results.push(BindingResult::Failed(message));
-                continue;
+    let (role_info, (publication_exists, published)) =
+        futures_util::future::try_join(sql::role_info(meta, &subscription.role), sql::published_tables(meta)).await.map_err(|e| sql::error_text(&e))?;
+    let results = futures_util::future::join_all(subscription.bindings.iter().map(|raw| {
+        let (role_info, published) = (&role_info, &published);
+        async move {
+            let binding = match binding::parse_binding_text(raw) {
+                Ok(binding) => binding,
+                Err(message) => return BindingResult::Failed(message),
+            };
+            if role_info.is_none() {
+                let message = binding::exception_message(&binding, &BindingException::RoleMissing { role: subscription.role.clone() }.text());
+                return BindingResult::Failed(message);
             }
-        };
-        if role_info.is_none() {
-            let message = binding::exception_message(&binding, &BindingException::RoleMissing { role: subscription.role.clone() }.text());
-            results.push(BindingResult::Failed(message));
-            continue;
+            bind(meta, &subscription.role, binding, publication_exists, published).await
         }
-        results.push(bind(meta, &subscription.role, binding, publication_exists, &published).await);
-    }
+    }))
+    .await;
     Ok((role_info.is_some_and(|r| r.bypasses_rls), results))
 }
 
@@ -421,14 +422,11 @@ async fn bind(meta: &Client, role: &str, binding: Binding, publication_exists: b
     }
     let mut compiled = AHashMap::new();
     let mut infos = Vec::new();
-    for (schema, table) in tables {
-        let info = match sql::table_info(meta, schema, table).await {
-            Ok(Some(info)) => info,
+    let fetched = futures_util::future::join_all(tables.iter().map(|(schema, table)| sql::table_info_for(meta, schema, table, Some(role)))).await;
+    for ((schema, table), fetched) in tables.into_iter().zip(fetched) {
+        let (info, privileges) = match fetched {
+            Ok(Some(found)) => found,
             Ok(None) => continue,
-            Err(error) => return BindingResult::Failed(binding::exception_message(&binding, &sql::error_text(&error))),
-        };
-        let privileges = match sql::selectable_columns(meta, role, info.oid).await {
-            Ok(privileges) => privileges,
             Err(error) => return BindingResult::Failed(binding::exception_message(&binding, &sql::error_text(&error))),
         };
         match self::core::compile(&binding, &info, &privileges) {
