@@ -1,6 +1,9 @@
 //! `ChangesCore` without a database: data-driven `check` tests for matching, RLS batching and
-//! payloads, and a seeded simulation that reorders metadata answers and RLS answers against
-//! WAL events, Subscribes, Unsubscribes and token refreshes.
+//! payloads, a seeded simulation that reorders metadata answers and RLS answers against
+//! WAL events, Subscribes, Unsubscribes and token refreshes, and a second one for the stream's
+//! life: a publication that appears later (waiting bindings, the publication poll), stream
+//! restarts and loss, slot recreation (changes missed), relation messages (table refresh) and
+//! replays.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -117,6 +120,7 @@ struct Sent {
     system: Vec<(ChannelKey, &'static str, String)>,
     changes: Vec<(ChannelKey, Value)>,
     authorized: Vec<(ChannelKey, AuthzResult)>,
+    replayed: Vec<ChannelKey>,
 }
 
 fn drain(core: &mut ChangesCore) -> Sent {
@@ -131,6 +135,7 @@ fn drain(core: &mut ChangesCore) -> Sent {
                 }
             }
             PgOut::Authorized { conn, channel, result, .. } => sent.authorized.push((ChannelKey { shard, conn, channel }, result)),
+            PgOut::Replayed { conn, channel, .. } => sent.replayed.push(ChannelKey { shard, conn, channel }),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -583,4 +588,164 @@ fn simulation_many_seeds() {
         voided += v;
     }
     assert!(deliveries > 1000 && voided > 10, "the simulation must exercise deliveries and races: {deliveries} deliveries, {voided} voided");
+}
+
+/// One subscription in the lifecycle model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Life {
+    /// Its table was not published when its metadata came: waiting for the publication poll.
+    Waiting,
+    /// Active: changes reach it.
+    Active,
+}
+
+fn todos_binding() -> Binding {
+    parse_binding(json!({"event": "*", "schema": "public", "table": "todos"}).as_object().expect("object")).expect("binding")
+}
+
+fn active_outcome() -> BindingResult {
+    let table = table(false);
+    let binding = todos_binding();
+    let compiled = compile(&binding, &table, &[true, true, true]).expect("compiles");
+    let tables = [((Arc::from("public"), Arc::from("todos")), compiled)].into_iter().collect();
+    BindingResult::Active(Bound { binding, tables }, vec![table])
+}
+
+/// Runs one seed of the lifecycle simulation; returns (changes delivered, waiting bindings
+/// activated by the publication poll, replays answered).
+fn simulate_lifecycle(seed: u64) -> (usize, usize, usize) {
+    let mut rng = Rng(seed.max(1));
+    let mut core = ChangesCore::new(2, 3_000_000);
+    core.relation(relation());
+    let mut published = false;
+    let mut stream_up = false;
+    let mut model: BTreeMap<ChannelKey, (u64, Life)> = BTreeMap::new();
+    let mut replays_asked: BTreeMap<ChannelKey, usize> = BTreeMap::new();
+    let mut replays_pending: Vec<ChannelKey> = Vec::new();
+    let mut replays_answered: BTreeMap<ChannelKey, usize> = BTreeMap::new();
+    let (mut delivered, mut activated) = (0, 0);
+    let mut next_id = 1i64;
+    let missed = ChangesNotice::ChangesMissed.text().into_owned();
+    let subscribed = ChangesNotice::Subscribed.text().into_owned();
+    for _step in 0..300 {
+        match rng.below(11) {
+            // Subscribe: the metadata says Active when the table is published, else Waiting.
+            0 | 1 => {
+                let key = key(1 + rng.below(6) as u64);
+                let subscription = Subscription { key, role: "authenticated".into(), claims_json: claims("alice"), bindings: vec!["{}".into()] };
+                core.handle_command(Command::Subscribe(subscription), std::time::Instant::now());
+                let Some(Query::Metadata { generation, .. }) = core.poll_query() else { panic!("seed {seed}: a Subscribe asks for its metadata") };
+                let result = if published { active_outcome() } else { BindingResult::Waiting(todos_binding(), "not published yet".into()) };
+                let life = if published { Life::Active } else { Life::Waiting };
+                core.finish_subscribe(key, generation, "authenticated", &claims("alice"), Ok((true, vec![result])));
+                model.insert(key, (generation, life));
+            }
+            2 => {
+                let key = key(1 + rng.below(6) as u64);
+                core.unsubscribe(key);
+                model.remove(&key);
+            }
+            // The table gets published; the poll (every 2 s) resolves every waiting binding.
+            3 => {
+                published = true;
+                for (key, generation, _role, binding) in core.waiting_bindings() {
+                    core.waiting_resolved(key, generation, &binding, active_outcome());
+                    let entry = model.get_mut(&key).expect("waiting only for a live subscription");
+                    assert_eq!(entry.0, generation, "seed {seed}: a waiting binding of an old generation was listed");
+                    entry.1 = Life::Active;
+                    activated += 1;
+                }
+            }
+            // The stream restarts (to read the new publication) or is lost, then comes back.
+            4 => {
+                if rng.below(2) == 0 {
+                    core.stream_restarting();
+                } else {
+                    core.stream_down("simulated".into());
+                }
+                stream_up = false;
+            }
+            5 => {
+                core.stream_up(true);
+                stream_up = true;
+                let sent = drain(&mut core);
+                let told: BTreeSet<ChannelKey> = sent.system.iter().filter(|(_, _, m)| *m == subscribed).map(|(k, _, _)| *k).collect();
+                let active: BTreeSet<ChannelKey> = model.iter().filter(|(_, (_, l))| *l == Life::Active).map(|(k, _)| *k).collect();
+                assert_eq!(told, active, "seed {seed}: stream_up acknowledges exactly the active subscriptions");
+            }
+            // The slot was recreated: every active subscription, and only those, is told once.
+            6 => {
+                core.changes_missed();
+                let sent = drain(&mut core);
+                let told: Vec<ChannelKey> = sent.system.iter().filter(|(_, _, m)| *m == missed).map(|(k, _, _)| *k).collect();
+                let active: Vec<ChannelKey> = model.iter().filter(|(_, (_, l))| *l == Life::Active).map(|(k, _)| *k).collect();
+                assert_eq!(told, active, "seed {seed}: changes-missed goes to every active subscription once");
+            }
+            // A relation message for a known table: its metadata is refreshed.
+            7 => {
+                if let Some(_key) = core.relation(relation()) {
+                    core.table_refreshed(table(false));
+                }
+            }
+            // A committed insert (no RLS on the table): reaches exactly the active subscriptions.
+            8 if stream_up => {
+                let id = next_id;
+                next_id += 1;
+                let batch = vec![txn(vec![insert(id, "t", "alice")])];
+                let matched = core.match_batch(&batch);
+                assert!(core.plan_rls(&matched).is_empty(), "seed {seed}: no RLS round trip for a table without RLS");
+                core.deliver(matched, &Verdicts::default());
+                let sent = drain(&mut core);
+                let got: BTreeSet<ChannelKey> = sent.changes.iter().map(|(k, _)| *k).collect();
+                assert_eq!(got.len(), sent.changes.len(), "seed {seed}: change {id} reached a channel twice");
+                let active: BTreeSet<ChannelKey> = model.iter().filter(|(_, (_, l))| *l == Life::Active).map(|(k, _)| *k).collect();
+                assert_eq!(got, active, "seed {seed}: change {id} reaches every active subscription, no waiting one");
+                delivered += got.len();
+            }
+            // A replay request (a private channel's join), answered later in any order.
+            9 => {
+                let key = key(1 + rng.below(6) as u64);
+                core.handle_command(Command::Replay { key, topic: "room".into(), since_ms: 0, limit: 25 }, std::time::Instant::now());
+                let Some(Query::Replay { key: asked, limit, .. }) = core.poll_query() else { panic!("seed {seed}: a Replay asks for its rows") };
+                assert_eq!((asked, limit), (key, 25));
+                *replays_asked.entry(key).or_insert(0) += 1;
+                replays_pending.push(key);
+            }
+            10 if !replays_pending.is_empty() => {
+                let key = replays_pending.swap_remove(rng.below(replays_pending.len()));
+                core.replay_done(key, Ok(Vec::new()));
+            }
+            _ => {}
+        }
+        let sent = drain(&mut core);
+        assert!(sent.changes.is_empty(), "seed {seed}: a change outside a WAL event");
+        for key in sent.replayed {
+            *replays_answered.entry(key).or_insert(0) += 1;
+        }
+    }
+    for key in std::mem::take(&mut replays_pending) {
+        core.replay_done(key, Ok(Vec::new()));
+    }
+    for key in drain(&mut core).replayed {
+        *replays_answered.entry(key).or_insert(0) += 1;
+    }
+    assert_eq!(replays_answered, replays_asked, "seed {seed}: every replay answered exactly once");
+    for key in model.keys() {
+        core.unsubscribe(*key);
+    }
+    assert!(core.is_empty(), "seed {seed}: something outlived its Unsubscribe");
+    (delivered, activated, replays_answered.values().sum())
+}
+
+#[test]
+fn lifecycle_simulation_many_seeds() {
+    let base: u64 = std::env::var("POWA_SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x11fe);
+    let (mut delivered, mut activated, mut replays) = (0, 0, 0);
+    for n in 0..200 {
+        let (d, a, r) = simulate_lifecycle(base.wrapping_add(n));
+        delivered += d;
+        activated += a;
+        replays += r;
+    }
+    assert!(delivered > 1000 && activated > 100 && replays > 1000, "the simulation must exercise every path: {delivered} deliveries, {activated} activations, {replays} replays");
 }
