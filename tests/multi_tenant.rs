@@ -422,3 +422,44 @@ fn payload_and_presence_limits_are_per_tenant() {
     let diff = next_event(&mut globex, "presence_diff", WAIT).expect("globex's own track is diffed");
     assert!(diff["payload"]["joins"]["g"].is_object());
 }
+
+/// A raw HTTP exchange: the whole response text (head and body).
+fn raw_http(server: &Server, host: &str, request_line: &str, headers: &[(&str, &str)], body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut request = format!("{request_line}\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+}
+
+#[test]
+fn rest_requests_carry_the_rate_headers_and_are_refused_above_the_rate() {
+    let (server, _file) = start("http-rate", "max_events_per_second = 2", "");
+    let service = format!("Bearer {}", token_for(ACME_SECRET, "service_role"));
+    let body = json!({"messages": [{"topic": "room", "event": "e", "payload": {}}]}).to_string();
+    let post = |server: &Server| raw_http(server, "acme.localhost", "POST /api/broadcast HTTP/1.1", &[("Authorization", &service), ("Content-Type", "application/json")], &body);
+    let first = post(&server);
+    assert!(first.starts_with("HTTP/1.1 202"), "{first}");
+    assert!(first.contains("x-rate-rolling: 0\r\nx-rate-limit: 2\r\nx-rate-limit-remaining: 2\r\n"), "{first}");
+    for _ in 0..5 {
+        post(&server);
+    }
+    // Six requests in the first second: 6/s ≥ 2/s once the second has ticked.
+    std::thread::sleep(Duration::from_millis(1_300));
+    let refused = post(&server);
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    assert!(refused.contains("x-rate-limit: 2\r\nx-rate-limit-remaining: 0\r\n"), "{refused}");
+    assert!(refused.ends_with(r#"{"message":"Too many requests"}"#), "{refused}");
+    // Globex has upstream's default limit and its own rate.
+    let globex_service = format!("Bearer {}", token_for(GLOBEX_SECRET, "service_role"));
+    let globex = raw_http(&server, "globex.localhost", "POST /api/broadcast HTTP/1.1", &[("Authorization", &globex_service), ("Content-Type", "application/json")], &body);
+    assert!(globex.starts_with("HTTP/1.1 202") && globex.contains("x-rate-limit: 100\r\n"), "{globex}");
+}

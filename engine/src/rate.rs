@@ -8,18 +8,31 @@ use std::time::Duration;
 pub const TICK: Duration = Duration::from_secs(5);
 /// Buckets in a window (60 s).
 pub const BUCKETS: usize = 12;
+/// Bucket length of the REST request rate (PROTOCOL.md §8.1, §9.2: 1 s ticks, 60 buckets).
+pub const HTTP_TICK: Duration = Duration::from_secs(1);
 
-/// One shard's share of a tenant-wide counter.
-#[derive(Debug, Clone, Default)]
-pub struct RateWindow {
-    buckets: [u64; BUCKETS],
+/// One shard's share of a tenant-wide counter: `N` buckets of `TICK_SECS` seconds.
+#[derive(Debug, Clone)]
+pub struct Window<const N: usize, const TICK_SECS: u64> {
+    buckets: [u64; N],
     current: usize,
-    /// Buckets that have been current so far (≤ BUCKETS): the window is shorter during the
-    /// first minute, so a short burst weighs more (§9.2).
+    /// Buckets that have been current so far (≤ N): the window is shorter during the first
+    /// minute, so a short burst weighs more (§9.2).
     filled: usize,
 }
 
-impl RateWindow {
+/// Events, joins, presence events: 12 buckets of 5 s.
+pub type RateWindow = Window<BUCKETS, 5>;
+/// REST requests: 60 buckets of 1 s.
+pub type HttpWindow = Window<60, 1>;
+
+impl<const N: usize, const TICK_SECS: u64> Default for Window<N, TICK_SECS> {
+    fn default() -> Self {
+        Window { buckets: [0; N], current: 0, filled: 0 }
+    }
+}
+
+impl<const N: usize, const TICK_SECS: u64> Window<N, TICK_SECS> {
     /// Counts `n` events in the current bucket.
     pub fn add(&mut self, n: u64) {
         self.buckets[self.current] += n;
@@ -33,15 +46,15 @@ impl RateWindow {
 
     /// Seconds the window covers so far.
     pub fn seconds(&self) -> u64 {
-        self.filled.max(1) as u64 * TICK.as_secs()
+        self.filled.max(1) as u64 * TICK_SECS
     }
 
     /// Ends the current bucket; returns the window sum as of this tick.
     pub fn tick(&mut self) -> u64 {
         let sum = self.sum();
-        self.current = (self.current + 1) % BUCKETS;
+        self.current = (self.current + 1) % N;
         self.buckets[self.current] = 0;
-        self.filled = (self.filled + 1).min(BUCKETS);
+        self.filled = (self.filled + 1).min(N);
         sum
     }
 }
@@ -70,5 +83,12 @@ mod tests {
         assert!(!above(5_000, 60, 100));
         assert!(above(6_001, 60, 100));
         assert!(!above(u64::MAX / 2, 60, 0), "0 = unlimited");
+        let mut http = HttpWindow::default();
+        http.add(30);
+        assert_eq!(http.seconds(), 1);
+        for _ in 0..60 {
+            http.tick();
+        }
+        assert_eq!((http.sum(), http.seconds()), (0, 60));
     }
 }

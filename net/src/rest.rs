@@ -101,6 +101,19 @@ pub fn draining() -> Bytes {
     message(503, engine::client_error::DRAINING)
 }
 
+/// Adds upstream's rate headers (PROTOCOL.md §8.1) to a complete response: `x-rate-rolling`
+/// (the average), `x-rate-limit` and `x-rate-limit-remaining`.
+pub fn with_rate_headers(response: Bytes, rolling: u64, limit: u32) -> Bytes {
+    let Some(end) = response.windows(2).position(|w| w == b"\r\n") else { return response };
+    let remaining = u64::from(limit).saturating_sub(rolling);
+    let headers = format!("x-rate-rolling: {rolling}\r\nx-rate-limit: {limit}\r\nx-rate-limit-remaining: {remaining}\r\n");
+    let mut out = Vec::with_capacity(response.len() + headers.len());
+    out.extend_from_slice(&response[..end + 2]);
+    out.extend_from_slice(headers.as_bytes());
+    out.extend_from_slice(&response[end + 2..]);
+    Bytes::from(out)
+}
+
 /// A refusal before the handler (unknown or suspended tenant, rate limit), with CORS headers.
 pub fn refusal(status: u16, error: engine::client_error::RestError) -> Bytes {
     message(status, error.text())
@@ -343,6 +356,14 @@ mod tests {
             Some(RestRoute::Single { topic: "chat:room".into(), event: "new msg".into() })
         );
         assert_eq!(route("/api/broadcastx"), None);
+    }
+
+    #[test]
+    fn rate_headers_follow_the_status_line() {
+        let response = with_rate_headers(message(429, "Too many requests"), 12, 10);
+        let text = String::from_utf8(response.to_vec()).unwrap();
+        assert!(text.starts_with("HTTP/1.1 429 Too Many Requests\r\nx-rate-rolling: 12\r\nx-rate-limit: 10\r\nx-rate-limit-remaining: 0\r\n"), "{text}");
+        assert!(text.ends_with("{\"message\":\"Too many requests\"}"));
     }
 
     #[test]

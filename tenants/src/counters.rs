@@ -18,6 +18,8 @@ pub struct ShardSlot {
     pub joins_window: AtomicU64,
     /// See `events_window` (Postgres Changes deliveries).
     pub db_events_window: AtomicU64,
+    /// REST requests in the last 60 s (1 s buckets), as of this shard's last second.
+    pub http_window: AtomicU64,
     /// See `events_window`.
     pub presence_window: AtomicU64,
     /// Totals since start, published by the shard every second (for `/metrics`).
@@ -40,6 +42,8 @@ pub struct TenantCounters {
     pub joins_exceeded: AtomicBool,
     /// See `events_exceeded` (Postgres Changes: dropped while set).
     pub db_events_exceeded: AtomicBool,
+    /// The tenant's REST requests per second, rolling average over 60 s (PROTOCOL.md §8.1).
+    pub http_rolling: AtomicU64,
     /// See `events_exceeded`.
     pub presence_exceeded: AtomicBool,
 }
@@ -52,6 +56,7 @@ impl TenantCounters {
             events_exceeded: AtomicBool::new(false),
             joins_exceeded: AtomicBool::new(false),
             db_events_exceeded: AtomicBool::new(false),
+            http_rolling: AtomicU64::new(0),
             presence_exceeded: AtomicBool::new(false),
         }
     }

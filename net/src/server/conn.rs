@@ -232,9 +232,15 @@ async fn rest_call<S: Transport>(shard: &Rc<Shard>, stream: &mut S, head: &http:
         Err(refusal) => return refusal,
     };
     let shard_tenant = shard.shard_tenant(&tenant);
-    if shard_tenant.events_exceeded() {
+    // PROTOCOL.md §8.1: the tenant's REST request rate (60 s rolling average, as of the last
+    // second) against its events per second, before the handler; §9.3: also while its events
+    // per second are triggered. Answers carry the rate headers when the tenant has a limit.
+    shard_tenant.count_http();
+    let (rolling, limit) = shard_tenant.http_rate();
+    let rated = |response: Bytes| if limit == 0 { response } else { rest::with_rate_headers(response, rolling, limit) };
+    if (limit != 0 && rolling >= u64::from(limit)) || shard_tenant.events_exceeded() {
         shard_tenant.count_limit_hit();
-        return rest::refusal(429, RestError::TooManyRequests);
+        return rated(rest::refusal(429, RestError::TooManyRequests));
     }
     let rest_tenant = rest::RestTenant { id: tenant.id, keys: &tenant.keys, payload_bytes_max: tenant.limits.payload_bytes_max, database: tenant.database_url.is_some() && shard.config.postgres.is_some() };
     let result = rest::handle(rest_tenant, route, head, &body, unix_now());
@@ -263,6 +269,7 @@ async fn rest_call<S: Transport>(shard: &Rc<Shard>, stream: &mut S, head: &http:
     }
     metrics::add(&shard.counters().rest_messages, outgoing.len() as u64);
     shard_tenant.count_events(outgoing.len() as u64);
+    let response = rated(response);
     let messages = outgoing
         .into_iter()
         .map(|o| (o.topic.owner(shard.config.shards), engine::ShardMsg::Publish { topic: o.topic, message: o.message }))

@@ -697,6 +697,7 @@ impl Shard {
             }
             for tenant in self.tenants.borrow().values() {
                 tenant.publish_totals();
+                tenant.tick_http();
             }
             let now = super::conn::unix_now();
             let due: Vec<Rc<Conn>> = self

@@ -14,7 +14,7 @@ use std::cell::{Cell, Ref, RefCell};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use engine::rate::{above, RateWindow};
+use engine::rate::{above, HttpWindow, RateWindow};
 use tenants::{ShardSlot, Tenant};
 
 use super::DbHandle;
@@ -33,6 +33,7 @@ pub(crate) struct ShardTenant {
     db_events: RefCell<RateWindow>,
     joins: RefCell<RateWindow>,
     presence: RefCell<RateWindow>,
+    http: RefCell<HttpWindow>,
     events_total: Cell<u64>,
     joins_total: Cell<u64>,
     limit_hits: Cell<u64>,
@@ -49,6 +50,7 @@ impl ShardTenant {
             db_events: RefCell::new(RateWindow::default()),
             joins: RefCell::new(RateWindow::default()),
             presence: RefCell::new(RateWindow::default()),
+            http: RefCell::new(HttpWindow::default()),
             events_total: Cell::new(0),
             joins_total: Cell::new(0),
             limit_hits: Cell::new(0),
@@ -125,6 +127,30 @@ impl ShardTenant {
     /// Whether the tenant's database events per second are triggered (changes are dropped).
     pub(crate) fn db_events_exceeded(&self) -> bool {
         self.tenant.borrow().counters.db_events_exceeded.load(Relaxed)
+    }
+
+    /// Counts one REST broadcast request (PROTOCOL.md §8.1's HTTP rate, 1 s ticks).
+    pub(crate) fn count_http(&self) {
+        self.http.borrow_mut().add(1);
+    }
+
+    /// The tenant's REST rate as of the last second: (rolling average per second, limit); the
+    /// limit is the tenant's events per second (0 = unlimited).
+    pub(crate) fn http_rate(&self) -> (u64, u32) {
+        let tenant = self.tenant.borrow();
+        (tenant.counters.http_rolling.load(Relaxed), tenant.limits.events_per_second_max)
+    }
+
+    /// Every second: publish this shard's REST request window and compute the tenant-wide
+    /// rolling average.
+    pub(crate) fn tick_http(&self) {
+        let tenant = self.tenant.borrow();
+        let counters = &tenant.counters;
+        let mut window = self.http.borrow_mut();
+        let seconds = window.seconds();
+        counters.slot(self.shard).http_window.store(window.sum(), Relaxed);
+        counters.http_rolling.store(counters.sum(|s| &s.http_window) / seconds.max(1), Relaxed);
+        window.tick();
     }
 
     /// Counts joins that passed the private-only and users checks.
