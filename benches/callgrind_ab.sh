@@ -3,7 +3,7 @@
 # Usage: bash benches/callgrind_ab.sh BIN_DIR LABEL PORT  (run it for the before and the after build)
 # callgrind Ir per delivery for a release dir $1, label $2, port $3
 set -u
-BIN=$1/powa-realtime; LOAD=/work/main/target-rel/release/powa-load; OUT=/tmp/cg-$2.out
+BIN=$1/powa-realtime; LOAD=${LOAD:-$1/powa-load}; OUT=/tmp/cg-$2.out
 SECRET=bench-secret-not-for-production
 TOKEN=$(JWT_SECRET=$SECRET $BIN token --role anon --exp 86400)
 rm -f $OUT $OUT.*
