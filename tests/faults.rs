@@ -401,3 +401,32 @@ fn exhausted_file_descriptors_make_accept_back_off_and_it_recovers() {
     wsclient::heartbeat_v1(&mut early, "hb-2");
     assert!(server.is_running());
 }
+
+/// Regression (issue 16, found by the session fuzz harness): an `access_token` with an expired
+/// token that reaches the server before the private join's policy answer (here: the database
+/// is frozen, so the answer cannot come) refuses that join with the token's reason. Before the
+/// fix the channel got `system` + `phx_close` without any reply to its join.
+#[test]
+fn a_bad_refresh_before_the_private_join_is_answered_refuses_the_join() {
+    let (mut db, server) = start_with_acl();
+    grant(&mut db, USER_A, "early-refresh", false);
+    let topic = "realtime:early-refresh";
+    let mut c = Conn::open(&server, &user_token(USER_A), Vsn::V2, "early");
+    let expired = hs256(support::SECRET.as_bytes(), serde_json::json!({"role": "authenticated", "sub": USER_A, "exp": now_s() - 30}));
+    let pids = postgres_pids(db.cluster.data_dir());
+    signal_all(&pids, libc::SIGSTOP);
+    let frozen = Frozen(pids);
+    c.send_text(serde_json::json!(["1", "1", topic, "phx_join", {"config": config(true, false, false)}]).to_string());
+    c.send_text(serde_json::json!(["1", "2", topic, "access_token", {"access_token": expired}]).to_string());
+    let reply = c.wait("the join's reply", Duration::from_secs(10), |m| m.topic == topic && (m.event == "phx_reply" || m.event == "system" || m.event == "phx_close"));
+    assert_eq!(reply.event, "phx_reply", "the join is answered first: {}", reply.raw);
+    assert_eq!(reply.r#ref, serde_json::json!("1"), "{}", reply.raw);
+    let reason = c.error_reason(&reply);
+    assert!(reason.starts_with("InvalidJWTToken: Token has expired "), "{reason}");
+    c.heartbeat();
+    drop(frozen);
+    // The late policy answer finds no channel: nothing more arrives on the topic.
+    std::thread::sleep(Duration::from_secs(1));
+    c.heartbeat();
+    c.assert_nothing_on(topic, "after the refused join");
+}

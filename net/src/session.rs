@@ -576,6 +576,16 @@ impl Session {
                     fx.pg.push(PgCommand::Subscribe(subscription(key, &channel.claims, &channel.pg_bindings)));
                 }
             }
+            // A channel whose join is still unanswered (policy check or owner ack pending) gets
+            // its join refused with the token's reason: a `system` + `phx_close` would close a
+            // channel the client never saw joined and leave its join without a reply (issue 16,
+            // found by the session fuzz harness).
+            Err(error) if channel.state != ChannelState::Joined => {
+                let reason = join_error(error).reason();
+                fx.delayed.push(frame::encode_error_reason(self.format, as_ref(&channel.join_ref), as_ref(&channel.join_reply_ref), topic, &reason));
+                fx.join_errors.push(join_error_code(&reason));
+                self.leave(state, topic, fx);
+            }
             Err(error) => self.close_channel(state, topic, system_message(error), fx),
         }
     }
@@ -614,7 +624,9 @@ impl Session {
         let expired: Vec<(Box<str>, i64)> = self
             .channels
             .iter()
-            .filter(|(_, c)| c.claims.exp <= now_secs)
+            // Only joined channels: one still waiting for its policy check or owner ack is
+            // answered first (its deadline bounds the wait) and expires at the next tick.
+            .filter(|(_, c)| c.state == ChannelState::Joined && c.claims.exp <= now_secs)
             .map(|(topic, c)| (topic.clone(), now_secs - c.claims.exp))
             .collect();
         for (topic, seconds_ago) in expired {
