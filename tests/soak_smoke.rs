@@ -43,9 +43,9 @@ fn a_short_soak_keeps_memory_flat_and_loses_nothing() {
     let last = rows.last().unwrap();
     assert!(rows.iter().all(|r| r[col("rss_kib")] > 0.0 && r[col("fds")] > 0.0), "every sample has the server's RSS and fds");
     assert!(last[col("open_conns")] >= 1900.0, "the connections stayed up: {}", last[col("open_conns")]);
-    assert!(last[col("churn_cycles")] >= 1000.0, "churn happened: {}", last[col("churn_cycles")]);
+    assert!(last[col("churn_cycles")] >= 600.0, "churn happened: {}", last[col("churn_cycles")]);
     assert!(last[col("deliveries")] >= 50_000.0, "broadcasts were delivered: {}", last[col("deliveries")]);
-    assert!(last[col("pg_deliveries")] >= 50_000.0, "Postgres changes were delivered: {}", last[col("pg_deliveries")]);
+    assert!(last[col("pg_deliveries")] >= 20_000.0, "Postgres changes were delivered: {}", last[col("pg_deliveries")]);
     assert_eq!(last[col("lost")], 0.0, "no broadcast lost");
     assert_eq!(last[col("pg_lost")], 0.0, "no change lost");
 

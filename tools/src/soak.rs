@@ -477,7 +477,7 @@ async fn churner(ctx: Rc<Ctx>, slot: usize) {
             if ws.text(&track).await.is_ok() {
                 add(&c.tracks, 1);
             }
-            if cycle % 4 == 0 {
+            if cycle.is_multiple_of(4) {
                 let body = json!(["1", null, topic, "broadcast", {"type": "broadcast", "event": "c", "payload": {"churn": true}}]).to_string();
                 if ws.text(&body).await.is_ok() {
                     add(&c.publishes, 1);
@@ -801,10 +801,19 @@ fn run(args: &cli::Args) -> Result<i32> {
         }
         std::thread::sleep(Duration::from_millis(if pg.is_some() { 20 } else { 100 }));
     }
-    // Let the last changes arrive, then stop the workers and take the final counts.
-    std::thread::sleep(Duration::from_secs(3));
+    // Let the last changes arrive (bounded: 20 s), then stop the workers and take the final
+    // counts.
+    std::thread::sleep(Duration::from_secs(2));
+    let pg_last_min = |workers: &[WorkerProc]| workers.iter().map(|w| w.latest.lock().unwrap()["pg_last_min"].as_i64().unwrap_or(0)).filter(|v| *v > 0).min().unwrap_or(0);
     let pg_max_id = match &pg_url {
-        Some(url) => Psql::query(url, "SELECT coalesce(max(id), 0) FROM public.soak_changes")?.parse::<i64>().unwrap_or(0),
+        Some(url) => {
+            let max = Psql::query(url, "SELECT coalesce(max(id), 0) FROM public.soak_changes")?.parse::<i64>().unwrap_or(0);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while pg_last_min(&workers) < max && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            max
+        }
         None => 0,
     };
     write_row(&mut csv, &workers, pg_inserted, &mut rows)?;
@@ -832,8 +841,7 @@ fn run(args: &cli::Args) -> Result<i32> {
     let growth = if mark_rss > 0 { end_rss as f64 / mark_rss as f64 - 1.0 } else { f64::NAN };
     let memory_ok = mark_rss > 0 && growth <= 0.05;
     let (lost, pg_lost, deliveries) = (sum(&workers, "lost"), sum(&workers, "pg_lost"), sum(&workers, "deliveries"));
-    let pg_last_min = workers.iter().map(|w| w.latest.lock().unwrap()["pg_last_min"].as_i64().unwrap_or(0)).filter(|v| *v > 0).min().unwrap_or(0);
-    let pg_tail_lost = if pg_url.is_some() { (pg_max_id - pg_last_min).max(0) } else { 0 };
+    let pg_tail_lost = if pg_url.is_some() { (pg_max_id - pg_last_min(&workers)).max(0) } else { 0 };
     let delivered_ok = lost == 0 && pg_lost == 0 && pg_tail_lost == 0 && deliveries > 0 && (pg_url.is_none() || sum(&workers, "pg_deliveries") > 0);
     let first_error = workers.iter().map(|w| w.latest.lock().unwrap()["first_error"].as_str().unwrap_or("").to_string()).find(|e| !e.is_empty()).unwrap_or_default();
     let summary = json!({
