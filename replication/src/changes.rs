@@ -143,6 +143,10 @@ impl Db {
     async fn get(&self) -> Result<Rc<Client>, ReplicationError> {
         if let Some(client) = self.client.borrow().as_ref() {
             if !client.is_closed() {
+                // A reconnect abandoned at a deadline (`get_until`) left `health` false; a live
+                // connection means the database is reachable again.
+                let reader_ok = !self.control.failed.load(std::sync::atomic::Ordering::Relaxed);
+                self.health.store(reader_ok, std::sync::atomic::Ordering::Relaxed);
                 return Ok(Rc::clone(client));
             }
         }
