@@ -254,6 +254,9 @@ pub enum SystemMessage {
     },
     /// A policy re-check could not run.
     DatabaseUnreachable,
+    /// A database query got no answer within its deadline and was abandoned (PROTOCOL.md §6.3
+    /// lists the text); used in the `errors` of a Postgres change whose RLS check timed out.
+    QueryCancelled,
 }
 
 impl SystemMessage {
@@ -273,6 +276,7 @@ impl SystemMessage {
             SystemMessage::NoReadPermission { sub_topic } => no_read_permission(sub_topic).into(),
             SystemMessage::ReadPermissionRevoked { sub_topic } => format!("You no longer have permission to read from this Channel topic: {sub_topic}").into(),
             SystemMessage::DatabaseUnreachable => DB_UNREACHABLE.into(),
+            SystemMessage::QueryCancelled => "Query was cancelled, please try again".into(),
         }
     }
 
@@ -806,6 +810,7 @@ mod tests {
             (SystemMessage::NoReadPermission { sub_topic: "r".into() }, "error", "You do not have permissions to read from this Channel topic: r"),
             (SystemMessage::ReadPermissionRevoked { sub_topic: "r".into() }, "error", "You no longer have permission to read from this Channel topic: r"),
             (SystemMessage::DatabaseUnreachable, "error", "Realtime was unable to connect to the project database"),
+            (SystemMessage::QueryCancelled, "error", "Query was cancelled, please try again"),
         ];
         for (message, status, text) in system {
             assert_eq!(message.status(), status);

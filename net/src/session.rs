@@ -160,6 +160,10 @@ struct Channel {
     /// The channel token and its claims (drive private-channel and RLS checks later).
     token: String,
     claims: Claims,
+    /// A close decided while the join was still unanswered (a bad token refresh, a presence
+    /// limit): sent right after the ok reply, as upstream (whose joins finish before the next
+    /// frame is handled) would; dropped if the join fails.
+    close_after_join: Option<SystemMessage>,
 }
 
 /// One connection's state.
@@ -376,6 +380,7 @@ impl Session {
                         authorize_deadline_secs: if request.private { ctx.now_secs.saturating_add(engine::limits::AUTHORIZE_TIMEOUT_SECS) } else { i64::MAX },
                         token,
                         claims,
+                        close_after_join: None,
                     }),
                 );
                 let channel = &self.channels[topic];
@@ -501,6 +506,10 @@ impl Session {
         }
         // Replayed messages follow the reply (PROTOCOL.md §2.7).
         fx.frames.append(&mut channel.replay_frames);
+        if let Some(message) = channel.close_after_join.take() {
+            let topic = topic.clone();
+            self.close_channel(state, &topic, message, fx);
+        }
     }
 
     /// A UUID v1 string for a channel that joined without a presence key (PROTOCOL.md §2.2).
@@ -590,7 +599,14 @@ impl Session {
 
     /// Closes one channel from the server side: `system` error, `phx_close`, unsubscribe.
     fn close_channel(&mut self, state: &mut ShardState, topic: &str, message: SystemMessage, fx: &mut Effects) {
-        let Some(channel) = self.channels.get(topic) else { return };
+        let Some(channel) = self.channels.get_mut(topic) else { return };
+        if channel.state != ChannelState::Joined {
+            // The join is still unanswered: the client must see its reply before anything else
+            // on the channel (issue 16, found by the session fuzz harness), so the close waits
+            // for the ok reply (`on_join_ack`); the first reason wins.
+            channel.close_after_join.get_or_insert(message);
+            return;
+        }
         let join_ref = channel.join_ref.clone();
         fx.frames.push(frame::encode_system(self.format, as_ref(&join_ref), topic, "system", message.status(), &message.text()));
         fx.frames.push(frame::encode_close(self.format, as_ref(&join_ref), topic, "phx_close"));
@@ -673,7 +689,10 @@ impl Session {
         let expired: Vec<(Box<str>, i64)> = self
             .channels
             .iter()
-            .filter(|(_, c)| c.claims.exp <= now_secs)
+            // Only joined channels: one still waiting for its policy check or owner ack is
+            // answered first (its deadline bounds the wait) and expires at the next tick, with
+            // the number of seconds counted then.
+            .filter(|(_, c)| c.state == ChannelState::Joined && c.claims.exp <= now_secs)
             .map(|(topic, c)| (topic.clone(), now_secs - c.claims.exp))
             .collect();
         for (topic, seconds_ago) in expired {

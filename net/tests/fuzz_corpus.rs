@@ -35,3 +35,13 @@ fn join_payload_corpus_and_regressions() {
 fn presence_payload_corpus_and_regressions() {
     replay("presence_payload", powa_net::fuzzing::presence_payload);
 }
+
+#[test]
+fn rest_body_corpus_and_regressions() {
+    replay("rest_body", powa_net::fuzzing::rest_body);
+}
+
+#[test]
+fn session_corpus_and_regressions() {
+    replay("session", powa_net::fuzzing::session);
+}

@@ -62,6 +62,19 @@ pub use payload::{FIELD_BYTES_MAX_WHEN_CUT, RECORD_BYTES_MAX};
 /// Most transactions taken from the reader queue into one batch (one round of RLS checks).
 const BATCH_TXNS_MAX: usize = 64;
 const PUBLICATION_POLL: Duration = Duration::from_secs(2);
+/// How long a policy check, a subscription's metadata or a replay may wait for the database,
+/// connecting included. A database that hangs (stopped, not closed) would otherwise hold the
+/// work for ever; past the deadline it fails (a policy check as a denial, which a refresh turns
+/// into `Realtime was unable to connect to the project database`, PROTOCOL.md §6.3) and the
+/// connection it waited on is dropped. Longer than the session's own deadline for private
+/// joins ([`engine::limits::AUTHORIZE_TIMEOUT_SECS`]), so a join answers with the §2.5 text.
+const QUERY_DEADLINE: Duration = Duration::from_secs(20);
+/// How long the RLS round trip of one table of a WAL batch may take, connecting included. Past
+/// it the batch's changes for that table are delivered with `errors` =
+/// `["Query was cancelled, please try again"]` (or the unreachable text when no connection
+/// could be had) and the connection is dropped, so change delivery never stalls behind a hung
+/// database.
+const RLS_DEADLINE: Duration = Duration::from_secs(10);
 
 pub use engine::changes::{AuthzReply, CallerReply, ChangeDelivery, ChannelKey, Command, PgOut, ReplayedMessage, Subscription, COMMANDS_MAX, SHARD_INBOX_MAX};
 
@@ -129,6 +142,10 @@ impl Db {
     async fn get(&self) -> Result<Rc<Client>, ReplicationError> {
         if let Some(client) = self.client.borrow().as_ref() {
             if !client.is_closed() {
+                // A reconnect abandoned at a deadline (`get_until`) left `health` false; a live
+                // connection means the database is reachable again.
+                let reader_ok = !self.control.failed.load(std::sync::atomic::Ordering::Relaxed);
+                self.health.store(reader_ok, std::sync::atomic::Ordering::Relaxed);
                 return Ok(Rc::clone(client));
             }
         }
@@ -150,6 +167,29 @@ impl Db {
             }
         }
     }
+
+    /// A live client within `deadline`: `None` when connecting ran out of time.
+    async fn get_until(&self, deadline: tokio::time::Instant) -> Option<Result<Rc<Client>, ReplicationError>> {
+        tokio::time::timeout_at(deadline, self.get()).await.ok()
+    }
+
+    /// Forgets `client` (a query on it ran past its deadline, so the server is assumed hung):
+    /// the next caller connects afresh. Queries still waiting on it end with their deadlines.
+    fn discard(&self, client: &Rc<Client>) {
+        let mut current = self.client.borrow_mut();
+        if current.as_ref().is_some_and(|c| Rc::ptr_eq(c, client)) {
+            tracing::warn!("a database query ran past its deadline: dropping its connection");
+            *current = None;
+        }
+    }
+}
+
+fn unreachable_text() -> String {
+    SystemMessage::DatabaseUnreachable.text().into_owned()
+}
+
+fn cancelled_text() -> String {
+    SystemMessage::QueryCancelled.text().into_owned()
 }
 
 /// Connects, retrying transient errors with backoff (0.5 s doubling to 10 s); returns a
@@ -209,20 +249,34 @@ impl Driver {
         result
     }
 
-    /// Runs one query of the core and hands the result back.
+    /// Runs one query of the core and hands the result back, within [`QUERY_DEADLINE`].
     async fn run_query(self: Rc<Self>, query: Query) {
+        let deadline = tokio::time::Instant::now() + QUERY_DEADLINE;
         match query {
             Query::Metadata { subscription, generation } => {
-                let outcome = match self.meta.get().await {
-                    Ok(client) => validate(&client, &subscription).await,
-                    Err(_) => Err(SystemMessage::DatabaseUnreachable.text().into_owned()),
+                let outcome = match self.meta.get_until(deadline).await {
+                    Some(Ok(client)) => match tokio::time::timeout_at(deadline, validate(&client, &subscription)).await {
+                        Ok(outcome) => outcome,
+                        Err(_) => {
+                            self.meta.discard(&client);
+                            Err(cancelled_text())
+                        }
+                    },
+                    Some(Err(_)) | None => Err(unreachable_text()),
                 };
                 self.with(|core| core.finish_subscribe(subscription.key, generation, &subscription.role, &subscription.claims_json, outcome));
             }
             Query::Policy(request) => {
-                let result = match self.authz.get().await {
-                    Ok(client) => crate::policy::check(&client, &request).await,
-                    Err(error) => crate::policy::AuthzResult::failed(error.to_string()),
+                let result = match self.authz.get_until(deadline).await {
+                    Some(Ok(client)) => match tokio::time::timeout_at(deadline, crate::policy::check(&client, &request)).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            self.authz.discard(&client);
+                            crate::policy::AuthzResult::failed(cancelled_text())
+                        }
+                    },
+                    Some(Err(error)) => crate::policy::AuthzResult::failed(error.to_string()),
+                    None => crate::policy::AuthzResult::failed(unreachable_text()),
                 };
                 if let Some(error) = &result.error {
                     tracing::warn!(role = %request.role, topic = %request.topic, %error, "policy check failed (counts as a denial)");
@@ -230,9 +284,16 @@ impl Driver {
                 self.with(|core| core.policy_done(&request, result, std::time::Instant::now()));
             }
             Query::Replay { key, topic, since_ms, limit } => {
-                let result = match self.meta.get().await {
-                    Ok(client) => replay(&client, &topic, since_ms, limit).await.map_err(|e| sql::error_text(&e)),
-                    Err(error) => Err(error.to_string()),
+                let result = match self.meta.get_until(deadline).await {
+                    Some(Ok(client)) => match tokio::time::timeout_at(deadline, replay(&client, &topic, since_ms, limit)).await {
+                        Ok(result) => result.map_err(|e| sql::error_text(&e)),
+                        Err(_) => {
+                            self.meta.discard(&client);
+                            Err(cancelled_text())
+                        }
+                    },
+                    Some(Err(error)) => Err(error.to_string()),
+                    None => Err(unreachable_text()),
                 };
                 self.with(|core| core.replay_done(key, result));
             }
@@ -531,35 +592,45 @@ async fn process(driver: &Rc<Driver>, rls: &Db, batch: Vec<Arc<Txn>>) {
     let mut verdicts = Verdicts::default();
     for query in &queries {
         let started = std::time::Instant::now();
-        let results: Vec<Result<Vec<bool>, String>> = match rls.get().await {
-            Ok(client) => {
-                // Each group's role's compiled policies (cached; a failure to compile is that
-                // group's error).
-                let mut policies: Vec<Result<Rc<str>, String>> = Vec::with_capacity(query.groups.len());
-                for ((role, _), _) in &query.groups {
-                    policies.push(driver.policies.get(&client, &query.table, role).await.map_err(|e| sql::error_text(&e)));
+        let deadline = tokio::time::Instant::now() + RLS_DEADLINE;
+        let results: Vec<Result<Vec<bool>, String>> = match rls.get_until(deadline).await {
+            Some(Ok(client)) => {
+                let round_trip = async {
+                    // Each group's role's compiled policies (cached; a failure to compile is that
+                    // group's error).
+                    let mut policies: Vec<Result<Rc<str>, String>> = Vec::with_capacity(query.groups.len());
+                    for ((role, _), _) in &query.groups {
+                        policies.push(driver.policies.get(&client, &query.table, role).await.map_err(|e| sql::error_text(&e)));
+                    }
+                    let images: Vec<Vec<&sql::RowImage>> = query.groups.iter().map(|(_, rows)| rows.iter().map(|(_, image)| &**image).collect()).collect();
+                    let runnable: Vec<usize> = (0..query.groups.len()).filter(|g| policies[*g].is_ok()).collect();
+                    let request: Vec<sql::RlsGroup<'_>> = runnable
+                        .iter()
+                        .map(|&g| {
+                            let ((role, claims), _) = &query.groups[g];
+                            let policy: &str = policies[g].as_ref().map(|p| &**p).unwrap_or("false");
+                            sql::RlsGroup { role, claims_json: claims, policy, rows: &images[g] }
+                        })
+                        .collect();
+                    let mut answers = sql::rls_visible_groups(&client, &query.table, &request).await.into_iter();
+                    driver.stats.rls_latency.observe(started.elapsed().as_micros() as u64);
+                    policies
+                        .iter()
+                        .map(|policy| match policy {
+                            Ok(_) => answers.next().map(|r| r.map_err(|e| sql::error_text(&e))).unwrap_or_else(|| Err(unreachable_text())),
+                            Err(error) => Err(error.clone()),
+                        })
+                        .collect::<Vec<Result<Vec<bool>, String>>>()
+                };
+                match tokio::time::timeout_at(deadline, round_trip).await {
+                    Ok(results) => results,
+                    Err(_) => {
+                        rls.discard(&client);
+                        query.groups.iter().map(|_| Err(cancelled_text())).collect()
+                    }
                 }
-                let images: Vec<Vec<&sql::RowImage>> = query.groups.iter().map(|(_, rows)| rows.iter().map(|(_, image)| &**image).collect()).collect();
-                let runnable: Vec<usize> = (0..query.groups.len()).filter(|g| policies[*g].is_ok()).collect();
-                let request: Vec<sql::RlsGroup<'_>> = runnable
-                    .iter()
-                    .map(|&g| {
-                        let ((role, claims), _) = &query.groups[g];
-                        let policy: &str = policies[g].as_ref().map(|p| &**p).unwrap_or("false");
-                        sql::RlsGroup { role, claims_json: claims, policy, rows: &images[g] }
-                    })
-                    .collect();
-                let mut answers = sql::rls_visible_groups(&client, &query.table, &request).await.into_iter();
-                driver.stats.rls_latency.observe(started.elapsed().as_micros() as u64);
-                policies
-                    .iter()
-                    .map(|policy| match policy {
-                        Ok(_) => answers.next().map(|r| r.map_err(|e| sql::error_text(&e))).unwrap_or_else(|| Err(SystemMessage::DatabaseUnreachable.text().into_owned())),
-                        Err(error) => Err(error.clone()),
-                    })
-                    .collect()
             }
-            Err(_) => query.groups.iter().map(|_| Err(SystemMessage::DatabaseUnreachable.text().into_owned())).collect(),
+            Some(Err(_)) | None => query.groups.iter().map(|_| Err(unreachable_text())).collect(),
         };
         verdicts.record(query, results);
     }

@@ -327,6 +327,16 @@ impl Conn {
         self.ws.send_text(&text);
     }
 
+    /// Sends several text frames in one TCP write (the server reads them together).
+    pub fn send_frames(&mut self, texts: &[String]) {
+        let mut bytes = Vec::new();
+        for text in texts {
+            self.log_line(format!("-> {text}"));
+            bytes.extend_from_slice(&crate::wsclient::raw_frame(0x1, text.as_bytes(), Some([1, 2, 3, 4])));
+        }
+        self.ws.send_raw(&bytes);
+    }
+
     /// Sends `event` on `topic` with the topic's join_ref (V1: the `join_ref` key; omitted when
     /// the topic was never joined); returns the ref.
     pub fn send(&mut self, topic: &str, event: &str, payload: Value) -> String {

@@ -54,6 +54,15 @@ impl Server {
         Server { child, addr }
     }
 
+    /// Spawns a prepared [`Server::command`] (e.g. with a `pre_exec` hook) for `addr` and waits
+    /// until it serves.
+    pub fn start_command(mut command: Command, addr: SocketAddr) -> Server {
+        let child = command.spawn().expect("spawn powa-realtime");
+        let mut server = Server { child, addr };
+        server.wait_healthy();
+        server
+    }
+
     /// The `serve` command [`Server::start_on`] runs, not started yet.
     pub fn command(addr: SocketAddr, extra_env: &[(&str, &str)]) -> Command {
         let mut command = Command::new(binary());
