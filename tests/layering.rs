@@ -1,7 +1,7 @@
 //! The crate dependency rule (ARCHITECTURE.md, "Crates and their dependencies"), read from
-//! `cargo metadata`: `engine` and `auth` depend on no workspace crate; `net` (sockets, wire) and
-//! `replication` (PostgreSQL) depend only on them, never on each other; only the binary,
-//! `benches` and `tools` wire the sides together.
+//! `cargo metadata`: `engine` and `auth` depend on no workspace crate; `tenants` (pure) only on
+//! them; `net` (sockets, wire) and `replication` (PostgreSQL) depend only on those three, never
+//! on each other; only the binary, `benches` and `tools` wire the sides together.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -12,8 +12,9 @@ use serde_json::Value;
 const ALLOWED: &[(&str, &[&str])] = &[
     ("powa-engine", &[]),
     ("powa-auth", &[]),
-    ("powa-net", &["powa-engine", "powa-auth"]),
-    ("powa-replication", &["powa-engine", "powa-auth"]),
+    ("powa-tenants", &["powa-engine", "powa-auth"]),
+    ("powa-net", &["powa-engine", "powa-auth", "powa-tenants"]),
+    ("powa-replication", &["powa-engine", "powa-auth", "powa-tenants"]),
 ];
 
 #[test]

@@ -176,7 +176,8 @@ pub fn rest_body(data: &[u8]) {
         headers: vec![("authorization".into(), format!("Bearer {token}")), ("content-type".into(), content_type.into())],
         len: 0,
     };
-    let result = crate::rest::handle(&route, &head, body, keys, payload_bytes_max, database, NOW);
+    let tenant = crate::rest::RestTenant { id: engine::TenantId::SINGLE, keys, payload_bytes_max, database };
+    let result = crate::rest::handle(tenant, &route, &head, body, NOW);
     let text = String::from_utf8_lossy(&result.response);
     let status: u16 = text.get(9..12).and_then(|s| s.parse().ok()).expect("a status line");
     assert!([202, 401, 403, 413, 415, 422].contains(&status), "undocumented status {status}");
@@ -291,7 +292,7 @@ pub fn session(data: &[u8]) {
         next_ref += 1;
         let r = next_ref.to_string();
         let join_ref = "j".to_string() + &topic_index.to_string();
-        let ctx = Context { limits: &limits, keys: &keys, database, now_secs: now, now_ms: now * 1000, presence_rate_exceeded: false };
+        let ctx = Context { limits: &limits, keys: &keys, database, now_secs: now, now_ms: now * 1000, presence_rate_exceeded: false, tenant: crate::session::TenantGate::default() };
         let mut fx = Effects::default();
         let text = |event: &str, payload: Value| -> String {
             match format {
