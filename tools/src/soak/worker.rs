@@ -192,6 +192,68 @@ async fn member(ctx: Rc<Ctx>, slot: usize) {
     }
 }
 
+/// What a member has received so far on its current connection: the next sequence expected
+/// per (sender, sender's connection), and the last row id of Postgres Changes.
+#[derive(Default)]
+struct Received {
+    next_expected: HashMap<(u64, u64), u64>,
+    last_pg: Option<i64>,
+}
+
+impl Received {
+    /// Counts one frame and checks it for gaps; `Some` when the channel ended.
+    fn frame(&mut self, c: &Counters, global: usize, frame: In) -> Option<End> {
+        match frame {
+            In::Text(text) => {
+                let v = serde_json::from_slice::<Value>(&text).ok()?;
+                match v[3].as_str().unwrap_or("") {
+                    "broadcast" => self.broadcast(c, &v[4]["payload"]),
+                    "postgres_changes" => self.change(c, global, v[4]["data"]["record"]["id"].as_i64()),
+                    "presence_diff" | "presence_state" => add(&c.presence_events, 1),
+                    "phx_error" | "phx_close" => {
+                        add(&c.other_closes, 1);
+                        return Some(End::Failed(format!("channel ended: {}", String::from_utf8_lossy(&text))));
+                    }
+                    _ => {}
+                }
+                None
+            }
+            In::Close(code) => {
+                add(if code == 1008 { &c.slow_closes } else { &c.other_closes }, 1);
+                Some(End::Failed(format!("closed by the server with {code}")))
+            }
+            In::Other => None,
+        }
+    }
+
+    fn broadcast(&mut self, c: &Counters, p: &Value) {
+        add(&c.deliveries, 1);
+        let (Some(sender), Some(e), Some(s)) = (p["p"].as_u64(), p["e"].as_u64(), p["s"].as_u64()) else { return };
+        let expected = self.next_expected.entry((sender, e)).or_insert(s);
+        if s > *expected {
+            add(&c.lost, s - *expected);
+        } else if s < *expected {
+            add(&c.reordered, 1);
+        }
+        *expected = (*expected).max(s + 1);
+    }
+
+    fn change(&mut self, c: &Counters, global: usize, id: Option<i64>) {
+        add(&c.pg_deliveries, 1);
+        let Some(id) = id else { return };
+        if let Some(last) = self.last_pg {
+            if id > last + 1 {
+                add(&c.pg_lost, (id - last - 1) as u64);
+            } else if id <= last {
+                add(&c.reordered, 1);
+            }
+        }
+        let last = self.last_pg.map_or(id, |l| l.max(id));
+        self.last_pg = Some(last);
+        c.pg_last.borrow_mut().insert(global, last);
+    }
+}
+
 async fn member_session(ctx: &Ctx, ws: &mut Ws, global: usize, epoch: u64, topic: &str, offset: Duration) -> End {
     let c = &ctx.counters;
     let mut stop = ctx.stop.clone();
@@ -201,83 +263,35 @@ async fn member_session(ctx: &Ctx, ws: &mut Ws, global: usize, epoch: u64, topic
     let mut publish = tokio::time::interval_at(first_publish, period);
     publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let padding = "x".repeat(ctx.cfg.payload.saturating_sub(30));
-    let mut seq: u64 = 0;
-    let mut next_expected: HashMap<(u64, u64), u64> = HashMap::new();
-    let mut last_pg: Option<i64> = None;
-    let mut hb = 0u64;
+    let (mut seq, mut hb) = (0u64, 0u64);
+    let mut received = Received::default();
+    let failed = |why: &str| {
+        add(&c.other_closes, 1);
+        End::Failed(why.to_string())
+    };
     loop {
         tokio::select! {
             frame = ws.next() => {
-                let frame = match frame {
-                    Ok(frame) => frame,
-                    Err(error) => {
-                        add(&c.other_closes, 1);
-                        return End::Failed(error.to_string());
-                    }
-                };
                 match frame {
-                    In::Text(text) => {
-                        let Ok(v) = serde_json::from_slice::<Value>(&text) else { continue };
-                        match v[3].as_str().unwrap_or("") {
-                            "broadcast" => {
-                                add(&c.deliveries, 1);
-                                let p = &v[4]["payload"];
-                                if let (Some(sender), Some(e), Some(s)) = (p["p"].as_u64(), p["e"].as_u64(), p["s"].as_u64()) {
-                                    let expected = next_expected.entry((sender, e)).or_insert(s);
-                                    if s > *expected {
-                                        add(&c.lost, s - *expected);
-                                    } else if s < *expected {
-                                        add(&c.reordered, 1);
-                                    }
-                                    *expected = (*expected).max(s + 1);
-                                }
-                            }
-                            "postgres_changes" => {
-                                add(&c.pg_deliveries, 1);
-                                if let Some(id) = v[4]["data"]["record"]["id"].as_i64() {
-                                    if let Some(last) = last_pg {
-                                        if id > last + 1 {
-                                            add(&c.pg_lost, (id - last - 1) as u64);
-                                        } else if id <= last {
-                                            add(&c.reordered, 1);
-                                        }
-                                    }
-                                    last_pg = Some(last_pg.map_or(id, |l| l.max(id)));
-                                    c.pg_last.borrow_mut().insert(global, last_pg.unwrap_or(id));
-                                }
-                            }
-                            "presence_diff" | "presence_state" => add(&c.presence_events, 1),
-                            "phx_error" | "phx_close" => {
-                                add(&c.other_closes, 1);
-                                return End::Failed(format!("channel ended: {}", String::from_utf8_lossy(&text)));
-                            }
-                            _ => {}
+                    Ok(frame) => {
+                        if let Some(end) = received.frame(c, global, frame) {
+                            return end;
                         }
                     }
-                    In::Close(code) => {
-                        if code == 1008 {
-                            add(&c.slow_closes, 1);
-                        } else {
-                            add(&c.other_closes, 1);
-                        }
-                        return End::Failed(format!("closed by the server with {code}"));
-                    }
-                    In::Other => {}
+                    Err(error) => return failed(&error.to_string()),
                 }
             }
             _ = heartbeat.tick() => {
                 hb += 1;
                 if ws.text(&format!("[null,\"h{hb}\",\"phoenix\",\"heartbeat\",{{}}]")).await.is_err() {
-                    add(&c.other_closes, 1);
-                    return End::Failed("heartbeat write failed".into());
+                    return failed("heartbeat write failed");
                 }
             }
             _ = publish.tick(), if ctx.cfg.publish_every.is_some() => {
                 let body = json!(["1", null, topic, "broadcast", {"type": "broadcast", "event": "m", "payload": {"p": global, "e": epoch, "s": seq, "x": padding}}]).to_string();
                 seq += 1;
                 if ws.text(&body).await.is_err() {
-                    add(&c.other_closes, 1);
-                    return End::Failed("publish write failed".into());
+                    return failed("publish write failed");
                 }
                 add(&c.publishes, 1);
             }
@@ -412,5 +426,33 @@ pub(crate) fn worker_main(args: &cli::Args) -> Result<i32> {
 async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
     for task in tasks {
         let _ = task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(value: Value) -> In {
+        In::Text(value.to_string().into_bytes())
+    }
+
+    #[test]
+    fn gaps_in_sequences_and_row_ids_count_as_lost() {
+        let c = Counters::default();
+        let mut r = Received::default();
+        for s in [0u64, 1, 3, 2, 4] {
+            assert!(r.frame(&c, 7, text(json!(["1", null, "realtime:soak-0", "broadcast", {"payload": {"p": 1, "e": 1, "s": s}}]))).is_none());
+        }
+        // A reconnected sender (new epoch) starts again at 0 without a gap.
+        assert!(r.frame(&c, 7, text(json!(["1", null, "realtime:soak-0", "broadcast", {"payload": {"p": 1, "e": 2, "s": 0}}]))).is_none());
+        assert_eq!((c.deliveries.get(), c.lost.get(), c.reordered.get()), (6, 1, 1));
+        for id in [10i64, 11, 14] {
+            r.frame(&c, 7, text(json!(["1", null, "realtime:soak-0", "postgres_changes", {"data": {"record": {"id": id}}}])));
+        }
+        assert_eq!((c.pg_deliveries.get(), c.pg_lost.get()), (3, 2));
+        assert_eq!(c.pg_last.borrow().get(&7), Some(&14));
+        assert!(matches!(r.frame(&c, 7, In::Close(1008)), Some(End::Failed(_))));
+        assert_eq!(c.slow_closes.get(), 1);
     }
 }
