@@ -34,6 +34,16 @@ impl Databases for Fleet {
         let (commands, healthy) = self.fleet.handle(tenant, &external_id, url, payload_bytes_max);
         DbHandle { commands, healthy }
     }
+
+    /// A removed tenant's stream stops now (slot dropped), not after the idle stop.
+    fn directory_changed(&self, directory: &tenants::Directory) {
+        for stats in self.fleet.stats() {
+            if directory.get(stats.tenant).is_none() {
+                tracing::info!(tenant = %stats.external_id, "tenant removed: stopping its replication stream");
+                self.fleet.retire(stats.tenant);
+            }
+        }
+    }
 }
 
 /// The tenant API over a tenants file: read-only (writes answer 405).

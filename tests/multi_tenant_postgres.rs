@@ -128,4 +128,26 @@ fn each_tenants_database_feeds_only_its_own_subscribers() {
     let (_, metrics) = http_request(server.addr, "GET", "/metrics", &[], b"").unwrap();
     let metrics = String::from_utf8(metrics).unwrap();
     assert!(metrics.contains("realtime_tenant_databases{state=\"running\"} 2"), "{metrics}");
+
+    // Globex removed from the file: its sockets are disconnected and its stream stops at once,
+    // dropping its slot; acme streams on.
+    let text = format!("[[tenant]]\nexternal_id = \"acme\"\njwt_secret = \"{}\"\ndatabase_url = \"postgres://postgres@127.0.0.1:{port}/acme\"\n", secret("acme"));
+    std::fs::write(&file, text).unwrap();
+    server.signal(libc::SIGHUP);
+    let notice = next(&mut globex, |f| f["event"] == "system" && f["payload"]["message"] == "Server requested disconnect", Duration::from_secs(5));
+    assert!(notice.is_some(), "globex's socket is told to go");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let slots = db.one("SELECT coalesce(string_agg(slot_name, ',' ORDER BY slot_name), '') FROM pg_replication_slots");
+        if !slots.contains("mt_globex_") {
+            assert!(slots.contains("mt_acme_"), "{slots}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "globex's slot outlived its tenant: {slots}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    db.exec("\\c acme");
+    db.exec("INSERT INTO public.todos VALUES (2, 'still streaming')");
+    let row = change(&mut acme, Duration::from_secs(15)).expect("acme streams on");
+    assert_eq!(row["payload"]["data"]["record"]["title"], "still streaming");
 }

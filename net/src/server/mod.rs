@@ -98,6 +98,10 @@ pub struct DbHandle {
 pub trait Databases: Send + Sync + std::fmt::Debug {
     /// The core of `tenant`, whose database is `url`, started on first need.
     fn handle(&self, tenant: engine::TenantId, url: &str) -> DbHandle;
+
+    /// The tenant directory changed (called by shard 0, once per change): stop at once what
+    /// belongs to tenants that are gone (their replication slots are dropped).
+    fn directory_changed(&self, _directory: &tenants::Directory) {}
 }
 
 /// The tenant API (`/api/tenants...`, CONTRACT.md): the binary answers it (the tenants file

@@ -317,6 +317,11 @@ impl Shard {
         let version = self.config.tenants.version();
         let directory = self.config.tenants.load();
         self.tenants_version.set(version);
+        if self.id.index() == 0 {
+            if let Some(link) = &self.config.postgres {
+                link.databases.directory_changed(&directory);
+            }
+        }
         let mut disconnect: Vec<TenantId> = Vec::new();
         {
             let tenants = self.tenants.borrow();
