@@ -396,21 +396,21 @@ async fn rls_pipeline(client: &Client, table: &TableInfo, groups: &[RlsGroup<'_>
 /// table's check).
 const POSITION: &str = "__powa_row";
 
-/// `SELECT pos FROM (SELECT $1[i]::<type1> AS <col1>, …, pos FROM unnest($1::text[], …,
-/// $n+1::int4[])) AS <table> WHERE <policy>`: which committed rows the current role may read.
+/// `SELECT pos FROM unnest($1::text[], …, $n+1::int4[]) AS u(…), LATERAL
+/// unnest(ARRAY[ROW(u.v1::<type1>, …)::<schema>.<table>]) AS <table> WHERE <policy>`: which
+/// committed rows the current role may read. Each row is a value of the table's own composite
+/// type under the table's name, so a policy may use its columns and the whole row alike
+/// (`check_row(todos)`, `to_jsonb(todos)`), as it would on the table itself.
 fn committed_select(table: &TableInfo, policy: &str) -> String {
     let n = table.columns.len();
     let arrays = (1..=n).map(|i| format!("${i}::text[]")).chain(std::iter::once(format!("${}::int4[]", n + 1))).collect::<Vec<_>>().join(", ");
-    let names = (0..n).map(|i| format!("v{i}")).chain(std::iter::once(POSITION.to_string())).collect::<Vec<_>>().join(", ");
-    let casts = table
-        .columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| format!("u.v{i}::{} AS {}", c.type_sql, quote_ident(&c.name)))
-        .chain(std::iter::once(format!("u.{POSITION}")))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!("SELECT {} FROM (SELECT {casts} FROM unnest({arrays}) AS u({names})) AS {} WHERE {policy}", quote_ident(&table.table) + "." + POSITION, quote_ident(&table.table))
+    let names = (0..n).map(|i| format!("{POSITION}_v{i}")).chain(std::iter::once(POSITION.to_string())).collect::<Vec<_>>().join(", ");
+    let fields = table.columns.iter().enumerate().map(|(i, c)| format!("u.{POSITION}_v{i}::{}", c.type_sql)).collect::<Vec<_>>().join(", ");
+    let qualified = format!("{}.{}", quote_ident(&table.schema), quote_ident(&table.table));
+    format!(
+        "SELECT u.{POSITION} FROM unnest({arrays}) AS u({names}), LATERAL unnest(ARRAY[ROW({fields})::{qualified}]) AS {} WHERE {policy}",
+        quote_ident(&table.table)
+    )
 }
 
 /// `SELECT pos FROM <table> JOIN unnest($1::text[], …, $k+1::int4[]) ON key = …`: which of the
@@ -510,6 +510,44 @@ mod tests {
             let results = rls_visible_groups(&client, &table, &groups).await;
             assert_eq!(results[0].as_ref().unwrap(), &vec![true, true]);
             assert_eq!(results[1].as_ref().unwrap(), &vec![false, false]);
+        });
+    }
+
+    /// A policy that uses the whole row (a function taking the table's row type, `to_jsonb`)
+    /// is judged on the committed row as on the table itself.
+    #[test]
+    fn whole_row_policies_see_the_tables_row_type() {
+        let (cluster, _guard) = crate::cluster::Cluster::throwaway().expect("PostgreSQL 15");
+        cluster
+            .psql(
+                "create role reader nologin; create role jsoner nologin; \
+                 create table public.t (id int primary key, owner text, note text); grant select on public.t to reader, jsoner; \
+                 alter table public.t enable row level security; \
+                 create function public.mine(r public.t) returns boolean language sql stable as $$ select r.owner = current_setting('request.jwt.claims', true)::json->>'sub' $$; \
+                 create policy own on public.t for select to reader using (public.mine(t)); \
+                 create policy json on public.t for select to jsoner using (to_jsonb(t) = jsonb_build_object('id', id, 'owner', owner, 'note', note) and owner is not null);",
+            )
+            .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async {
+            let client = connect(&cluster.url()).await.unwrap();
+            let table = table_info(&client, "public", "t").await.unwrap().unwrap();
+            let reader = compile_rls(&client, &table, "reader").await.unwrap();
+            let jsoner = compile_rls(&client, &table, "jsoner").await.unwrap();
+            let owned = [
+                RowImage { key: vec!["1".into()], cells: Some(vec![Some("1".into()), Some("alice".into()), None]) },
+                RowImage { key: vec!["2".into()], cells: Some(vec![Some("2".into()), Some("bob".into()), Some("n".into())]) },
+                RowImage { key: vec!["3".into()], cells: Some(vec![Some("3".into()), None, Some("n".into())]) },
+            ];
+            let rows: Vec<&RowImage> = owned.iter().collect();
+            let groups = [
+                RlsGroup { role: "reader", claims_json: r#"{"sub":"alice"}"#, policy: &reader, rows: &rows },
+                RlsGroup { role: "jsoner", claims_json: "{}", policy: &jsoner, rows: &rows },
+            ];
+            let results = rls_visible_groups(&client, &table, &groups).await;
+            assert_eq!(results[0].as_ref().map_err(error_text).unwrap(), &vec![true, false, false]);
+            assert_eq!(results[1].as_ref().map_err(error_text).unwrap(), &vec![true, true, false], "to_jsonb(t) is exactly the table's row");
         });
     }
 
