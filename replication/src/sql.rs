@@ -396,12 +396,48 @@ async fn rls_pipeline(client: &Client, table: &TableInfo, groups: &[RlsGroup<'_>
 /// table's check).
 const POSITION: &str = "__powa_row";
 
+/// The check for committed rows: over a plain subquery of typed columns when the policy only
+/// names columns (the fast form), over values of the table's row type when it uses the whole
+/// row (`check_row(todos)`, `to_jsonb(todos)`, `todos.*`), which costs ≈ 20 % of W5's RLS
+/// throughput (benches/RESULTS.md).
+fn committed_select(table: &TableInfo, policy: &str) -> String {
+    if uses_whole_row(policy, &table.table) {
+        committed_select_rows(table, policy)
+    } else {
+        committed_select_columns(table, policy)
+    }
+}
+
+/// Whether `policy` (as `pg_get_expr` prints it, columns unqualified) refers to the table's whole
+/// row: its name as an identifier that is neither qualified (`x.todos`) nor qualifying a column
+/// (`todos.col`; `todos.*` counts as the whole row). A name inside a string literal or a
+/// subquery's `FROM todos` also counts: that only costs the slower form, never a wrong answer.
+pub(crate) fn uses_whole_row(policy: &str, table: &str) -> bool {
+    let name = quote_ident(table);
+    let ident = |c: char| c.is_alphanumeric() || c == '_' || c == '$' || c == '"';
+    let mut from = 0;
+    while let Some(found) = policy[from..].find(name.as_str()) {
+        let at = from + found;
+        let end = at + name.len();
+        from = end;
+        let before = policy[..at].chars().next_back();
+        if before.is_some_and(|c| ident(c) || c == '.') || policy[end..].chars().next().is_some_and(ident) {
+            continue;
+        }
+        let rest = policy[end..].trim_start();
+        if !rest.starts_with('.') || rest.starts_with(".*") {
+            return true;
+        }
+    }
+    false
+}
+
 /// `SELECT pos FROM unnest($1::text[], …, $n+1::int4[]) AS u(…), LATERAL
 /// unnest(ARRAY[ROW(u.v1::<type1>, …)::<schema>.<table>]) AS <table> WHERE <policy>`: which
 /// committed rows the current role may read. Each row is a value of the table's own composite
 /// type under the table's name, so a policy may use its columns and the whole row alike
 /// (`check_row(todos)`, `to_jsonb(todos)`), as it would on the table itself.
-fn committed_select(table: &TableInfo, policy: &str) -> String {
+fn committed_select_rows(table: &TableInfo, policy: &str) -> String {
     let n = table.columns.len();
     let arrays = (1..=n).map(|i| format!("${i}::text[]")).chain(std::iter::once(format!("${}::int4[]", n + 1))).collect::<Vec<_>>().join(", ");
     let names = (0..n).map(|i| format!("{POSITION}_v{i}")).chain(std::iter::once(POSITION.to_string())).collect::<Vec<_>>().join(", ");
@@ -411,6 +447,21 @@ fn committed_select(table: &TableInfo, policy: &str) -> String {
         "SELECT u.{POSITION} FROM unnest({arrays}) AS u({names}), LATERAL unnest(ARRAY[ROW({fields})::{qualified}]) AS {} WHERE {policy}",
         quote_ident(&table.table)
     )
+}
+
+fn committed_select_columns(table: &TableInfo, policy: &str) -> String {
+    let n = table.columns.len();
+    let arrays = (1..=n).map(|i| format!("${i}::text[]")).chain(std::iter::once(format!("${}::int4[]", n + 1))).collect::<Vec<_>>().join(", ");
+    let names = (0..n).map(|i| format!("v{i}")).chain(std::iter::once(POSITION.to_string())).collect::<Vec<_>>().join(", ");
+    let casts = table
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("u.v{i}::{} AS {}", c.type_sql, quote_ident(&c.name)))
+        .chain(std::iter::once(format!("u.{POSITION}")))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("SELECT {} FROM (SELECT {casts} FROM unnest({arrays}) AS u({names})) AS {} WHERE {policy}", quote_ident(&table.table) + "." + POSITION, quote_ident(&table.table))
 }
 
 /// `SELECT pos FROM <table> JOIN unnest($1::text[], …, $k+1::int4[]) ON key = …`: which of the
@@ -511,6 +562,18 @@ mod tests {
             assert_eq!(results[0].as_ref().unwrap(), &vec![true, true]);
             assert_eq!(results[1].as_ref().unwrap(), &vec![false, false]);
         });
+    }
+
+    #[test]
+    fn whole_row_references_are_recognised() {
+        assert!(uses_whole_row("public.mine(t)", "t"));
+        assert!(uses_whole_row("(to_jsonb(t) = x)", "t"));
+        assert!(uses_whole_row("check(t.*)", "t"));
+        assert!(uses_whole_row("check(\"Todo List\")", "Todo List"));
+        assert!(!uses_whole_row("(owner = (auth.uid())::text)", "t"));
+        assert!(!uses_whole_row("(t.owner = 'x') AND (team_id IN (SELECT m.team_id FROM public.members m))", "t"));
+        assert!(!uses_whole_row("(todos_count > 1)", "todos"));
+        assert!(!uses_whole_row("EXISTS (SELECT 1 FROM public.todos x)", "todos"));
     }
 
     /// A policy that uses the whole row (a function taking the table's row type, `to_jsonb`)
