@@ -219,26 +219,9 @@ pub fn merge(existing: Option<&TenantConfig>, fields: &Map<String, Value>) -> Re
     Ok(config)
 }
 
-/// A field name for an error (unknown names are reported as themselves, bounded).
+/// A field name for an error: a known field by its name, anything else as `tenant`.
 fn known_field(key: &str) -> &'static str {
-    const FIELDS: &[&str] = &[
-        "external_id",
-        "name",
-        "jwt_secret",
-        "jwt_jwks",
-        "database_url",
-        "extensions",
-        "max_concurrent_users",
-        "max_events_per_second",
-        "max_joins_per_second",
-        "max_channels_per_client",
-        "max_presence_events_per_second",
-        "max_payload_size_in_kb",
-        "private_only",
-        "suspend",
-        "presence_enabled",
-    ];
-    FIELDS.iter().find(|f| **f == key).copied().unwrap_or("tenant")
+    crate::config::FILE_FIELDS.iter().find(|f| **f == key).copied().unwrap_or("tenant")
 }
 
 /// A tenant as the API shows it: effective limits, flags, the database without its password;

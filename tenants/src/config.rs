@@ -31,7 +31,7 @@ pub const EXTERNAL_ID_BYTES_MAX: usize = 63;
 
 /// The fields a tenants file entry may have (anything else is refused: a misspelt limit would
 /// otherwise be silently ignored).
-const FILE_FIELDS: &[&str] = &[
+pub(crate) const FILE_FIELDS: &[&str] = &[
     "external_id",
     "name",
     "jwt_secret",
