@@ -6,7 +6,6 @@ mod support;
 mod wsclient;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -20,11 +19,8 @@ const WAIT: Duration = Duration::from_secs(5);
 /// One rate tick (§9.2) plus slack: limits are decided at ticks.
 const TICK: Duration = Duration::from_millis(5_600);
 
-/// A token signed with `secret`, minted by the binary's own `token` command.
 fn token_for(secret: &str, role: &str) -> String {
-    let output = Command::new(support::binary()).args(["token", "--role", role]).env("JWT_SECRET", secret).output().expect("run powa-realtime token");
-    assert!(output.status.success());
-    String::from_utf8(output.stdout).unwrap().trim().to_string()
+    support::token_signed(secret, role)
 }
 
 /// A scratch directory for the tenants file.

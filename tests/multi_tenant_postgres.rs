@@ -6,7 +6,6 @@ mod pgsupport;
 mod support;
 mod wsclient;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -22,8 +21,7 @@ fn secret(tenant: &str) -> String {
 }
 
 fn token_for(tenant: &str, role: &str) -> String {
-    let output = Command::new(support::binary()).args(["token", "--role", role]).env("JWT_SECRET", secret(tenant)).output().expect("token");
-    String::from_utf8(output.stdout).unwrap().trim().to_string()
+    support::token_signed(&secret(tenant), role)
 }
 
 fn connect(server: &Server, tenant: &str) -> Client {

@@ -5,7 +5,6 @@ mod pgsupport;
 mod support;
 mod wsclient;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -16,11 +15,8 @@ use wsclient::{v1, Client, Frame};
 const API_SECRET: &str = "api-secret-0123456789-abcdefghijklmnopqrstuvwxyz";
 const WAIT: Duration = Duration::from_secs(5);
 
-/// A JWT signed with `secret` (the binary's `token` command).
 fn token_for(secret: &str, role: &str) -> String {
-    let output = Command::new(support::binary()).args(["token", "--role", role]).env("JWT_SECRET", secret).output().expect("run powa-realtime token");
-    assert!(output.status.success());
-    String::from_utf8(output.stdout).unwrap().trim().to_string()
+    support::token_signed(secret, role)
 }
 
 /// Calls the API; returns (status, body as JSON or null).

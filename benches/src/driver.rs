@@ -65,8 +65,13 @@ pub fn ws_connect(port: u16, token: &str) -> TcpStream {
 
 /// Sends the V2 WebSocket upgrade on an open stream (plain or TLS) and reads the 101 head.
 pub fn upgrade<S: Read + Write + ?Sized>(stream: &mut S, token: &str) {
+    upgrade_host(stream, token, "localhost");
+}
+
+/// [`upgrade`] naming `host` in the Host header (the tenant in multi-tenant mode).
+pub fn upgrade_host<S: Read + Write + ?Sized>(stream: &mut S, token: &str, host: &str) {
     let request = format!(
-        "GET /realtime/v1/websocket?apikey={token}&vsn=2.0.0 HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        "GET /realtime/v1/websocket?apikey={token}&vsn=2.0.0 HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).unwrap();
     stream.flush().unwrap();

@@ -146,6 +146,13 @@ impl Drop for Server {
     }
 }
 
+/// Mints a token for `role` signed with `secret` (a tenant's), with the binary's `token` command.
+pub fn token_signed(secret: &str, role: &str) -> String {
+    let output = Command::new(binary()).args(["token", "--role", role]).env("JWT_SECRET", secret).output().expect("run powa-realtime token");
+    assert!(output.status.success(), "token command failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
 /// Mints a token with the binary's own `token` command.
 pub fn token(role: &str, extra: &[&str]) -> String {
     let output = Command::new(binary())

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use powa_benches::driver::{binary, frame, read_frame};
+use powa_benches::driver::{binary, frame, read_frame, upgrade_host};
 
 const THREADS: usize = 10;
 
@@ -96,19 +96,7 @@ fn start(tenants_file: &Path) -> (Server, Duration) {
 fn connect(port: u16, tenant: usize) -> TcpStream {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let request = format!(
-        "GET /realtime/v1/websocket?apikey={}&vsn=2.0.0 HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        token(tenant),
-        host(tenant)
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "upgrade failed: {}", String::from_utf8_lossy(&head));
+    upgrade_host(&mut stream, &token(tenant), &host(tenant));
     stream
 }
 
