@@ -12,11 +12,11 @@ use net::server::ServerConfig;
 /// `REALTIME_DRAIN_SECS` default (CONTRACT.md).
 const DRAIN_SECS_DEFAULT: u64 = 10;
 
-fn var(name: &str) -> Option<String> {
+pub(crate) fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
-fn number<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+pub(crate) fn number<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
     match var(name) {
         None => Ok(default),
         Some(raw) => raw.trim().parse().map_err(|_| anyhow::anyhow!("{name}={raw:?} is not a valid number")),
@@ -111,6 +111,7 @@ pub(crate) fn server_config(secret: impl FnOnce() -> Result<Vec<u8>>) -> Result<
         postgres_status: None,
         tenant_api: None,
         tls: tls()?,
+        cluster: None,
         panic_shard_for_tests,
     })
 }

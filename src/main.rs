@@ -2,6 +2,7 @@
 //!
 //! Commands (CONTRACT.md): `serve`, `dev`, `token`. Configuration comes from the environment.
 
+mod cluster;
 mod config;
 mod databases;
 mod dev;
@@ -28,7 +29,8 @@ USAGE:
 ENVIRONMENT: REALTIME_ADDR (127.0.0.1:4000), JWT_SECRET, JWT_JWKS, REALTIME_SHARDS (cores),
     DATABASE_URL, REALTIME_DRAIN_SECS (10), REALTIME_TLS_CERT + REALTIME_TLS_KEY (PEM; SIGHUP reloads), REALTIME_MAX_* limits, REALTIME_IDLE_TIMEOUT_SECS, REALTIME_JOIN_ERROR_DELAY_MS,
     REALTIME_CONNECT_ERROR_DELAY_MS, REALTIME_SLOT_NAME (powa_realtime), REALTIME_SLOT_MAX_RETAINED_MB (1024),
-    REALTIME_SLOT_MAX_AWAY_SECS (600), RUST_LOG (info), REALTIME_LOG_FORMAT (text|json). See README.md.
+    REALTIME_SLOT_MAX_AWAY_SECS (600), REALTIME_NATS_URL + REALTIME_CLUSTER (powa), REALTIME_NODE_ID,
+    REALTIME_NODE_TIMEOUT_SECS (10) for cluster mode, RUST_LOG (info), REALTIME_LOG_FORMAT (text|json). See README.md.
 ";
 
 /// Exit status after a panic (Rust's own for a panicking main thread).
@@ -92,7 +94,8 @@ fn serve() -> Result<()> {
         let secret = std::env::var("JWT_SECRET").context("JWT_SECRET is required by `serve` in single-tenant mode (the HS256 secret project tokens are signed with); multi-tenant mode takes each tenant's keys from REALTIME_TENANTS")?;
         Ok(secret.into_bytes())
     })?;
-    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: reload_hook(&server), hangup_stops: false, before_exit: || {} })?;
+    let link = cluster::attach(&mut server)?;
+    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: reload_hook(&server), hangup_stops: false, before_exit: || {}, on_drain: cluster::on_drain(link) })?;
     attach_tenant_sources(&mut server)?;
     let replication = attach_database(&mut server)?;
     let directory = server.tenants.load();
@@ -258,7 +261,8 @@ fn dev() -> Result<()> {
     };
     let mut server = config::server_config(|| Ok(secret.clone().into_bytes()))?;
     // The server drains first; `dev::shutdown` after `run` stops PostgreSQL.
-    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: reload_hook(&server), hangup_stops: true, before_exit: dev::shutdown })?;
+    let link = cluster::attach(&mut server)?;
+    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: reload_hook(&server), hangup_stops: true, before_exit: dev::shutdown, on_drain: cluster::on_drain(link) })?;
     let database = match std::env::var("DATABASE_URL") {
         Ok(url) if !url.trim().is_empty() => None,
         _ => Some(dev::start_database(dir)?),

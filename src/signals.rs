@@ -45,6 +45,8 @@ pub(crate) struct Hooks {
     pub(crate) hangup_stops: bool,
     /// Runs before any exit the signal thread itself makes (`dev`: stop PostgreSQL).
     pub(crate) before_exit: fn(),
+    /// Runs when the drain starts (cluster mode: say goodbye to the other nodes).
+    pub(crate) on_drain: Option<Box<dyn Fn() + Send>>,
 }
 
 fn name(signal: libc::c_int) -> &'static str {
@@ -109,6 +111,9 @@ pub(crate) fn spawn(blocked: Blocked, control: Arc<Control>, drain: Duration, ho
             };
             tracing::warn!(signal = name(first), drain_secs = drain.as_secs(), "draining (a second signal stops at once)");
             control.start_drain();
+            if let Some(on_drain) = &hooks.on_drain {
+                on_drain();
+            }
             let deadline = Instant::now() + drain + EXIT_MARGIN;
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());

@@ -2,7 +2,7 @@
 # The whole test suite, with its own set-up. README's test command; .ci/run calls it.
 #
 # Needs: cargo, Node 20 + npm (realtime-js client tests), the PostgreSQL 15 server binaries,
-# Chromium, systemd-analyze and the openssl CLI (installed here from Debian packages when missing
+# Chromium, systemd-analyze, the openssl CLI and nats-server (installed here from Debian packages when missing
 # and we are root). Missing tools fail the
 # run loudly; nothing is skipped.
 set -euo pipefail
@@ -39,8 +39,9 @@ if ! command -v chromium >/dev/null; then
   command -v chromium >/dev/null || fail "Chromium not found and could not be installed (Debian package chromium): the browser tests need it"
 fi
 
-# systemd-analyze (tests/deploy.rs) and the openssl CLI (tests/tls.rs makes its CA with it).
-for tool in systemd-analyze:systemd openssl:openssl; do
+# systemd-analyze (tests/deploy.rs), the openssl CLI (tests/tls.rs makes its CA with it) and
+# nats-server (tests/cluster.rs starts its own `nats-server -js`).
+for tool in systemd-analyze:systemd openssl:openssl nats-server:nats-server; do
   if ! command -v "${tool%%:*}" >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       echo "tools/test.sh: installing ${tool%%:*} (Debian package ${tool#*:})"

@@ -9,6 +9,7 @@
 //! - [`shard`]: a shard's topic registry (topics it owns) and its local subscriber index.
 //! - [`broadcast`]: the canonical form of a message travelling between shards.
 //! - [`changes`]: the messages between sessions and the Postgres Changes core.
+//! - [`cluster`]: the messages between owner shards and the cluster link (NATS).
 //! - [`limits`]: every bound, with PROTOCOL.md's defaults.
 //! - [`client_error`]: every client-visible string, in one place.
 //! - [`histogram`]: fixed-bucket latency histograms for `/metrics` (relaxed atomics).
@@ -18,6 +19,7 @@
 
 pub mod broadcast;
 pub mod changes;
+pub mod cluster;
 pub mod client_error;
 pub mod histogram;
 pub mod ids;

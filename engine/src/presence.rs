@@ -20,9 +20,24 @@ use bytes::Bytes;
 
 use crate::Subscriber;
 
-/// A replica of a topic's presence: in single-node mode, the topic's owner shard.
+/// A replica of a topic's presence: one instance of a topic's state on its owner shard. The high
+/// 32 bits name the node (its incarnation; 0 in single-node mode), the low 32 bits the instance
+/// on that node, so dots stay unique across nodes and across a topic's state being dropped and
+/// created again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ReplicaId(pub u32);
+pub struct ReplicaId(pub u64);
+
+impl ReplicaId {
+    /// A replica of node `node`, instance `instance`.
+    pub fn of(node: u32, instance: u32) -> ReplicaId {
+        ReplicaId((u64::from(node) << 32) | u64::from(instance))
+    }
+
+    /// The node (incarnation) that created this replica.
+    pub fn node(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+}
 
 /// The unique id of one tracked meta.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -91,6 +106,42 @@ impl CausalContext {
         for &dot in &other.cloud {
             self.insert(dot);
         }
+    }
+
+    /// Forgets every dot of node `node`'s replicas (the node was declared dead: if it comes
+    /// back, its elements are added again by the next merge of its state).
+    pub fn forget_node(&mut self, node: u32) {
+        self.prefix.retain(|replica, _| replica.node() != node);
+        self.cloud.retain(|dot| dot.replica.node() != node);
+    }
+
+    /// The dots of `replica` only.
+    pub fn only(&self, replica: ReplicaId) -> CausalContext {
+        let mut context = CausalContext::default();
+        if let Some(&max) = self.prefix.get(&replica) {
+            context.prefix.insert(replica, max);
+        }
+        context.cloud = self.cloud.iter().filter(|dot| dot.replica == replica).copied().collect();
+        context
+    }
+
+    /// The contiguous prefix per replica and the stragglers (for encoding).
+    pub fn parts(&self) -> (impl Iterator<Item = (ReplicaId, u64)> + '_, impl Iterator<Item = Dot> + '_) {
+        (self.prefix.iter().map(|(r, m)| (*r, *m)), self.cloud.iter().copied())
+    }
+
+    /// Builds a context from its parts (decoding); any input gives a valid context.
+    pub fn from_parts(prefix: impl IntoIterator<Item = (ReplicaId, u64)>, cloud: impl IntoIterator<Item = Dot>) -> CausalContext {
+        let mut context = CausalContext::default();
+        for (replica, max) in prefix {
+            let mut one = CausalContext::default();
+            one.prefix.insert(replica, max);
+            context.union(&one);
+        }
+        for dot in cloud {
+            context.insert(dot);
+        }
+        context
     }
 
     /// Highest counter of `replica` seen contiguously.
@@ -239,13 +290,43 @@ impl PresenceState {
         }
         for (dot, element) in &delta.elements {
             if !self.elements.contains_key(dot) && !self.context.contains(*dot) {
-                self.by_owner.insert(element.owner, *dot);
+                // Only this replica's own elements are indexed by channel: another node's
+                // channel ids mean nothing here and could equal a local one.
+                if dot.replica == self.replica {
+                    self.by_owner.insert(element.owner, *dot);
+                }
                 self.elements.insert(*dot, element.clone());
                 diff.joins.push((*dot, element.clone()));
             }
         }
         self.context.union(&delta.context);
         diff
+    }
+}
+
+impl PresenceState {
+    /// This replica's own elements with its own dots: what it answers another node's sync
+    /// request with (the other nodes' elements are theirs to send).
+    pub fn own_delta(&self) -> Delta {
+        let elements = self.elements.iter().filter(|(dot, _)| dot.replica == self.replica).map(|(d, e)| (*d, e.clone())).collect();
+        Delta { elements, context: self.context.only(self.replica) }
+    }
+
+    /// Node `node` is gone: its elements leave and its dots are forgotten.
+    pub fn forget_node(&mut self, node: u32) -> Diff {
+        let gone: Vec<Dot> = self.elements.keys().filter(|dot| dot.replica.node() == node).copied().collect();
+        let mut diff = Diff::default();
+        for dot in gone {
+            let element = self.remove(dot);
+            diff.leaves.push((dot, element));
+        }
+        self.context.forget_node(node);
+        diff
+    }
+
+    /// Whether every live element is another replica's (no local channel tracks anything).
+    pub fn only_remote(&self) -> bool {
+        self.by_owner.is_empty()
     }
 }
 

@@ -16,7 +16,8 @@ use ahash::{AHashMap, AHashSet};
 
 use bytes::Bytes;
 
-use crate::presence::{Diff, Dot, Element, PresenceState, ReplicaId};
+use crate::cluster::{FromLink, ToLink};
+use crate::presence::{Delta, Diff, Dot, Element, PresenceState, ReplicaId};
 use crate::{Broadcast, BroadcastBody, ChannelSerial, ConnId, ShardId, TopicKey};
 
 /// A snapshot of a topic's presence, sent with a join acknowledgement (`presence_state`).
@@ -165,10 +166,23 @@ pub enum LocalEffect {
     },
 }
 
+/// Whether the cluster link subscribed a topic for this node (cluster mode only).
+#[derive(Debug, Default)]
+enum Interest {
+    /// Not asked for (no local subscriber, or single-node mode).
+    #[default]
+    Off,
+    /// Asked for with this generation; these joins wait for the confirmation before their ack.
+    Waiting(u64, Vec<(Subscriber, bool)>),
+    /// Confirmed: joins are acknowledged at once.
+    On,
+}
+
 /// A topic this shard owns.
 #[derive(Debug, Default)]
 struct OwnedTopic {
     subscribers: AHashSet<Subscriber>,
+    interest: Interest,
     /// Subscribers per shard, indexed by `ShardId`.
     per_shard: Vec<u32>,
     /// Created on the first track.
@@ -179,7 +193,7 @@ struct OwnedTopic {
 
 impl OwnedTopic {
     fn new(shards: usize) -> OwnedTopic {
-        OwnedTopic { subscribers: AHashSet::new(), per_shard: vec![0; shards], presence: None, pending_diff: None }
+        OwnedTopic { subscribers: AHashSet::new(), interest: Interest::Off, per_shard: vec![0; shards], presence: None, pending_diff: None }
     }
 
     /// The presence members have been told about: the state without the changes still waiting
@@ -284,6 +298,13 @@ pub struct ShardState {
     id: ShardId,
     shards: usize,
     coalescing: PresenceCoalescing,
+    /// Cluster mode: this node's incarnation (the high half of its presence replicas' ids).
+    cluster: Option<u32>,
+    /// What the cluster link must do, in order (the driver drains it after each call).
+    cluster_out: Vec<ToLink>,
+    /// Presence state instances created so far (unique replica ids), and interest generations.
+    next_instance: u32,
+    next_generation: u64,
     owned: AHashMap<TopicKey, OwnedTopic>,
     local: AHashMap<TopicKey, SubList>,
     /// Local joins the owner has not acknowledged yet. They enter `local` only with the
@@ -300,6 +321,10 @@ impl ShardState {
             id,
             shards,
             coalescing: PresenceCoalescing::Immediate,
+            cluster: None,
+            cluster_out: Vec::new(),
+            next_instance: 0,
+            next_generation: 0,
             owned: AHashMap::new(),
             local: AHashMap::new(),
             pending: AHashMap::new(),
@@ -310,6 +335,38 @@ impl ShardState {
     pub fn with_coalescing(mut self, coalescing: PresenceCoalescing) -> ShardState {
         self.coalescing = coalescing;
         self
+    }
+
+    /// Cluster mode, as node incarnation `node` (non-zero): joins wait for the cluster link's
+    /// subscription, broadcasts and presence changes made here are handed to it.
+    pub fn with_cluster(mut self, node: u32) -> ShardState {
+        self.cluster = Some(node);
+        self
+    }
+
+    /// What the cluster link must do since the last call, in order.
+    pub fn take_cluster_out(&mut self) -> Vec<ToLink> {
+        std::mem::take(&mut self.cluster_out)
+    }
+
+    /// A replica id for a new presence state instance: unique on this node and, in cluster
+    /// mode, across nodes.
+    fn new_replica(&mut self) -> ReplicaId {
+        let instance = self.next_instance;
+        self.next_instance = self.next_instance.wrapping_add(1);
+        let shards = self.shards as u32;
+        let local = instance.wrapping_mul(shards).wrapping_add(u32::from(self.id.0));
+        ReplicaId::of(self.cluster.unwrap_or(0), local)
+    }
+
+    /// Creates the presence state of an owned topic if it has none.
+    fn ensure_presence(&mut self, topic: &TopicKey) {
+        if self.owned.get(topic).is_some_and(|o| o.presence.is_none()) {
+            let replica = self.new_replica();
+            if let Some(owned) = self.owned.get_mut(topic) {
+                owned.presence = Some(PresenceState::new(replica));
+            }
+        }
     }
 
     /// This shard's id.
@@ -415,6 +472,22 @@ impl ShardState {
                 if owned.subscribers.insert(subscriber) {
                     owned.per_shard[subscriber.shard.index()] += 1;
                 }
+                if self.cluster.is_some() {
+                    match &mut owned.interest {
+                        Interest::On => {}
+                        Interest::Waiting(_, held) => {
+                            held.push((subscriber, presence));
+                            return None;
+                        }
+                        Interest::Off => {
+                            self.next_generation += 1;
+                            let generation = self.next_generation;
+                            owned.interest = Interest::Waiting(generation, vec![(subscriber, presence)]);
+                            self.cluster_out.push(ToLink::Interest { topic, on: true, generation });
+                            return None;
+                        }
+                    }
+                }
                 let presence = presence.then(|| Arc::new(owned.sent_view()));
                 out.push((subscriber.shard, ShardMsg::JoinAck { topic, subscriber, presence }));
                 None
@@ -425,31 +498,39 @@ impl ShardState {
                 if owned.subscribers.remove(&subscriber) {
                     owned.per_shard[subscriber.shard.index()] -= 1;
                 }
-                let diff = owned.presence.as_mut().map(|p| p.untrack(subscriber).1).unwrap_or_default();
+                if let Interest::Waiting(_, held) = &mut owned.interest {
+                    held.retain(|(s, _)| *s != subscriber);
+                }
+                let (delta, diff) = owned.presence.as_mut().map(|p| p.untrack(subscriber)).unwrap_or_default();
+                self.share_presence(&topic, delta);
                 self.presence_changed(&topic, diff, out)
             }
             ShardMsg::Track { topic, subscriber, key, meta } => {
                 assert_eq!(self.owner(&topic), self.id, "track routed to a shard that does not own the topic");
-                let replica = ReplicaId(u32::from(self.id.0));
                 // A track from a channel whose leave already arrived is stale: drop it.
-                let owned = self.owned.get_mut(&topic)?;
-                if !owned.subscribers.contains(&subscriber) {
+                if !self.owned.get(&topic)?.subscribers.contains(&subscriber) {
                     return None;
                 }
-                let presence = owned.presence.get_or_insert_with(|| PresenceState::new(replica));
-                let diff = presence.track(subscriber, key, meta).1;
+                self.ensure_presence(&topic);
+                let presence = self.owned.get_mut(&topic)?.presence.as_mut()?;
+                let (delta, diff) = presence.track(subscriber, key, meta);
+                self.share_presence(&topic, delta);
                 self.presence_changed(&topic, diff, out)
             }
             ShardMsg::Untrack { topic, subscriber } => {
                 assert_eq!(self.owner(&topic), self.id, "untrack routed to a shard that does not own the topic");
                 let owned = self.owned.get_mut(&topic)?;
-                let diff = owned.presence.as_mut().map(|p| p.untrack(subscriber).1).unwrap_or_default();
+                let (delta, diff) = owned.presence.as_mut().map(|p| p.untrack(subscriber)).unwrap_or_default();
+                self.share_presence(&topic, delta);
                 self.presence_changed(&topic, diff, out)
             }
             ShardMsg::Publish { topic, message } => {
                 assert_eq!(self.owner(&topic), self.id, "publish routed to a shard that does not own the topic");
                 if let Some(owned) = self.owned.get(&topic) {
-                    fan_out(&topic, owned, message, out);
+                    fan_out(&topic, owned, Arc::clone(&message), out);
+                }
+                if self.cluster.is_some() {
+                    self.cluster_out.push(ToLink::Publish { topic, message });
                 }
                 None
             }
@@ -464,9 +545,29 @@ impl ShardState {
         }
     }
 
+    /// Cluster mode: hands this node's presence change of `topic` to the link.
+    fn share_presence(&mut self, topic: &TopicKey, delta: Delta) {
+        if self.cluster.is_some() && !(delta.elements.is_empty() && delta.context == Default::default()) {
+            self.cluster_out.push(ToLink::Presence { topic: topic.clone(), delta: Arc::new(delta) });
+        }
+    }
+
     /// Sends a presence change now, or holds it for the coalescing window.
     fn presence_changed(&mut self, topic: &TopicKey, diff: Diff, out: &mut Vec<(ShardId, ShardMsg)>) -> Option<LocalEffect> {
         let owned = self.owned.get_mut(topic).expect("caller found the topic");
+        if self.cluster.is_some() && owned.subscribers.is_empty() {
+            // The last local subscriber left: stop receiving the topic from other nodes and
+            // forget their presence (nobody here to show it to; a new join syncs again).
+            if !matches!(owned.interest, Interest::Off) {
+                owned.interest = Interest::Off;
+                self.next_generation += 1;
+                self.cluster_out.push(ToLink::Interest { topic: topic.clone(), on: false, generation: self.next_generation });
+            }
+            if owned.presence.as_ref().is_none_or(PresenceState::only_remote) {
+                owned.presence = None;
+                owned.pending_diff = None;
+            }
+        }
         let mut effect = None;
         if !diff.is_empty() {
             match self.coalescing {
@@ -500,6 +601,81 @@ impl ShardState {
         if owned.is_idle() {
             self.owned.remove(topic);
         }
+    }
+
+    /// Handles what the cluster link sends this shard (cluster mode).
+    pub fn cluster_in(&mut self, msg: FromLink, out: &mut Vec<(ShardId, ShardMsg)>) -> Vec<LocalEffect> {
+        let mut effects = Vec::new();
+        match msg {
+            FromLink::Remote { topic, message } => {
+                if let Some(owned) = self.owned.get(&topic) {
+                    fan_out(&topic, owned, message, out);
+                }
+            }
+            FromLink::Synced { topic, generation, states } => {
+                let Some(owned) = self.owned.get_mut(&topic) else { return effects };
+                let held = match (&mut owned.interest, generation) {
+                    (Interest::Waiting(waiting, held), Some(generation)) if *waiting == generation => {
+                        let held = std::mem::take(held);
+                        owned.interest = Interest::On;
+                        held
+                    }
+                    // A re-sync merges into a topic that is still wanted.
+                    (Interest::On | Interest::Waiting(..), None) => Vec::new(),
+                    // A confirmation of an interest withdrawn or asked again since.
+                    _ => return effects,
+                };
+                let mut diff = Diff::default();
+                if states.iter().any(|s| !s.elements.is_empty()) || owned.presence.is_some() {
+                    self.ensure_presence(&topic);
+                    let presence = self.owned.get_mut(&topic).and_then(|o| o.presence.as_mut()).expect("ensured above");
+                    for state in &states {
+                        diff.coalesce(presence.merge(state));
+                    }
+                }
+                // Members already joined see the other nodes' presence as a diff; the joins
+                // held until now get it in their `presence_state`.
+                effects.extend(self.presence_changed(&topic, diff, out));
+                if let Some(owned) = self.owned.get(&topic) {
+                    for (subscriber, presence) in held {
+                        let presence = presence.then(|| Arc::new(owned.sent_view()));
+                        out.push((subscriber.shard, ShardMsg::JoinAck { topic: topic.clone(), subscriber, presence }));
+                    }
+                }
+            }
+            FromLink::Presence { topic, delta } => {
+                let Some(owned) = self.owned.get(&topic) else { return effects };
+                if matches!(owned.interest, Interest::Off) {
+                    return effects;
+                }
+                self.ensure_presence(&topic);
+                let presence = self.owned.get_mut(&topic).and_then(|o| o.presence.as_mut()).expect("ensured above");
+                let diff = presence.merge(&delta);
+                effects.extend(self.presence_changed(&topic, diff, out));
+            }
+            FromLink::SnapshotRequest { topic, request } => {
+                let delta = self.owned.get(&topic).and_then(|o| o.presence.as_ref()).map(PresenceState::own_delta).unwrap_or_default();
+                self.cluster_out.push(ToLink::Snapshot { request, delta });
+            }
+            FromLink::Republish => {
+                let mut shares = Vec::new();
+                for (topic, owned) in &self.owned {
+                    if let (Interest::On, Some(presence)) = (&owned.interest, &owned.presence) {
+                        shares.push(ToLink::Presence { topic: topic.clone(), delta: Arc::new(presence.own_delta()) });
+                    }
+                }
+                self.cluster_out.extend(shares);
+            }
+            FromLink::NodeGone { node } => {
+                let topics: Vec<TopicKey> = self.owned.iter().filter(|(_, o)| o.presence.is_some()).map(|(t, _)| t.clone()).collect();
+                for topic in topics {
+                    let owned = self.owned.get_mut(&topic).expect("listed above");
+                    let diff = owned.presence.as_mut().map(|p| p.forget_node(node)).unwrap_or_default();
+                    effects.extend(self.presence_changed(&topic, diff, out));
+                }
+            }
+        }
+        effects
     }
 
     /// Live presence elements of a topic this shard owns (tests, metrics).

@@ -62,9 +62,9 @@ pub fn normalize_meta(mut object: Map<String, Value>) -> Bytes {
 
 /// The opaque `phx_ref` of an element: its dot, base64url.
 pub fn phx_ref(dot: Dot) -> String {
-    let mut bytes = [0u8; 12];
-    bytes[..4].copy_from_slice(&dot.replica.0.to_be_bytes());
-    bytes[4..].copy_from_slice(&dot.counter.to_be_bytes());
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&dot.replica.0.to_be_bytes());
+    bytes[8..].copy_from_slice(&dot.counter.to_be_bytes());
     URL_SAFE_NO_PAD.encode(bytes)
 }
 

@@ -5,6 +5,7 @@
 //! and waiting for `/healthz`.
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod node;
 pub mod python;
 

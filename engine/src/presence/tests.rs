@@ -25,7 +25,7 @@ fn ops(replicas: usize) -> impl Strategy<Value = Vec<Op>> {
 /// Runs ops on replicas (owners are partitioned per replica, as channels live on one node) and
 /// returns the final states plus every delta produced, in order.
 fn run(replicas: usize, ops: &[Op]) -> (Vec<PresenceState>, Vec<Delta>) {
-    let mut states: Vec<_> = (0..replicas).map(|r| PresenceState::new(ReplicaId(r as u32))).collect();
+    let mut states: Vec<_> = (0..replicas).map(|r| PresenceState::new(ReplicaId(r as u64))).collect();
     let mut deltas = Vec::new();
     for op in ops {
         let (delta, _) = match *op {

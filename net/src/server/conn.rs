@@ -141,6 +141,7 @@ async fn serve_on<S: Transport>(shard: Rc<Shard>, mut stream: S, deadline: Insta
         Route::WebSocket => return upgrade(shard, stream, head, buf).await,
         Route::Health if shard.config.control.is_draining() => http::response(503, "text/plain", engine::client_error::DRAINING.as_bytes()),
         Route::Health if !single_database_healthy(&shard) => http::response(503, "text/plain", engine::client_error::HttpMessage::DatabaseUnavailable.text().as_bytes()),
+        Route::Health if shard.config.cluster.as_ref().is_some_and(|port| !(port.connected)()) => http::response(200, "text/plain", b"ok degraded"),
         Route::Health => http::response(200, "text/plain", b"ok"),
         Route::Metrics => {
             let mut text = shard.metrics.render();
@@ -209,6 +210,9 @@ fn status_call(shard: &Shard, head: &http::Head) -> Bytes {
         section
     });
     let mut body = shard.status.render(unix_now(), postgres);
+    if let Some(hook) = shard.config.cluster.as_ref().and_then(|port| port.status.as_ref()) {
+        body["cluster"] = (hook.0)();
+    }
     if directory.multi_tenant() {
         body["tenants"] = super::tenancy::status_json(&directory, &shard.config.tenants);
     }

@@ -61,6 +61,8 @@ pub struct ServerConfig {
     pub tenant_api: Option<Arc<dyn TenantApi>>,
     /// The Postgres Changes section of `GET /api/status` (the binary's).
     pub postgres_status: Option<StatusHook>,
+    /// Cluster mode (`REALTIME_NATS_URL`): the queues to and from the cluster link.
+    pub cluster: Option<ClusterPort>,
     /// TLS on the listener (`REALTIME_TLS_CERT`/`REALTIME_TLS_KEY`); the binary keeps a handle
     /// to reload the pair on SIGHUP.
     pub tls: Option<Arc<Tls>>,
@@ -79,6 +81,33 @@ pub struct PgLink {
     pub inboxes: Vec<flume::Receiver<engine::changes::PgOut>>,
     /// Finds (and starts on first need) a tenant's core.
     pub databases: Arc<dyn Databases>,
+}
+
+/// The shards' end of the cluster link (the binary starts the link; net never sees NATS).
+/// Broadcasts go on `data` (bounded; full → delivered on this node only, counted in
+/// `queue_full_drops`); everything else on `control` (bounded; full → the shard's own overflow,
+/// never dropped). Each shard reads its `inboxes` entry.
+pub struct ClusterPort {
+    /// This node's incarnation (the high half of its presence replicas' ids).
+    pub node: u32,
+    /// Broadcasts for other nodes.
+    pub data: flume::Sender<engine::cluster::ToLink>,
+    /// Interest, presence and snapshot answers.
+    pub control: flume::Sender<engine::cluster::ToLink>,
+    /// One inbox per shard, indexed by shard id.
+    pub inboxes: Vec<flume::Receiver<engine::cluster::FromLink>>,
+    /// Whether the link is connected to NATS (`/healthz` says `ok degraded` when not).
+    pub connected: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Broadcasts that found the link's queue full.
+    pub queue_full_drops: Arc<std::sync::atomic::AtomicU64>,
+    /// The cluster section of `GET /api/status`.
+    pub status: Option<StatusHook>,
+}
+
+impl std::fmt::Debug for ClusterPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterPort").field("node", &self.node).finish_non_exhaustive()
+    }
 }
 
 /// A tenant's Postgres Changes core as the shards see it.
@@ -238,6 +267,10 @@ async fn shard_main(
     if let Some(link) = &config.postgres {
         let inbox = link.inboxes[id.index()].clone();
         glommio::spawn_local(Rc::clone(&shard).postgres_inbox(inbox)).detach();
+    }
+    if let Some(port) = &config.cluster {
+        let inbox = port.inboxes[id.index()].clone();
+        glommio::spawn_local(Rc::clone(&shard).cluster_inbox(inbox)).detach();
     }
     // A drain shuts the listener down, which ends a pending accept with an error. The task
     // holds the listener, so its descriptor stays ours until the shutdown is done.

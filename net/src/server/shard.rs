@@ -150,6 +150,11 @@ pub(crate) struct Shard {
     /// token refresh).
     pg_overflow: RefCell<VecDeque<Routed>>,
     pg_flushing: Cell<bool>,
+    /// Messages for the cluster link's control queue that found it full, sent in order by a
+    /// flusher task. Never dropped (a lost interest change would leave a join unanswered or a
+    /// subscription behind); bounded by the topics this shard owns × their changes in flight.
+    cluster_overflow: RefCell<VecDeque<engine::cluster::ToLink>>,
+    cluster_flushing: Cell<bool>,
     /// Join error replies waiting out the delay, per connection (by address; at most
     /// [`DELAYED_JOIN_ERRORS_PER_CONNECTION_MAX`] each, entries removed at zero).
     delayed_replies: RefCell<AHashMap<usize, u32>>,
@@ -170,11 +175,17 @@ impl Shard {
         let shards = config.shards;
         Shard {
             id,
-            state: RefCell::new(ShardState::new(id, shards).with_coalescing(if config.limits.presence_coalesce.is_zero() {
-                PresenceCoalescing::Immediate
-            } else {
-                PresenceCoalescing::Window
-            })),
+            state: RefCell::new({
+                let state = ShardState::new(id, shards).with_coalescing(if config.limits.presence_coalesce.is_zero() {
+                    PresenceCoalescing::Immediate
+                } else {
+                    PresenceCoalescing::Window
+                });
+                match &config.cluster {
+                    Some(port) => state.with_cluster(port.node),
+                    None => state,
+                }
+            }),
             conns: RefCell::new(AHashMap::new()),
             metrics,
             senders,
@@ -182,6 +193,8 @@ impl Shard {
             flushing: (0..shards).map(|_| Cell::new(false)).collect(),
             pg_overflow: RefCell::new(VecDeque::new()),
             pg_flushing: Cell::new(false),
+            cluster_overflow: RefCell::new(VecDeque::new()),
+            cluster_flushing: Cell::new(false),
             delayed_replies: RefCell::new(AHashMap::new()),
             next_conn: Cell::new(1),
             tenants: RefCell::new(AHashMap::new()),
@@ -561,6 +574,68 @@ impl Shard {
             if let Some(effect) = effect {
                 self.local_effect(effect);
             }
+        }
+        self.drain_cluster_out();
+    }
+
+    /// Hands what the topic state produced for the cluster link to its queues: broadcasts on
+    /// the data queue (full → this node only, counted), the rest on the control queue (full →
+    /// the overflow, in order, never dropped).
+    fn drain_cluster_out(self: &Rc<Self>) {
+        let Some(port) = &self.config.cluster else { return };
+        let out = self.state.borrow_mut().take_cluster_out();
+        for message in out {
+            if matches!(message, engine::cluster::ToLink::Publish { .. }) {
+                if port.data.try_send(message).is_err() {
+                    port.queue_full_drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                continue;
+            }
+            if !self.cluster_flushing.get() {
+                match port.control.try_send(message) {
+                    Ok(()) => continue,
+                    Err(flume::TrySendError::Full(message)) => {
+                        self.cluster_overflow.borrow_mut().push_back(message);
+                        self.cluster_flushing.set(true);
+                        tracing::warn!(shard = self.id.0, "cluster link queue full: messages wait in the overflow");
+                        let shard = Rc::clone(self);
+                        glommio::spawn_local(async move { shard.flush_cluster().await }).detach();
+                    }
+                    // The link thread ended (its runtime failed): this node runs alone.
+                    Err(flume::TrySendError::Disconnected(_)) => {}
+                }
+                continue;
+            }
+            self.cluster_overflow.borrow_mut().push_back(message);
+        }
+    }
+
+    /// Drains the cluster overflow in order, waiting for room in the link's queue.
+    async fn flush_cluster(self: Rc<Self>) {
+        let Some(port) = &self.config.cluster else { return };
+        let control = port.control.clone();
+        loop {
+            let next = self.cluster_overflow.borrow_mut().pop_front();
+            let Some(message) = next else { break };
+            if control.send_async(message).await.is_err() {
+                break;
+            }
+        }
+        self.cluster_flushing.set(false);
+    }
+
+    /// Handles what the cluster link sends this shard: other nodes' broadcasts and presence,
+    /// confirmations of interest (which release the joins waiting on them), sync requests.
+    pub(crate) async fn cluster_inbox(self: Rc<Self>, inbox: flume::Receiver<engine::cluster::FromLink>) {
+        while let Ok(message) = inbox.recv_async().await {
+            let mut out = Vec::new();
+            let effects = self.state.borrow_mut().cluster_in(message, &mut out);
+            self.route(out);
+            for effect in effects {
+                self.local_effect(effect);
+            }
+            self.drain_cluster_out();
+            glommio::yield_if_needed().await;
         }
     }
 

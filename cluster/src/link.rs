@@ -1,0 +1,655 @@
+//! The link thread: one NATS connection (async-nats on a current-thread tokio runtime) between
+//! this node's shards and the other nodes.
+//!
+//! Queues (all bounded; shards never block on them and never see NATS types):
+//! - shards → link, broadcasts: [`DATA_QUEUE_MAX`]; full → the broadcast is delivered on this
+//!   node only and counted (`dropped_out`), as while NATS is unreachable;
+//! - shards → link, everything else (interest, presence, snapshots): [`CONTROL_QUEUE_MAX`];
+//!   full → the shard keeps the message in its own overflow and retries (never dropped);
+//! - link → each shard: [`INBOX_MAX`]; a remote broadcast that finds it full is dropped and
+//!   counted (`dropped_in`); state changes wait for room.
+//!
+//! A topic with local subscribers has one NATS subscription, made when its owner shard asks
+//! ([`ToLink::Interest`]) and confirmed only after a round trip to the NATS server (a request
+//! to a subject nobody serves comes back "no responders" once the server has processed the
+//! subscription before it), followed by a presence sync: every other live node answers with
+//! its own presence of the topic. Only then does the owner acknowledge the joins waiting on it,
+//! so a broadcast published anywhere after a client saw `ok` reaches it. With NATS unreachable
+//! the confirmation comes at once (degraded: local delivery only), and when NATS is back every
+//! topic re-syncs and every node republishes its own presence.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+
+use engine::cluster::{FromLink, ToLink};
+use engine::presence::Delta;
+use engine::{Broadcast, TenantId, TopicKey};
+
+use crate::stats::{NodeInfo, Stats};
+use crate::subject;
+use crate::wire::{self, Wire};
+
+/// Broadcasts waiting for the link (all shards together).
+pub const DATA_QUEUE_MAX: usize = 65_536;
+/// Interest changes, presence deltas and snapshot answers waiting for the link.
+pub const CONTROL_QUEUE_MAX: usize = 65_536;
+/// Messages from the link waiting for one shard.
+pub const INBOX_MAX: usize = 65_536;
+/// Sync requests from other nodes waiting for a shard's answer.
+const REPLIES_PENDING_MAX: usize = 65_536;
+/// Nodes declared gone that are remembered (to notice one that comes back).
+const GONE_REMEMBERED_MAX: usize = 1024;
+/// The bound on every wait for NATS (subscribe, the confirming round trip, a publish).
+const OP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a presence sync waits for the other nodes' answers.
+const SYNC_WAIT: Duration = Duration::from_millis(500);
+/// Commands async-nats buffers for its connection task.
+const CLIENT_CAPACITY: usize = 65_536;
+
+/// How the link is set up (from CONTRACT.md's variables).
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// `REALTIME_NATS_URL`: comma-separated NATS URLs.
+    pub urls: String,
+    /// `REALTIME_CLUSTER`: the prefix of every subject.
+    pub cluster: String,
+    /// `REALTIME_NODE_ID`.
+    pub node_id: String,
+    /// `REALTIME_NODE_TIMEOUT_SECS`.
+    pub node_timeout: Duration,
+    /// This node's engine shards.
+    pub shards: usize,
+}
+
+/// Start-up failures.
+#[derive(Debug)]
+pub enum ClusterError {
+    /// `REALTIME_CLUSTER` is not one subject token.
+    ClusterName(String),
+    /// The URL list is empty or not NATS URLs.
+    Urls(String),
+    /// The link thread could not start.
+    Thread(std::io::Error),
+}
+
+impl std::fmt::Display for ClusterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClusterError::ClusterName(name) => write!(f, "REALTIME_CLUSTER {name:?} must be letters, digits, '_' or '-' (at most 64)"),
+            ClusterError::Urls(error) => write!(f, "REALTIME_NATS_URL: {error}"),
+            ClusterError::Thread(error) => write!(f, "cannot start the cluster link thread: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for ClusterError {}
+
+/// The shards' side of a running link.
+#[derive(Debug)]
+pub struct Link {
+    /// This process's incarnation (non-zero, random per start): the high half of its presence
+    /// replicas' ids.
+    pub incarnation: u32,
+    /// Broadcasts to other nodes ([`DATA_QUEUE_MAX`]).
+    pub data: flume::Sender<ToLink>,
+    /// Everything else to the link ([`CONTROL_QUEUE_MAX`]).
+    pub control: flume::Sender<ToLink>,
+    /// One inbox per shard ([`INBOX_MAX`]).
+    pub inboxes: Vec<flume::Receiver<FromLink>>,
+    /// Counters and the node list.
+    pub stats: Arc<Stats>,
+    leave: flume::Sender<flume::Sender<()>>,
+}
+
+impl Link {
+    /// Starts the link thread. It connects in the background (retrying with backoff); until it
+    /// is connected the node is degraded.
+    pub fn start(config: LinkConfig, registry: Arc<tenants::Registry>) -> Result<Link, ClusterError> {
+        if !subject::valid_cluster_name(&config.cluster) {
+            return Err(ClusterError::ClusterName(config.cluster));
+        }
+        let urls: Vec<async_nats::ServerAddr> = config
+            .urls
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(|url| url.parse::<async_nats::ServerAddr>().map_err(|e| ClusterError::Urls(format!("{url}: {e}"))))
+            .collect::<Result<_, _>>()?;
+        if urls.is_empty() {
+            return Err(ClusterError::Urls("no URL".into()));
+        }
+        let incarnation = new_incarnation(&config.node_id);
+        let (data, data_rx) = flume::bounded(DATA_QUEUE_MAX);
+        let (control, control_rx) = flume::bounded(CONTROL_QUEUE_MAX);
+        let (inbox_tx, inboxes): (Vec<_>, Vec<_>) = (0..config.shards).map(|_| flume::bounded(INBOX_MAX)).unzip();
+        let (leave, leave_rx) = flume::bounded(1);
+        let stats = Arc::new(Stats::default());
+        let thread_stats = Arc::clone(&stats);
+        std::thread::Builder::new()
+            .name("cluster-link".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        tracing::error!(%error, "cluster link: cannot build its runtime; this node runs alone");
+                        return;
+                    }
+                };
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&runtime, run(config, urls, incarnation, registry, thread_stats, data_rx, control_rx, inbox_tx, leave_rx));
+            })
+            .map_err(ClusterError::Thread)?;
+        Ok(Link { incarnation, data, control, inboxes, stats, leave })
+    }
+
+    /// Says goodbye (the other nodes drop this node's presences at once) and stops the link;
+    /// waits at most 2 s. Called at the start of a drain.
+    pub fn leave(&self) {
+        let (done, wait) = flume::bounded(1);
+        if self.leave.try_send(done).is_ok() {
+            let _ = wait.recv_timeout(OP_TIMEOUT);
+        }
+    }
+}
+
+/// A random non-zero incarnation (time, pid and name hashed).
+fn new_incarnation(node_id: &str) -> u32 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let seed = format!("{node_id}/{}/{nanos}", std::process::id());
+    let hash = xxhash_rust::xxh3::xxh3_64(seed.as_bytes());
+    ((hash >> 32) as u32 ^ hash as u32).max(1)
+}
+
+struct Node {
+    name: String,
+    last_seen: Instant,
+}
+
+struct PendingSync {
+    want: usize,
+    got: Vec<Delta>,
+    done: Option<tokio::sync::oneshot::Sender<Vec<Delta>>>,
+}
+
+struct TopicSub {
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The link's state, owned by its thread (tasks share it through `Rc`).
+struct Shared {
+    config: LinkConfig,
+    incarnation: u32,
+    client: async_nats::Client,
+    registry: Arc<tenants::Registry>,
+    stats: Arc<Stats>,
+    inboxes: Vec<flume::Sender<FromLink>>,
+    topics: RefCell<HashMap<TopicKey, TopicSub>>,
+    syncs: RefCell<HashMap<u64, PendingSync>>,
+    replies: RefCell<HashMap<u64, String>>,
+    next_request: Cell<u64>,
+    nodes: RefCell<HashMap<u32, Node>>,
+    gone: RefCell<VecDeque<u32>>,
+    inbox: String,
+}
+
+impl Shared {
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn external_id(&self, tenant: TenantId) -> Option<Arc<str>> {
+        self.registry.load().get(tenant).map(|t| Arc::clone(&t.external_id))
+    }
+
+    fn tenant_of(&self, external_id: &str) -> Option<TenantId> {
+        let directory = self.registry.load();
+        if !directory.multi_tenant() {
+            return external_id.is_empty().then_some(TenantId::SINGLE);
+        }
+        directory.by_external_id(external_id).map(|t| t.id)
+    }
+
+    fn owner_inbox(&self, topic: &TopicKey) -> &flume::Sender<FromLink> {
+        &self.inboxes[topic.owner(self.config.shards).index()]
+    }
+
+    /// Publishes unless NATS is unreachable; false when the message did not go out.
+    async fn publish(&self, subject: String, reply: Option<String>, payload: Bytes) -> bool {
+        if !self.connected() {
+            return false;
+        }
+        let len = payload.len() as u64;
+        let sent = match reply {
+            Some(reply) => tokio::time::timeout(OP_TIMEOUT, self.client.publish_with_reply(subject, reply, payload)).await,
+            None => tokio::time::timeout(OP_TIMEOUT, self.client.publish(subject, payload)).await,
+        };
+        match sent {
+            Ok(Ok(())) => {
+                Stats::add(&self.stats.messages_out, 1);
+                Stats::add(&self.stats.bytes_out, len);
+                true
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "cluster publish failed");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The other nodes this node hears.
+    fn live_nodes(&self) -> usize {
+        self.nodes.borrow().len()
+    }
+
+    /// Asks every other live node for its presence of `topic` and waits for the answers (at
+    /// most [`SYNC_WAIT`]).
+    async fn sync(&self, tenant: &str, topic: &TopicKey) -> Vec<Delta> {
+        let want = self.live_nodes();
+        if want == 0 || !self.connected() {
+            return Vec::new();
+        }
+        Stats::add(&self.stats.syncs, 1);
+        let id = self.next_request.get();
+        self.next_request.set(id + 1);
+        let (done, answers) = tokio::sync::oneshot::channel();
+        self.syncs.borrow_mut().insert(id, PendingSync { want, got: Vec::new(), done: Some(done) });
+        let request = wire::encode(&Wire::SyncRequest { tenant: tenant.to_owned(), private: topic.private, sub: Arc::clone(&topic.sub) });
+        let sent = self.publish(subject::sync(&self.config.cluster), Some(format!("{}.{id}", self.inbox)), request).await;
+        let states = match sent {
+            true => tokio::time::timeout(SYNC_WAIT, answers).await.ok().and_then(Result::ok),
+            false => None,
+        };
+        match states {
+            Some(states) => states,
+            None => {
+                Stats::add(&self.stats.sync_timeouts, 1);
+                self.syncs.borrow_mut().remove(&id).map(|pending| pending.got).unwrap_or_default()
+            }
+        }
+    }
+
+    /// Tells every shard.
+    async fn to_all_shards(&self, msg: FromLink) {
+        for inbox in &self.inboxes {
+            let _ = inbox.send_async(msg.clone()).await;
+        }
+    }
+
+    fn set_nodes(&self) {
+        let now = Instant::now();
+        let nodes = self
+            .nodes
+            .borrow()
+            .iter()
+            .map(|(incarnation, node)| NodeInfo { node: node.name.clone(), incarnation: *incarnation, last_seen_ms: now.duration_since(node.last_seen).as_millis() as u64 })
+            .collect();
+        self.stats.set_nodes(nodes);
+    }
+
+    /// Node `incarnation` is gone: every shard drops its presences.
+    async fn node_gone(&self, incarnation: u32, why: &str) {
+        let Some(node) = self.nodes.borrow_mut().remove(&incarnation) else { return };
+        tracing::info!(node = %node.name, incarnation = format!("{incarnation:08x}"), why, "cluster node gone: its presences leave");
+        Stats::add(&self.stats.nodes_gone, 1);
+        {
+            let mut gone = self.gone.borrow_mut();
+            gone.push_back(incarnation);
+            if gone.len() > GONE_REMEMBERED_MAX {
+                gone.pop_front();
+            }
+        }
+        self.set_nodes();
+        self.to_all_shards(FromLink::NodeGone { node: incarnation }).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    config: LinkConfig,
+    urls: Vec<async_nats::ServerAddr>,
+    incarnation: u32,
+    registry: Arc<tenants::Registry>,
+    stats: Arc<Stats>,
+    data_rx: flume::Receiver<ToLink>,
+    control_rx: flume::Receiver<ToLink>,
+    inboxes: Vec<flume::Sender<FromLink>>,
+    leave_rx: flume::Receiver<flume::Sender<()>>,
+) {
+    let (event_tx, mut events) = tokio::sync::mpsc::channel::<async_nats::Event>(256);
+    let options = async_nats::ConnectOptions::new()
+        .name(format!("powa-realtime {}", config.node_id))
+        .no_echo()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(OP_TIMEOUT)
+        .ping_interval(Duration::from_secs(2))
+        .client_capacity(CLIENT_CAPACITY)
+        .subscription_capacity(CLIENT_CAPACITY)
+        .reconnect_delay_callback(|attempts| Duration::from_millis((50u64 << attempts.min(6)).min(2_000)))
+        .event_callback(move |event| {
+            let event_tx = event_tx.clone();
+            async move {
+                let _ = event_tx.try_send(event);
+            }
+        });
+    let client = match options.connect(urls).await {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::error!(%error, "cluster link: cannot use REALTIME_NATS_URL; this node runs alone");
+            return;
+        }
+    };
+    tracing::info!(node = %config.node_id, incarnation = format!("{incarnation:08x}"), cluster = %config.cluster, "cluster link started");
+    let shared = Rc::new(Shared {
+        inbox: subject::inbox(&config.cluster, incarnation),
+        config,
+        incarnation,
+        client,
+        registry,
+        stats,
+        inboxes,
+        topics: RefCell::new(HashMap::new()),
+        syncs: RefCell::new(HashMap::new()),
+        replies: RefCell::new(HashMap::new()),
+        next_request: Cell::new(1),
+        nodes: RefCell::new(HashMap::new()),
+        gone: RefCell::new(VecDeque::new()),
+    });
+    let subscribe = |subject: String| {
+        let client = shared.client.clone();
+        async move {
+            loop {
+                match client.subscribe(subject.clone()).await {
+                    Ok(sub) => return sub,
+                    Err(error) => {
+                        tracing::warn!(%error, %subject, "cluster link: subscribe failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+    };
+    let mut heartbeats = subscribe(subject::heartbeat(&shared.config.cluster)).await;
+    let mut sync_requests = subscribe(subject::sync(&shared.config.cluster)).await;
+    let mut answers = subscribe(format!("{}.*", shared.inbox)).await;
+    let beat = (shared.config.node_timeout / 3).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let mut ticker = tokio::time::interval(beat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            leave = leave_rx.recv_async() => {
+                let bye = wire::encode(&Wire::Bye { incarnation: shared.incarnation });
+                shared.publish(subject::heartbeat(&shared.config.cluster), None, bye).await;
+                let _ = tokio::time::timeout(OP_TIMEOUT, shared.client.flush()).await;
+                tracing::info!("cluster link: goodbye sent");
+                if let Ok(done) = leave {
+                    let _ = done.try_send(());
+                }
+                // Keep serving the shards until the process exits, without heartbeats: the
+                // other nodes already dropped this node.
+                break;
+            }
+            Some(event) = events.recv() => on_event(&shared, event).await,
+            message = control_rx.recv_async() => match message {
+                Ok(message) => on_shard_message(&shared, message).await,
+                Err(_) => return,
+            },
+            message = data_rx.recv_async() => match message {
+                Ok(message) => on_shard_message(&shared, message).await,
+                Err(_) => return,
+            },
+            Some(message) = heartbeats.next() => on_heartbeat(&shared, message).await,
+            Some(message) = sync_requests.next() => on_sync_request(&shared, message).await,
+            Some(message) = answers.next() => on_answer(&shared, message),
+            _ = ticker.tick() => {
+                if shared.connected() {
+                    let beat = wire::encode(&Wire::Heartbeat { incarnation: shared.incarnation, node: shared.config.node_id.clone() });
+                    shared.publish(subject::heartbeat(&shared.config.cluster), None, beat).await;
+                }
+                let timeout = shared.config.node_timeout;
+                let dead: Vec<u32> = shared.nodes.borrow().iter().filter(|(_, n)| n.last_seen.elapsed() > timeout).map(|(i, _)| *i).collect();
+                for incarnation in dead {
+                    shared.node_gone(incarnation, "no heartbeat within REALTIME_NODE_TIMEOUT_SECS").await;
+                }
+                shared.set_nodes();
+            }
+        }
+    }
+    // After the goodbye: shards still publish while they drain; drop it all quietly.
+    drop(heartbeats);
+    loop {
+        tokio::select! {
+            message = control_rx.recv_async() => if message.is_err() { return },
+            message = data_rx.recv_async() => if message.is_err() { return },
+        }
+    }
+}
+
+async fn on_event(shared: &Rc<Shared>, event: async_nats::Event) {
+    match event {
+        async_nats::Event::Connected => {
+            let was = shared.stats.connected.swap(true, std::sync::atomic::Ordering::Relaxed);
+            if !was {
+                tracing::info!("cluster link: connected to NATS");
+                Stats::add(&shared.stats.reconnects, 1);
+                // What was published while NATS was away is lost: every node re-syncs and
+                // republishes its own presence.
+                resync_all(shared);
+                shared.to_all_shards(FromLink::Republish).await;
+            }
+        }
+        async_nats::Event::Disconnected => {
+            shared.stats.connected.store(false, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!("cluster link: NATS unreachable; serving this node's clients only until it is back");
+        }
+        async_nats::Event::SlowConsumer(_) => {
+            tracing::warn!("cluster link: NATS dropped messages for this node (slow consumer); re-syncing presence");
+            resync_all(shared);
+        }
+        other => tracing::info!(event = %other, "cluster link event"),
+    }
+}
+
+/// Re-syncs every topic with interest (its owner merges the answers).
+fn resync_all(shared: &Rc<Shared>) {
+    let topics: Vec<TopicKey> = shared.topics.borrow().keys().cloned().collect();
+    for topic in topics {
+        let shared = Rc::clone(shared);
+        tokio::task::spawn_local(async move {
+            let Some(tenant) = shared.external_id(topic.tenant) else { return };
+            let states = shared.sync(&tenant, &topic).await;
+            let _ = shared.owner_inbox(&topic).send_async(FromLink::Synced { topic, generation: None, states }).await;
+        });
+    }
+}
+
+async fn on_shard_message(shared: &Rc<Shared>, message: ToLink) {
+    match message {
+        ToLink::Interest { topic, on: true, generation } => {
+            let task = tokio::task::spawn_local(topic_task(Rc::clone(shared), topic.clone(), generation));
+            if let Some(old) = shared.topics.borrow_mut().insert(topic, TopicSub { task }) {
+                old.task.abort();
+            }
+            shared.stats.routed_topics.store(shared.topics.borrow().len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        ToLink::Interest { topic, on: false, .. } => {
+            // Aborting the task drops its subscription, which unsubscribes.
+            if let Some(old) = shared.topics.borrow_mut().remove(&topic) {
+                old.task.abort();
+            }
+            shared.stats.routed_topics.store(shared.topics.borrow().len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        ToLink::Publish { topic, message } => {
+            let sent = match shared.external_id(topic.tenant) {
+                Some(tenant) => {
+                    let payload = wire::encode(&Wire::Broadcast { private: topic.private, sub: Arc::clone(&topic.sub), body: message.body.clone() });
+                    shared.publish(subject::topic(&shared.config.cluster, &tenant, topic.private, &topic.sub), None, payload).await
+                }
+                None => false,
+            };
+            if !sent {
+                Stats::add(&shared.stats.dropped_out, 1);
+            }
+        }
+        ToLink::Presence { topic, delta } => {
+            // Lost while NATS is away; the republish on reconnect makes up for it.
+            if let Some(tenant) = shared.external_id(topic.tenant) {
+                let payload = wire::encode(&Wire::Presence { private: topic.private, sub: Arc::clone(&topic.sub), delta: (*delta).clone() });
+                shared.publish(subject::topic(&shared.config.cluster, &tenant, topic.private, &topic.sub), None, payload).await;
+            }
+        }
+        ToLink::Snapshot { request, delta } => {
+            let reply = shared.replies.borrow_mut().remove(&request);
+            if let Some(reply) = reply {
+                shared.publish(reply, None, wire::encode(&Wire::Snapshot { delta })).await;
+            }
+        }
+    }
+}
+
+/// One topic's subscription: subscribe, confirm by a round trip, sync presence, tell the owner,
+/// then forward what other nodes send until the interest ends (the task is aborted).
+async fn topic_task(shared: Rc<Shared>, topic: TopicKey, generation: u64) {
+    let inbox = shared.owner_inbox(&topic).clone();
+    let Some(tenant) = shared.external_id(topic.tenant) else {
+        let _ = inbox.send_async(FromLink::Synced { topic, generation: Some(generation), states: Vec::new() }).await;
+        return;
+    };
+    let subject = subject::topic(&shared.config.cluster, &tenant, topic.private, &topic.sub);
+    let mut subscription = None;
+    let mut confirmed = false;
+    loop {
+        if subscription.is_none() {
+            if let Ok(Ok(sub)) = tokio::time::timeout(OP_TIMEOUT, shared.client.subscribe(subject.clone())).await {
+                subscription = Some(sub);
+            }
+        }
+        let mut states = Vec::new();
+        if subscription.is_some() && shared.connected() {
+            let barrier = tokio::time::timeout(OP_TIMEOUT, shared.client.request(subject::barrier(&shared.config.cluster, shared.incarnation), Bytes::new())).await;
+            // "No responders" (or any answer) means the server processed the subscription.
+            if matches!(barrier, Ok(Ok(_)) | Ok(Err(_))) {
+                states = shared.sync(&tenant, &topic).await;
+            }
+        }
+        if !confirmed {
+            // Degraded or not: the joins waiting on this topic are answered now.
+            let _ = inbox.send_async(FromLink::Synced { topic: topic.clone(), generation: Some(generation), states }).await;
+            confirmed = true;
+        } else if !states.is_empty() {
+            let _ = inbox.send_async(FromLink::Synced { topic: topic.clone(), generation: None, states }).await;
+        }
+        if subscription.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let Some(mut subscription) = subscription else { return };
+    while let Some(message) = subscription.next().await {
+        Stats::add(&shared.stats.messages_in, 1);
+        Stats::add(&shared.stats.bytes_in, message.payload.len() as u64);
+        match wire::decode(&message.payload) {
+            Ok(Wire::Broadcast { private, sub, body }) if private == topic.private && sub == topic.sub => {
+                let message = Arc::new(Broadcast { origin: None, body });
+                if let Err(flume::TrySendError::Full(_)) = inbox.try_send(FromLink::Remote { topic: topic.clone(), message }) {
+                    Stats::add(&shared.stats.dropped_in, 1);
+                }
+            }
+            Ok(Wire::Presence { private, sub, delta }) if private == topic.private && sub == topic.sub => {
+                let _ = inbox.send_async(FromLink::Presence { topic: topic.clone(), delta }).await;
+            }
+            // Another topic with the same subject hash (2^-64), or not ours.
+            Ok(_) => {}
+            Err(_) => Stats::add(&shared.stats.malformed_in, 1),
+        }
+    }
+}
+
+async fn on_heartbeat(shared: &Rc<Shared>, message: async_nats::Message) {
+    Stats::add(&shared.stats.messages_in, 1);
+    match wire::decode(&message.payload) {
+        Ok(Wire::Heartbeat { incarnation, node }) if incarnation != shared.incarnation => {
+            let known = shared.nodes.borrow().contains_key(&incarnation);
+            if !known {
+                // The same name with a new incarnation: that node restarted; its old self is gone.
+                let restarted: Vec<u32> = shared.nodes.borrow().iter().filter(|(_, n)| n.name == node).map(|(i, _)| *i).collect();
+                for old in restarted {
+                    shared.node_gone(old, "restarted").await;
+                }
+                let returned = {
+                    let mut gone = shared.gone.borrow_mut();
+                    let before = gone.len();
+                    gone.retain(|i| *i != incarnation);
+                    gone.len() != before
+                };
+                tracing::info!(%node, incarnation = format!("{incarnation:08x}"), returned, "cluster node joined");
+                shared.nodes.borrow_mut().insert(incarnation, Node { name: node, last_seen: Instant::now() });
+                shared.set_nodes();
+                if returned {
+                    // Declared gone but alive (a partition healed): its presences were
+                    // forgotten here, and ours there. Merge again both ways.
+                    resync_all(shared);
+                    shared.to_all_shards(FromLink::Republish).await;
+                }
+            } else if let Some(entry) = shared.nodes.borrow_mut().get_mut(&incarnation) {
+                entry.last_seen = Instant::now();
+            }
+        }
+        Ok(Wire::Bye { incarnation }) => shared.node_gone(incarnation, "goodbye").await,
+        Ok(_) => {}
+        Err(_) => Stats::add(&shared.stats.malformed_in, 1),
+    }
+}
+
+async fn on_sync_request(shared: &Rc<Shared>, message: async_nats::Message) {
+    Stats::add(&shared.stats.messages_in, 1);
+    let Some(reply) = message.reply.map(|r| r.to_string()) else { return };
+    let Ok(Wire::SyncRequest { tenant, private, sub }) = wire::decode(&message.payload) else {
+        Stats::add(&shared.stats.malformed_in, 1);
+        return;
+    };
+    let empty = || wire::encode(&Wire::Snapshot { delta: Delta::default() });
+    let Some(tenant) = shared.tenant_of(&tenant) else {
+        shared.publish(reply, None, empty()).await;
+        return;
+    };
+    if shared.replies.borrow().len() >= REPLIES_PENDING_MAX {
+        shared.publish(reply, None, empty()).await;
+        return;
+    }
+    let topic = TopicKey::new_sub(tenant, &sub, private);
+    let request = shared.next_request.get();
+    shared.next_request.set(request + 1);
+    shared.replies.borrow_mut().insert(request, reply.clone());
+    if shared.owner_inbox(&topic).try_send(FromLink::SnapshotRequest { topic, request }).is_err() {
+        shared.replies.borrow_mut().remove(&request);
+        shared.publish(reply, None, empty()).await;
+    }
+}
+
+fn on_answer(shared: &Rc<Shared>, message: async_nats::Message) {
+    Stats::add(&shared.stats.messages_in, 1);
+    let Some(id) = message.subject.rsplit('.').next().and_then(|id| id.parse::<u64>().ok()) else { return };
+    let Ok(Wire::Snapshot { delta }) = wire::decode(&message.payload) else {
+        Stats::add(&shared.stats.malformed_in, 1);
+        return;
+    };
+    let mut syncs = shared.syncs.borrow_mut();
+    let Some(pending) = syncs.get_mut(&id) else { return };
+    pending.got.push(delta);
+    if pending.got.len() >= pending.want {
+        if let Some(mut pending) = syncs.remove(&id) {
+            if let Some(done) = pending.done.take() {
+                let _ = done.send(std::mem::take(&mut pending.got));
+            }
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! Cluster mode (CONTRACT.md "Cluster"): several real `powa-realtime serve` processes meeting
+//! over a real `nats-server -js` (started here on a free loopback port), driven by real
+//! WebSocket clients and the official realtime-js client.
+
+mod support;
+mod wsclient;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use support::nats::Nats;
+use support::{http_request, node, Server};
+use wsclient::{anon, v1, v2, Client, Frame};
+
+const WAIT: Duration = Duration::from_secs(10);
+/// `REALTIME_NODE_TIMEOUT_SECS` in these tests.
+const NODE_TIMEOUT_SECS: u64 = 2;
+
+fn node(nats: &Nats, name: &str) -> Server {
+    let timeout = NODE_TIMEOUT_SECS.to_string();
+    Server::start(&[("REALTIME_NATS_URL", &nats.url()), ("REALTIME_NODE_ID", name), ("REALTIME_NODE_TIMEOUT_SECS", &timeout), ("REALTIME_DRAIN_SECS", "1")])
+}
+
+/// `/api/status`'s cluster section.
+fn cluster_status(server: &Server) -> Value {
+    let auth = format!("Bearer {}", support::service_key());
+    let (status, body) = http_request(server.addr, "GET", "/api/status", &[("authorization", &auth)], b"").expect("status");
+    assert_eq!(status, 200);
+    serde_json::from_slice::<Value>(&body).expect("status JSON")["cluster"].clone()
+}
+
+/// Waits until every node hears the `others` other nodes.
+fn wait_for_nodes(servers: &[&Server], others: usize) {
+    let deadline = Instant::now() + WAIT;
+    for server in servers {
+        loop {
+            let status = cluster_status(server);
+            if status["nats_connected"] == true && status["nodes"].as_array().map_or(0, Vec::len) == others {
+                break;
+            }
+            assert!(Instant::now() < deadline, "nodes did not meet: {status}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn connect(server: &Server, vsn: &str) -> Client {
+    Client::connect(&server.ws_url(anon(), vsn))
+}
+
+/// Joins `topic` (V1) and returns once the `ok` reply arrived.
+fn join_v1(client: &mut Client, topic: &str, config: Value) {
+    client.send_text(&v1(topic, "phx_join", json!({"config": config}), Some("1")));
+    loop {
+        let frame = client.recv_json(WAIT);
+        if frame["event"] == "phx_reply" && frame["ref"] == "1" {
+            assert_eq!(frame["payload"]["status"], "ok", "{frame}");
+            return;
+        }
+    }
+}
+
+/// Joins `topic` (V2) and returns once the `ok` reply arrived.
+fn join_v2(client: &mut Client, topic: &str, config: Value) {
+    client.send_text(&v2(Some("1"), Some("1"), topic, "phx_join", json!({"config": config})));
+    loop {
+        let frame = client.recv_json(WAIT);
+        if frame[3] == "phx_reply" && frame[1] == "1" {
+            assert_eq!(frame[4]["status"], "ok", "{frame}");
+            return;
+        }
+    }
+}
+
+/// The next broadcast's payload on a V1 client (other frames skipped).
+fn next_broadcast_v1(client: &mut Client) -> Value {
+    loop {
+        let frame = client.recv_json(WAIT);
+        if frame["event"] == "broadcast" {
+            return frame["payload"].clone();
+        }
+    }
+}
+
+fn rest_broadcast(server: &Server, topic: &str, payload: Value) {
+    let body = json!({"messages": [{"topic": topic, "event": "ev", "payload": payload}]}).to_string();
+    let auth = format!("Bearer {}", support::service_key());
+    let (status, answer) = http_request(server.addr, "POST", "/api/broadcast", &[("authorization", &auth), ("apikey", anon()), ("content-type", "application/json")], body.as_bytes()).expect("REST");
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&answer));
+}
+
+#[test]
+fn broadcasts_cross_nodes_in_order_in_both_formats() {
+    let nats = Nats::start();
+    let (a, b, c) = (node(&nats, "a"), node(&nats, "b"), node(&nats, "c"));
+    wait_for_nodes(&[&a, &b, &c], 2);
+    let mut on_a = connect(&a, "1.0.0");
+    let mut on_c = connect(&c, "2.0.0");
+    let mut sender = connect(&b, "1.0.0");
+    join_v1(&mut on_a, "realtime:room", json!({}));
+    join_v2(&mut on_c, "realtime:room", json!({}));
+    join_v1(&mut sender, "realtime:room", json!({"broadcast": {"self": false, "ack": true}}));
+    for i in 0..200 {
+        sender.send_text(&v1("realtime:room", "broadcast", json!({"type": "broadcast", "event": "n", "payload": {"i": i}}), Some(&format!("b{i}"))));
+    }
+    for i in 0..200 {
+        let payload = next_broadcast_v1(&mut on_a);
+        assert_eq!(payload["payload"]["i"], i, "node a, message {i}: {payload}");
+    }
+    for i in 0..200 {
+        let frame = loop {
+            let frame = on_c.recv_json(WAIT);
+            if frame[3] == "broadcast" {
+                break frame;
+            }
+        };
+        assert_eq!(frame[4]["payload"]["i"], i, "node c (V2), message {i}: {frame}");
+    }
+    // `self: false` on a cluster holds too: the sender gets its acks, never its messages.
+    let mut acks = 0;
+    let deadline = Instant::now() + WAIT;
+    while acks < 200 && Instant::now() < deadline {
+        let frame = sender.recv_json(WAIT);
+        assert_ne!(frame["event"], "broadcast", "the sender heard itself: {frame}");
+        if frame["event"] == "phx_reply" && frame["ref"].as_str().is_some_and(|r| r.starts_with('b')) {
+            acks += 1;
+        }
+    }
+    assert_eq!(acks, 200);
+    sender.expect_silence(Duration::from_millis(300));
+    // Each broadcast crossed NATS once from node b, whatever the number of receiving nodes.
+    let out = cluster_status(&b)["messages_out"].as_u64().unwrap();
+    assert!((200..260).contains(&out), "node b published {out} messages for 200 broadcasts (plus heartbeats and syncs)");
+}
+
+#[test]
+fn a_join_ok_on_one_node_then_a_broadcast_from_another_always_arrives() {
+    let nats = Nats::start();
+    let (a, b) = (node(&nats, "a"), node(&nats, "b"));
+    wait_for_nodes(&[&a, &b], 1);
+    let mut client = connect(&a, "1.0.0");
+    for i in 0..200 {
+        let topic = format!("fresh-{i}");
+        join_v1(&mut client, &format!("realtime:{topic}"), json!({}));
+        rest_broadcast(&b, &topic, json!({"i": i}));
+        let payload = next_broadcast_v1(&mut client);
+        assert_eq!(payload["payload"]["i"], i, "round {i}");
+        client.send_text(&v1(&format!("realtime:{topic}"), "phx_leave", json!({}), Some("2")));
+    }
+}
+
+/// Presence members of a V1 client's view, by key, from its `presence_state` and diffs.
+struct View {
+    client: Client,
+    members: std::collections::BTreeMap<String, usize>,
+}
+
+impl View {
+    fn join(server: &Server, topic: &str, key: &str) -> View {
+        let mut client = connect(server, "1.0.0");
+        client.send_text(&v1(topic, "phx_join", json!({"config": {"presence": {"key": key}}}), Some("1")));
+        let mut view = View { client, members: Default::default() };
+        // The `ok` reply, then the `presence_state`.
+        view.pump_until(|frame| frame["event"] == "presence_state");
+        view
+    }
+
+    fn apply(&mut self, frame: &Value) {
+        match frame["event"].as_str() {
+            Some("presence_state") => {
+                self.members = frame["payload"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v["metas"].as_array().unwrap().len())).collect();
+            }
+            Some("presence_diff") => {
+                for (key, entry) in frame["payload"]["joins"].as_object().unwrap() {
+                    *self.members.entry(key.clone()).or_default() += entry["metas"].as_array().unwrap().len();
+                }
+                for (key, entry) in frame["payload"]["leaves"].as_object().unwrap() {
+                    let count = self.members.entry(key.clone()).or_default();
+                    *count = count.saturating_sub(entry["metas"].as_array().unwrap().len());
+                    if *count == 0 {
+                        self.members.remove(key);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn pump_until(&mut self, done: impl Fn(&Value) -> bool) {
+        loop {
+            let frame = self.client.recv_json(WAIT);
+            self.apply(&frame);
+            if done(&frame) {
+                return;
+            }
+        }
+    }
+
+    fn track(&mut self, topic: &str, name: &str) {
+        self.client.send_text(&v1(topic, "presence", json!({"type": "presence", "event": "track", "payload": {"name": name}}), Some("t")));
+    }
+
+    /// Reads frames until the view holds exactly `keys` (each once), or panics after `within`.
+    fn wait_for(&mut self, keys: &[&str], within: Duration) {
+        let deadline = Instant::now() + within;
+        let want: std::collections::BTreeMap<String, usize> = keys.iter().map(|k| (k.to_string(), 1)).collect();
+        while self.members != want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "presence view {:?}, expected {:?}", self.members, want);
+            match self.client.recv_frame(left.min(Duration::from_millis(200))) {
+                Frame::Text(text) => {
+                    let frame: Value = serde_json::from_str(&text).unwrap();
+                    self.apply(&frame);
+                }
+                Frame::Timeout => {}
+                other => panic!("unexpected frame {}", wsclient::describe(&other)),
+            }
+        }
+    }
+}
+
+#[test]
+fn presence_converges_across_three_nodes_and_a_dead_node_leaves_within_the_timeout() {
+    let nats = Nats::start();
+    let (a, b) = (node(&nats, "a"), node(&nats, "b"));
+    let c = node(&nats, "c");
+    wait_for_nodes(&[&a, &b, &c], 2);
+    let topic = "realtime:lobby";
+    let mut views = [View::join(&a, topic, "ann"), View::join(&b, topic, "bob"), View::join(&c, topic, "cat")];
+    for (view, name) in views.iter_mut().zip(["ann", "bob", "cat"]) {
+        view.track(topic, name);
+    }
+    for view in views.iter_mut() {
+        view.wait_for(&["ann", "bob", "cat"], WAIT);
+    }
+    // A late joiner on a node that had nobody in the topic gets everyone in its presence_state.
+    let mut late = View::join(&a, topic, "dan");
+    assert_eq!(late.members.keys().cloned().collect::<Vec<_>>(), ["ann", "bob", "cat"], "presence_state of a new subscriber");
+    late.track(topic, "dan");
+    for view in views.iter_mut() {
+        view.wait_for(&["ann", "bob", "cat", "dan"], WAIT);
+    }
+    // SIGKILL node c: its member leaves everywhere within the node timeout (plus a beat).
+    c.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    views[0].wait_for(&["ann", "bob", "dan"], Duration::from_secs(NODE_TIMEOUT_SECS + 3));
+    views[1].wait_for(&["ann", "bob", "dan"], Duration::from_secs(NODE_TIMEOUT_SECS + 3));
+    let took = killed.elapsed();
+    assert!(took >= Duration::from_secs(1), "left after {took:?}: before the timeout could have expired");
+}
+
+#[test]
+fn a_drained_node_s_members_leave_at_once() {
+    let nats = Nats::start();
+    let a = node(&nats, "a");
+    let mut b = node(&nats, "b");
+    wait_for_nodes(&[&a, &b], 1);
+    let topic = "realtime:drain";
+    let mut on_a = View::join(&a, topic, "ann");
+    let mut on_b = View::join(&b, topic, "bob");
+    on_a.track(topic, "ann");
+    on_b.track(topic, "bob");
+    on_a.wait_for(&["ann", "bob"], WAIT);
+    b.signal(libc::SIGTERM);
+    // Well before the 2 s node timeout: the goodbye removes bob at once.
+    on_a.wait_for(&["ann"], Duration::from_millis(1_500));
+    assert!(b.wait_exit(Duration::from_secs(10)).is_some(), "node b did not exit after its drain");
+}
+
+#[test]
+fn a_nats_restart_degrades_then_recovers_without_duplicates() {
+    let mut nats = Nats::start();
+    let (a, b) = (node(&nats, "a"), node(&nats, "b"));
+    wait_for_nodes(&[&a, &b], 1);
+    let topic = "realtime:weather";
+    let mut on_a = View::join(&a, topic, "ann");
+    let mut on_b = View::join(&b, topic, "bob");
+    on_a.track(topic, "ann");
+    on_a.wait_for(&["ann"], WAIT);
+    on_b.wait_for(&["ann"], WAIT);
+
+    nats.kill();
+    let deadline = Instant::now() + WAIT;
+    while http_request(a.addr, "GET", "/healthz", &[], b"").ok().map(|(_, body)| body) != Some(b"ok degraded".to_vec()) {
+        assert!(Instant::now() < deadline, "node a never said it is degraded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let metrics = String::from_utf8(http_request(a.addr, "GET", "/metrics", &[], b"").unwrap().1).unwrap();
+    assert!(metrics.contains("realtime_cluster_connected 0"), "{metrics}");
+    // While NATS is away each node serves its own clients: bob tracks, only b knows.
+    on_b.track(topic, "bob");
+    on_b.wait_for(&["ann", "bob"], WAIT);
+    rest_broadcast(&a, "weather", json!({"during": "outage"}));
+    let local = next_broadcast_v1(&mut on_a.client);
+    assert_eq!(local["payload"]["during"], "outage", "local delivery while degraded");
+
+    nats.restart();
+    wait_for_nodes(&[&a, &b], 1);
+    // Presence re-syncs by itself: a learns about bob.
+    on_a.wait_for(&["ann", "bob"], Duration::from_secs(15));
+    // Cross-node delivery resumes, exactly once.
+    let mut receiver = connect(&a, "1.0.0");
+    join_v1(&mut receiver, "realtime:after", json!({}));
+    for i in 0..20 {
+        rest_broadcast(&b, "after", json!({"i": i}));
+    }
+    for i in 0..20 {
+        assert_eq!(next_broadcast_v1(&mut receiver)["payload"]["i"], i);
+    }
+    receiver.expect_silence(Duration::from_millis(500));
+}
+
+#[test]
+fn realtime_js_clients_on_different_nodes_talk() {
+    let dir = node::prepare();
+    let nats = Nats::start();
+    let (mut a, b) = (node(&nats, "a"), node(&nats, "b"));
+    wait_for_nodes(&[&a, &b], 1);
+    let mut command = node::command(&dir, &["cluster/cluster.test.mjs"]);
+    command.env("POWA_ENDPOINT_A", a.realtime_js_endpoint()).env("POWA_ENDPOINT_B", b.realtime_js_endpoint()).env("POWA_ANON_KEY", anon());
+    node::run("realtime-js cluster", command, Duration::from_secs(90), &mut a);
+}
+
+#[test]
+fn single_node_mode_has_no_cluster_section_and_says_plain_ok() {
+    let server = Server::start(&[]);
+    assert_eq!(http_request(server.addr, "GET", "/healthz", &[], b"").unwrap(), (200, b"ok".to_vec()));
+    assert!(cluster_status(&server).is_null());
+}
