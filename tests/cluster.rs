@@ -328,3 +328,51 @@ fn single_node_mode_has_no_cluster_section_and_says_plain_ok() {
     assert_eq!(http_request(server.addr, "GET", "/healthz", &[], b"").unwrap(), (200, b"ok".to_vec()));
     assert!(cluster_status(&server).is_null());
 }
+
+#[test]
+fn the_concurrent_users_limit_counts_every_node() {
+    let nats = Nats::start();
+    let timeout = NODE_TIMEOUT_SECS.to_string();
+    let env = |name: &str| -> Vec<(&str, String)> {
+        vec![("REALTIME_NATS_URL", nats.url()), ("REALTIME_NODE_ID", name.to_owned()), ("REALTIME_NODE_TIMEOUT_SECS", timeout.clone()), ("REALTIME_MAX_CONCURRENT_USERS", "2".into())]
+    };
+    let start = |name: &str| {
+        let vars = env(name);
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Server::start(&vars)
+    };
+    let (a, b) = (start("a"), start("b"));
+    wait_for_nodes(&[&a, &b], 1);
+    let mut first = connect(&a, "1.0.0");
+    join_v1(&mut first, "realtime:one", json!({}));
+    let mut second = connect(&b, "1.0.0");
+    join_v1(&mut second, "realtime:two", json!({}));
+    // Each node alone holds one user, under the limit of 2; together they are at it. The
+    // counts travel with the heartbeats (one beat of lag): then a third user is refused, at the
+    // upgrade (429, §1.4) or at its join.
+    let third_user = |server: &Server| -> Result<(), String> {
+        let mut third = Client::try_connect_with_headers(&server.ws_url(anon(), "1.0.0"), &[]).map_err(|e| e.to_string())?;
+        third.send_text(&v1("realtime:three", "phx_join", json!({"config": {}}), Some("1")));
+        let reply = third.recv_json(WAIT);
+        match reply["payload"]["status"].as_str() {
+            Some("ok") => Ok(()),
+            _ => Err(reply["payload"]["response"]["reason"].to_string()),
+        }
+    };
+    let deadline = Instant::now() + WAIT;
+    let refusal = loop {
+        match third_user(&a) {
+            Err(refusal) => break refusal,
+            Ok(()) => assert!(Instant::now() < deadline, "a third user was still let in"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(refusal.contains("429") || refusal.contains("ConnectionRateLimitReached: Too many connected users"), "{refusal}");
+    // A user leaving on node b frees a place on node a.
+    second.close();
+    let deadline = Instant::now() + WAIT;
+    while third_user(&a).is_err() {
+        assert!(Instant::now() < deadline, "the place freed on node b was not given on node a");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -33,7 +33,7 @@ use engine::{Broadcast, TenantId, TopicKey};
 
 use crate::stats::{NodeInfo, Stats};
 use crate::subject;
-use crate::wire::{self, Wire};
+use crate::wire::{self, TenantCounts, Wire, COUNTS};
 
 /// Broadcasts waiting for the link (all shards together).
 pub const DATA_QUEUE_MAX: usize = 65_536;
@@ -196,6 +196,13 @@ struct Shared {
     nodes: RefCell<HashMap<u32, Node>>,
     gone: RefCell<VecDeque<u32>>,
     inbox: String,
+    /// Each other node's tenant counts, from its last heartbeat.
+    counts: RefCell<HashMap<u32, Vec<TenantCounts>>>,
+}
+
+/// The fields of a tenant's counters a heartbeat carries, in [`TenantCounts::values`] order.
+fn count_fields() -> [fn(&tenants::ShardSlot) -> &std::sync::atomic::AtomicU64; COUNTS] {
+    [|s| &s.users, |s| &s.events_window, |s| &s.joins_window, |s| &s.db_events_window, |s| &s.presence_window, |s| &s.http_window]
 }
 
 impl Shared {
@@ -293,8 +300,43 @@ impl Shared {
         self.stats.set_nodes(nodes);
     }
 
+    /// This node's tenants with anything to count, for its heartbeat.
+    fn local_counts(&self) -> Vec<TenantCounts> {
+        let directory = self.registry.load();
+        directory
+            .tenants()
+            .into_iter()
+            .filter_map(|tenant| {
+                let values = count_fields().map(|field| tenant.counters.local_sum(field));
+                values.iter().any(|v| *v != 0).then(|| TenantCounts { tenant: tenant.external_id.to_string(), values })
+            })
+            .collect()
+    }
+
+    /// Writes the other nodes' summed counts into every tenant's `remote` slot, where the
+    /// shards' limit decisions read them.
+    fn apply_remote_counts(&self) {
+        let mut sums: HashMap<&str, [u64; COUNTS]> = HashMap::new();
+        let counts = self.counts.borrow();
+        for entry in counts.values().flatten() {
+            let sum = sums.entry(entry.tenant.as_str()).or_insert([0; COUNTS]);
+            for (total, value) in sum.iter_mut().zip(entry.values) {
+                *total = total.saturating_add(value);
+            }
+        }
+        let directory = self.registry.load();
+        for tenant in directory.tenants() {
+            let values = sums.get(&*tenant.external_id).copied().unwrap_or([0; COUNTS]);
+            for (field, value) in count_fields().into_iter().zip(values) {
+                field(&tenant.counters.remote).store(value, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Node `incarnation` is gone: every shard drops its presences.
     async fn node_gone(&self, incarnation: u32, why: &str) {
+        self.counts.borrow_mut().remove(&incarnation);
+        self.apply_remote_counts();
         let Some(node) = self.nodes.borrow_mut().remove(&incarnation) else { return };
         tracing::info!(node = %node.name, incarnation = format!("{incarnation:08x}"), why, "cluster node gone: its presences leave");
         Stats::add(&self.stats.nodes_gone, 1);
@@ -361,6 +403,7 @@ async fn run(
         next_request: Cell::new(1),
         nodes: RefCell::new(HashMap::new()),
         gone: RefCell::new(VecDeque::new()),
+        counts: RefCell::new(HashMap::new()),
     });
     let subscribe = |subject: String| {
         let client = shared.client.clone();
@@ -411,7 +454,7 @@ async fn run(
             Some(message) = answers.next() => on_answer(&shared, message),
             _ = ticker.tick() => {
                 if shared.connected() {
-                    let beat = wire::encode(&Wire::Heartbeat { incarnation: shared.incarnation, node: shared.config.node_id.clone() });
+                    let beat = wire::encode(&Wire::Heartbeat { incarnation: shared.incarnation, node: shared.config.node_id.clone(), counts: shared.local_counts() });
                     shared.publish(subject::heartbeat(&shared.config.cluster), None, beat).await;
                 }
                 let timeout = shared.config.node_timeout;
@@ -420,6 +463,7 @@ async fn run(
                     shared.node_gone(incarnation, "no heartbeat within REALTIME_NODE_TIMEOUT_SECS").await;
                 }
                 shared.set_nodes();
+                shared.apply_remote_counts();
             }
         }
     }
@@ -576,7 +620,8 @@ async fn topic_task(shared: Rc<Shared>, topic: TopicKey, generation: u64) {
 async fn on_heartbeat(shared: &Rc<Shared>, message: async_nats::Message) {
     Stats::add(&shared.stats.messages_in, 1);
     match wire::decode(&message.payload) {
-        Ok(Wire::Heartbeat { incarnation, node }) if incarnation != shared.incarnation => {
+        Ok(Wire::Heartbeat { incarnation, node, counts }) if incarnation != shared.incarnation => {
+            shared.counts.borrow_mut().insert(incarnation, counts);
             let known = shared.nodes.borrow().contains_key(&incarnation);
             if !known {
                 // The same name with a new incarnation: that node restarted; its old self is gone.

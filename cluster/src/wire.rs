@@ -54,12 +54,14 @@ pub enum Wire {
         /// Its elements and dots.
         delta: Delta,
     },
-    /// A node is alive.
+    /// A node is alive, with its tenants' counts (for the cluster-wide limits).
     Heartbeat {
         /// Its incarnation (random per process start).
         incarnation: u32,
         /// Its name (`REALTIME_NODE_ID`).
         node: String,
+        /// Its tenants with anything to count (the others count zero).
+        counts: Vec<TenantCounts>,
     },
     /// A node stops (drain): its presences leave at once.
     Bye {
@@ -67,6 +69,19 @@ pub enum Wire {
         incarnation: u32,
     },
 }
+
+/// One tenant's counts on one node (its shards' sums).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantCounts {
+    /// The tenant's external id.
+    pub tenant: String,
+    /// Connected users, then the window sums of events, joins, database events, presence
+    /// events and REST requests ([`COUNTS`] values, in that order).
+    pub values: [u64; COUNTS],
+}
+
+/// Values per [`TenantCounts`].
+pub const COUNTS: usize = 6;
 
 /// Bytes that are not a message of this version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,10 +156,17 @@ pub fn encode(wire: &Wire) -> Bytes {
             out.put_u8(KIND_SNAPSHOT);
             put_delta(&mut out, delta);
         }
-        Wire::Heartbeat { incarnation, node } => {
+        Wire::Heartbeat { incarnation, node, counts } => {
             out.put_u8(KIND_HEARTBEAT);
             out.put_u32(*incarnation);
             put_bytes(&mut out, node.as_bytes());
+            out.put_u32(counts.len() as u32);
+            for entry in counts {
+                put_bytes(&mut out, entry.tenant.as_bytes());
+                for value in entry.values {
+                    out.put_u64(value);
+                }
+            }
         }
         Wire::Bye { incarnation } => {
             out.put_u8(KIND_BYE);
@@ -192,7 +214,20 @@ pub fn decode(input: &Bytes) -> Result<Wire, WireError> {
             Wire::SyncRequest { tenant, private, sub: Arc::from(sub) }
         }
         KIND_SNAPSHOT => Wire::Snapshot { delta: r.delta()? },
-        KIND_HEARTBEAT => Wire::Heartbeat { incarnation: r.u32()?, node: r.string()? },
+        KIND_HEARTBEAT => {
+            let incarnation = r.u32()?;
+            let node = r.string()?;
+            let mut counts = Vec::new();
+            for _ in 0..r.count(4 + 8 * COUNTS)? {
+                let tenant = r.string()?;
+                let mut values = [0u64; COUNTS];
+                for value in &mut values {
+                    *value = r.u64()?;
+                }
+                counts.push(TenantCounts { tenant, values });
+            }
+            Wire::Heartbeat { incarnation, node, counts }
+        }
         KIND_BYE => Wire::Bye { incarnation: r.u32()? },
         _ => return Err(WireError::Invalid("kind")),
     };

@@ -34,6 +34,10 @@ pub struct ShardSlot {
 #[derive(Debug)]
 pub struct TenantCounters {
     slots: Box<[ShardSlot]>,
+    /// Cluster mode: the other nodes' sums of `users` and the window fields, as their last
+    /// heartbeats said (written by the cluster link; zero on a single node). Tenant-wide
+    /// limits decide on local + remote, so they hold cluster-wide with a heartbeat of lag.
+    pub remote: ShardSlot,
     /// Whether the tenant's events / joins / presence events per second are triggered, as
     /// decided by the last shard that ticked (every shard decides from the same published sums;
     /// a shard that never saw the tenant before reads them too).
@@ -53,6 +57,7 @@ impl TenantCounters {
     pub fn new(shards: usize) -> TenantCounters {
         TenantCounters {
             slots: (0..shards.max(1)).map(|_| ShardSlot::default()).collect(),
+            remote: ShardSlot::default(),
             events_exceeded: AtomicBool::new(false),
             joins_exceeded: AtomicBool::new(false),
             db_events_exceeded: AtomicBool::new(false),
@@ -66,12 +71,18 @@ impl TenantCounters {
         &self.slots[shard.min(self.slots.len() - 1)]
     }
 
-    /// The sum of one field over every shard.
+    /// The sum of one field over every shard of every node (this node's shards plus the other
+    /// nodes' last reported sums).
     pub fn sum(&self, field: impl Fn(&ShardSlot) -> &AtomicU64) -> u64 {
+        self.local_sum(&field) + field(&self.remote).load(Ordering::Relaxed)
+    }
+
+    /// The sum of one field over this node's shards.
+    pub fn local_sum(&self, field: impl Fn(&ShardSlot) -> &AtomicU64) -> u64 {
         self.slots.iter().map(|slot| field(slot).load(Ordering::Relaxed)).sum()
     }
 
-    /// Tenant-wide connected users.
+    /// Tenant-wide (cluster-wide) connected users.
     pub fn users(&self) -> u64 {
         self.sum(|s| &s.users)
     }
@@ -93,6 +104,9 @@ mod tests {
         counters.slot(2).users.fetch_add(5, Ordering::Relaxed);
         counters.slot(99).connections.fetch_add(1, Ordering::Relaxed);
         assert_eq!(counters.users(), 7);
+        counters.remote.users.store(10, Ordering::Relaxed);
+        assert_eq!(counters.users(), 17, "other nodes' users count toward the limit");
+        assert_eq!(counters.local_sum(|s| &s.users), 7);
         assert_eq!(counters.connections(), 1);
         assert!(std::mem::size_of::<ShardSlot>().is_multiple_of(64));
     }

@@ -27,7 +27,8 @@ fn samples() -> Vec<Wire> {
         Wire::SyncRequest { tenant: "acme".into(), private: true, sub: Arc::from("x") },
         Wire::Snapshot { delta: state.as_delta() },
         Wire::Snapshot { delta: Delta::default() },
-        Wire::Heartbeat { incarnation: 0xdead_beef, node: "node-1".into() },
+        Wire::Heartbeat { incarnation: 0xdead_beef, node: "node-1".into(), counts: vec![] },
+        Wire::Heartbeat { incarnation: 1, node: "n".into(), counts: vec![TenantCounts { tenant: "acme".into(), values: [1, 2, 3, 4, 5, u64::MAX] }, TenantCounts { tenant: String::new(), values: [0; COUNTS] }] },
         Wire::Bye { incarnation: 5 },
     ]
 }

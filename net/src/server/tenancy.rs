@@ -305,7 +305,7 @@ pub(crate) fn render_metrics(directory: &tenants::Directory, out: &mut String) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         let mut other = 0u64;
         for (i, (tenant, _)) in ranked.iter().enumerate() {
-            let value = tenant.counters.sum(field);
+            let value = tenant.counters.local_sum(field);
             if i < METRICS_TENANTS_MAX {
                 let _ = writeln!(out, "{name}{{tenant=\"{}\"}} {value}", tenant.external_id);
             } else {
