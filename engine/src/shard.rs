@@ -690,3 +690,6 @@ impl ShardState {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod cluster_tests;
