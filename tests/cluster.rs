@@ -376,3 +376,67 @@ fn the_concurrent_users_limit_counts_every_node() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A TCP load balancer for the failover test: each connection goes to the first backend that
+/// accepts it, bytes are piped both ways until either side closes.
+fn balancer(backends: Vec<std::net::SocketAddr>) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the balancer");
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Some(backend) = backends.iter().find_map(|b| TcpStream::connect(b).ok()) else { continue };
+            let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 || to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(Shutdown::Both);
+                    let _ = from.shutdown(Shutdown::Both);
+                });
+            };
+            pipe(client.try_clone().unwrap(), backend.try_clone().unwrap());
+            pipe(backend, client);
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_killed_node_s_realtime_js_clients_come_back_through_another_node() {
+    let dir = node::prepare();
+    let nats = Nats::start();
+    let (a, mut b) = (node(&nats, "a"), node(&nats, "b"));
+    wait_for_nodes(&[&a, &b], 1);
+    let lb = balancer(vec![a.addr, b.addr]);
+    let ready = std::env::temp_dir().join(format!("powa-failover-{}-{}", std::process::id(), lb.port()));
+    let _ = std::fs::remove_file(&ready);
+    // Kill node a (SIGKILL) once the client is settled on it.
+    let killer = {
+        let ready = ready.clone();
+        let pid = a.pid() as libc::pid_t;
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !ready.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        })
+    };
+    let mut command = node::command(&dir, &["cluster/failover.test.mjs"]);
+    command
+        .env("POWA_ENDPOINT_LB", format!("ws://{lb}/realtime/v1"))
+        .env("POWA_ENDPOINT_B", b.realtime_js_endpoint())
+        .env("POWA_ANON_KEY", anon())
+        .env("POWA_READY_FILE", &ready);
+    node::run("realtime-js failover", command, Duration::from_secs(90), &mut b);
+    killer.join().unwrap();
+    let _ = std::fs::remove_file(&ready);
+    drop(a);
+}
