@@ -46,7 +46,8 @@ workloads
              --callgrind-powa FILE --callgrind-raw FILE --perf-fanout PREFIX --perf-idle PREFIX]
 
 common options
-  --target 127.0.0.1:4000   --proto phoenix|raw|nchan   --vsn 2|1   --binary (V2 kind-3 sends)
+  --target 127.0.0.1:4000   --publish-target ADDR (W1: the publisher on another node of a cluster)
+  --proto phoenix|raw|nchan   --vsn 2|1   --binary (V2 kind-3 sends)
   --token JWT (phoenix)     --server-pid PID[,PID…]  (CPU and RSS from /proc)
   --per-worker 5000 (connections per worker process)  --src-first 2 --src-count 19 (127.0.0.x)
   --heartbeat 25 (s)  --read-delay-us 0  --label TEXT  --round N  --json-out FILE (append the JSON line)

@@ -17,6 +17,8 @@ use crate::wire::Proto;
 /// Options every workload shares.
 pub struct Common {
     target: SocketAddrV4,
+    /// W1 across cluster nodes: the publisher connects here instead of `target`.
+    publish_target: Option<SocketAddrV4>,
     proto: Proto,
     vsn: String,
     binary: bool,
@@ -40,6 +42,11 @@ impl Common {
         if target.ip().octets()[0] != 127 {
             bail!("--target must be a loopback address (127.0.0.0/8)");
         }
+        let publish_target: Option<String> = args.opt("publish-target")?;
+        let publish_target: Option<SocketAddrV4> = publish_target.map(|t| t.parse().context("--publish-target must be IPv4 host:port")).transpose()?;
+        if publish_target.is_some_and(|t| t.ip().octets()[0] != 127) {
+            bail!("--publish-target must be a loopback address (127.0.0.0/8)");
+        }
         let proto_name: String = args.get("proto", "phoenix".to_string())?;
         let vsn: String = args.get("vsn", "2".to_string())?;
         let binary = args.flag("binary");
@@ -57,6 +64,7 @@ impl Common {
         }
         Ok(Common {
             target,
+            publish_target,
             proto,
             vsn,
             binary,
@@ -81,9 +89,13 @@ impl Common {
     /// Arguments of one worker.
     #[allow(clippy::too_many_arguments)]
     fn worker_args(&self, worker: usize, plan: &str, conns: usize, base: usize, concurrency: usize, fanout: u64, group: usize, topic_each: bool) -> Vec<String> {
+        let target = match (plan, self.publish_target) {
+            ("pub", Some(publish)) => publish,
+            _ => self.target,
+        };
         let mut a: Vec<String> = vec![
             "--target".into(),
-            self.target.to_string(),
+            target.to_string(),
             "--src".into(),
             self.src(worker).to_string(),
             "--proto".into(),
