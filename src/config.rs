@@ -126,5 +126,5 @@ pub(crate) fn slot_config() -> Result<replication::reader::SlotConfig> {
     }
     let max_retained_mb: u64 = number("REALTIME_SLOT_MAX_RETAINED_MB", 1024)?;
     let max_away_secs: u64 = number("REALTIME_SLOT_MAX_AWAY_SECS", 600)?;
-    Ok(replication::reader::SlotConfig { name, max_retained_bytes: max_retained_mb.saturating_mul(1024 * 1024), max_away: Duration::from_secs(max_away_secs) })
+    Ok(replication::reader::SlotConfig { name, max_retained_bytes: max_retained_mb.saturating_mul(1024 * 1024), max_away: Duration::from_secs(max_away_secs), shared: false })
 }

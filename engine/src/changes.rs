@@ -15,6 +15,11 @@ pub const SHARD_INBOX_MAX: usize = 4096;
 /// Capacity of the sessions → core command queue.
 pub const COMMANDS_MAX: usize = 65_536;
 
+/// Cluster mode: channel keys whose shard id is at least this belong to another node (the
+/// leader's cluster link maps each (node, shard) to one such id); the core's deliveries to them
+/// go to the link instead of a local shard.
+pub const REMOTE_SHARD_BASE: u16 = 0x8000;
+
 /// What a policy check asks about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CheckKind {

@@ -103,6 +103,8 @@ pub(crate) struct CoreParams {
     pub(crate) tenant: engine::TenantId,
     /// The shards' inboxes (shared by every tenant's core), indexed by shard id.
     pub(crate) shards: Vec<flume::Sender<PgOut>>,
+    /// Cluster mode: other nodes' channels' messages (shard ids from `REMOTE_SHARD_BASE`).
+    pub(crate) remote: Option<flume::Sender<(engine::ShardId, PgOut)>>,
     /// The payload limit, applied to broadcasts from SQL.
     pub(crate) payload_bytes_max: usize,
     /// Sessions' commands.
@@ -304,14 +306,14 @@ impl Driver {
 /// One tenant's core: runs until its task (or the tenant's `LocalSet`) is dropped. Every task
 /// it spawns is a `spawn_local` on the current `LocalSet`.
 pub(crate) async fn run(params: CoreParams) {
-    let CoreParams { url, tenant, shards, payload_bytes_max, commands, events, stats, health, control, failed } = params;
+    let CoreParams { url, tenant, shards, remote, payload_bytes_max, commands, events, stats, health, control, failed } = params;
     let meta = Rc::new(Db::new(&url, Arc::clone(&health), Arc::clone(&control), failed.clone()));
     let rls = Db::new(&url, health, Arc::clone(&control), failed.clone());
     let _ = meta.get().await;
     let authz = Rc::new(Db::new(&url, Arc::new(std::sync::atomic::AtomicBool::new(true)), Arc::clone(&control), failed));
     let driver = Rc::new(Driver {
         core: RefCell::new(ChangesCore::new(shards.len(), payload_bytes_max).for_tenant(tenant)),
-        outbound: Outbound::new(shards),
+        outbound: Outbound::with_remote(shards, remote),
         stats,
         meta: Rc::clone(&meta),
         authz,

@@ -114,7 +114,34 @@ pub struct FleetConfig {
     /// Whether a tenant is in use beyond its core (open sockets); `None`: only subscriptions
     /// and commands count.
     pub in_use: Option<InUse>,
+    /// Cluster mode: one node per tenant database streams (the leader); see [`FleetCluster`].
+    pub cluster: Option<FleetCluster>,
 }
+
+/// Cluster mode (CONTRACT.md "Cluster"): every node runs each tenant's core (policy checks and
+/// replays stay on the node of the client), but only the node holding the tenant's *leader
+/// lock* — a PostgreSQL session advisory lock on the tenant's own database, keyed by the slot
+/// name — runs the replication reader. The lock lives as long as the leader's session: a dead
+/// node's lock is released when PostgreSQL sees its connection close, and another node's next
+/// attempt (every [`LEADER_RETRY`]) takes it. The slot is shared ([`SlotConfig::shared`]):
+/// the new leader resumes from where the old one confirmed.
+#[derive(Clone)]
+pub struct FleetCluster {
+    /// Where the core sends messages for other nodes' channels (key shards from
+    /// `engine::changes::REMOTE_SHARD_BASE`): the cluster link.
+    pub remote: flume::Sender<(engine::ShardId, PgOut)>,
+    /// Told when this node starts or stops leading a tenant's database (called on a fleet
+    /// worker; must not block).
+    pub leadership: Arc<dyn Fn(TenantId, bool) + Send + Sync>,
+}
+
+/// How often a node that does not lead tries the leader lock.
+pub const LEADER_RETRY: Duration = Duration::from_secs(1);
+/// How long a new leader waits between taking the lock and starting the stream, so the other
+/// nodes (told by the link at once) re-send their subscriptions first.
+pub const TAKEOVER_GRACE: Duration = Duration::from_millis(1500);
+/// How often the leader checks that its lock's session is alive.
+const LEADER_CHECK: Duration = Duration::from_secs(2);
 
 impl FleetConfig {
     /// The defaults for `shards` shards.
@@ -128,6 +155,7 @@ impl FleetConfig {
             slot_per_tenant: true,
             retry_failed_after: RETRY_FAILED_AFTER_DEFAULT,
             in_use: None,
+            cluster: None,
         }
     }
 }
@@ -143,6 +171,7 @@ impl std::fmt::Debug for FleetConfig {
             .field("slot_per_tenant", &self.slot_per_tenant)
             .field("retry_failed_after", &self.retry_failed_after)
             .field("in_use", &self.in_use.is_some())
+            .field("cluster", &self.cluster.is_some())
             .finish()
     }
 }
@@ -393,6 +422,12 @@ impl Fleet {
         (commands, healthy)
     }
 
+    /// The shards' inboxes every core sends to (cluster mode: the link delivers the leader's
+    /// messages for this node's channels through them).
+    pub fn shard_senders(&self) -> Vec<flume::Sender<PgOut>> {
+        self.shared.senders.clone()
+    }
+
     /// Stops `tenant`'s run now (removed, or its URL changed): the reader drops its slot, the
     /// core ends, its queue reports `Disconnected`. Does not wait.
     pub fn retire(&self, tenant: TenantId) {
@@ -615,6 +650,7 @@ async fn tenant_main(job: StartJob, config: &FleetConfig, runs: &Runs) {
         url: run.url.clone(),
         tenant: run.tenant,
         shards: Vec::new(),
+        remote: config.cluster.as_ref().map(|c| c.remote.clone()),
         payload_bytes_max,
         commands: commands.clone(),
         events,
@@ -650,10 +686,13 @@ async fn tenant_main(job: StartJob, config: &FleetConfig, runs: &Runs) {
         Err(_) => return,
     };
     let (events_tx, events_rx) = flume::bounded(reader::QUEUE_EVENTS_MAX);
-    let slot = SlotConfig { name: run.slot.clone(), ..config.slot.clone() };
+    let slot = SlotConfig { name: run.slot.clone(), shared: config.cluster.is_some(), ..config.slot.clone() };
     // The reader's and the core's own logs name the tenant (not in single-tenant mode).
     let span = if run.external_id.is_empty() { tracing::Span::none() } else { tracing::info_span!("tenant", id = %run.external_id) };
-    let reader = tokio::task::spawn_local(reader::run(params, slot, events_tx, Arc::clone(&run.reader_stats), Arc::clone(&run.control)).instrument(span.clone()));
+    let reader = match &config.cluster {
+        None => tokio::task::spawn_local(reader::run(params, slot, events_tx, Arc::clone(&run.reader_stats), Arc::clone(&run.control)).instrument(span.clone())),
+        Some(cluster) => tokio::task::spawn_local(lead(Arc::clone(&run), cluster.clone(), params, slot, events_tx).instrument(span.clone())),
+    };
     let mut core_params = core(events_rx, None);
     core_params.shards = shards;
     tokio::task::spawn_local(changes::run(core_params).instrument(span));
@@ -695,6 +734,70 @@ async fn tenant_main(job: StartJob, config: &FleetConfig, runs: &Runs) {
     }
     drain(&commands).await;
     tracing::info!(tenant = %run.external_id, "tenant database stopped");
+}
+
+/// The advisory lock key of a slot (FNV-1a 64 of a fixed prefix and the slot name).
+fn leader_lock_key(slot: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in "powa-realtime leader ".bytes().chain(slot.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash as i64
+}
+
+/// Cluster mode: takes the tenant's leader lock (retrying every [`LEADER_RETRY`]) and streams
+/// while holding it; when the lock's session dies, stops streaming, tells the core the stream
+/// is down and tries again. Ends at the run's stop (the shared slot is kept).
+async fn lead(run: Arc<Run>, cluster: FleetCluster, params: ConnParams, slot: SlotConfig, events: flume::Sender<reader::WalEvent>) {
+    let key = leader_lock_key(&slot.name);
+    loop {
+        if run.stop_asked.load(Ordering::Relaxed) {
+            return;
+        }
+        let attempt = async {
+            let client = tokio::time::timeout(CONNECT_TIMEOUT, crate::sql::connect(&run.url)).await.ok()?.ok()?;
+            let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await.ok()?;
+            row.get::<_, bool>(0).then_some(client)
+        };
+        let Some(client) = attempt.await else {
+            if wait_or_stop(&run, LEADER_RETRY).await {
+                return;
+            }
+            continue;
+        };
+        tracing::info!(tenant = %run.external_id, slot = %slot.name, "this node leads the tenant database: it runs the replication stream");
+        (cluster.leadership)(run.tenant, true);
+        if wait_or_stop(&run, TAKEOVER_GRACE).await {
+            (cluster.leadership)(run.tenant, false);
+            return;
+        }
+        let stream = reader::run(params.clone(), slot.clone(), events.clone(), Arc::clone(&run.reader_stats), Arc::clone(&run.control));
+        let held = async {
+            loop {
+                tokio::time::sleep(LEADER_CHECK).await;
+                let alive = tokio::time::timeout(LEADER_CHECK, client.simple_query("SELECT 1")).await;
+                if !matches!(alive, Ok(Ok(_))) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = stream => {
+                // Stopped (the run stops) or failed for good: keep the lock until the run ends.
+                (cluster.leadership)(run.tenant, false);
+                return;
+            }
+            _ = held => {
+                tracing::warn!(tenant = %run.external_id, "the leader lock's session is gone: this node stops streaming the tenant database");
+            }
+        }
+        (cluster.leadership)(run.tenant, false);
+        let _ = events.send_async(reader::WalEvent::StreamDown("this node lost the lead of the database stream".into())).await;
+        if wait_or_stop(&run, LEADER_RETRY).await {
+            return;
+        }
+    }
 }
 
 /// Lets the core answer what shards queued before the run left the map (a moment only: later

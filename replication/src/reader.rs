@@ -84,6 +84,11 @@ pub struct SlotConfig {
     pub max_retained_bytes: u64,
     /// Beyond this long down, the slot is dropped and recreated at the reconnect.
     pub max_away: Duration,
+    /// Cluster mode: the slot is shared by the nodes (one streams at a time, the fleet's
+    /// leader): an inactive slot found at the first connection is adopted (within the bounds)
+    /// rather than dropped, it is kept at a clean stop (another node takes over from it), and a
+    /// slot still active elsewhere is waited for instead of streaming from a temporary slot.
+    pub shared: bool,
 }
 
 /// Default slot name.
@@ -91,7 +96,7 @@ pub const SLOT_NAME: &str = "powa_realtime";
 
 impl Default for SlotConfig {
     fn default() -> SlotConfig {
-        SlotConfig { name: SLOT_NAME.into(), max_retained_bytes: 1024 * 1024 * 1024, max_away: Duration::from_secs(600) }
+        SlotConfig { name: SLOT_NAME.into(), max_retained_bytes: 1024 * 1024 * 1024, max_away: Duration::from_secs(600), shared: false }
     }
 }
 
@@ -212,7 +217,7 @@ pub struct ReaderStats {
 /// thread only with tasks that never block).
 pub async fn run(params: ConnParams, slot: SlotConfig, events: flume::Sender<WalEvent>, stats: Arc<ReaderStats>, control: Arc<ReaderControl>) {
     run_loop(&params, &slot, &events, &stats, &control).await;
-    if control.stop.load(Ordering::Relaxed) {
+    if control.stop.load(Ordering::Relaxed) && !slot.shared {
         drop_slot(&params, &slot.slot_name()).await;
     }
     control.stopped.store(true, Ordering::Relaxed);
@@ -346,6 +351,10 @@ async fn prepare_slot(conn: &mut PgConn, config: &SlotConfig, session: &Session)
                 waited += Duration::from_millis(200);
                 continue;
             }
+            if config.shared {
+                // Cluster mode: the previous leader's walsender has not let go yet; retry.
+                return Err(PgError::Server { code: "55006".into(), message: format!("replication slot \"{name}\" is still active for the previous leader") });
+            }
             let suffix = format!("_{}", std::process::id());
             let temporary = format!("{}{suffix}", &name[..name.len().min(63 - suffix.len())]);
             tracing::warn!(slot = %name, fallback = %temporary, "the replication slot is in use by another process (another server on this database?): streaming from a temporary slot instead; changes committed while this server's stream is down are not delivered");
@@ -353,7 +362,7 @@ async fn prepare_slot(conn: &mut PgConn, config: &SlotConfig, session: &Session)
             return Ok((temporary, false));
         }
         let away = session.down_since.map(|t| t.elapsed()).unwrap_or_default();
-        let reason = if !session.connected_before {
+        let reason = if !session.connected_before && !config.shared {
             Some("a stale slot from an earlier run of the server".to_string())
         } else if session.recreate {
             Some("its pending WAL was written while the publication did not exist (pgoutput cannot decode it)".to_string())

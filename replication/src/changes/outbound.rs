@@ -27,6 +27,9 @@ pub(crate) const OVERFLOW_MESSAGES_MAX: usize = 65_536;
 /// The core's senders to each shard's inbox, with their overflow queues.
 pub(crate) struct Outbound {
     senders: Vec<flume::Sender<PgOut>>,
+    /// Cluster mode: where messages for other nodes' channels go (shard ids from
+    /// `engine::changes::REMOTE_SHARD_BASE`), bounded by the link; full → dropped and counted.
+    remote: Option<flume::Sender<(ShardId, PgOut)>>,
     overflow: RefCell<Vec<VecDeque<PgOut>>>,
     flushing: Vec<Cell<bool>>,
     dropped: Cell<u64>,
@@ -38,10 +41,17 @@ fn is_droppable(out: &PgOut) -> bool {
 }
 
 impl Outbound {
+    #[cfg(test)]
     pub(crate) fn new(senders: Vec<flume::Sender<PgOut>>) -> Rc<Outbound> {
+        Outbound::with_remote(senders, None)
+    }
+
+    /// With a sink for other nodes' channels (cluster mode).
+    pub(crate) fn with_remote(senders: Vec<flume::Sender<PgOut>>, remote: Option<flume::Sender<(ShardId, PgOut)>>) -> Rc<Outbound> {
         let shards = senders.len();
         Rc::new(Outbound {
             senders,
+            remote,
             overflow: RefCell::new((0..shards).map(|_| VecDeque::new()).collect()),
             flushing: (0..shards).map(|_| Cell::new(false)).collect(),
             dropped: Cell::new(0),
@@ -57,6 +67,15 @@ impl Outbound {
     /// before it, else into the overflow (which a flusher drains in order).
     pub(crate) fn send(self: &Rc<Self>, shard: ShardId, out: PgOut) {
         let index = shard.index();
+        if shard.0 >= engine::changes::REMOTE_SHARD_BASE {
+            if let Some(remote) = &self.remote {
+                if remote.try_send((shard, out)).is_err() {
+                    self.dropped.set(self.dropped.get() + 1);
+                    tracing::warn!("cluster link queue full: a message for another node's channel was dropped");
+                }
+            }
+            return;
+        }
         let Some(sender) = self.senders.get(index) else { return };
         if !self.flushing[index].get() {
             let rejected = match sender.try_send(out) {
