@@ -12,9 +12,61 @@ use crate::config::{number, var};
 /// `REALTIME_NODE_TIMEOUT_SECS` default.
 const NODE_TIMEOUT_SECS_DEFAULT: u64 = 10;
 
-/// Starts the link when `REALTIME_NATS_URL` is set and connects it to `server`.
-pub(crate) fn attach(server: &mut net::server::ServerConfig) -> Result<Option<Arc<powa_cluster::Link>>> {
-    let Some(urls) = var("REALTIME_NATS_URL") else { return Ok(None) };
+/// Cluster mode, decided before anything starts: the queues between the replication fleet and
+/// the link (created first, because the fleet needs its end when it starts), and the cell the
+/// drain hook finds the link in.
+pub(crate) struct Plan {
+    remote: (flume::Sender<(engine::ShardId, engine::changes::PgOut)>, flume::Receiver<(engine::ShardId, engine::changes::PgOut)>),
+    leadership: (flume::Sender<(engine::TenantId, bool)>, flume::Receiver<(engine::TenantId, bool)>),
+    link: Arc<std::sync::OnceLock<Arc<powa_cluster::Link>>>,
+}
+
+impl Plan {
+    /// The fleet's side of cluster mode.
+    pub(crate) fn fleet(&self) -> replication::fleet::FleetCluster {
+        let leadership = self.leadership.0.clone();
+        replication::fleet::FleetCluster {
+            remote: self.remote.0.clone(),
+            // Unbounded in type, bounded in use: two messages per change of lead.
+            leadership: Arc::new(move |tenant, leading| {
+                let _ = leadership.send((tenant, leading));
+            }),
+        }
+    }
+}
+
+/// `Some` in cluster mode (`REALTIME_NATS_URL` set).
+pub(crate) fn plan() -> Result<Option<Plan>> {
+    if var("REALTIME_NATS_URL").is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Plan { remote: flume::bounded(powa_cluster::pg::REMOTE_QUEUE_MAX), leadership: flume::unbounded(), link: Arc::default() }))
+}
+
+/// Routes the shards' Postgres Changes commands through the cluster link (subscriptions to the
+/// database's leader node), and reports health from this node's own core.
+#[derive(Debug)]
+struct ClusterDatabases {
+    inner: Arc<dyn net::server::Databases>,
+    router: powa_cluster::PgRouter,
+}
+
+impl net::server::Databases for ClusterDatabases {
+    fn handle(&self, tenant: engine::TenantId, url: &str) -> net::server::DbHandle {
+        let local = self.inner.handle(tenant, url);
+        net::server::DbHandle { commands: self.router.commands(tenant), healthy: local.healthy }
+    }
+
+    fn directory_changed(&self, directory: &tenants::Directory) {
+        self.inner.directory_changed(directory);
+    }
+}
+
+/// Starts the link when `plan` is set and connects it to `server` (and to the replication
+/// fleet, whose shard senders are `pg_shards`, when there are databases).
+pub(crate) fn attach(server: &mut net::server::ServerConfig, plan: Option<Plan>, pg_shards: Option<Vec<flume::Sender<engine::changes::PgOut>>>) -> Result<()> {
+    let Some(plan) = plan else { return Ok(()) };
+    let Some(urls) = var("REALTIME_NATS_URL") else { return Ok(()) };
     let cluster = var("REALTIME_CLUSTER").map(|c| c.trim().to_owned()).unwrap_or_else(|| "powa".into());
     let node_id = var("REALTIME_NODE_ID").map(|n| n.trim().to_owned()).unwrap_or_else(default_node_id);
     let timeout_secs: u64 = number("REALTIME_NODE_TIMEOUT_SECS", NODE_TIMEOUT_SECS_DEFAULT)?;
@@ -22,7 +74,24 @@ pub(crate) fn attach(server: &mut net::server::ServerConfig) -> Result<Option<Ar
         bail!("REALTIME_NODE_TIMEOUT_SECS must be at least 1");
     }
     let config = powa_cluster::LinkConfig { urls, cluster: cluster.clone(), node_id: node_id.clone(), node_timeout: Duration::from_secs(timeout_secs), shards: server.shards };
-    let mut link = powa_cluster::Link::start(config, Arc::clone(&server.tenants))?;
+    let pg = match (&server.postgres, pg_shards) {
+        (Some(postgres), Some(shards)) => {
+            let databases = Arc::clone(&postgres.databases);
+            let registry = Arc::clone(&server.tenants);
+            let local: powa_cluster::pg::LocalCore = Arc::new(move |tenant| {
+                let directory = registry.load();
+                let url = directory.get(tenant)?.database_url.clone()?;
+                Some(databases.handle(tenant, &url).commands)
+            });
+            Some(powa_cluster::PgPort { local, shards, remote: plan.remote.1.clone(), leadership: plan.leadership.1.clone() })
+        }
+        _ => None,
+    };
+    let mut link = powa_cluster::Link::start(config, Arc::clone(&server.tenants), pg)?;
+    if let (Some(router), Some(postgres)) = (link.pg_router.clone(), server.postgres.as_mut()) {
+        let inner = Arc::clone(&postgres.databases);
+        postgres.databases = Arc::new(ClusterDatabases { inner, router });
+    }
     let inboxes = std::mem::take(&mut link.inboxes);
     let link = Arc::new(link);
     let queue_full_drops = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -53,6 +122,7 @@ pub(crate) fn attach(server: &mut net::server::ServerConfig) -> Result<Option<Ar
             "bytes_in": stats.bytes_in.load(Relaxed),
             "dropped_out": stats.dropped_out.load(Relaxed),
             "dropped_in": stats.dropped_in.load(Relaxed),
+            "database_leaders": stats.leaders().into_iter().map(|(tenant, leader)| json!({"tenant": tenant, "leader": leader})).collect::<Vec<_>>(),
         })
     }));
     server.cluster = Some(net::server::ClusterPort {
@@ -65,13 +135,18 @@ pub(crate) fn attach(server: &mut net::server::ServerConfig) -> Result<Option<Ar
         status: Some(status),
     });
     tracing::info!(%cluster, node = %node_id, "cluster mode: nodes meet over NATS");
-    Ok(Some(link))
+    let _ = plan.link.set(link);
+    Ok(())
 }
 
 /// The drain hook: the other nodes drop this node's presences at once.
-pub(crate) fn on_drain(link: Option<Arc<powa_cluster::Link>>) -> Option<Box<dyn Fn() + Send>> {
-    let link = link?;
-    Some(Box::new(move || link.leave()))
+pub(crate) fn on_drain(plan: &Option<Plan>) -> Option<Box<dyn Fn() + Send>> {
+    let cell = Arc::clone(&plan.as_ref()?.link);
+    Some(Box::new(move || {
+        if let Some(link) = cell.get() {
+            link.leave();
+        }
+    }))
 }
 
 /// The host name plus a random suffix.

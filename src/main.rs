@@ -94,10 +94,11 @@ fn serve() -> Result<()> {
         let secret = std::env::var("JWT_SECRET").context("JWT_SECRET is required by `serve` in single-tenant mode (the HS256 secret project tokens are signed with); multi-tenant mode takes each tenant's keys from REALTIME_TENANTS")?;
         Ok(secret.into_bytes())
     })?;
-    let link = cluster::attach(&mut server)?;
-    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: reload_hook(&server), hangup_stops: false, before_exit: || {}, on_drain: cluster::on_drain(link) })?;
+    let plan = cluster::plan()?;
+    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: reload_hook(&server), hangup_stops: false, before_exit: || {}, on_drain: cluster::on_drain(&plan) })?;
     attach_tenant_sources(&mut server)?;
-    let replication = attach_database(&mut server)?;
+    let replication = attach_database(&mut server, plan.as_ref().map(cluster::Plan::fleet))?;
+    cluster::attach(&mut server, plan, replication.as_ref().map(Replication::shard_senders))?;
     let directory = server.tenants.load();
     tracing::info!(addr = %server.addr, shards = server.shards, database = server.postgres.is_some(), tenants = if directory.multi_tenant() { directory.len() } else { 0 }, "powa-realtime serving");
     drop(directory);
@@ -162,15 +163,23 @@ fn attach_tenant_sources(server: &mut net::server::ServerConfig) -> Result<()> {
 
 /// What a clean stop must end: the single tenant's replication stream, or the fleet.
 enum Replication {
-    Single(ReaderControl),
+    Single(ReaderControl, replication::fleet::Fleet),
     Fleet(replication::fleet::Fleet),
 }
 
 impl Replication {
+    /// The shards' Postgres inboxes the cores send to (cluster mode delivers the leader's
+    /// messages through them).
+    fn shard_senders(&self) -> Vec<flume::Sender<engine::changes::PgOut>> {
+        match self {
+            Replication::Single(_, fleet) | Replication::Fleet(fleet) => fleet.shard_senders(),
+        }
+    }
+
     /// A clean stop (the drain finished): leave the streams and drop the slots.
     fn stop(&self) {
         match self {
-            Replication::Single(control) => replication::start::stop(control, SLOT_DROP_WAIT),
+            Replication::Single(control, _) => replication::start::stop(control, SLOT_DROP_WAIT),
             Replication::Fleet(fleet) => {
                 fleet.stop_all(SLOT_DROP_WAIT);
             }
@@ -181,9 +190,10 @@ impl Replication {
 /// Multi-tenant mode: the fleet that runs each tenant's Postgres side on a fixed set of worker
 /// threads, started on a tenant's first need and stopped when it has had no socket, no
 /// subscription and no command for 5 minutes.
-fn attach_fleet(server: &mut net::server::ServerConfig) -> Result<replication::fleet::Fleet> {
+fn attach_fleet(server: &mut net::server::ServerConfig, cluster: Option<replication::fleet::FleetCluster>) -> Result<replication::fleet::Fleet> {
     let mut config = replication::fleet::FleetConfig::new(server.shards);
     config.slot = config::slot_config()?;
+    config.cluster = cluster;
     let registry = std::sync::Arc::clone(&server.tenants);
     config.in_use = Some(std::sync::Arc::new(move |tenant| registry.load().get(tenant).is_some_and(|t| t.counters.connections() > 0)));
     let (fleet, inboxes) = replication::fleet::Fleet::new(config);
@@ -195,12 +205,12 @@ fn attach_fleet(server: &mut net::server::ServerConfig) -> Result<replication::f
 
 /// With `DATABASE_URL` (single-tenant mode): install the schema and start the replication side.
 /// Multi-tenant mode: the fleet.
-fn attach_database(server: &mut net::server::ServerConfig) -> Result<Option<Replication>> {
+fn attach_database(server: &mut net::server::ServerConfig, cluster: Option<replication::fleet::FleetCluster>) -> Result<Option<Replication>> {
     if server.tenants.load().multi_tenant() {
-        return attach_fleet(server).map(|fleet| Some(Replication::Fleet(fleet)));
+        return attach_fleet(server, cluster).map(|fleet| Some(Replication::Fleet(fleet)));
     }
     match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.trim().is_empty() => attach_database_url(server, url.trim()).map(|c| Some(Replication::Single(c))),
+        Ok(url) if !url.trim().is_empty() => attach_database_url(server, url.trim(), cluster).map(|(c, fleet)| Some(Replication::Single(c, fleet))),
         _ => Ok(None),
     }
 }
@@ -210,15 +220,15 @@ const SLOT_DROP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 type ReaderControl = std::sync::Arc<replication::reader::ReaderControl>;
 
-fn attach_database_url(server: &mut net::server::ServerConfig, url: &str) -> Result<ReaderControl> {
-    let postgres = replication::start::start(url, server.shards, server.limits.payload_bytes_max, config::slot_config()?).context("DATABASE_URL")?;
+fn attach_database_url(server: &mut net::server::ServerConfig, url: &str, cluster: Option<replication::fleet::FleetCluster>) -> Result<(ReaderControl, replication::fleet::Fleet)> {
+    let postgres = replication::start::start_with(url, server.shards, server.limits.payload_bytes_max, config::slot_config()?, cluster).context("DATABASE_URL")?;
     let control = std::sync::Arc::clone(&postgres.control);
     server.tenants.set_single_database(Some(url.to_string()));
     server.metrics_hooks.push(pgmetrics::hook(std::sync::Arc::clone(&postgres.reader_stats), std::sync::Arc::clone(&postgres.core_stats), std::sync::Arc::clone(&postgres.healthy)));
     server.postgres_status = Some(pgmetrics::status(postgres.reader_stats, postgres.core_stats, std::sync::Arc::clone(&postgres.healthy)));
     let handle = net::server::DbHandle { commands: postgres.commands, healthy: postgres.healthy };
     server.postgres = Some(net::server::PgLink { inboxes: postgres.inboxes, databases: std::sync::Arc::new(databases::Single(handle)) });
-    Ok(control)
+    Ok((control, postgres.fleet))
 }
 
 /// Reads or creates the dev secret under `./.powa/`.
@@ -261,8 +271,8 @@ fn dev() -> Result<()> {
     };
     let mut server = config::server_config(|| Ok(secret.clone().into_bytes()))?;
     // The server drains first; `dev::shutdown` after `run` stops PostgreSQL.
-    let link = cluster::attach(&mut server)?;
-    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: reload_hook(&server), hangup_stops: true, before_exit: dev::shutdown, on_drain: cluster::on_drain(link) })?;
+    let plan = cluster::plan()?;
+    signals::spawn(blocked, std::sync::Arc::clone(&server.control), server.drain, signals::Hooks { reload: reload_hook(&server), hangup_stops: true, before_exit: dev::shutdown, on_drain: cluster::on_drain(&plan) })?;
     let database = match std::env::var("DATABASE_URL") {
         Ok(url) if !url.trim().is_empty() => None,
         _ => Some(dev::start_database(dir)?),
@@ -273,14 +283,15 @@ fn dev() -> Result<()> {
     };
     let mut replication = None;
     if let Some(url) = url {
-        match attach_database_url(&mut server, url.trim()) {
-            Ok(control) => replication = Some(control),
+        match attach_database_url(&mut server, url.trim(), plan.as_ref().map(cluster::Plan::fleet)) {
+            Ok(started) => replication = Some(started),
             Err(error) => {
                 dev::shutdown();
                 return Err(error);
             }
         }
     }
+    cluster::attach(&mut server, plan, replication.as_ref().map(|(_, fleet)| fleet.shard_senders()))?;
     let exp = now() + DEV_KEY_LIFETIME_SECS;
     let key = |role: &str| {
         let mut claims = Map::new();
@@ -308,7 +319,7 @@ fn dev() -> Result<()> {
     println!("  Ctrl-C stops the server{}.", if database.is_some() { " and PostgreSQL" } else { "" });
     println!("  Many projects on one server: `powa-realtime serve` with REALTIME_TENANTS=<tenants.toml> (README \"Multi-tenant mode\").");
     let result = net::server::run(server);
-    if let Some(control) = replication {
+    if let Some((control, _)) = replication {
         replication::start::stop(&control, SLOT_DROP_WAIT);
     }
     dev::shutdown();

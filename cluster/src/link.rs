@@ -104,13 +104,15 @@ pub struct Link {
     pub inboxes: Vec<flume::Receiver<FromLink>>,
     /// Counters and the node list.
     pub stats: Arc<Stats>,
+    /// Cluster mode with databases: the shards' per-tenant Postgres Changes command queues.
+    pub pg_router: Option<crate::pg::PgRouter>,
     leave: flume::Sender<flume::Sender<()>>,
 }
 
 impl Link {
     /// Starts the link thread. It connects in the background (retrying with backoff); until it
     /// is connected the node is degraded.
-    pub fn start(config: LinkConfig, registry: Arc<tenants::Registry>) -> Result<Link, ClusterError> {
+    pub fn start(config: LinkConfig, registry: Arc<tenants::Registry>, pg: Option<crate::pg::PgPort>) -> Result<Link, ClusterError> {
         if !subject::valid_cluster_name(&config.cluster) {
             return Err(ClusterError::ClusterName(config.cluster));
         }
@@ -131,6 +133,13 @@ impl Link {
         let (leave, leave_rx) = flume::bounded(1);
         let stats = Arc::new(Stats::default());
         let thread_stats = Arc::clone(&stats);
+        let (pg_router, new_tenants) = match &pg {
+            Some(_) => {
+                let (router, receiver) = crate::pg::PgRouter::new();
+                (Some(router), Some(receiver))
+            }
+            None => (None, None),
+        };
         std::thread::Builder::new()
             .name("cluster-link".into())
             .spawn(move || {
@@ -142,10 +151,11 @@ impl Link {
                     }
                 };
                 let local = tokio::task::LocalSet::new();
-                local.block_on(&runtime, run(config, urls, incarnation, registry, thread_stats, data_rx, control_rx, inbox_tx, leave_rx));
+                let queues = Queues { data: data_rx, control: control_rx, inboxes: inbox_tx, leave: leave_rx, pg, new_tenants };
+                local.block_on(&runtime, run(config, urls, incarnation, registry, thread_stats, queues));
             })
             .map_err(ClusterError::Thread)?;
-        Ok(Link { incarnation, data, control, inboxes, stats, leave })
+        Ok(Link { incarnation, data, control, inboxes, stats, pg_router, leave })
     }
 
     /// Says goodbye (the other nodes drop this node's presences at once) and stops the link;
@@ -181,8 +191,18 @@ struct TopicSub {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The queues the link thread serves.
+struct Queues {
+    data: flume::Receiver<ToLink>,
+    control: flume::Receiver<ToLink>,
+    inboxes: Vec<flume::Sender<FromLink>>,
+    leave: flume::Receiver<flume::Sender<()>>,
+    pg: Option<crate::pg::PgPort>,
+    new_tenants: Option<flume::Receiver<(TenantId, flume::Receiver<engine::changes::Command>)>>,
+}
+
 /// The link's state, owned by its thread (tasks share it through `Rc`).
-struct Shared {
+pub(crate) struct Shared {
     config: LinkConfig,
     incarnation: u32,
     client: async_nats::Client,
@@ -198,6 +218,8 @@ struct Shared {
     inbox: String,
     /// Each other node's tenant counts, from its last heartbeat.
     counts: RefCell<HashMap<u32, Vec<TenantCounts>>>,
+    /// Postgres Changes routing (cluster mode with databases).
+    pub(crate) pg: Option<crate::pg::PgState>,
 }
 
 /// The fields of a tenant's counters a heartbeat carries, in [`TenantCounts::values`] order.
@@ -210,7 +232,7 @@ impl Shared {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    fn external_id(&self, tenant: TenantId) -> Option<Arc<str>> {
+    pub(crate) fn external_id(&self, tenant: TenantId) -> Option<Arc<str>> {
         self.registry.load().get(tenant).map(|t| Arc::clone(&t.external_id))
     }
 
@@ -300,6 +322,35 @@ impl Shared {
         self.stats.set_nodes(nodes);
     }
 
+    /// Sends a subscription change to the leader of its database.
+    pub(crate) async fn send_pg(&self, outgoing: crate::pg::Outgoing) {
+        let crate::pg::Outgoing::Command { to, tenant, command } = outgoing;
+        let payload = wire::encode(&Wire::PgCommand { tenant: tenant.to_string(), from: self.incarnation, command });
+        if !self.publish(subject::pg_commands(&self.config.cluster, to), None, payload).await {
+            Stats::add(&self.stats.dropped_out, 1);
+        }
+    }
+
+    /// Recomputes the database leaders and re-sends what a change of leader needs.
+    async fn reconcile_pg(&self) {
+        let Some(pg) = &self.pg else { return };
+        let outgoing = pg.reconcile(|tenant| self.external_id(tenant)).await;
+        for message in outgoing {
+            self.send_pg(message).await;
+        }
+        let nodes = self.nodes.borrow();
+        let name = |incarnation: u32| if incarnation == self.incarnation { Some(self.config.node_id.clone()) } else { nodes.get(&incarnation).map(|n| n.name.clone()) };
+        let mut leaders: Vec<(String, Option<String>)> = pg.leaders().into_iter().filter_map(|(t, l)| Some((self.external_id(t)?.to_string(), l.and_then(name)))).collect();
+        leaders.sort();
+        self.stats.set_leaders(leaders);
+    }
+
+    /// This node's heartbeat.
+    fn heartbeat(&self) -> Bytes {
+        let leads = self.pg.as_ref().map(|pg| pg.leading().into_iter().filter_map(|t| self.external_id(t)).map(|t| t.to_string()).collect()).unwrap_or_default();
+        wire::encode(&Wire::Heartbeat { incarnation: self.incarnation, node: self.config.node_id.clone(), counts: self.local_counts(), leads })
+    }
+
     /// This node's tenants with anything to count, for its heartbeat.
     fn local_counts(&self) -> Vec<TenantCounts> {
         let directory = self.registry.load();
@@ -337,6 +388,10 @@ impl Shared {
     async fn node_gone(&self, incarnation: u32, why: &str) {
         self.counts.borrow_mut().remove(&incarnation);
         self.apply_remote_counts();
+        if let Some(pg) = &self.pg {
+            pg.node_gone(incarnation).await;
+            self.reconcile_pg().await;
+        }
         let Some(node) = self.nodes.borrow_mut().remove(&incarnation) else { return };
         tracing::info!(node = %node.name, incarnation = format!("{incarnation:08x}"), why, "cluster node gone: its presences leave");
         Stats::add(&self.stats.nodes_gone, 1);
@@ -352,18 +407,8 @@ impl Shared {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    config: LinkConfig,
-    urls: Vec<async_nats::ServerAddr>,
-    incarnation: u32,
-    registry: Arc<tenants::Registry>,
-    stats: Arc<Stats>,
-    data_rx: flume::Receiver<ToLink>,
-    control_rx: flume::Receiver<ToLink>,
-    inboxes: Vec<flume::Sender<FromLink>>,
-    leave_rx: flume::Receiver<flume::Sender<()>>,
-) {
+async fn run(config: LinkConfig, urls: Vec<async_nats::ServerAddr>, incarnation: u32, registry: Arc<tenants::Registry>, stats: Arc<Stats>, queues: Queues) {
+    let Queues { data: data_rx, control: control_rx, inboxes, leave: leave_rx, pg, new_tenants } = queues;
     let (event_tx, mut events) = tokio::sync::mpsc::channel::<async_nats::Event>(256);
     let options = async_nats::ConnectOptions::new()
         .name(format!("powa-realtime {}", config.node_id))
@@ -404,6 +449,7 @@ async fn run(
         nodes: RefCell::new(HashMap::new()),
         gone: RefCell::new(VecDeque::new()),
         counts: RefCell::new(HashMap::new()),
+        pg: pg.map(|port| crate::pg::PgState::new(port, incarnation)),
     });
     let subscribe = |subject: String| {
         let client = shared.client.clone();
@@ -422,6 +468,11 @@ async fn run(
     let mut heartbeats = subscribe(subject::heartbeat(&shared.config.cluster)).await;
     let mut sync_requests = subscribe(subject::sync(&shared.config.cluster)).await;
     let mut answers = subscribe(format!("{}.*", shared.inbox)).await;
+    let (mut pg_commands, mut pg_out) = match &shared.pg {
+        Some(_) => (Some(subscribe(subject::pg_commands(&shared.config.cluster, incarnation)).await), Some(subscribe(subject::pg_out(&shared.config.cluster, incarnation)).await)),
+        None => (None, None),
+    };
+
     let beat = (shared.config.node_timeout / 3).clamp(Duration::from_millis(100), Duration::from_secs(1));
     let mut ticker = tokio::time::interval(beat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -452,9 +503,26 @@ async fn run(
             Some(message) = heartbeats.next() => on_heartbeat(&shared, message).await,
             Some(message) = sync_requests.next() => on_sync_request(&shared, message).await,
             Some(message) = answers.next() => on_answer(&shared, message),
+            Some((tenant, commands)) = async { match &new_tenants { Some(r) => r.recv_async().await.ok(), None => std::future::pending().await } } => {
+                crate::pg::spawn_router(Rc::clone(&shared), tenant, commands);
+            }
+            Some(first) = async { match &shared.pg { Some(pg) => pg.remote().recv_async().await.ok(), None => std::future::pending().await } } => {
+                on_remote_pg(&shared, first).await;
+            }
+            Some((tenant, leading)) = async { match &shared.pg { Some(pg) => pg.leadership().recv_async().await.ok(), None => std::future::pending().await } } => {
+                if let Some(pg) = &shared.pg {
+                    pg.set_leading(tenant, leading);
+                }
+                shared.reconcile_pg().await;
+                // Tell the other nodes at once, not at the next beat.
+                let beat = shared.heartbeat();
+                shared.publish(subject::heartbeat(&shared.config.cluster), None, beat).await;
+            }
+            Some(message) = next_of(&mut pg_commands) => on_pg_command(&shared, message).await,
+            Some(message) = next_of(&mut pg_out) => on_pg_out(&shared, message).await,
             _ = ticker.tick() => {
                 if shared.connected() {
-                    let beat = wire::encode(&Wire::Heartbeat { incarnation: shared.incarnation, node: shared.config.node_id.clone(), counts: shared.local_counts() });
+                    let beat = shared.heartbeat();
                     shared.publish(subject::heartbeat(&shared.config.cluster), None, beat).await;
                 }
                 let timeout = shared.config.node_timeout;
@@ -620,8 +688,12 @@ async fn topic_task(shared: Rc<Shared>, topic: TopicKey, generation: u64) {
 async fn on_heartbeat(shared: &Rc<Shared>, message: async_nats::Message) {
     Stats::add(&shared.stats.messages_in, 1);
     match wire::decode(&message.payload) {
-        Ok(Wire::Heartbeat { incarnation, node, counts }) if incarnation != shared.incarnation => {
+        Ok(Wire::Heartbeat { incarnation, node, counts, leads }) if incarnation != shared.incarnation => {
             shared.counts.borrow_mut().insert(incarnation, counts);
+            if let Some(pg) = &shared.pg {
+                pg.set_leads(incarnation, Some(leads));
+                shared.reconcile_pg().await;
+            }
             let known = shared.nodes.borrow().contains_key(&incarnation);
             if !known {
                 // The same name with a new incarnation: that node restarted; its old self is gone.
@@ -696,5 +768,59 @@ fn on_answer(shared: &Rc<Shared>, message: async_nats::Message) {
                 let _ = done.send(std::mem::take(&mut pending.got));
             }
         }
+    }
+}
+
+/// The next message of an optional subscription (never, without one).
+async fn next_of(sub: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
+    match sub {
+        Some(sub) => sub.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The cores' messages for other nodes' channels: `first` and whatever else is queued (up to a
+/// batch), one NATS message per destination node.
+async fn on_remote_pg(shared: &Rc<Shared>, first: (engine::ShardId, engine::changes::PgOut)) {
+    let Some(pg) = &shared.pg else { return };
+    let mut batch = vec![first];
+    while batch.len() < 1024 {
+        match pg.remote().try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+    for (node, items) in pg.group_remote(batch) {
+        let payload = wire::encode(&Wire::PgOut { items });
+        if !shared.publish(subject::pg_out(&shared.config.cluster, node), None, payload).await {
+            Stats::add(&shared.stats.dropped_out, 1);
+        }
+    }
+}
+
+/// A follower's subscription change for a database this node leads.
+async fn on_pg_command(shared: &Rc<Shared>, message: async_nats::Message) {
+    Stats::add(&shared.stats.messages_in, 1);
+    let Some(pg) = &shared.pg else { return };
+    match wire::decode(&message.payload) {
+        Ok(Wire::PgCommand { tenant, from, command }) => match shared.tenant_of(&tenant) {
+            Some(tenant) => pg.from_node(tenant, from, command).await,
+            None => tracing::debug!(tenant, "cluster link: a subscription for an unknown tenant"),
+        },
+        _ => Stats::add(&shared.stats.malformed_in, 1),
+    }
+}
+
+/// The leader's messages for this node's channels.
+async fn on_pg_out(shared: &Rc<Shared>, message: async_nats::Message) {
+    Stats::add(&shared.stats.messages_in, 1);
+    Stats::add(&shared.stats.bytes_in, message.payload.len() as u64);
+    let Some(pg) = &shared.pg else { return };
+    match wire::decode(&message.payload) {
+        Ok(Wire::PgOut { items }) => {
+            let dropped = pg.deliver(items).await;
+            Stats::add(&shared.stats.dropped_in, dropped);
+        }
+        _ => Stats::add(&shared.stats.malformed_in, 1),
     }
 }

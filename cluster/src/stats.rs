@@ -46,6 +46,9 @@ pub struct Stats {
     /// Nodes declared gone (timeout or goodbye).
     pub nodes_gone: AtomicU64,
     nodes: Mutex<Vec<NodeInfo>>,
+    /// Database streams per tenant (external id, `""` in single-tenant mode): the leader node's
+    /// name, or `None` when no leader is known.
+    leaders: Mutex<Vec<(String, Option<String>)>>,
 }
 
 impl Stats {
@@ -62,6 +65,16 @@ impl Stats {
     /// Replaces the node list (the link does it on every sweep).
     pub(crate) fn set_nodes(&self, nodes: Vec<NodeInfo>) {
         *self.nodes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = nodes;
+    }
+
+    /// Replaces the leaders list (the link does it whenever it recomputes them).
+    pub(crate) fn set_leaders(&self, leaders: Vec<(String, Option<String>)>) {
+        *self.leaders.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = leaders;
+    }
+
+    /// The leader of each tenant database this node routes (external id, leader node name).
+    pub fn leaders(&self) -> Vec<(String, Option<String>)> {
+        self.leaders.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
     /// The other live nodes.

@@ -48,6 +48,16 @@ pub fn inbox(cluster: &str, incarnation: u32) -> String {
     format!("{cluster}.inbox.{incarnation:08x}")
 }
 
+/// Postgres Changes subscription changes for the node `incarnation` (it leads their database).
+pub fn pg_commands(cluster: &str, incarnation: u32) -> String {
+    format!("{cluster}.pgc.{incarnation:08x}")
+}
+
+/// The leader's Postgres Changes messages for the node `incarnation`'s channels.
+pub fn pg_out(cluster: &str, incarnation: u32) -> String {
+    format!("{cluster}.pgo.{incarnation:08x}")
+}
+
 /// A subject nobody subscribes: a request to it comes back as "no responders" once the NATS
 /// server has processed everything this connection sent before it (the round trip that
 /// confirms a subscription).

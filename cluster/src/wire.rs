@@ -62,6 +62,22 @@ pub enum Wire {
         node: String,
         /// Its tenants with anything to count (the others count zero).
         counts: Vec<TenantCounts>,
+        /// The tenants whose database stream it leads (external ids).
+        leads: Vec<String>,
+    },
+    /// A follower's Postgres Changes subscription change, to the tenant database's leader.
+    PgCommand {
+        /// The tenant's external id.
+        tenant: String,
+        /// The sending node's incarnation.
+        from: u32,
+        /// What changes.
+        command: PgCommand,
+    },
+    /// The leader's messages for channels of the receiving node, in the core's order.
+    PgOut {
+        /// (the channel's shard on the receiving node, the message).
+        items: Vec<(u16, PgOutItem)>,
     },
     /// A node stops (drain): its presences leave at once.
     Bye {
@@ -78,6 +94,62 @@ pub struct TenantCounts {
     /// Connected users, then the window sums of events, joins, database events, presence
     /// events and REST requests ([`COUNTS`] values, in that order).
     pub values: [u64; COUNTS],
+}
+
+/// A subscription change forwarded to the leader (keys as the sending node has them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgCommand {
+    /// Subscribe, or replace the channel's subscription.
+    Subscribe {
+        /// Shard, connection and join of the channel on the sending node.
+        shard: u16,
+        /// See `shard`.
+        conn: u64,
+        /// See `shard`.
+        channel: u32,
+        /// The channel token's role.
+        role: String,
+        /// Its claims as JSON.
+        claims: String,
+        /// The bindings as the client sent them.
+        bindings: Vec<String>,
+    },
+    /// The channel left.
+    Unsubscribe {
+        /// See [`PgCommand::Subscribe`].
+        shard: u16,
+        /// See `shard`.
+        conn: u64,
+        /// See `shard`.
+        channel: u32,
+    },
+}
+
+/// What the leader's core sends a follower's channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgOutItem {
+    /// A `system` push.
+    System {
+        /// Connection.
+        conn: u64,
+        /// Join.
+        channel: u32,
+        /// `true`: status `ok`, else `error`.
+        ok: bool,
+        /// The message.
+        message: String,
+    },
+    /// A change for several channels of one shard.
+    Change {
+        /// Its place in the database's commit order (see `engine::changes::ChangeDelivery`).
+        position: (u64, u32),
+        /// The V1 payload.
+        payload_v1: Bytes,
+        /// The V2 payload.
+        payload_v2: Bytes,
+        /// (connection, join) of each channel.
+        targets: Vec<(u64, u32)>,
+    },
 }
 
 /// Values per [`TenantCounts`].
@@ -109,6 +181,8 @@ const KIND_SYNC_REQUEST: u8 = 3;
 const KIND_SNAPSHOT: u8 = 4;
 const KIND_HEARTBEAT: u8 = 5;
 const KIND_BYE: u8 = 6;
+const KIND_PG_COMMAND: u8 = 7;
+const KIND_PG_OUT: u8 = 8;
 
 /// Encodes a message.
 pub fn encode(wire: &Wire) -> Bytes {
@@ -156,7 +230,7 @@ pub fn encode(wire: &Wire) -> Bytes {
             out.put_u8(KIND_SNAPSHOT);
             put_delta(&mut out, delta);
         }
-        Wire::Heartbeat { incarnation, node, counts } => {
+        Wire::Heartbeat { incarnation, node, counts, leads } => {
             out.put_u8(KIND_HEARTBEAT);
             out.put_u32(*incarnation);
             put_bytes(&mut out, node.as_bytes());
@@ -165,6 +239,63 @@ pub fn encode(wire: &Wire) -> Bytes {
                 put_bytes(&mut out, entry.tenant.as_bytes());
                 for value in entry.values {
                     out.put_u64(value);
+                }
+            }
+            out.put_u32(leads.len() as u32);
+            for tenant in leads {
+                put_bytes(&mut out, tenant.as_bytes());
+            }
+        }
+        Wire::PgCommand { tenant, from, command } => {
+            out.put_u8(KIND_PG_COMMAND);
+            put_bytes(&mut out, tenant.as_bytes());
+            out.put_u32(*from);
+            match command {
+                PgCommand::Subscribe { shard, conn, channel, role, claims, bindings } => {
+                    out.put_u8(1);
+                    out.put_u16(*shard);
+                    out.put_u64(*conn);
+                    out.put_u32(*channel);
+                    put_bytes(&mut out, role.as_bytes());
+                    put_bytes(&mut out, claims.as_bytes());
+                    out.put_u32(bindings.len() as u32);
+                    for binding in bindings {
+                        put_bytes(&mut out, binding.as_bytes());
+                    }
+                }
+                PgCommand::Unsubscribe { shard, conn, channel } => {
+                    out.put_u8(2);
+                    out.put_u16(*shard);
+                    out.put_u64(*conn);
+                    out.put_u32(*channel);
+                }
+            }
+        }
+        Wire::PgOut { items } => {
+            out.put_u8(KIND_PG_OUT);
+            out.put_u32(items.len() as u32);
+            for (shard, item) in items {
+                out.put_u16(*shard);
+                match item {
+                    PgOutItem::System { conn, channel, ok, message } => {
+                        out.put_u8(1);
+                        out.put_u64(*conn);
+                        out.put_u32(*channel);
+                        out.put_u8(u8::from(*ok));
+                        put_bytes(&mut out, message.as_bytes());
+                    }
+                    PgOutItem::Change { position, payload_v1, payload_v2, targets } => {
+                        out.put_u8(2);
+                        out.put_u64(position.0);
+                        out.put_u32(position.1);
+                        put_bytes(&mut out, payload_v1);
+                        put_bytes(&mut out, payload_v2);
+                        out.put_u32(targets.len() as u32);
+                        for (conn, channel) in targets {
+                            out.put_u64(*conn);
+                            out.put_u32(*channel);
+                        }
+                    }
                 }
             }
         }
@@ -226,7 +357,52 @@ pub fn decode(input: &Bytes) -> Result<Wire, WireError> {
                 }
                 counts.push(TenantCounts { tenant, values });
             }
-            Wire::Heartbeat { incarnation, node, counts }
+            let mut leads = Vec::new();
+            for _ in 0..r.count(4)? {
+                leads.push(r.string()?);
+            }
+            Wire::Heartbeat { incarnation, node, counts, leads }
+        }
+        KIND_PG_COMMAND => {
+            let tenant = r.string()?;
+            let from = r.u32()?;
+            let command = match r.u8()? {
+                1 => {
+                    let (shard, conn, channel) = (r.u16()?, r.u64()?, r.u32()?);
+                    let role = r.string()?;
+                    let claims = r.string()?;
+                    let mut bindings = Vec::new();
+                    for _ in 0..r.count(4)? {
+                        bindings.push(r.string()?);
+                    }
+                    PgCommand::Subscribe { shard, conn, channel, role, claims, bindings }
+                }
+                2 => PgCommand::Unsubscribe { shard: r.u16()?, conn: r.u64()?, channel: r.u32()? },
+                _ => return Err(WireError::Invalid("pg command")),
+            };
+            Wire::PgCommand { tenant, from, command }
+        }
+        KIND_PG_OUT => {
+            let mut items = Vec::new();
+            for _ in 0..r.count(2 + 1)? {
+                let shard = r.u16()?;
+                let item = match r.u8()? {
+                    1 => PgOutItem::System { conn: r.u64()?, channel: r.u32()?, ok: r.flag()?, message: r.string()? },
+                    2 => {
+                        let position = (r.u64()?, r.u32()?);
+                        let payload_v1 = r.bytes()?;
+                        let payload_v2 = r.bytes()?;
+                        let mut targets = Vec::new();
+                        for _ in 0..r.count(12)? {
+                            targets.push((r.u64()?, r.u32()?));
+                        }
+                        PgOutItem::Change { position, payload_v1, payload_v2, targets }
+                    }
+                    _ => return Err(WireError::Invalid("pg out")),
+                };
+                items.push((shard, item));
+            }
+            Wire::PgOut { items }
         }
         KIND_BYE => Wire::Bye { incarnation: r.u32()? },
         _ => return Err(WireError::Invalid("kind")),

@@ -229,6 +229,11 @@ pub struct ChangeDelivery {
     pub payload_v2: Bytes,
     /// Channels on this shard.
     pub targets: Vec<(ConnId, ChannelSerial)>,
+    /// Where the change is in the database's commit order: (end LSN of its transaction's
+    /// commit, its index in the transaction). The same on every node that streams the
+    /// database, so a channel skips what it already got when a new leader resumes from the
+    /// shared slot's confirmed position (cluster mode). `(0, 0)`: unknown (not checked).
+    pub position: (u64, u32),
 }
 
 

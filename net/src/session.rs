@@ -136,6 +136,9 @@ struct Channel {
     /// Presence frames counted in the current window, and when the window opened (ms).
     presence_calls: u32,
     presence_window_start_ms: i64,
+    /// The position of the last Postgres change delivered (cluster mode: a new leader resumes
+    /// from the shared slot and may send again what the old one had sent).
+    last_change: (u64, u32),
     /// `config.private`.
     private: bool,
     /// `config.broadcast.self`.
@@ -375,6 +378,7 @@ impl Session {
                         presence_key,
                         presence_calls: 0,
                         presence_window_start_ms: 0,
+                        last_change: (0, 0),
                         pg_bindings: request.postgres_changes,
                         join_response,
                         authorize_deadline_secs: if request.private { ctx.now_secs.saturating_add(engine::limits::AUTHORIZE_TIMEOUT_SECS) } else { i64::MAX },
@@ -733,6 +737,20 @@ impl Session {
     /// Changes core, which addresses channels by serial).
     pub fn channel_by_serial(&self, serial: ChannelSerial) -> Option<(&str, &Bytes)> {
         self.channels.iter().find(|(_, c)| c.serial == serial && c.state == ChannelState::Joined).map(|(topic, c)| (&**topic, &c.join_ref))
+    }
+
+    /// Whether channel `serial` takes the change at `position` (database commit order): false
+    /// when it already got it or a later one. `(0, 0)` is always taken.
+    pub fn accept_change(&mut self, serial: ChannelSerial, position: (u64, u32)) -> bool {
+        if position == (0, 0) {
+            return true;
+        }
+        let Some((_, channel)) = self.channels.iter_mut().find(|(_, c)| c.serial == serial) else { return true };
+        if position <= channel.last_change {
+            return false;
+        }
+        channel.last_change = position;
+        true
     }
 
     /// A `system` push from the Postgres Changes core for channel `serial`.

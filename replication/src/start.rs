@@ -74,6 +74,12 @@ pub fn stop(control: &reader::ReaderControl, timeout: std::time::Duration) {
 /// and `/healthz` answers 503 until the server is restarted with a fixed configuration).
 /// `payload_bytes_max` is the configured payload limit, applied to broadcasts from SQL too.
 pub fn start(url: &str, shards: usize, payload_bytes_max: usize, slot: reader::SlotConfig) -> Result<Postgres, StartError> {
+    start_with(url, shards, payload_bytes_max, slot, None)
+}
+
+/// [`start`], in cluster mode when `cluster` is given (the node streams only while it holds
+/// the database's leader lock: [`crate::fleet::FleetCluster`]).
+pub fn start_with(url: &str, shards: usize, payload_bytes_max: usize, slot: reader::SlotConfig, cluster: Option<crate::fleet::FleetCluster>) -> Result<Postgres, StartError> {
     ConnParams::parse(url).map_err(StartError::Config)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let local = tokio::task::LocalSet::new();
@@ -94,6 +100,7 @@ pub fn start(url: &str, shards: usize, payload_bytes_max: usize, slot: reader::S
     config.slot = slot;
     config.slot_per_tenant = false;
     config.retry_failed_after = NEVER;
+    config.cluster = cluster;
     let (fleet, inboxes) = Fleet::new(config);
     let (commands, healthy, control) = fleet::single(&fleet, url, payload_bytes_max);
     let stats = fleet.stats().into_iter().next().expect("the one tenant");

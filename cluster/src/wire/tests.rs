@@ -27,8 +27,25 @@ fn samples() -> Vec<Wire> {
         Wire::SyncRequest { tenant: "acme".into(), private: true, sub: Arc::from("x") },
         Wire::Snapshot { delta: state.as_delta() },
         Wire::Snapshot { delta: Delta::default() },
-        Wire::Heartbeat { incarnation: 0xdead_beef, node: "node-1".into(), counts: vec![] },
-        Wire::Heartbeat { incarnation: 1, node: "n".into(), counts: vec![TenantCounts { tenant: "acme".into(), values: [1, 2, 3, 4, 5, u64::MAX] }, TenantCounts { tenant: String::new(), values: [0; COUNTS] }] },
+        Wire::Heartbeat { incarnation: 0xdead_beef, node: "node-1".into(), counts: vec![], leads: vec![] },
+        Wire::Heartbeat {
+            incarnation: 1,
+            node: "n".into(),
+            counts: vec![TenantCounts { tenant: "acme".into(), values: [1, 2, 3, 4, 5, u64::MAX] }, TenantCounts { tenant: String::new(), values: [0; COUNTS] }],
+            leads: vec!["acme".into(), String::new()],
+        },
+        Wire::PgCommand {
+            tenant: "acme".into(),
+            from: 7,
+            command: PgCommand::Subscribe { shard: 1, conn: 99, channel: 3, role: "authenticated".into(), claims: "{}".into(), bindings: vec![r#"{"event":"*"}"#.into()] },
+        },
+        Wire::PgCommand { tenant: String::new(), from: 7, command: PgCommand::Unsubscribe { shard: 0, conn: 1, channel: 2 } },
+        Wire::PgOut {
+            items: vec![
+                (0, PgOutItem::System { conn: 1, channel: 2, ok: true, message: "Subscribed to PostgreSQL".into() }),
+                (1, PgOutItem::Change { position: (0x1234_5678, 3), payload_v1: Bytes::from_static(b"{}"), payload_v2: Bytes::from_static(b"[]"), targets: vec![(1, 2), (3, 4)] }),
+            ],
+        },
         Wire::Bye { incarnation: 5 },
     ]
 }

@@ -482,6 +482,9 @@ impl Shard {
                     let mut delivered = 0u64;
                     for (conn_id, serial) in &delivery.targets {
                         let Some(conn) = conns.get(conn_id) else { continue };
+                        if !conn.session.borrow_mut().accept_change(*serial, delivery.position) {
+                            continue;
+                        }
                         let session = conn.session.borrow();
                         let format = session.format();
                         let Some((topic, _)) = session.channel_by_serial(*serial) else { continue };

@@ -694,7 +694,7 @@ impl ChangesCore {
                 targets.push((interest.key, interest.ids, variant));
             }
             self.counts.deliveries += targets.len() as u64;
-            let deliveries = payload::deliveries(&txn, &row, table, targets);
+            let deliveries = payload::deliveries(&txn, index, &row, table, targets);
             for (shard, delivery) in deliveries {
                 self.send(shard, PgOut::Change(Arc::new(delivery)));
             }

@@ -122,7 +122,7 @@ mod tests {
     }
 
     fn change() -> PgOut {
-        PgOut::Change(std::sync::Arc::new(super::super::ChangeDelivery { payload_v1: Default::default(), payload_v2: Default::default(), targets: Vec::new() }))
+        PgOut::Change(std::sync::Arc::new(super::super::ChangeDelivery { payload_v1: Default::default(), payload_v2: Default::default(), targets: Vec::new(), position: (0, 0) }))
     }
 
     /// A full inbox: control messages all arrive, in order, once the shard reads; changes

@@ -33,7 +33,8 @@ pub(crate) enum Variant {
 
 /// Builds the deliveries of one change: `targets` are (channel, its matching binding ids,
 /// what it gets). Returns one [`ChangeDelivery`] per (shard, payload).
-pub(crate) fn deliveries(txn: &Txn, row: &Row<'_>, table: &TableInfo, targets: Vec<(ChannelKey, SmallVec<[u32; 4]>, Variant)>) -> Vec<(ShardId, ChangeDelivery)> {
+pub(crate) fn deliveries(txn: &Txn, index: usize, row: &Row<'_>, table: &TableInfo, targets: Vec<(ChannelKey, SmallVec<[u32; 4]>, Variant)>) -> Vec<(ShardId, ChangeDelivery)> {
+    let position = (txn.end_lsn, index as u32);
     let mut groups: AHashMap<(SmallVec<[u32; 4]>, Variant), Vec<ChannelKey>> = AHashMap::new();
     for (key, mut ids, variant) in targets {
         ids.sort_unstable();
@@ -62,7 +63,7 @@ pub(crate) fn deliveries(txn: &Txn, row: &Row<'_>, table: &TableInfo, targets: V
             per_shard.entry(key.shard).or_default().push((key.conn, key.channel));
         }
         for (shard, targets) in per_shard {
-            out.push((shard, ChangeDelivery { payload_v1: payload_v1.clone(), payload_v2: payload_v2.clone(), targets }));
+            out.push((shard, ChangeDelivery { payload_v1: payload_v1.clone(), payload_v2: payload_v2.clone(), targets, position }));
         }
     }
     out
