@@ -13,6 +13,8 @@
 
 pub mod subject;
 pub mod wire;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod link;
 pub mod pg;
 pub mod stats;

@@ -107,3 +107,4 @@ proptest! {
         let _ = decode(&Bytes::from(bytes));
     }
 }
+
