@@ -315,10 +315,14 @@ fn a_nats_restart_degrades_then_recovers_without_duplicates() {
 fn realtime_js_clients_on_different_nodes_talk() {
     let dir = node::prepare();
     let nats = Nats::start();
-    let (mut a, b) = (node(&nats, "a"), node(&nats, "b"));
-    wait_for_nodes(&[&a, &b], 1);
+    let (mut a, b, c) = (node(&nats, "a"), node(&nats, "b"), node(&nats, "c"));
+    wait_for_nodes(&[&a, &b, &c], 2);
     let mut command = node::command(&dir, &["cluster/cluster.test.mjs"]);
-    command.env("POWA_ENDPOINT_A", a.realtime_js_endpoint()).env("POWA_ENDPOINT_B", b.realtime_js_endpoint()).env("POWA_ANON_KEY", anon());
+    command
+        .env("POWA_ENDPOINT_A", a.realtime_js_endpoint())
+        .env("POWA_ENDPOINT_B", b.realtime_js_endpoint())
+        .env("POWA_ENDPOINT_C", c.realtime_js_endpoint())
+        .env("POWA_ANON_KEY", anon());
     node::run("realtime-js cluster", command, Duration::from_secs(90), &mut a);
 }
 

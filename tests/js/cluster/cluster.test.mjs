@@ -14,7 +14,7 @@ function requireEnv(name) {
   return value
 }
 
-const endpoints = { a: requireEnv('POWA_ENDPOINT_A'), b: requireEnv('POWA_ENDPOINT_B') }
+const endpoints = { a: requireEnv('POWA_ENDPOINT_A'), b: requireEnv('POWA_ENDPOINT_B'), c: requireEnv('POWA_ENDPOINT_C') }
 const anon = requireEnv('POWA_ANON_KEY')
 const clients = []
 
@@ -52,44 +52,54 @@ async function until(what, check, ms = 10000) {
 }
 
 for (const [senderVsn, receiverVsn] of [['1.0.0', '2.0.0'], ['2.0.0', '1.0.0'], ['2.0.0', '2.0.0']]) {
-  test(`broadcast from node a (vsn ${senderVsn}) reaches node b (vsn ${receiverVsn}) in order, with ack and self`, async (t) => {
+  test(`broadcast from node a (vsn ${senderVsn}) reaches nodes b and c (vsn ${receiverVsn}) in order, with ack and self`, async (t) => {
     t.after(() => clients.splice(0).forEach((c) => c.disconnect()))
     const topic = `cluster-${senderVsn}-${receiverVsn}-${Date.now()}`
     const sender = client('a', senderVsn).channel(topic, { config: { broadcast: { ack: true, self: true } } })
     const receiver = client('b', receiverVsn).channel(topic)
+    const third = client('c', receiverVsn).channel(topic)
     const heardBySender = []
     const heardByReceiver = []
+    const heardByThird = []
     sender.on('broadcast', { event: 'n' }, ({ payload }) => heardBySender.push(payload.i))
     receiver.on('broadcast', { event: 'n' }, ({ payload }) => heardByReceiver.push(payload.i))
+    third.on('broadcast', { event: 'n' }, ({ payload }) => heardByThird.push(payload.i))
     await subscribed(receiver)
+    await subscribed(third)
     await subscribed(sender)
     for (let i = 0; i < 200; i++) {
       const result = await sender.send({ type: 'broadcast', event: 'n', payload: { i } })
       assert.equal(result, 'ok', `ack of message ${i}`)
     }
     await until('200 messages on node b', () => heardByReceiver.length >= 200)
+    await until('200 messages on node c', () => heardByThird.length >= 200)
     await until('200 own messages (self) on node a', () => heardBySender.length >= 200)
     await sleep(300)
     const expected = Array.from({ length: 200 }, (_, i) => i)
-    assert.deepEqual(heardByReceiver, expected, 'every message once, in order, on the other node')
+    assert.deepEqual(heardByReceiver, expected, 'every message once, in order, on node b')
+    assert.deepEqual(heardByThird, expected, 'every message once, in order, on node c')
     assert.deepEqual(heardBySender, expected, 'self: the sender hears itself exactly once')
   })
 }
 
-test('presence of members on two nodes converges', async (t) => {
+test('presence of members on three nodes converges', async (t) => {
   t.after(() => clients.splice(0).forEach((c) => c.disconnect()))
   const topic = `cluster-presence-${Date.now()}`
   const onA = client('a').channel(topic, { config: { presence: { key: 'ann' } } })
   const onB = client('b').channel(topic, { config: { presence: { key: 'bob' } } })
-  onA.on('presence', { event: 'sync' }, () => {})
-  onB.on('presence', { event: 'sync' }, () => {})
+  const onC = client('c').channel(topic, { config: { presence: { key: 'cat' } } })
+  for (const channel of [onA, onB, onC]) channel.on('presence', { event: 'sync' }, () => {})
   await subscribed(onA)
   await subscribed(onB)
+  await subscribed(onC)
   await onA.track({ who: 'ann' })
   await onB.track({ who: 'bob' })
+  await onC.track({ who: 'cat' })
   const keys = (channel) => Object.keys(channel.presenceState()).sort().join(',')
-  await until('both members on node a', () => keys(onA) === 'ann,bob')
-  await until('both members on node b', () => keys(onB) === 'ann,bob')
+  for (const [name, channel] of [['a', onA], ['b', onB], ['c', onC]]) {
+    await until(`every member on node ${name}`, () => keys(channel) === 'ann,bob,cat')
+  }
   await onB.untrack()
-  await until('bob gone on node a', () => keys(onA) === 'ann')
+  await until('bob gone on node a', () => keys(onA) === 'ann,cat')
+  await until('bob gone on node c', () => keys(onC) === 'ann,cat')
 })
