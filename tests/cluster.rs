@@ -4,91 +4,16 @@
 
 mod support;
 mod wsclient;
+mod clustersupport;
 
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 
+use clustersupport::*;
 use support::nats::Nats;
 use support::{http_request, node, Server};
-use wsclient::{anon, v1, v2, Client, Frame};
-
-const WAIT: Duration = Duration::from_secs(10);
-/// `REALTIME_NODE_TIMEOUT_SECS` in these tests.
-const NODE_TIMEOUT_SECS: u64 = 2;
-
-fn node(nats: &Nats, name: &str) -> Server {
-    let timeout = NODE_TIMEOUT_SECS.to_string();
-    Server::start(&[("REALTIME_NATS_URL", &nats.url()), ("REALTIME_NODE_ID", name), ("REALTIME_NODE_TIMEOUT_SECS", &timeout), ("REALTIME_DRAIN_SECS", "1")])
-}
-
-/// `/api/status`'s cluster section.
-fn cluster_status(server: &Server) -> Value {
-    let auth = format!("Bearer {}", support::service_key());
-    let (status, body) = http_request(server.addr, "GET", "/api/status", &[("authorization", &auth)], b"").expect("status");
-    assert_eq!(status, 200);
-    serde_json::from_slice::<Value>(&body).expect("status JSON")["cluster"].clone()
-}
-
-/// Waits until every node hears the `others` other nodes.
-fn wait_for_nodes(servers: &[&Server], others: usize) {
-    let deadline = Instant::now() + WAIT;
-    for server in servers {
-        loop {
-            let status = cluster_status(server);
-            if status["nats_connected"] == true && status["nodes"].as_array().map_or(0, Vec::len) == others {
-                break;
-            }
-            assert!(Instant::now() < deadline, "nodes did not meet: {status}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-fn connect(server: &Server, vsn: &str) -> Client {
-    Client::connect(&server.ws_url(anon(), vsn))
-}
-
-/// Joins `topic` (V1) and returns once the `ok` reply arrived.
-fn join_v1(client: &mut Client, topic: &str, config: Value) {
-    client.send_text(&v1(topic, "phx_join", json!({"config": config}), Some("1")));
-    loop {
-        let frame = client.recv_json(WAIT);
-        if frame["event"] == "phx_reply" && frame["ref"] == "1" {
-            assert_eq!(frame["payload"]["status"], "ok", "{frame}");
-            return;
-        }
-    }
-}
-
-/// Joins `topic` (V2) and returns once the `ok` reply arrived.
-fn join_v2(client: &mut Client, topic: &str, config: Value) {
-    client.send_text(&v2(Some("1"), Some("1"), topic, "phx_join", json!({"config": config})));
-    loop {
-        let frame = client.recv_json(WAIT);
-        if frame[3] == "phx_reply" && frame[1] == "1" {
-            assert_eq!(frame[4]["status"], "ok", "{frame}");
-            return;
-        }
-    }
-}
-
-/// The next broadcast's payload on a V1 client (other frames skipped).
-fn next_broadcast_v1(client: &mut Client) -> Value {
-    loop {
-        let frame = client.recv_json(WAIT);
-        if frame["event"] == "broadcast" {
-            return frame["payload"].clone();
-        }
-    }
-}
-
-fn rest_broadcast(server: &Server, topic: &str, payload: Value) {
-    let body = json!({"messages": [{"topic": topic, "event": "ev", "payload": payload}]}).to_string();
-    let auth = format!("Bearer {}", support::service_key());
-    let (status, answer) = http_request(server.addr, "POST", "/api/broadcast", &[("authorization", &auth), ("apikey", anon()), ("content-type", "application/json")], body.as_bytes()).expect("REST");
-    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&answer));
-}
+use wsclient::{anon, v1, Client};
 
 #[test]
 fn broadcasts_cross_nodes_in_order_in_both_formats() {
@@ -147,76 +72,6 @@ fn a_join_ok_on_one_node_then_a_broadcast_from_another_always_arrives() {
         let payload = next_broadcast_v1(&mut client);
         assert_eq!(payload["payload"]["i"], i, "round {i}");
         client.send_text(&v1(&format!("realtime:{topic}"), "phx_leave", json!({}), Some("2")));
-    }
-}
-
-/// Presence members of a V1 client's view, by key, from its `presence_state` and diffs.
-struct View {
-    client: Client,
-    members: std::collections::BTreeMap<String, usize>,
-}
-
-impl View {
-    fn join(server: &Server, topic: &str, key: &str) -> View {
-        let mut client = connect(server, "1.0.0");
-        client.send_text(&v1(topic, "phx_join", json!({"config": {"presence": {"key": key}}}), Some("1")));
-        let mut view = View { client, members: Default::default() };
-        // The `ok` reply, then the `presence_state`.
-        view.pump_until(|frame| frame["event"] == "presence_state");
-        view
-    }
-
-    fn apply(&mut self, frame: &Value) {
-        match frame["event"].as_str() {
-            Some("presence_state") => {
-                self.members = frame["payload"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v["metas"].as_array().unwrap().len())).collect();
-            }
-            Some("presence_diff") => {
-                for (key, entry) in frame["payload"]["joins"].as_object().unwrap() {
-                    *self.members.entry(key.clone()).or_default() += entry["metas"].as_array().unwrap().len();
-                }
-                for (key, entry) in frame["payload"]["leaves"].as_object().unwrap() {
-                    let count = self.members.entry(key.clone()).or_default();
-                    *count = count.saturating_sub(entry["metas"].as_array().unwrap().len());
-                    if *count == 0 {
-                        self.members.remove(key);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn pump_until(&mut self, done: impl Fn(&Value) -> bool) {
-        loop {
-            let frame = self.client.recv_json(WAIT);
-            self.apply(&frame);
-            if done(&frame) {
-                return;
-            }
-        }
-    }
-
-    fn track(&mut self, topic: &str, name: &str) {
-        self.client.send_text(&v1(topic, "presence", json!({"type": "presence", "event": "track", "payload": {"name": name}}), Some("t")));
-    }
-
-    /// Reads frames until the view holds exactly `keys` (each once), or panics after `within`.
-    fn wait_for(&mut self, keys: &[&str], within: Duration) {
-        let deadline = Instant::now() + within;
-        let want: std::collections::BTreeMap<String, usize> = keys.iter().map(|k| (k.to_string(), 1)).collect();
-        while self.members != want {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "presence view {:?}, expected {:?}", self.members, want);
-            match self.client.recv_frame(left.min(Duration::from_millis(200))) {
-                Frame::Text(text) => {
-                    let frame: Value = serde_json::from_str(&text).unwrap();
-                    self.apply(&frame);
-                }
-                Frame::Timeout => {}
-                other => panic!("unexpected frame {}", wsclient::describe(&other)),
-            }
-        }
     }
 }
 

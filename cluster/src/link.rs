@@ -392,18 +392,46 @@ impl Shared {
             pg.node_gone(incarnation).await;
             self.reconcile_pg().await;
         }
-        let Some(node) = self.nodes.borrow_mut().remove(&incarnation) else { return };
-        tracing::info!(node = %node.name, incarnation = format!("{incarnation:08x}"), why, "cluster node gone: its presences leave");
+        // A node may be gone before this node heard its first heartbeat (its members came
+        // with a sync answer): its presences leave all the same.
+        let name = self.nodes.borrow_mut().remove(&incarnation).map(|node| node.name);
+        if self.gone.borrow().contains(&incarnation) && name.is_none() {
+            return;
+        }
+        tracing::info!(node = name.as_deref().unwrap_or("?"), incarnation = format!("{incarnation:08x}"), why, "cluster node gone: its presences leave");
         Stats::add(&self.stats.nodes_gone, 1);
         {
             let mut gone = self.gone.borrow_mut();
-            gone.push_back(incarnation);
-            if gone.len() > GONE_REMEMBERED_MAX {
-                gone.pop_front();
+            if !gone.contains(&incarnation) {
+                gone.push_back(incarnation);
+                if gone.len() > GONE_REMEMBERED_MAX {
+                    gone.pop_front();
+                }
             }
         }
         self.set_nodes();
         self.to_all_shards(FromLink::NodeGone { node: incarnation }).await;
+    }
+
+    /// Presence came from node `incarnation` (a sync answer, a delta): if it has not been heard
+    /// yet, it is tracked from now, so it times out like any node if it stays silent.
+    fn saw_node(&self, incarnation: u32) {
+        if incarnation == self.incarnation || incarnation == 0 || self.gone.borrow().contains(&incarnation) {
+            return;
+        }
+        self.nodes.borrow_mut().entry(incarnation).or_insert_with(|| Node { name: String::new(), last_seen: Instant::now() });
+    }
+
+    /// [`Shared::saw_node`] for every node a delta names.
+    fn saw_nodes_of(&self, delta: &Delta) {
+        let mut last = None;
+        for dot in delta.elements.keys() {
+            let node = dot.replica.node();
+            if last != Some(node) {
+                self.saw_node(node);
+                last = Some(node);
+            }
+        }
     }
 }
 
@@ -554,8 +582,7 @@ async fn on_event(shared: &Rc<Shared>, event: async_nats::Event) {
                 Stats::add(&shared.stats.reconnects, 1);
                 // What was published while NATS was away is lost: every node re-syncs and
                 // republishes its own presence.
-                resync_all(shared);
-                shared.to_all_shards(FromLink::Republish).await;
+                heal(shared);
             }
         }
         async_nats::Event::Disconnected => {
@@ -568,6 +595,29 @@ async fn on_event(shared: &Rc<Shared>, event: async_nats::Event) {
         }
         other => tracing::info!(event = %other, "cluster link event"),
     }
+}
+
+/// After NATS or a node comes back: re-sync every routed topic and republish this node's own
+/// presence now, and once more two heartbeats later. The other nodes reconnect at their own
+/// pace; what one of them published before this node's subscriptions were back, or asked
+/// before this node could answer, is made up by the second round (the chaos run found the
+/// race).
+fn heal(shared: &Rc<Shared>) {
+    let shared = Rc::clone(shared);
+    tokio::task::spawn_local(async move {
+        resync_all(&shared);
+        shared.to_all_shards(FromLink::Republish).await;
+        tokio::time::sleep(heal_delay(&shared.config)).await;
+        if shared.connected() {
+            resync_all(&shared);
+            shared.to_all_shards(FromLink::Republish).await;
+        }
+    });
+}
+
+/// Two heartbeat periods.
+fn heal_delay(config: &LinkConfig) -> Duration {
+    (config.node_timeout / 3).clamp(Duration::from_millis(100), Duration::from_secs(1)) * 2
 }
 
 /// Re-syncs every topic with interest (its owner merges the answers).
@@ -676,6 +726,7 @@ async fn topic_task(shared: Rc<Shared>, topic: TopicKey, generation: u64) {
                 }
             }
             Ok(Wire::Presence { private, sub, delta }) if private == topic.private && sub == topic.sub => {
+                shared.saw_nodes_of(&delta);
                 let _ = inbox.send_async(FromLink::Presence { topic: topic.clone(), delta }).await;
             }
             // Another topic with the same subject hash (2^-64), or not ours.
@@ -694,10 +745,11 @@ async fn on_heartbeat(shared: &Rc<Shared>, message: async_nats::Message) {
                 pg.set_leads(incarnation, Some(leads));
                 shared.reconcile_pg().await;
             }
-            let known = shared.nodes.borrow().contains_key(&incarnation);
+            // Known by name (a node first seen through its presence has no name yet).
+            let known = shared.nodes.borrow().get(&incarnation).is_some_and(|n| !n.name.is_empty());
             if !known {
                 // The same name with a new incarnation: that node restarted; its old self is gone.
-                let restarted: Vec<u32> = shared.nodes.borrow().iter().filter(|(_, n)| n.name == node).map(|(i, _)| *i).collect();
+                let restarted: Vec<u32> = shared.nodes.borrow().iter().filter(|(i, n)| n.name == node && **i != incarnation).map(|(i, _)| *i).collect();
                 for old in restarted {
                     shared.node_gone(old, "restarted").await;
                 }
@@ -712,12 +764,15 @@ async fn on_heartbeat(shared: &Rc<Shared>, message: async_nats::Message) {
                 shared.set_nodes();
                 if returned {
                     // Declared gone but alive (a partition healed): its presences were
-                    // forgotten here, and ours there. Merge again both ways.
-                    resync_all(shared);
-                    shared.to_all_shards(FromLink::Republish).await;
+                    // forgotten here, and ours there. Accept it again, merge both ways.
+                    shared.to_all_shards(FromLink::NodeBack { node: incarnation }).await;
+                    heal(shared);
                 }
             } else if let Some(entry) = shared.nodes.borrow_mut().get_mut(&incarnation) {
                 entry.last_seen = Instant::now();
+                if entry.name.is_empty() {
+                    entry.name = node;
+                }
             }
         }
         Ok(Wire::Bye { incarnation }) => shared.node_gone(incarnation, "goodbye").await,
@@ -759,6 +814,7 @@ fn on_answer(shared: &Rc<Shared>, message: async_nats::Message) {
         Stats::add(&shared.stats.malformed_in, 1);
         return;
     };
+    shared.saw_nodes_of(&delta);
     let mut syncs = shared.syncs.borrow_mut();
     let Some(pending) = syncs.get_mut(&id) else { return };
     pending.got.push(delta);

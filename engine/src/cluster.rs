@@ -88,9 +88,17 @@ pub enum FromLink {
     /// Send this node's own presence of every topic with interest again (NATS came back: what
     /// was published while it was away is lost).
     Republish,
-    /// Node (incarnation) `node` is gone: its presences leave everywhere.
+    /// Node (incarnation) `node` is gone: its presences leave everywhere, and whatever still
+    /// arrives from it (a delta that was in flight, a stale snapshot) is ignored until
+    /// [`FromLink::NodeBack`].
     NodeGone {
         /// The node's incarnation, the high half of its replicas' ids.
+        node: u32,
+    },
+    /// A node declared gone speaks again (a partition healed): its presences are accepted
+    /// again (the re-sync that follows brings them back).
+    NodeBack {
+        /// The node's incarnation.
         node: u32,
     },
 }

@@ -22,6 +22,10 @@ pub const SHARD_QUEUE_MESSAGES_MAX: usize = 4096;
 /// channel counts).
 pub const SHARD_OVERFLOW_MESSAGES_MAX: usize = 65_536;
 
+/// Cluster mode: node incarnations an owner shard remembers as gone (to ignore their late
+/// presence); the oldest is forgotten first.
+pub const GONE_NODES_REMEMBERED_MAX: usize = 1024;
+
 /// Longest HTTP request head the server reads (PROTOCOL.md §9.1 header limit is per value;
 /// the whole head gets a bit more).
 pub const HTTP_HEAD_BYTES_MAX: usize = 16 * 1024;

@@ -304,6 +304,20 @@ impl PresenceState {
     }
 }
 
+impl Delta {
+    /// The delta without anything of the nodes `gone` says are gone (their elements and dots).
+    pub fn without_nodes(&self, gone: impl Fn(u32) -> bool) -> Delta {
+        if !self.elements.keys().any(|dot| gone(dot.replica.node())) && !self.context.prefix.keys().any(|r| gone(r.node())) && !self.context.cloud.iter().any(|d| gone(d.replica.node())) {
+            return self.clone();
+        }
+        let elements = self.elements.iter().filter(|(dot, _)| !gone(dot.replica.node())).map(|(d, e)| (*d, e.clone())).collect();
+        let mut context = self.context.clone();
+        context.prefix.retain(|replica, _| !gone(replica.node()));
+        context.cloud.retain(|dot| !gone(dot.replica.node()));
+        Delta { elements, context }
+    }
+}
+
 impl PresenceState {
     /// This replica's own elements with its own dots: what it answers another node's sync
     /// request with (the other nodes' elements are theirs to send).

@@ -302,6 +302,9 @@ pub struct ShardState {
     cluster: Option<u32>,
     /// What the cluster link must do, in order (the driver drains it after each call).
     cluster_out: Vec<ToLink>,
+    /// Nodes declared gone (bounded, oldest forgotten first): what still arrives from them is
+    /// ignored until they are back.
+    gone_nodes: std::collections::VecDeque<u32>,
     /// Presence state instances created so far (unique replica ids), and interest generations.
     next_instance: u32,
     next_generation: u64,
@@ -323,6 +326,7 @@ impl ShardState {
             coalescing: PresenceCoalescing::Immediate,
             cluster: None,
             cluster_out: Vec::new(),
+            gone_nodes: std::collections::VecDeque::new(),
             next_instance: 0,
             next_generation: 0,
             owned: AHashMap::new(),
@@ -630,7 +634,7 @@ impl ShardState {
                     self.ensure_presence(&topic);
                     let presence = self.owned.get_mut(&topic).and_then(|o| o.presence.as_mut()).expect("ensured above");
                     for state in &states {
-                        diff.coalesce(presence.merge(state));
+                        diff.coalesce(presence.merge(&state.without_nodes(|n| self.gone_nodes.contains(&n))));
                     }
                 }
                 // Members already joined see the other nodes' presence as a diff; the joins
@@ -648,6 +652,7 @@ impl ShardState {
                 if matches!(owned.interest, Interest::Off) {
                     return effects;
                 }
+                let delta = delta.without_nodes(|n| self.gone_nodes.contains(&n));
                 self.ensure_presence(&topic);
                 let presence = self.owned.get_mut(&topic).and_then(|o| o.presence.as_mut()).expect("ensured above");
                 let diff = presence.merge(&delta);
@@ -666,7 +671,14 @@ impl ShardState {
                 }
                 self.cluster_out.extend(shares);
             }
+            FromLink::NodeBack { node } => self.gone_nodes.retain(|n| *n != node),
             FromLink::NodeGone { node } => {
+                if !self.gone_nodes.contains(&node) {
+                    if self.gone_nodes.len() >= crate::limits::GONE_NODES_REMEMBERED_MAX {
+                        self.gone_nodes.pop_front();
+                    }
+                    self.gone_nodes.push_back(node);
+                }
                 let topics: Vec<TopicKey> = self.owned.iter().filter(|(_, o)| o.presence.is_some()).map(|(t, _)| t.clone()).collect();
                 for topic in topics {
                     let owned = self.owned.get_mut(&topic).expect("listed above");

@@ -185,7 +185,10 @@ impl Sim {
     }
 
     fn deliver(&mut self, from: usize, to: usize, message: Net) {
-        if !self.reachable(from, to) {
+        // A message a node sent before it died is still delivered (it was in flight, and the
+        // link hands a node's messages and its death over separate paths); a cut drops what
+        // crosses it.
+        if !self.nodes[to].alive || self.cut.contains(&from) || self.cut.contains(&to) {
             return;
         }
         match message {
@@ -311,7 +314,19 @@ impl Sim {
         if self.cut.is_empty() {
             return;
         }
+        let returned: Vec<usize> = self.cut.iter().copied().collect();
         self.cut.clear();
+        for node in 0..NODES {
+            if !self.nodes[node].alive {
+                continue;
+            }
+            // Each side hears the other again: it is accepted back.
+            for other in 0..NODES {
+                if other != node && self.nodes[other].alive && (returned.contains(&other) || returned.contains(&node)) {
+                    self.from_link(node, FromLink::NodeBack { node: incarnation(other) });
+                }
+            }
+        }
         for node in 0..NODES {
             if self.nodes[node].alive {
                 self.from_link(node, FromLink::Republish);
