@@ -54,7 +54,7 @@ mod payload;
 mod policy_cache;
 mod row;
 
-use self::core::{BindingResult, ChangesCore, MatchedBatch, Query, Verdicts};
+use self::core::{BindingResult, ChangesCore, MatchedBatch, Query, TextOrderQuery, TextOrders, Verdicts};
 use outbound::Outbound;
 
 pub use payload::{FIELD_BYTES_MAX_WHEN_CUT, RECORD_BYTES_MAX};
@@ -581,9 +581,41 @@ async fn process_and_confirm(driver: &Rc<Driver>, rls: &Db, control: &crate::rea
     control.handed_off.fetch_max(end, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// One batch: match, run its RLS round trips (one per table), deliver.
+/// The text comparisons of a batch's filters under collations that are not byte order
+/// ([`ChangesCore::plan_text_orders`]): every query sent at once on the RLS connection (one
+/// round trip for the whole batch), within [`RLS_DEADLINE`]. A query that fails or runs out of
+/// time makes its filters' changes error entries for the channels that needed them.
+async fn text_orders(rls: &Db, queries: Vec<TextOrderQuery>) -> TextOrders {
+    let mut orders = TextOrders::default();
+    let deadline = tokio::time::Instant::now() + RLS_DEADLINE;
+    let results: Vec<Result<Vec<std::cmp::Ordering>, String>> = match rls.get_until(deadline).await {
+        Some(Ok(client)) => {
+            let round_trip = futures_util::future::join_all(queries.iter().map(|query| async {
+                let pairs: Vec<(&[u8], &[u8])> = query.pairs.iter().map(|(v, o)| (&**v, &**o)).collect();
+                sql::text_orders(&client, &query.collation, &pairs).await.map_err(|e| sql::error_text(&e))
+            }));
+            match tokio::time::timeout_at(deadline, round_trip).await {
+                Ok(results) => results,
+                Err(_) => {
+                    rls.discard(&client);
+                    queries.iter().map(|_| Err(cancelled_text())).collect()
+                }
+            }
+        }
+        Some(Err(_)) | None => queries.iter().map(|_| Err(unreachable_text())).collect(),
+    };
+    for (query, result) in queries.into_iter().zip(results) {
+        orders.record(query, result);
+    }
+    orders
+}
+
+/// One batch: the text comparisons its filters need from the database (if any: one round
+/// trip), match, run its RLS round trips (one per table), deliver.
 async fn process(driver: &Rc<Driver>, rls: &Db, batch: Vec<Arc<Txn>>) {
-    let matched: MatchedBatch = driver.with(|core| core.match_batch(&batch));
+    let order_queries = driver.with(|core| core.plan_text_orders(&batch));
+    let orders = if order_queries.is_empty() { TextOrders::default() } else { text_orders(rls, order_queries).await };
+    let matched: MatchedBatch = driver.with(|core| core.match_batch(&batch, &orders));
     tracing::debug!(txns = batch.len(), matched = matched.len(), "batch matched");
     if matched.is_empty() {
         return;
