@@ -1,7 +1,8 @@
 //! The replication slot (issue 11 item 3): no change is lost across a reconnect — the walsender
 //! killed, PostgreSQL restarted — while a writer commits 1,000 rows (all arrive exactly once, in
 //! commit order); the bounds (retained WAL, time away) drop and recreate the slot and tell
-//! subscribers; a stale slot is dropped at start; a clean stop (drain) drops the slot.
+//! subscribers — at a reconnect and, for retained WAL, while streaming; a stale slot is dropped
+//! at start; a clean stop (drain) drops the slot.
 
 mod support;
 
@@ -222,6 +223,99 @@ fn exceeding_the_retained_wal_bound_recreates_the_slot_and_says_so() {
     let after = slot_retained(port);
     assert!(after.iter().all(|(_, bytes)| *bytes < 1024 * 1024), "the recreated slot keeps no WAL: {after:?}");
     assert_eq!(after.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["powa_realtime"]);
+    cluster.psql("insert into events values (2)").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "row 2 did not arrive");
+        if let Some(v) = read(&mut socket) {
+            if v[3] == "postgres_changes" {
+                assert_eq!(v[4]["data"]["record"]["id"], 2);
+                break;
+            }
+        }
+    }
+    assert!(server.is_running());
+}
+
+/// The bound is watched while the stream is up, not only at a reconnect: a transaction left
+/// open holds the slot's `restart_lsn` back while 4 MB of WAL is written, so the slot retains
+/// more than `REALTIME_SLOT_MAX_RETAINED_MB=1` although the server reads everything. Within the
+/// watch's period (10 s) the server leaves the stream, drops and recreates the slot (creating it
+/// waits for the open transaction, which the test then ends), tells subscribers changes were
+/// missed and comes back; `pg_replication_slots` then shows one slot that retains no WAL, and
+/// later changes flow.
+#[test]
+fn exceeding_the_retained_wal_bound_while_streaming_recreates_the_slot_and_says_so() {
+    let (cluster, _guard) = Cluster::throwaway().expect("PostgreSQL 15");
+    setup(&cluster);
+    let mut server = Server::start(&[("DATABASE_URL", &cluster.url()), ("REALTIME_SLOT_MAX_RETAINED_MB", "1")]);
+    let mut socket = connect(&server);
+    let port = cluster.port();
+    // A session that keeps a transaction (with an xid) open.
+    let psql_bin = Cluster::bin_dir().unwrap().join("psql");
+    let mut holder = Command::new(psql_bin)
+        .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-p"])
+        .arg(port.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut holder_in = holder.stdin.take().unwrap();
+    use std::io::Write;
+    writeln!(holder_in, "BEGIN; INSERT INTO filler VALUES ('held open');").unwrap();
+    holder_in.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while psql(port, "select count(*) from pg_stat_activity where state = 'idle in transaction'").unwrap() != "1" {
+        assert!(Instant::now() < deadline, "the open transaction did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.psql("insert into events values (1); insert into filler select repeat('x', 1000) from generate_series(1, 4000);").unwrap();
+    // Row 1 is delivered: the stream is up and reading.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "row 1 did not arrive");
+        if let Some(v) = read(&mut socket) {
+            if v[3] == "postgres_changes" {
+                assert_eq!(v[4]["data"]["record"]["id"], 1);
+                break;
+            }
+        }
+    }
+    let walsender = psql(port, "select pid from pg_stat_replication").unwrap();
+    assert!(!walsender.is_empty(), "streaming");
+    let before = slot_retained(port);
+    assert!(before.iter().any(|(name, bytes)| name == "powa_realtime" && *bytes > 1024 * 1024), "{before:?}");
+    // The watch (every 10 s) makes the server leave the stream.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while psql(port, &format!("select count(*) from pg_stat_replication where pid = {walsender}")).unwrap() != "0" {
+        assert!(Instant::now() < deadline, "the server did not leave the stream over the bound: {:?}", slot_retained(port));
+        let _ = read(&mut socket);
+    }
+    writeln!(holder_in, "ROLLBACK;").unwrap();
+    drop(holder_in);
+    let _ = holder.wait();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut system = Vec::new();
+    loop {
+        assert!(Instant::now() < deadline, "no missed-changes message: {system:?}");
+        if let Some(v) = read(&mut socket) {
+            assert_ne!(v[3], "postgres_changes", "{v}");
+            if v[3] == "system" {
+                system.push(v[4].clone());
+            }
+            if is_status(&v, "error") && v[4]["message"] == MISSED {
+                break;
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read(&mut socket).is_none_or(|v| !is_status(&v, "ok")) {
+        assert!(Instant::now() < deadline, "the stream did not come back");
+    }
+    let after = slot_retained(port);
+    assert_eq!(after.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["powa_realtime"], "{after:?}");
+    assert!(after.iter().all(|(_, bytes)| *bytes < 1024 * 1024), "the recreated slot keeps no WAL: {after:?}");
     cluster.psql("insert into events values (2)").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

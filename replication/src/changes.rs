@@ -62,6 +62,10 @@ pub use payload::{FIELD_BYTES_MAX_WHEN_CUT, RECORD_BYTES_MAX};
 /// Most transactions taken from the reader queue into one batch (one round of RLS checks).
 const BATCH_TXNS_MAX: usize = 64;
 const PUBLICATION_POLL: Duration = Duration::from_secs(2);
+/// The slot's retained WAL is read every this many publication polls (10 s) while streaming.
+const SLOT_WATCH_POLLS: u32 = 5;
+/// How long the slot watch waits for its answer.
+const SLOT_WATCH_DEADLINE: Duration = Duration::from_secs(5);
 /// How long a policy check, a subscription's metadata or a replay may wait for the database,
 /// connecting included. A database that hangs (stopped, not closed) would otherwise hold the
 /// work for ever; past the deadline it fails (a policy check as a denial, which a refresh turns
@@ -347,10 +351,15 @@ pub(crate) async fn run(params: CoreParams) {
         let meta = Rc::clone(&meta);
         let control = Arc::clone(&control);
         tokio::task::spawn_local(async move {
+            let mut polls = 0u32;
             loop {
                 tokio::time::sleep(PUBLICATION_POLL).await;
                 let reads_publication = control.reads_publication.load(std::sync::atomic::Ordering::Relaxed);
                 let Ok(client) = meta.get().await else { return };
+                polls = polls.wrapping_add(1);
+                if polls % SLOT_WATCH_POLLS == 0 {
+                    watch_slot(&meta, &client, &control).await;
+                }
                 if !reads_publication {
                     if let Ok((true, _)) = sql::published_tables(&client).await {
                         // Until the restarted stream reads the publication, no subscription may
@@ -399,6 +408,37 @@ pub(crate) async fn run(params: CoreParams) {
     // The reader stopped (a definite error): commands, policy checks and replays are still
     // answered.
     std::future::pending::<()>().await;
+}
+
+/// The slot's bound while streaming: reads how much WAL the slot the reader streams from
+/// retains (`pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)`; 0 on a standby) within
+/// [`SLOT_WATCH_DEADLINE`]; beyond `REALTIME_SLOT_MAX_RETAINED_MB` it sets
+/// [`crate::reader::ReaderControl::over_bound`], and the reader recreates the slot (subscribers
+/// are told changes were missed). A watch that fails or times out only logs (and drops a hung
+/// connection); the next one tries again.
+async fn watch_slot(meta: &Db, client: &Rc<Client>, control: &crate::reader::ReaderControl) {
+    let Some(slot) = control.streaming_slot() else { return };
+    let max = control.max_retained_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), tokio_postgres::types::Type); 1] = [(&slot, tokio_postgres::types::Type::TEXT)];
+    let query = client.query_typed(
+        "SELECT (CASE WHEN pg_is_in_recovery() THEN 0 ELSE coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0) END)::int8 \
+         FROM pg_replication_slots WHERE slot_name = $1",
+        &params,
+    );
+    match tokio::time::timeout(SLOT_WATCH_DEADLINE, query).await {
+        Ok(Ok(rows)) => {
+            let retained = rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0).max(0) as u64;
+            if retained > max {
+                tracing::warn!(%slot, retained_bytes = retained, max_bytes = max, "the replication slot retains more WAL than allowed while streaming");
+                control.over_bound.store(retained, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Ok(Err(error)) => tracing::warn!(error = %sql::error_text(&error), "reading the replication slot's retained WAL failed"),
+        Err(_) => {
+            tracing::warn!("reading the replication slot's retained WAL timed out");
+            meta.discard(client);
+        }
+    }
 }
 
 /// The newest `limit` private broadcasts of `topic` since `since_ms`, oldest first (§3.6).
