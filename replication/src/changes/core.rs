@@ -47,6 +47,13 @@ pub(crate) struct Bound {
     pub(crate) tables: AHashMap<TableKey, Compiled>,
 }
 
+impl Bound {
+    /// Some table's compiled filters need the database (collated text).
+    fn has_database_filters(&self) -> bool {
+        self.tables.values().any(|c| c.database)
+    }
+}
+
 /// A binding compiled for one table.
 #[derive(Debug, Clone)]
 pub(crate) struct Compiled {
@@ -254,6 +261,9 @@ pub(crate) struct ChangesCore {
     channels: AHashMap<ChannelKey, ChannelState>,
     by_table: AHashMap<TableKey, AHashSet<(ChannelKey, usize)>>,
     wildcards: AHashSet<(ChannelKey, usize)>,
+    /// Active bindings with a filter the database must evaluate (collated text): while 0, a
+    /// batch needs no text-order round trip and [`ChangesCore::plan_text_orders`] returns at once.
+    database_bindings: usize,
     next_generation: u64,
     out: VecDeque<(ShardId, PgOut)>,
     queries: VecDeque<Query>,
@@ -276,6 +286,7 @@ impl ChangesCore {
             channels: AHashMap::new(),
             by_table: AHashMap::new(),
             wildcards: AHashSet::new(),
+            database_bindings: 0,
             next_generation: 1,
             out: VecDeque::new(),
             queries: VecDeque::new(),
@@ -349,7 +360,7 @@ impl ChangesCore {
     /// Whether nothing is registered at all (every index empty).
     #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
-        self.channels.is_empty() && self.by_table.is_empty() && self.wildcards.is_empty()
+        self.channels.is_empty() && self.by_table.is_empty() && self.wildcards.is_empty() && self.database_bindings == 0
     }
 
     /// Whether publication polling has work: waiting bindings or wildcards to extend.
@@ -465,6 +476,7 @@ impl ChangesCore {
     /// The channel left or its connection closed: everything of it goes.
     pub(crate) fn unsubscribe(&mut self, key: ChannelKey) {
         let Some(state) = self.channels.remove(&key) else { return };
+        self.database_bindings = self.database_bindings.saturating_sub(state.active.iter().filter(|b| b.has_database_filters()).count());
         for (index, bound) in state.active.iter().enumerate() {
             if bound.binding.is_wildcard() {
                 self.wildcards.remove(&(key, index));
@@ -491,6 +503,9 @@ impl ChangesCore {
         }
         let state = self.channels.get_mut(&key).expect("caller checked");
         let index = state.active.len();
+        if bound.has_database_filters() {
+            self.database_bindings += 1;
+        }
         if bound.binding.is_wildcard() {
             self.wildcards.insert((key, index));
         } else {
@@ -599,7 +614,11 @@ impl ChangesCore {
         let table_key: TableKey = (Arc::from(info.schema.as_str()), Arc::from(info.table.as_str()));
         self.table_refreshed(info);
         if let Some(bound) = self.channels.get_mut(&key).and_then(|state| state.active.get_mut(index)) {
+            let before = bound.has_database_filters();
             bound.tables.insert(table_key, compiled);
+            if !before && bound.has_database_filters() {
+                self.database_bindings += 1;
+            }
         }
     }
 
@@ -653,6 +672,9 @@ impl ChangesCore {
     /// and binding whose other filters pass, the (value, operand) pairs of those filters.
     /// Empty — and no round trip — when no binding on the batch's tables has such a filter.
     pub(crate) fn plan_text_orders(&self, batch: &[Arc<Txn>]) -> Vec<TextOrderQuery> {
+        if self.database_bindings == 0 {
+            return Vec::new();
+        }
         let mut wanted: AHashMap<Arc<Collation>, AHashSet<(Box<[u8]>, Box<[u8]>)>> = AHashMap::new();
         let mut tables: AHashMap<TableKey, bool> = AHashMap::new();
         for txn in batch {

@@ -317,6 +317,8 @@ fn nondeterministic_collations_send_equality_to_the_database() {
         let generation = core.begin_subscribe(key(1));
         core.finish_subscribe(key(1), generation, "authenticated", &claims("u"), collated_outcome(std::slice::from_ref(&eq), deterministic));
         assert_eq!(core.plan_text_orders(&[txn(vec![insert(1, "B", "x")])]).len(), expected);
+        core.unsubscribe(key(1));
+        assert!(core.is_empty(), "the count of bindings that need the database is back to 0");
     }
 }
 
