@@ -1065,9 +1065,10 @@ fn text_filters_follow_the_columns_icu_collation() {
     db.exec("CREATE TABLE public.words (id int PRIMARY KEY, name text COLLATE \"en-x-icu\")");
     db.exec("CREATE TABLE public.rls_words (id int PRIMARY KEY, name varchar(20) COLLATE \"en-x-icu\", visible boolean)");
     db.exec("ALTER TABLE public.rls_words ENABLE ROW LEVEL SECURITY");
-    db.exec("CREATE PUBLICATION supabase_realtime FOR TABLE public.words, public.rls_words");
+    db.exec("CREATE TABLE public.marks (id int PRIMARY KEY)");
+    db.exec("CREATE PUBLICATION supabase_realtime FOR TABLE public.words, public.rls_words, public.marks");
     let server = db.server();
-    db.exec("GRANT SELECT ON public.words, public.rls_words TO anon, authenticated");
+    db.exec("GRANT SELECT ON public.words, public.rls_words, public.marks TO anon, authenticated");
     db.exec("CREATE POLICY shown ON public.rls_words FOR SELECT TO anon USING (visible)");
 
     let mut conn = Conn::open(&server, anon(), Vsn::V2, "collated");
@@ -1075,7 +1076,7 @@ fn text_filters_follow_the_columns_icu_collation() {
         ("realtime:words-gt", filtered("*", "words", "name=gt.x")),
         ("realtime:words-lte", filtered("INSERT", "words", "name=lte.x")),
         ("realtime:rls-gt", filtered("INSERT", "rls_words", "name=gt.x")),
-        ("realtime:sentinel", binding("INSERT", "words")),
+        ("realtime:sentinel", binding("INSERT", "marks")),
     ];
     for (topic, b) in &topics {
         conn.join(topic, &json!([b]), None);
@@ -1087,7 +1088,7 @@ fn text_filters_follow_the_columns_icu_collation() {
         db.exec(&format!("INSERT INTO public.rls_words VALUES ({}, '{name}', {})", i + 1, i % 4 != 2));
     }
     db.exec("UPDATE public.words SET name = 'Y' WHERE id = 4"); // apple → Y: now > 'x'
-    db.exec("INSERT INTO public.words VALUES (100, 'end')");
+    db.exec("INSERT INTO public.marks VALUES (100)");
     loop {
         let (payload, _) = conn.change("realtime:sentinel");
         if record_id(&payload) == json!(100) {
@@ -1097,7 +1098,7 @@ fn text_filters_follow_the_columns_icu_collation() {
     let ids = |topic: &str| -> Vec<(String, Value)> { conn.pending_changes(topic).iter().map(summary).collect() };
     let insert = |id: i64| ("INSERT".to_string(), json!(id));
     // PostgreSQL's own answer, for the record.
-    let pg = db.one("SELECT string_agg(id::text, ',' ORDER BY id) FROM public.words WHERE id < 100 AND name > 'x'");
+    let pg = db.one("SELECT string_agg(id::text, ',' ORDER BY id) FROM public.words WHERE name > 'x'");
     assert_eq!(pg.trim(), "1,3,4,5,8", "en-x-icu: X, Zebra, Y, y, xa are after x");
     assert_eq!(ids("realtime:words-gt"), vec![insert(1), insert(3), insert(5), insert(8), ("UPDATE".to_string(), json!(4))], "{}", conn.dump());
     assert_eq!(ids("realtime:words-lte"), vec![insert(2), insert(4), insert(6), insert(7)], "{}", conn.dump());
