@@ -357,7 +357,7 @@ pub(crate) async fn run(params: CoreParams) {
                 let reads_publication = control.reads_publication.load(std::sync::atomic::Ordering::Relaxed);
                 let Ok(client) = meta.get().await else { return };
                 polls = polls.wrapping_add(1);
-                if polls % SLOT_WATCH_POLLS == 0 {
+                if polls.is_multiple_of(SLOT_WATCH_POLLS) {
                     watch_slot(&meta, &client, &control).await;
                 }
                 if !reads_publication {

@@ -70,7 +70,7 @@ pub fn filter(data: &[u8]) {
     let collated = crate::filter::TextOrder::Database(std::sync::Arc::new(crate::filter::Collation {
         type_sql: "text".into(),
         collation_sql: "pg_catalog.\"und-x-icu\"".into(),
-        deterministic: data.len() % 2 == 0,
+        deterministic: data.len().is_multiple_of(2),
     }));
     for raw in &filters {
         for type_name in ["int4", "int8", "numeric", "text", "bool", "uuid", "timestamptz", "date", "jsonb", "_int4"] {

@@ -126,20 +126,23 @@ impl MatchedBatch {
     }
 }
 
+/// A (column value, filter operand) pair of text whose order the database decides.
+pub(crate) type TextPair = (Box<[u8]>, Box<[u8]>);
+
 /// (value, operand) text pairs to order under one collation, for the batch's filters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TextOrderQuery {
     /// The collation (and the column type) to compare under.
     pub(crate) collation: Arc<Collation>,
     /// Distinct pairs, sorted.
-    pub(crate) pairs: Vec<(Box<[u8]>, Box<[u8]>)>,
+    pub(crate) pairs: Vec<TextPair>,
 }
 
 /// The answers of a batch's [`TextOrderQuery`]s: the order of each pair, or why a collation's
 /// comparisons could not be made.
 #[derive(Debug, Default)]
 pub(crate) struct TextOrders {
-    known: AHashMap<(Arc<Collation>, Box<[u8]>, Box<[u8]>), std::cmp::Ordering>,
+    known: AHashMap<(Arc<Collation>, TextPair), std::cmp::Ordering>,
     failed: AHashMap<Arc<Collation>, Arc<str>>,
 }
 
@@ -149,7 +152,7 @@ impl TextOrders {
         match result {
             Ok(orders) if orders.len() == query.pairs.len() => {
                 for ((value, operand), order) in query.pairs.into_iter().zip(orders) {
-                    self.known.insert((Arc::clone(&query.collation), value, operand), order);
+                    self.known.insert((Arc::clone(&query.collation), (value, operand)), order);
                 }
             }
             Ok(_) => {
@@ -163,7 +166,7 @@ impl TextOrders {
     }
 
     fn order(&self, collation: &Arc<Collation>, value: &[u8], operand: &[u8]) -> Option<std::cmp::Ordering> {
-        self.known.get(&(Arc::clone(collation), Box::from(value), Box::from(operand))).copied()
+        self.known.get(&(Arc::clone(collation), (Box::from(value), Box::from(operand)))).copied()
     }
 }
 
@@ -675,7 +678,7 @@ impl ChangesCore {
         if self.database_bindings == 0 {
             return Vec::new();
         }
-        let mut wanted: AHashMap<Arc<Collation>, AHashSet<(Box<[u8]>, Box<[u8]>)>> = AHashMap::new();
+        let mut wanted: AHashMap<Arc<Collation>, AHashSet<TextPair>> = AHashMap::new();
         let mut tables: AHashMap<TableKey, bool> = AHashMap::new();
         for txn in batch {
             for change in &txn.changes {
