@@ -155,8 +155,10 @@ impl TextOrders {
                     self.known.insert((Arc::clone(&query.collation), (value, operand)), order);
                 }
             }
-            Ok(_) => {
-                self.failed.insert(query.collation, Arc::from("the text comparison returned a wrong number of rows"));
+            Ok(orders) => {
+                // Never expected (one row per pair): treated as a failed comparison.
+                tracing::warn!(collation = %query.collation.collation_sql, pairs = query.pairs.len(), rows = orders.len(), "text comparison for filters returned a wrong number of rows");
+                self.failed.insert(query.collation, Arc::from(engine::client_error::SystemMessage::QueryCancelled.text().as_ref()));
             }
             Err(error) => {
                 tracing::warn!(collation = %query.collation.collation_sql, %error, "text comparison for filters failed");
