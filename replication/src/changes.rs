@@ -230,6 +230,8 @@ struct Driver {
     authz: Rc<Db>,
     /// Compiled RLS checks of Postgres Changes.
     policies: CompiledPolicies,
+    /// Collations met in table metadata (cleared with every publication poll).
+    collations: sql::Collations,
 }
 
 impl Driver {
@@ -259,7 +261,7 @@ impl Driver {
         match query {
             Query::Metadata { subscription, generation } => {
                 let outcome = match self.meta.get_until(deadline).await {
-                    Some(Ok(client)) => match tokio::time::timeout_at(deadline, validate(&client, &subscription)).await {
+                    Some(Ok(client)) => match tokio::time::timeout_at(deadline, validate(&client, &subscription, &self.collations)).await {
                         Ok(outcome) => outcome,
                         Err(_) => {
                             self.meta.discard(&client);
@@ -320,6 +322,7 @@ pub(crate) async fn run(params: CoreParams) {
         meta: Rc::clone(&meta),
         authz,
         policies: CompiledPolicies::default(),
+        collations: sql::Collations::default(),
     });
     // Commands: the core answers what it can at once and asks for the queries it needs (each
     // runs in its own task, so a join storm never stalls change delivery).
@@ -368,6 +371,7 @@ pub(crate) async fn run(params: CoreParams) {
                         control.restart.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
+                driver.collations.clear();
                 match sql::rls_fingerprint(&client).await {
                     Ok(fingerprint) => driver.policies.observe(fingerprint),
                     Err(error) => tracing::warn!(error = %sql::error_text(&error), "RLS catalog fingerprint failed"),
@@ -493,7 +497,7 @@ async fn handle_event(driver: &Rc<Driver>, meta: &Db, control: &crate::reader::R
 
 /// Every query of a subscription's bindings is sent at once (tokio-postgres pipelines them on
 /// the connection): the role and the publication together, then every binding's tables.
-async fn validate(meta: &Client, subscription: &Subscription) -> Result<(bool, Vec<BindingResult>), String> {
+async fn validate(meta: &Client, subscription: &Subscription, collations: &sql::Collations) -> Result<(bool, Vec<BindingResult>), String> {
     let (role_info, (publication_exists, published)) =
         futures_util::future::try_join(sql::role_info(meta, &subscription.role), sql::published_tables(meta)).await.map_err(|e| sql::error_text(&e))?;
     let results = futures_util::future::join_all(subscription.bindings.iter().map(|raw| {
@@ -507,7 +511,7 @@ async fn validate(meta: &Client, subscription: &Subscription) -> Result<(bool, V
                 let message = binding::exception_message(&binding, &BindingException::RoleMissing { role: subscription.role.clone() }.text());
                 return BindingResult::Failed(message);
             }
-            bind(meta, &subscription.role, binding, publication_exists, published).await
+            bind(meta, &subscription.role, binding, publication_exists, published, collations).await
         }
     }))
     .await;
@@ -515,7 +519,7 @@ async fn validate(meta: &Client, subscription: &Subscription) -> Result<(bool, V
 }
 
 /// Fetches the metadata of the published tables a binding covers and compiles it for each.
-async fn bind(meta: &Client, role: &str, binding: Binding, publication_exists: bool, published: &[(String, String)]) -> BindingResult {
+async fn bind(meta: &Client, role: &str, binding: Binding, publication_exists: bool, published: &[(String, String)], collations: &sql::Collations) -> BindingResult {
     let tables = self::core::tables_of(&binding, published);
     if tables.is_empty() {
         let message = binding::not_published_message(&binding, publication_exists);
@@ -523,7 +527,7 @@ async fn bind(meta: &Client, role: &str, binding: Binding, publication_exists: b
     }
     let mut compiled = AHashMap::new();
     let mut infos = Vec::new();
-    let fetched = futures_util::future::join_all(tables.iter().map(|(schema, table)| sql::table_info_for(meta, schema, table, Some(role)))).await;
+    let fetched = futures_util::future::join_all(tables.iter().map(|(schema, table)| sql::table_info_for(meta, schema, table, Some(role), collations))).await;
     for ((schema, table), fetched) in tables.into_iter().zip(fetched) {
         let (info, privileges) = match fetched {
             Ok(Some(found)) => found,
@@ -546,7 +550,7 @@ async fn bind(meta: &Client, role: &str, binding: Binding, publication_exists: b
 async fn poll_publication(driver: &Rc<Driver>, meta: &Client) -> Result<(), sql::SqlError> {
     let (exists, published) = sql::published_tables(meta).await?;
     for (key, generation, role, binding) in driver.with(|core| core.waiting_bindings()) {
-        let result = bind(meta, &role, binding.clone(), exists, &published).await;
+        let result = bind(meta, &role, binding.clone(), exists, &published, &driver.collations).await;
         driver.with(|core| core.waiting_resolved(key, generation, &binding, result));
     }
     for (key, index, role, binding, known) in driver.with(|core| core.wildcard_bindings()) {

@@ -113,12 +113,73 @@ pub async fn published_tables(client: &Client) -> Result<(bool, Vec<(String, Str
 
 /// Metadata of `schema.table`, or `None` when it does not exist.
 pub async fn table_info(client: &Client, schema: &str, table: &str) -> Result<Option<Arc<TableInfo>>, SqlError> {
-    Ok(table_info_for(client, schema, table, None).await?.map(|(info, _)| info))
+    Ok(table_info_for(client, schema, table, None, &Collations::default()).await?.map(|(info, _)| info))
+}
+
+/// A collation as the column metadata needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CollationRow {
+    /// Quoted, schema-qualified name.
+    sql: String,
+    /// Orders UTF-8 text by bytes.
+    byte_order: bool,
+    /// `collisdeterministic`.
+    deterministic: bool,
+}
+
+/// Collations by oid, resolved from the catalog on first need ([`table_info_for`]): the
+/// effective collation of the default one is the database's (`datcollate` under
+/// `datlocprovider`). Kept by the changes driver between subscriptions (joining the catalogs
+/// into every columns query made it ≈ 3× dearer to plan, which showed in W5's subscription
+/// time) and cleared with every publication poll (2 s), so a renamed collation is seen soon.
+#[derive(Debug, Default)]
+pub struct Collations(std::cell::RefCell<ahash::AHashMap<i64, Option<CollationRow>>>);
+
+impl Collations {
+    /// Forgets everything (the next lookup reads the catalog again).
+    pub fn clear(&self) {
+        self.0.borrow_mut().clear();
+    }
+
+    fn get(&self, oid: i64) -> Option<CollationRow> {
+        self.0.borrow().get(&oid).cloned().flatten()
+    }
+
+    /// Reads the collations among `oids` (0 = not collatable) it does not know yet: one query,
+    /// none when all are known.
+    async fn resolve(&self, client: &Client, oids: &[i64]) -> Result<(), SqlError> {
+        let mut missing: Vec<i64> = oids.iter().copied().filter(|oid| *oid != 0 && !self.0.borrow().contains_key(oid)).collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "SELECT co.oid::int8, quote_ident(n.nspname) || '.' || quote_ident(co.collname), \
+                    CASE co.collprovider \
+                      WHEN 'd' THEN (SELECT d.datlocprovider = 'c' AND d.datcollate IN ({BYTE_ORDER_LOCALES}) FROM pg_database d WHERE d.datname = current_database()) \
+                      WHEN 'c' THEN co.collcollate IN ({BYTE_ORDER_LOCALES}) \
+                      ELSE false END, \
+                    co.collisdeterministic \
+             FROM pg_collation co JOIN pg_namespace n ON n.oid = co.collnamespace WHERE co.oid = ANY($1::int8[]::oid[])"
+        );
+        let rows = client.query_typed(&sql, &[(&missing, Type::INT8_ARRAY)]).await?;
+        let mut known = self.0.borrow_mut();
+        for oid in &missing {
+            known.insert(*oid, None);
+        }
+        for row in rows {
+            let oid: i64 = row.get(0);
+            known.insert(oid, Some(CollationRow { sql: row.get(1), byte_order: row.get::<_, Option<bool>>(2).unwrap_or(false), deterministic: row.get(3) }));
+        }
+        Ok(())
+    }
 }
 
 /// [`table_info`] and, with `role`, the columns that role may SELECT ([`selectable_columns`]),
-/// in two pipelined steps: the table's oid, then its columns, key and privileges at once.
-pub async fn table_info_for(client: &Client, schema: &str, table: &str, role: Option<&str>) -> Result<Option<(Arc<TableInfo>, Vec<bool>)>, SqlError> {
+/// in two pipelined steps: the table's oid, then its columns, key and privileges at once; plus
+/// one more for the columns' collations the first time `collations` meets them.
+pub async fn table_info_for(client: &Client, schema: &str, table: &str, role: Option<&str>, collations: &Collations) -> Result<Option<(Arc<TableInfo>, Vec<bool>)>, SqlError> {
     let rows = client
         .query_typed(
             "SELECT c.oid::int8, c.relrowsecurity FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -130,24 +191,10 @@ pub async fn table_info_for(client: &Client, schema: &str, table: &str, role: Op
     let oid: i64 = row.get(0);
     let rls_enabled: bool = row.get(1);
     let oid_param: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] = [(&oid, Type::INT8)];
-    // The effective collation: the column's (`attcollation`; the default one is the
-    // database's `datcollate` under its provider), whether it orders by bytes, and whether it
-    // is deterministic, packed as `name|byte order|deterministic` by one scalar subquery that
-    // runs only for collatable columns (joining the catalogs instead made this query ≈ 4×
-    // dearer to plan and run, which showed in W5's subscription time).
-    let columns_sql = format!(
-        "SELECT a.attname::text, t.typname::text, format_type(a.atttypid, a.atttypmod), \
-                CASE WHEN a.attcollation <> 0 THEN ( \
-                  SELECT quote_ident(n.nspname) || '.' || quote_ident(co.collname) || '|' || \
-                         (CASE co.collprovider \
-                            WHEN 'd' THEN (SELECT d.datlocprovider = 'c' AND d.datcollate IN ({BYTE_ORDER_LOCALES}) FROM pg_database d WHERE d.datname = current_database()) \
-                            WHEN 'c' THEN co.collcollate IN ({BYTE_ORDER_LOCALES}) \
-                            ELSE false END)::text || '|' || co.collisdeterministic::text \
-                  FROM pg_collation co JOIN pg_namespace n ON n.oid = co.collnamespace WHERE co.oid = a.attcollation) END \
+    let columns_sql = "SELECT a.attname::text, t.typname::text, format_type(a.atttypid, a.atttypmod), a.attcollation::int8 \
          FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
-         WHERE a.attrelid = $1::int8::oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
-    );
-    let columns = client.query_typed(&columns_sql, &oid_param);
+         WHERE a.attrelid = $1::int8::oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum";
+    let columns = client.query_typed(columns_sql, &oid_param);
     let primary_key = client.query_typed(
         "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
          WHERE i.indrelid = $1::int8::oid AND i.indisprimary ORDER BY array_position(i.indkey::int2[], a.attnum)",
@@ -160,21 +207,27 @@ pub async fn table_info_for(client: &Client, schema: &str, table: &str, role: Op
         }
     };
     let (columns, primary_key, privileges) = futures_util::future::try_join3(columns, primary_key, privileges).await?;
+    let oids: Vec<i64> = columns.iter().map(|r| r.get::<_, i64>(3)).collect();
+    collations.resolve(client, &oids).await?;
     let columns = columns
         .iter()
-        .map(|r| {
-            let (type_sql, packed): (String, Option<String>) = (r.get(2), r.get(3));
-            // `name|byte order|deterministic` (the name may itself hold a `|`).
-            let mut parts = packed.as_deref().unwrap_or_default().rsplitn(3, '|');
-            let (deterministic, byte_order) = (parts.next() != Some("false"), parts.next() != Some("false"));
-            let collation_sql = parts.next().map(str::to_string);
-            let order = match &collation_sql {
-                Some(collation) if !byte_order => crate::filter::TextOrder::Database(Arc::new(crate::filter::Collation {
-                    type_sql: type_sql.clone(),
-                    collation_sql: collation.clone(),
-                    deterministic,
-                })),
-                _ => crate::filter::TextOrder::Bytes,
+        .zip(oids)
+        .map(|(r, oid)| {
+            let type_sql: String = r.get(2);
+            let (collation_sql, order) = match collations.get(oid) {
+                Some(found) => {
+                    let order = if found.byte_order {
+                        crate::filter::TextOrder::Bytes
+                    } else {
+                        crate::filter::TextOrder::Database(Arc::new(crate::filter::Collation {
+                            type_sql: type_sql.clone(),
+                            collation_sql: found.sql.clone(),
+                            deterministic: found.deterministic,
+                        }))
+                    };
+                    (Some(found.sql), order)
+                }
+                None => (None, crate::filter::TextOrder::Bytes),
             };
             ColumnInfo { name: r.get(0), type_name: r.get(1), type_sql, collation_sql, order }
         })
