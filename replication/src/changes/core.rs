@@ -101,8 +101,8 @@ pub(crate) struct Interest {
     ids: SmallVec<[u32; 4]>,
     /// Bindings whose text comparison could not be asked of the database (the round trip
     /// failed), with its error: delivered as an error entry when no other binding matched.
-    unknown: SmallVec<[u32; 4]>,
-    unknown_error: Option<Arc<str>>,
+    /// Boxed: the rare path must not grow every interest (a batch may hold 200,000).
+    unknown: Option<Box<(SmallVec<[u32; 4]>, Arc<str>)>>,
     visible: Arc<Vec<bool>>,
     key_visible: bool,
     claims_group: Option<ClaimsGroup>,
@@ -766,8 +766,7 @@ impl ChangesCore {
                 key,
                 generation: state.generation,
                 ids: SmallVec::new(),
-                unknown: SmallVec::new(),
-                unknown_error: None,
+                unknown: None,
                 visible: Arc::clone(&compiled.visible),
                 key_visible: compiled.key_visible,
                 claims_group: (!state.bypasses_rls).then(|| (Arc::clone(&state.role), Arc::clone(&state.claims))),
@@ -776,10 +775,11 @@ impl ChangesCore {
                 None if !interest.ids.contains(&bound.binding.id) => interest.ids.push(bound.binding.id),
                 None => {}
                 Some(error) => {
-                    if !interest.unknown.contains(&bound.binding.id) {
-                        interest.unknown.push(bound.binding.id);
+                    let unknown = interest.unknown.get_or_insert_with(|| Box::new((SmallVec::new(), Arc::clone(&error))));
+                    if !unknown.0.contains(&bound.binding.id) {
+                        unknown.0.push(bound.binding.id);
                     }
-                    interest.unknown_error = Some(error);
+                    unknown.1 = error;
                 }
             }
         }
@@ -839,12 +839,13 @@ impl ChangesCore {
                 if !self.is_current(interest.key, interest.generation) {
                     continue; // unsubscribed or replaced while the batch's checks ran
                 }
-                let (ids, variant) = if interest.ids.is_empty() {
+                let (ids, variant) = match interest.unknown {
                     // Only bindings whose filter could not be evaluated: say so.
-                    let error = interest.unknown_error.clone().unwrap_or_else(|| Arc::from(""));
-                    (interest.unknown, Some(Variant::Error(error)))
-                } else {
-                    (interest.ids, None)
+                    Some(unknown) if interest.ids.is_empty() => {
+                        let (ids, error) = *unknown;
+                        (ids, Some(Variant::Error(error)))
+                    }
+                    _ => (interest.ids, None),
                 };
                 let variant = if let Some(variant) = variant {
                     variant
