@@ -1055,6 +1055,57 @@ fn event_filter_column_filters_and_three_bindings_on_one_channel() {
     );
 }
 
+/// Text `gt` on a column under an ICU collation (issue 11 item 4) follows the collation, not the
+/// bytes: `'X' > 'x'` and `'Zebra' > 'x'` in `en-x-icu` (bytes say no), `'é' > 'x'` and
+/// `'Éclair' > 'x'` do not hold (bytes say yes) — on a table without RLS (the server's own
+/// comparison round trip) and on one with RLS (then the RLS check follows).
+#[test]
+fn text_filters_follow_the_columns_icu_collation() {
+    let mut db = Db::new();
+    db.exec("CREATE TABLE public.words (id int PRIMARY KEY, name text COLLATE \"en-x-icu\")");
+    db.exec("CREATE TABLE public.rls_words (id int PRIMARY KEY, name varchar(20) COLLATE \"en-x-icu\", visible boolean)");
+    db.exec("ALTER TABLE public.rls_words ENABLE ROW LEVEL SECURITY");
+    db.exec("CREATE TABLE public.marks (id int PRIMARY KEY)");
+    db.exec("CREATE PUBLICATION supabase_realtime FOR TABLE public.words, public.rls_words, public.marks");
+    let server = db.server();
+    db.exec("GRANT SELECT ON public.words, public.rls_words, public.marks TO anon, authenticated");
+    db.exec("CREATE POLICY shown ON public.rls_words FOR SELECT TO anon USING (visible)");
+
+    let mut conn = Conn::open(&server, anon(), Vsn::V2, "collated");
+    let topics = [
+        ("realtime:words-gt", filtered("*", "words", "name=gt.x")),
+        ("realtime:words-lte", filtered("INSERT", "words", "name=lte.x")),
+        ("realtime:rls-gt", filtered("INSERT", "rls_words", "name=gt.x")),
+        ("realtime:sentinel", binding("INSERT", "marks")),
+    ];
+    for (topic, b) in &topics {
+        conn.join(topic, &json!([b]), None);
+        conn.subscribed(topic);
+    }
+    let names = ["X", "é", "Zebra", "apple", "y", "Éclair", "x", "xa"];
+    for (i, name) in names.iter().enumerate() {
+        db.exec(&format!("INSERT INTO public.words VALUES ({}, '{name}')", i + 1));
+        db.exec(&format!("INSERT INTO public.rls_words VALUES ({}, '{name}', {})", i + 1, i % 4 != 2));
+    }
+    db.exec("UPDATE public.words SET name = 'Y' WHERE id = 4"); // apple → Y: now > 'x'
+    db.exec("INSERT INTO public.marks VALUES (100)");
+    loop {
+        let (payload, _) = conn.change("realtime:sentinel");
+        if record_id(&payload) == json!(100) {
+            break;
+        }
+    }
+    let ids = |topic: &str| -> Vec<(String, Value)> { conn.pending_changes(topic).iter().map(summary).collect() };
+    let insert = |id: i64| ("INSERT".to_string(), json!(id));
+    // PostgreSQL's own answer, for the record.
+    let pg = db.one("SELECT string_agg(id::text, ',' ORDER BY id) FROM public.words WHERE name > 'x'");
+    assert_eq!(pg.trim(), "1,3,4,5,8", "en-x-icu: X, Zebra, Y, y, xa are after x");
+    assert_eq!(ids("realtime:words-gt"), vec![insert(1), insert(3), insert(5), insert(8), ("UPDATE".to_string(), json!(4))], "{}", conn.dump());
+    assert_eq!(ids("realtime:words-lte"), vec![insert(2), insert(4), insert(6), insert(7)], "{}", conn.dump());
+    // RLS hides rows 3 and 7 (visible = false); of the rest, X, y, xa are after x.
+    assert_eq!(ids("realtime:rls-gt"), vec![insert(1), insert(5), insert(8)], "{}", conn.dump());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. A table that is not in the publication (§0.4, §5.4)
 // ---------------------------------------------------------------------------------------------

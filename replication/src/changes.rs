@@ -54,7 +54,7 @@ mod payload;
 mod policy_cache;
 mod row;
 
-use self::core::{BindingResult, ChangesCore, MatchedBatch, Query, Verdicts};
+use self::core::{BindingResult, ChangesCore, MatchedBatch, Query, TextOrderQuery, TextOrders, Verdicts};
 use outbound::Outbound;
 
 pub use payload::{FIELD_BYTES_MAX_WHEN_CUT, RECORD_BYTES_MAX};
@@ -62,6 +62,10 @@ pub use payload::{FIELD_BYTES_MAX_WHEN_CUT, RECORD_BYTES_MAX};
 /// Most transactions taken from the reader queue into one batch (one round of RLS checks).
 const BATCH_TXNS_MAX: usize = 64;
 const PUBLICATION_POLL: Duration = Duration::from_secs(2);
+/// The slot's retained WAL is read every this many publication polls (10 s) while streaming.
+const SLOT_WATCH_POLLS: u32 = 5;
+/// How long the slot watch waits for its answer.
+const SLOT_WATCH_DEADLINE: Duration = Duration::from_secs(5);
 /// How long a policy check, a subscription's metadata or a replay may wait for the database,
 /// connecting included. A database that hangs (stopped, not closed) would otherwise hold the
 /// work for ever; past the deadline it fails (a policy check as a denial, which a refresh turns
@@ -228,6 +232,8 @@ struct Driver {
     authz: Rc<Db>,
     /// Compiled RLS checks of Postgres Changes.
     policies: CompiledPolicies,
+    /// Collations met in table metadata (cleared with every publication poll).
+    collations: sql::Collations,
 }
 
 impl Driver {
@@ -257,7 +263,7 @@ impl Driver {
         match query {
             Query::Metadata { subscription, generation } => {
                 let outcome = match self.meta.get_until(deadline).await {
-                    Some(Ok(client)) => match tokio::time::timeout_at(deadline, validate(&client, &subscription)).await {
+                    Some(Ok(client)) => match tokio::time::timeout_at(deadline, validate(&client, &subscription, &self.collations)).await {
                         Ok(outcome) => outcome,
                         Err(_) => {
                             self.meta.discard(&client);
@@ -318,6 +324,7 @@ pub(crate) async fn run(params: CoreParams) {
         meta: Rc::clone(&meta),
         authz,
         policies: CompiledPolicies::default(),
+        collations: sql::Collations::default(),
     });
     // Commands: the core answers what it can at once and asks for the queries it needs (each
     // runs in its own task, so a join storm never stalls change delivery).
@@ -349,10 +356,15 @@ pub(crate) async fn run(params: CoreParams) {
         let meta = Rc::clone(&meta);
         let control = Arc::clone(&control);
         tokio::task::spawn_local(async move {
+            let mut polls = 0u32;
             loop {
                 tokio::time::sleep(PUBLICATION_POLL).await;
                 let reads_publication = control.reads_publication.load(std::sync::atomic::Ordering::Relaxed);
                 let Ok(client) = meta.get().await else { return };
+                polls = polls.wrapping_add(1);
+                if polls.is_multiple_of(SLOT_WATCH_POLLS) {
+                    watch_slot(&meta, &client, &control).await;
+                }
                 if !reads_publication {
                     if let Ok((true, _)) = sql::published_tables(&client).await {
                         // Until the restarted stream reads the publication, no subscription may
@@ -361,6 +373,7 @@ pub(crate) async fn run(params: CoreParams) {
                         control.restart.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
+                driver.collations.clear();
                 match sql::rls_fingerprint(&client).await {
                     Ok(fingerprint) => driver.policies.observe(fingerprint),
                     Err(error) => tracing::warn!(error = %sql::error_text(&error), "RLS catalog fingerprint failed"),
@@ -401,6 +414,37 @@ pub(crate) async fn run(params: CoreParams) {
     // The reader stopped (a definite error): commands, policy checks and replays are still
     // answered.
     std::future::pending::<()>().await;
+}
+
+/// The slot's bound while streaming: reads how much WAL the slot the reader streams from
+/// retains (`pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)`; 0 on a standby) within
+/// [`SLOT_WATCH_DEADLINE`]; beyond `REALTIME_SLOT_MAX_RETAINED_MB` it sets
+/// [`crate::reader::ReaderControl::over_bound`], and the reader recreates the slot (subscribers
+/// are told changes were missed). A watch that fails or times out only logs (and drops a hung
+/// connection); the next one tries again.
+async fn watch_slot(meta: &Db, client: &Rc<Client>, control: &crate::reader::ReaderControl) {
+    let Some(slot) = control.streaming_slot() else { return };
+    let max = control.max_retained_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), tokio_postgres::types::Type); 1] = [(&slot, tokio_postgres::types::Type::TEXT)];
+    let query = client.query_typed(
+        "SELECT (CASE WHEN pg_is_in_recovery() THEN 0 ELSE coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0) END)::int8 \
+         FROM pg_replication_slots WHERE slot_name = $1",
+        &params,
+    );
+    match tokio::time::timeout(SLOT_WATCH_DEADLINE, query).await {
+        Ok(Ok(rows)) => {
+            let retained = rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0).max(0) as u64;
+            if retained > max {
+                tracing::warn!(%slot, retained_bytes = retained, max_bytes = max, "the replication slot retains more WAL than allowed while streaming");
+                control.over_bound.store(retained, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Ok(Err(error)) => tracing::warn!(error = %sql::error_text(&error), "reading the replication slot's retained WAL failed"),
+        Err(_) => {
+            tracing::warn!("reading the replication slot's retained WAL timed out");
+            meta.discard(client);
+        }
+    }
 }
 
 /// The newest `limit` private broadcasts of `topic` since `since_ms`, oldest first (§3.6).
@@ -455,7 +499,7 @@ async fn handle_event(driver: &Rc<Driver>, meta: &Db, control: &crate::reader::R
 
 /// Every query of a subscription's bindings is sent at once (tokio-postgres pipelines them on
 /// the connection): the role and the publication together, then every binding's tables.
-async fn validate(meta: &Client, subscription: &Subscription) -> Result<(bool, Vec<BindingResult>), String> {
+async fn validate(meta: &Client, subscription: &Subscription, collations: &sql::Collations) -> Result<(bool, Vec<BindingResult>), String> {
     let (role_info, (publication_exists, published)) =
         futures_util::future::try_join(sql::role_info(meta, &subscription.role), sql::published_tables(meta)).await.map_err(|e| sql::error_text(&e))?;
     let results = futures_util::future::join_all(subscription.bindings.iter().map(|raw| {
@@ -469,7 +513,7 @@ async fn validate(meta: &Client, subscription: &Subscription) -> Result<(bool, V
                 let message = binding::exception_message(&binding, &BindingException::RoleMissing { role: subscription.role.clone() }.text());
                 return BindingResult::Failed(message);
             }
-            bind(meta, &subscription.role, binding, publication_exists, published).await
+            bind(meta, &subscription.role, binding, publication_exists, published, collations).await
         }
     }))
     .await;
@@ -477,7 +521,7 @@ async fn validate(meta: &Client, subscription: &Subscription) -> Result<(bool, V
 }
 
 /// Fetches the metadata of the published tables a binding covers and compiles it for each.
-async fn bind(meta: &Client, role: &str, binding: Binding, publication_exists: bool, published: &[(String, String)]) -> BindingResult {
+async fn bind(meta: &Client, role: &str, binding: Binding, publication_exists: bool, published: &[(String, String)], collations: &sql::Collations) -> BindingResult {
     let tables = self::core::tables_of(&binding, published);
     if tables.is_empty() {
         let message = binding::not_published_message(&binding, publication_exists);
@@ -485,7 +529,7 @@ async fn bind(meta: &Client, role: &str, binding: Binding, publication_exists: b
     }
     let mut compiled = AHashMap::new();
     let mut infos = Vec::new();
-    let fetched = futures_util::future::join_all(tables.iter().map(|(schema, table)| sql::table_info_for(meta, schema, table, Some(role)))).await;
+    let fetched = futures_util::future::join_all(tables.iter().map(|(schema, table)| sql::table_info_for(meta, schema, table, Some(role), collations))).await;
     for ((schema, table), fetched) in tables.into_iter().zip(fetched) {
         let (info, privileges) = match fetched {
             Ok(Some(found)) => found,
@@ -508,7 +552,7 @@ async fn bind(meta: &Client, role: &str, binding: Binding, publication_exists: b
 async fn poll_publication(driver: &Rc<Driver>, meta: &Client) -> Result<(), sql::SqlError> {
     let (exists, published) = sql::published_tables(meta).await?;
     for (key, generation, role, binding) in driver.with(|core| core.waiting_bindings()) {
-        let result = bind(meta, &role, binding.clone(), exists, &published).await;
+        let result = bind(meta, &role, binding.clone(), exists, &published, &driver.collations).await;
         driver.with(|core| core.waiting_resolved(key, generation, &binding, result));
     }
     for (key, index, role, binding, known) in driver.with(|core| core.wildcard_bindings()) {
@@ -583,9 +627,41 @@ async fn process_and_confirm(driver: &Rc<Driver>, rls: &Db, control: &crate::rea
     control.handed_off.fetch_max(end, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// One batch: match, run its RLS round trips (one per table), deliver.
+/// The text comparisons of a batch's filters under collations that are not byte order
+/// ([`ChangesCore::plan_text_orders`]): every query sent at once on the RLS connection (one
+/// round trip for the whole batch), within [`RLS_DEADLINE`]. A query that fails or runs out of
+/// time makes its filters' changes error entries for the channels that needed them.
+async fn text_orders(rls: &Db, queries: Vec<TextOrderQuery>) -> TextOrders {
+    let mut orders = TextOrders::default();
+    let deadline = tokio::time::Instant::now() + RLS_DEADLINE;
+    let results: Vec<Result<Vec<std::cmp::Ordering>, String>> = match rls.get_until(deadline).await {
+        Some(Ok(client)) => {
+            let round_trip = futures_util::future::join_all(queries.iter().map(|query| async {
+                let pairs: Vec<(&[u8], &[u8])> = query.pairs.iter().map(|(v, o)| (&**v, &**o)).collect();
+                sql::text_orders(&client, &query.collation, &pairs).await.map_err(|e| sql::error_text(&e))
+            }));
+            match tokio::time::timeout_at(deadline, round_trip).await {
+                Ok(results) => results,
+                Err(_) => {
+                    rls.discard(&client);
+                    queries.iter().map(|_| Err(cancelled_text())).collect()
+                }
+            }
+        }
+        Some(Err(_)) | None => queries.iter().map(|_| Err(unreachable_text())).collect(),
+    };
+    for (query, result) in queries.into_iter().zip(results) {
+        orders.record(query, result);
+    }
+    orders
+}
+
+/// One batch: the text comparisons its filters need from the database (if any: one round
+/// trip), match, run its RLS round trips (one per table), deliver.
 async fn process(driver: &Rc<Driver>, rls: &Db, batch: Vec<Arc<Txn>>) {
-    let matched: MatchedBatch = driver.with(|core| core.match_batch(&batch));
+    let order_queries = driver.with(|core| core.plan_text_orders(&batch));
+    let orders = if order_queries.is_empty() { TextOrders::default() } else { text_orders(rls, order_queries).await };
+    let matched: MatchedBatch = driver.with(|core| core.match_batch(&batch, &orders));
     tracing::debug!(txns = batch.len(), matched = matched.len(), "batch matched");
     if matched.is_empty() {
         return;

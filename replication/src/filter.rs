@@ -4,10 +4,19 @@
 //! Filter values never reach SQL: they are parsed into typed values once, at subscribe time,
 //! and compared with each change's column text. Comparison follows the column's type: integers
 //! and floats numerically, `numeric` exactly and date/time types by value (`ordered`), booleans
-//! by truth value, `uuid` case-insensitively, everything else by bytes (the `C` collation; a
-//! database with a linguistic collation may order `lt`/`gt` on text differently — README).
+//! by truth value, `uuid` case-insensitively, text by bytes when its collation orders by bytes
+//! (`C`, `POSIX`, `C.UTF-8`), everything else by bytes.
+//!
+//! Text under any other collation (a linguistic libc locale, ICU) is ordered by PostgreSQL:
+//! such a filter carries its column's [`Collation`], and [`Filter::matches_with`] asks an
+//! oracle for the order of (value, operand) pairs, which the changes core fills with one
+//! batched, parameterised query per batch of transactions ([`Filter::database_pairs`] lists the
+//! pairs a row needs). `lt`/`lte`/`gt`/`gte` go to the database under such a collation; `eq`,
+//! `neq`, `in` and `isdistinct` too when the collation is nondeterministic.
 
+use std::cmp::Ordering;
 use std::fmt;
+use std::sync::Arc;
 
 use engine::client_error::{BindingError, BindingException};
 use regex::bytes::{Regex, RegexBuilder};
@@ -311,6 +320,30 @@ impl Kind {
     }
 }
 
+/// A text column's collation when it does not order by bytes: comparisons under it are made
+/// by PostgreSQL. Built from the catalog (`pg_attribute.attcollation`, `pg_collation`), never
+/// from client input.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Collation {
+    /// The column's type as SQL names it (`text`, `character varying`), for the casts.
+    pub type_sql: String,
+    /// The collation as SQL names it, quoted and schema-qualified (`pg_catalog."en-x-icu"`).
+    pub collation_sql: String,
+    /// `collisdeterministic`: equal only when the bytes are equal. When false, equality is
+    /// asked of the database too.
+    pub deterministic: bool,
+}
+
+/// How a column's text values order: by bytes, or by a collation only PostgreSQL knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub enum TextOrder {
+    /// Byte order: the `C`/`POSIX`/`C.UTF-8` collations, and non-text columns.
+    #[default]
+    Bytes,
+    /// Compared by PostgreSQL under this collation.
+    Database(Arc<Collation>),
+}
+
 /// A typed operand.
 #[derive(Debug, Clone)]
 enum Operand {
@@ -348,6 +381,8 @@ pub struct Filter {
     kind: Kind,
     test: Test,
     negate: bool,
+    /// Set when the test compares under a collation PostgreSQL must evaluate.
+    collation: Option<Arc<Collation>>,
 }
 
 /// Why a filter does not fit the table (upstream reports these as database exceptions).
@@ -432,8 +467,16 @@ fn like_regex(pattern: &str, op: Op) -> Result<Regex, FilterCheckError> {
     bounded_regex(&out, op)
 }
 
-/// Validates `raw` against the column (`index`, `type_name`) and prepares it for evaluation.
+/// Validates `raw` against the column (`index`, `type_name`) and prepares it for evaluation,
+/// for a column whose text orders by bytes.
 pub fn compile(raw: &RawFilter, index: usize, type_name: &str) -> Result<Filter, FilterCheckError> {
+    compile_ordered(raw, index, type_name, &TextOrder::Bytes)
+}
+
+/// [`compile`] for a column whose text values order as `order` says: under a collation that is
+/// not byte order, the text comparisons that depend on it are left to the database
+/// ([`Filter::database_collation`]).
+pub fn compile_ordered(raw: &RawFilter, index: usize, type_name: &str, order: &TextOrder) -> Result<Filter, FilterCheckError> {
     let kind = Kind::of(type_name);
     let test = match raw.op {
         Op::Eq | Op::Neq | Op::Lt | Op::Lte | Op::Gt | Op::Gte => Test::Compare(raw.op, operand(kind, type_name, &raw.value)?),
@@ -476,10 +519,18 @@ pub fn compile(raw: &RawFilter, index: usize, type_name: &str) -> Result<Filter,
             Test::Is(keyword)
         }
     };
-    Ok(Filter { column: index, kind, test, negate: raw.negate })
+    let collation = match order {
+        TextOrder::Database(collation) if kind == Kind::Text => {
+            let ordering = matches!(test, Test::Compare(Op::Lt | Op::Lte | Op::Gt | Op::Gte, _));
+            let equality = matches!(test, Test::Compare(Op::Eq | Op::Neq, _) | Test::In(_) | Test::IsDistinct(_));
+            (ordering || (equality && !collation.deterministic)).then(|| Arc::clone(collation))
+        }
+        _ => None,
+    };
+    Ok(Filter { column: index, kind, test, negate: raw.negate, collation })
 }
 
-fn compare(kind: Kind, value: &[u8], operand: &Operand) -> Option<std::cmp::Ordering> {
+fn compare(kind: Kind, value: &[u8], operand: &Operand) -> Option<Ordering> {
     match (kind, operand) {
         (Kind::Integer, Operand::Integer(b)) => std::str::from_utf8(value).ok()?.trim().parse::<i128>().ok().map(|a| a.cmp(b)),
         (Kind::Decimal, Operand::Decimal(b)) => std::str::from_utf8(value).ok()?.trim().parse::<f64>().ok()?.partial_cmp(b),
@@ -494,8 +545,42 @@ fn compare(kind: Kind, value: &[u8], operand: &Operand) -> Option<std::cmp::Orde
 
 impl Filter {
     /// Evaluates the filter on a row: `value(column)` is `None` when the column is absent from
-    /// the change, `Some(None)` for SQL NULL, `Some(Some(text))` otherwise.
+    /// the change, `Some(None)` for SQL NULL, `Some(Some(text))` otherwise. Text comparisons are
+    /// by bytes; a filter that needs the database ([`Filter::database_collation`]) must be
+    /// evaluated with [`Filter::matches_with`].
     pub fn matches<'a>(&self, value: impl Fn(usize) -> Option<Option<&'a [u8]>>) -> bool {
+        self.matches_with(value, |a, b| Some(a.cmp(b)))
+    }
+
+    /// The collation PostgreSQL must compare under for this filter, when it has one.
+    pub fn database_collation(&self) -> Option<&Arc<Collation>> {
+        self.collation.as_ref()
+    }
+
+    /// The (value, operand) pairs whose order [`Filter::matches_with`] will ask for on a row
+    /// whose column holds `value` (nothing for NULL, an absent column or a byte-order filter).
+    pub fn database_pairs<'s>(&'s self, value: Option<Option<&[u8]>>) -> Vec<&'s [u8]> {
+        if self.collation.is_none() || !matches!(value, Some(Some(_))) {
+            return Vec::new();
+        }
+        let text = |o: &'s Operand| match o {
+            Operand::Text(bytes) => Some(bytes.as_slice()),
+            _ => None,
+        };
+        match &self.test {
+            Test::Compare(_, operand) | Test::IsDistinct(operand) => text(operand).into_iter().collect(),
+            Test::In(items) => items.iter().flatten().filter_map(text).collect(),
+            Test::Pattern(_) | Test::Is(_) => Vec::new(),
+        }
+    }
+
+    /// [`Filter::matches`] with `order(value, operand)` giving the order of text pairs under the
+    /// filter's collation when it has one (`None`: unknown, the comparison fails).
+    pub fn matches_with<'a>(&self, value: impl Fn(usize) -> Option<Option<&'a [u8]>>, order: impl Fn(&[u8], &[u8]) -> Option<Ordering>) -> bool {
+        let compare = |text: &[u8], operand: &Operand| match (&self.collation, operand) {
+            (Some(_), Operand::Text(b)) => order(text, b),
+            _ => compare(self.kind, text, operand),
+        };
         let Some(cell) = value(self.column) else { return false };
         match (&self.test, cell) {
             (Test::Is(keyword), cell) => {
@@ -506,19 +591,16 @@ impl Filter {
                 };
                 result != self.negate
             }
-            (Test::IsDistinct(operand), None) => {
-                let _ = operand;
-                !self.negate
-            }
+            (Test::IsDistinct(_), None) => !self.negate,
             (Test::IsDistinct(operand), Some(text)) => {
-                let distinct = compare(self.kind, text, operand) != Some(std::cmp::Ordering::Equal);
+                let distinct = compare(text, operand) != Some(Ordering::Equal);
                 distinct != self.negate
             }
             // NULL fails every other operator, `not.` included.
             (_, None) => false,
             (test, Some(text)) => {
                 let result = match test {
-                    Test::Compare(op, operand) => match compare(self.kind, text, operand) {
+                    Test::Compare(op, operand) => match compare(text, operand) {
                         None => false,
                         Some(order) => match op {
                             Op::Eq => order.is_eq(),
@@ -530,7 +612,7 @@ impl Filter {
                             _ => unreachable!("compare ops only"),
                         },
                     },
-                    Test::In(items) => items.iter().flatten().any(|item| compare(self.kind, text, item).is_some_and(|o| o.is_eq())),
+                    Test::In(items) => items.iter().flatten().any(|item| compare(text, item).is_some_and(|o| o.is_eq())),
                     Test::Pattern(regex) => regex.is_match(text),
                     Test::Is(_) | Test::IsDistinct(_) => unreachable!("handled above"),
                 };

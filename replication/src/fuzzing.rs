@@ -55,8 +55,9 @@ pub fn value_json(data: &[u8]) {
 }
 
 /// The Postgres Changes filter grammar: parsing never panics, and compiling a parsed filter
-/// against any column type gives a filter or an error, never a panic; the `system` message
-/// rendering (upstream's Elixir list, not a filter string) is total.
+/// against any column type (and text under a collation the database orders) gives a filter or
+/// an error, never a panic, and evaluating it with any order oracle is total; the `system`
+/// message rendering (upstream's Elixir list, not a filter string) is total.
 pub fn filter(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -66,9 +67,23 @@ pub fn filter(data: &[u8]) {
     };
     let rendered = crate::filter::render(&filters);
     assert!(rendered.starts_with('[') && rendered.ends_with(']'), "{rendered}");
+    let collated = crate::filter::TextOrder::Database(std::sync::Arc::new(crate::filter::Collation {
+        type_sql: "text".into(),
+        collation_sql: "pg_catalog.\"und-x-icu\"".into(),
+        deterministic: data.len().is_multiple_of(2),
+    }));
     for raw in &filters {
         for type_name in ["int4", "int8", "numeric", "text", "bool", "uuid", "timestamptz", "date", "jsonb", "_int4"] {
             let _ = crate::filter::compile(raw, 0, type_name);
+        }
+        // Under a collation the database orders: the pairs it would ask for, and evaluation
+        // with an oracle that knows some of them (unknown pairs fail the comparison).
+        if let Ok(filter) = crate::filter::compile_ordered(raw, 0, "text", &collated) {
+            for value in [None, Some(None), Some(Some(&data[..data.len() / 2]))] {
+                let pairs = filter.database_pairs(value);
+                assert!(filter.database_collation().is_some() || pairs.is_empty());
+                let _ = filter.matches_with(|_| value, |a, b| (a.len() % 3 != 0).then(|| a.cmp(b).reverse()));
+            }
         }
     }
 }

@@ -21,7 +21,10 @@
 //! inactive slot of that name (a crashed server's) is dropped and recreated; on a reconnect the
 //! slot is dropped and recreated — and subscribers are told with [`WalEvent::ChangesMissed`]
 //! that changes were missed — when its retained WAL exceeds [`SlotConfig::max_retained_bytes`]
-//! or the stream has been down longer than [`SlotConfig::max_away`]; a clean stop (drain)
+//! or the stream has been down longer than [`SlotConfig::max_away`]; while the stream is up,
+//! the changes core reads the slot's retained WAL every 10 s on its own connection and, beyond
+//! the bound (the server far behind, a long transaction holding the slot back), sets
+//! [`ReaderControl::over_bound`]: the reader leaves the stream and does the same at once; a clean stop (drain)
 //! drops it ([`ReaderControl::stop`]). If another process holds the slot (two servers on one
 //! database), this one falls back to a temporary slot of its own and logs a warning.
 //!
@@ -73,6 +76,28 @@ pub struct ReaderControl {
     pub stop: std::sync::atomic::AtomicBool,
     /// The reader has stopped after [`ReaderControl::stop`] (slot dropped, or dropping failed).
     pub stopped: std::sync::atomic::AtomicBool,
+    /// The permanent slot the stream is reading now (`None` while it is down, or when it reads a
+    /// temporary fallback slot): the core watches its retained WAL while it streams.
+    pub streaming_slot: std::sync::Mutex<Option<String>>,
+    /// [`SlotConfig::max_retained_bytes`], for that watch.
+    pub max_retained_bytes: AtomicU64,
+    /// Set by the core's watch (the retained bytes it saw, 0 = none): the slot retains more WAL
+    /// than allowed while streaming. The reader leaves the stream, drops and recreates the slot
+    /// and tells subscribers that changes were missed, as at a reconnect.
+    pub over_bound: AtomicU64,
+}
+
+impl ReaderControl {
+    /// The permanent slot being streamed, if any.
+    pub fn streaming_slot(&self) -> Option<String> {
+        self.streaming_slot.lock().ok().and_then(|slot| slot.clone())
+    }
+
+    fn set_streaming_slot(&self, slot: Option<String>) {
+        if let Ok(mut current) = self.streaming_slot.lock() {
+            *current = slot;
+        }
+    }
 }
 
 /// The replication slot and its bounds.
@@ -80,7 +105,8 @@ pub struct ReaderControl {
 pub struct SlotConfig {
     /// Slot name (`[a-z0-9_]`, at most 63 bytes; anything else is replaced by `_`).
     pub name: String,
-    /// Beyond this much retained WAL at a reconnect, the slot is dropped and recreated.
+    /// Beyond this much retained WAL — at a reconnect, or seen by the core's watch while
+    /// streaming (every 10 s) — the slot is dropped and recreated.
     pub max_retained_bytes: u64,
     /// Beyond this long down, the slot is dropped and recreated at the reconnect.
     pub max_away: Duration,
@@ -216,6 +242,7 @@ pub struct ReaderStats {
 /// [`ReaderControl::stopped`]. Run it as a task on a current-thread runtime (it must share the
 /// thread only with tasks that never block).
 pub async fn run(params: ConnParams, slot: SlotConfig, events: flume::Sender<WalEvent>, stats: Arc<ReaderStats>, control: Arc<ReaderControl>) {
+    control.max_retained_bytes.store(slot.max_retained_bytes, Ordering::Relaxed);
     run_loop(&params, &slot, &events, &stats, &control).await;
     if control.stop.load(Ordering::Relaxed) && !slot.shared {
         drop_slot(&params, &slot.slot_name()).await;
@@ -241,6 +268,9 @@ struct Session {
     /// The slot cannot be resumed (its pending WAL was written while a requested publication
     /// did not exist, which pgoutput refuses to decode): recreate it at the next connection.
     recreate: bool,
+    /// The slot retained this many bytes of WAL while streaming, more than allowed: recreate
+    /// it at the next connection.
+    over_bound: Option<u64>,
 }
 
 /// Drops the slot on a clean stop (waits up to 5 s for the walsender to release it).
@@ -261,8 +291,18 @@ async fn run_loop(params: &ConnParams, slot: &SlotConfig, events: &flume::Sender
     let mut session = Session::default();
     loop {
         let result = stream_once(params, slot, events, stats, control, &mut session).await;
+        control.set_streaming_slot(None);
         if events.is_disconnected() || control.stop.load(Ordering::Relaxed) {
             return;
+        }
+        let over_bound = control.over_bound.swap(0, Ordering::Relaxed);
+        if over_bound > 0 && result.is_ok() {
+            // The core's watch saw the slot retain too much WAL while streaming: reconnect at
+            // once; the slot is dropped and recreated and subscribers are told changes were
+            // missed (no "stream down" notice: the stream comes straight back).
+            tracing::warn!(retained_bytes = over_bound, max = slot.max_retained_bytes, "the replication slot retains more WAL than REALTIME_SLOT_MAX_RETAINED_MB allows while streaming: recreating it");
+            session.over_bound = Some(over_bound);
+            continue;
         }
         if let Err(PgError::Server { code, message }) = &result {
             if code == "42704" && message.contains("publication") {
@@ -366,6 +406,8 @@ async fn prepare_slot(conn: &mut PgConn, config: &SlotConfig, session: &Session)
             Some("a stale slot from an earlier run of the server".to_string())
         } else if session.recreate {
             Some("its pending WAL was written while the publication did not exist (pgoutput cannot decode it)".to_string())
+        } else if let Some(bytes) = session.over_bound {
+            Some(format!("it retained {bytes} bytes of WAL while streaming, more than REALTIME_SLOT_MAX_RETAINED_MB allows"))
         } else if plugin != "pgoutput" || !same_database {
             Some("a slot of another plugin or database".to_string())
         } else if retained > config.max_retained_bytes {
@@ -422,6 +464,7 @@ async fn stream_once(params: &ConnParams, slot_config: &SlotConfig, events: &flu
     let (slot, missed) = prepare_slot(&mut conn, slot_config, session).await?;
     session.connected_before = true;
     session.recreate = false;
+    session.over_bound = None;
     if missed {
         session.sent_end = 0;
         let _ = events.send_async(WalEvent::ChangesMissed).await;
@@ -432,6 +475,7 @@ async fn stream_once(params: &ConnParams, slot_config: &SlotConfig, events: &flu
     ))
     .await?;
     tracing::info!(slot, tls = conn.is_tls(), "replication stream started");
+    control.set_streaming_slot((slot == slot_config.slot_name()).then(|| slot.clone()));
     session.up = true;
     session.down_since = None;
     if events.send_async(WalEvent::StreamUp).await.is_err() {
@@ -484,7 +528,7 @@ async fn stream_once(params: &ConnParams, slot_config: &SlotConfig, events: &flu
                 _ => {}
             }
         }
-        if events.is_disconnected() || control.restart.load(Ordering::Relaxed) || control.stop.load(Ordering::Relaxed) {
+        if events.is_disconnected() || control.restart.load(Ordering::Relaxed) || control.stop.load(Ordering::Relaxed) || control.over_bound.load(Ordering::Relaxed) > 0 {
             return Ok(());
         }
         if reply_requested || last_status.elapsed() >= STATUS_INTERVAL {

@@ -34,7 +34,7 @@ use super::policy_cache::{Lookup, PolicyCache};
 use super::{AuthzReply, CallerReply, ChannelKey, Command, PgOut, ReplayedMessage, Subscription};
 use crate::policy::{AuthzRequest, AuthzResult};
 use crate::binding::Binding;
-use crate::filter::{self, Filter};
+use crate::filter::{self, Collation, Filter};
 use crate::pgoutput::Relation;
 use crate::reader::Txn;
 use crate::sql::TableInfo;
@@ -47,6 +47,13 @@ pub(crate) struct Bound {
     pub(crate) tables: AHashMap<TableKey, Compiled>,
 }
 
+impl Bound {
+    /// Some table's compiled filters need the database (collated text).
+    fn has_database_filters(&self) -> bool {
+        self.tables.values().any(|c| c.database)
+    }
+}
+
 /// A binding compiled for one table.
 #[derive(Debug, Clone)]
 pub(crate) struct Compiled {
@@ -55,6 +62,8 @@ pub(crate) struct Compiled {
     visible: Arc<Vec<bool>>,
     /// The role can read every primary-key column.
     key_visible: bool,
+    /// Some filter compares text under a collation PostgreSQL must evaluate.
+    database: bool,
 }
 
 /// What the metadata queries found for one binding.
@@ -90,6 +99,10 @@ pub(crate) struct Interest {
     key: ChannelKey,
     generation: u64,
     ids: SmallVec<[u32; 4]>,
+    /// Bindings whose text comparison could not be asked of the database (the round trip
+    /// failed), with its error: delivered as an error entry when no other binding matched.
+    /// Boxed: the rare path must not grow every interest (a batch may hold 200,000).
+    unknown: Option<Box<(SmallVec<[u32; 4]>, Arc<str>)>>,
     visible: Arc<Vec<bool>>,
     key_visible: bool,
     claims_group: Option<ClaimsGroup>,
@@ -110,6 +123,52 @@ impl MatchedBatch {
     /// Number of matched changes.
     pub(crate) fn len(&self) -> usize {
         self.changes.len()
+    }
+}
+
+/// A (column value, filter operand) pair of text whose order the database decides.
+pub(crate) type TextPair = (Box<[u8]>, Box<[u8]>);
+
+/// (value, operand) text pairs to order under one collation, for the batch's filters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TextOrderQuery {
+    /// The collation (and the column type) to compare under.
+    pub(crate) collation: Arc<Collation>,
+    /// Distinct pairs, sorted.
+    pub(crate) pairs: Vec<TextPair>,
+}
+
+/// The answers of a batch's [`TextOrderQuery`]s: the order of each pair, or why a collation's
+/// comparisons could not be made.
+#[derive(Debug, Default)]
+pub(crate) struct TextOrders {
+    known: AHashMap<(Arc<Collation>, TextPair), std::cmp::Ordering>,
+    failed: AHashMap<Arc<Collation>, Arc<str>>,
+}
+
+impl TextOrders {
+    /// Records one query's answer: one order per pair, or the error.
+    pub(crate) fn record(&mut self, query: TextOrderQuery, result: Result<Vec<std::cmp::Ordering>, String>) {
+        match result {
+            Ok(orders) if orders.len() == query.pairs.len() => {
+                for ((value, operand), order) in query.pairs.into_iter().zip(orders) {
+                    self.known.insert((Arc::clone(&query.collation), (value, operand)), order);
+                }
+            }
+            Ok(orders) => {
+                // Never expected (one row per pair): treated as a failed comparison.
+                tracing::warn!(collation = %query.collation.collation_sql, pairs = query.pairs.len(), rows = orders.len(), "text comparison for filters returned a wrong number of rows");
+                self.failed.insert(query.collation, Arc::from(engine::client_error::SystemMessage::QueryCancelled.text().as_ref()));
+            }
+            Err(error) => {
+                tracing::warn!(collation = %query.collation.collation_sql, %error, "text comparison for filters failed");
+                self.failed.insert(query.collation, Arc::from(error.as_str()));
+            }
+        }
+    }
+
+    fn order(&self, collation: &Arc<Collation>, value: &[u8], operand: &[u8]) -> Option<std::cmp::Ordering> {
+        self.known.get(&(Arc::clone(collation), (Box::from(value), Box::from(operand)))).copied()
     }
 }
 
@@ -207,6 +266,9 @@ pub(crate) struct ChangesCore {
     channels: AHashMap<ChannelKey, ChannelState>,
     by_table: AHashMap<TableKey, AHashSet<(ChannelKey, usize)>>,
     wildcards: AHashSet<(ChannelKey, usize)>,
+    /// Active bindings with a filter the database must evaluate (collated text): while 0, a
+    /// batch needs no text-order round trip and [`ChangesCore::plan_text_orders`] returns at once.
+    database_bindings: usize,
     next_generation: u64,
     out: VecDeque<(ShardId, PgOut)>,
     queries: VecDeque<Query>,
@@ -229,6 +291,7 @@ impl ChangesCore {
             channels: AHashMap::new(),
             by_table: AHashMap::new(),
             wildcards: AHashSet::new(),
+            database_bindings: 0,
             next_generation: 1,
             out: VecDeque::new(),
             queries: VecDeque::new(),
@@ -302,7 +365,7 @@ impl ChangesCore {
     /// Whether nothing is registered at all (every index empty).
     #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
-        self.channels.is_empty() && self.by_table.is_empty() && self.wildcards.is_empty()
+        self.channels.is_empty() && self.by_table.is_empty() && self.wildcards.is_empty() && self.database_bindings == 0
     }
 
     /// Whether publication polling has work: waiting bindings or wildcards to extend.
@@ -418,6 +481,7 @@ impl ChangesCore {
     /// The channel left or its connection closed: everything of it goes.
     pub(crate) fn unsubscribe(&mut self, key: ChannelKey) {
         let Some(state) = self.channels.remove(&key) else { return };
+        self.database_bindings = self.database_bindings.saturating_sub(state.active.iter().filter(|b| b.has_database_filters()).count());
         for (index, bound) in state.active.iter().enumerate() {
             if bound.binding.is_wildcard() {
                 self.wildcards.remove(&(key, index));
@@ -444,6 +508,9 @@ impl ChangesCore {
         }
         let state = self.channels.get_mut(&key).expect("caller checked");
         let index = state.active.len();
+        if bound.has_database_filters() {
+            self.database_bindings += 1;
+        }
         if bound.binding.is_wildcard() {
             self.wildcards.insert((key, index));
         } else {
@@ -552,7 +619,11 @@ impl ChangesCore {
         let table_key: TableKey = (Arc::from(info.schema.as_str()), Arc::from(info.table.as_str()));
         self.table_refreshed(info);
         if let Some(bound) = self.channels.get_mut(&key).and_then(|state| state.active.get_mut(index)) {
+            let before = bound.has_database_filters();
             bound.tables.insert(table_key, compiled);
+            if !before && bound.has_database_filters() {
+                self.database_bindings += 1;
+            }
         }
     }
 
@@ -566,7 +637,7 @@ impl ChangesCore {
 
     /// Matches a batch of transactions against the bindings (event, then filters in Rust);
     /// database broadcasts (`realtime.messages` inserts) go to their topic's owner at once.
-    pub(crate) fn match_batch(&mut self, batch: &[Arc<Txn>]) -> MatchedBatch {
+    pub(crate) fn match_batch(&mut self, batch: &[Arc<Txn>], orders: &TextOrders) -> MatchedBatch {
         let mut matched = MatchedBatch::default();
         let mut broadcasts = Vec::new();
         for txn in batch {
@@ -577,7 +648,7 @@ impl ChangesCore {
                         broadcasts.push((topic.owner(self.shards), PgOut::Publish { topic, message }));
                     }
                 }
-                let interests = self.match_change(&row);
+                let interests = self.match_change(&row, orders);
                 if !interests.is_empty() {
                     matched.changes.push((Arc::clone(txn), index, interests));
                 }
@@ -589,20 +660,104 @@ impl ChangesCore {
         matched
     }
 
-    fn match_change(&self, row: &Row<'_>) -> Vec<Interest> {
+    /// The bindings that may want a change on `table_key`: its own, then the wildcards.
+    fn candidates<'s>(&'s self, table_key: &TableKey) -> impl Iterator<Item = &'s (ChannelKey, usize)> {
+        self.by_table.get(table_key).into_iter().flatten().chain(self.wildcards.iter())
+    }
+
+    /// Whether any binding on `table_key` has a filter the database must evaluate.
+    fn has_database_filters(&self, table_key: &TableKey) -> bool {
+        self.candidates(table_key).any(|(key, index)| {
+            self.channels.get(key).and_then(|s| s.active.get(*index)).and_then(|b| b.tables.get(table_key)).is_some_and(|c| c.database)
+        })
+    }
+
+    /// The text comparisons the database must make for this batch's filters (text columns
+    /// under a collation that is not byte order), one query per collation: for every change
+    /// and binding whose other filters pass, the (value, operand) pairs of those filters.
+    /// Empty — and no round trip — when no binding on the batch's tables has such a filter.
+    pub(crate) fn plan_text_orders(&self, batch: &[Arc<Txn>]) -> Vec<TextOrderQuery> {
+        if self.database_bindings == 0 {
+            return Vec::new();
+        }
+        let mut wanted: AHashMap<Arc<Collation>, AHashSet<TextPair>> = AHashMap::new();
+        let mut tables: AHashMap<TableKey, bool> = AHashMap::new();
+        for txn in batch {
+            for change in &txn.changes {
+                let Some(row) = Row::of(change, &self.relations) else { continue };
+                let table_key = row.relation.key();
+                let relevant = match tables.get(&table_key) {
+                    Some(relevant) => *relevant,
+                    None => {
+                        let relevant = self.has_database_filters(&table_key);
+                        tables.insert(table_key.clone(), relevant);
+                        relevant
+                    }
+                };
+                if !relevant {
+                    continue;
+                }
+                for &(key, index) in self.candidates(&table_key) {
+                    let Some(bound) = self.channels.get(&key).and_then(|s| s.active.get(index)) else { continue };
+                    let Some(compiled) = bound.tables.get(&table_key).filter(|c| c.database) else { continue };
+                    if !row.kind.wanted_by(bound.binding.event) {
+                        continue;
+                    }
+                    let cell = |column: &str| row.relation.index.get(column).map(|&p| row.filter_cell(p));
+                    let others_pass = compiled.filters.iter().filter(|(_, f)| f.database_collation().is_none()).all(|(column, filter)| {
+                        let Some(&position) = row.relation.index.get(column) else { return false };
+                        filter.matches(|_| row.filter_cell(position))
+                    });
+                    if !others_pass {
+                        continue;
+                    }
+                    for (column, filter) in &compiled.filters {
+                        let (Some(collation), Some(value)) = (filter.database_collation(), cell(column)) else { continue };
+                        let Some(Some(text)) = value else { continue };
+                        for operand in filter.database_pairs(value) {
+                            wanted.entry(Arc::clone(collation)).or_default().insert((Box::from(text), Box::from(operand)));
+                        }
+                    }
+                }
+            }
+        }
+        let mut queries: Vec<TextOrderQuery> = wanted
+            .into_iter()
+            .map(|(collation, pairs)| {
+                let mut pairs: Vec<_> = pairs.into_iter().collect();
+                pairs.sort_unstable();
+                TextOrderQuery { collation, pairs }
+            })
+            .collect();
+        queries.sort_by(|a, b| (&a.collation.collation_sql, &a.collation.type_sql).cmp(&(&b.collation.collation_sql, &b.collation.type_sql)));
+        queries
+    }
+
+    fn match_change(&self, row: &Row<'_>, orders: &TextOrders) -> Vec<Interest> {
         let table_key = row.relation.key();
         let mut by_channel: AHashMap<ChannelKey, Interest> = AHashMap::new();
-        let exact = self.by_table.get(&table_key).into_iter().flatten();
-        for &(key, index) in exact.chain(self.wildcards.iter()) {
+        for &(key, index) in self.candidates(&table_key) {
             let Some(state) = self.channels.get(&key) else { continue };
             let Some(bound) = state.active.get(index) else { continue };
             if !row.kind.wanted_by(bound.binding.event) {
                 continue;
             }
             let Some(compiled) = bound.tables.get(&table_key) else { continue };
+            // A filter the database had to evaluate but could not (its round trip failed)
+            // counts as passing, and the change goes to the channel as an error entry.
+            let mut unknown: Option<Arc<str>> = None;
             let passes = compiled.filters.iter().all(|(column, filter)| {
                 let Some(&position) = row.relation.index.get(column) else { return false };
-                filter.matches(|_| row.filter_cell(position))
+                match filter.database_collation() {
+                    None => filter.matches(|_| row.filter_cell(position)),
+                    Some(collation) => match orders.failed.get(collation) {
+                        Some(error) => {
+                            unknown = Some(Arc::clone(error));
+                            true
+                        }
+                        None => filter.matches_with(|_| row.filter_cell(position), |a, b| orders.order(collation, a, b)),
+                    },
+                }
             });
             if !passes {
                 continue;
@@ -611,12 +766,21 @@ impl ChangesCore {
                 key,
                 generation: state.generation,
                 ids: SmallVec::new(),
+                unknown: None,
                 visible: Arc::clone(&compiled.visible),
                 key_visible: compiled.key_visible,
                 claims_group: (!state.bypasses_rls).then(|| (Arc::clone(&state.role), Arc::clone(&state.claims))),
             });
-            if !interest.ids.contains(&bound.binding.id) {
-                interest.ids.push(bound.binding.id);
+            match unknown {
+                None if !interest.ids.contains(&bound.binding.id) => interest.ids.push(bound.binding.id),
+                None => {}
+                Some(error) => {
+                    let unknown = interest.unknown.get_or_insert_with(|| Box::new((SmallVec::new(), Arc::clone(&error))));
+                    if !unknown.0.contains(&bound.binding.id) {
+                        unknown.0.push(bound.binding.id);
+                    }
+                    unknown.1 = error;
+                }
             }
         }
         let mut interests: Vec<Interest> = by_channel.into_values().collect();
@@ -675,7 +839,17 @@ impl ChangesCore {
                 if !self.is_current(interest.key, interest.generation) {
                     continue; // unsubscribed or replaced while the batch's checks ran
                 }
-                let variant = if no_key {
+                let (ids, variant) = match interest.unknown {
+                    // Only bindings whose filter could not be evaluated: say so.
+                    Some(unknown) if interest.ids.is_empty() => {
+                        let (ids, error) = *unknown;
+                        (ids, Some(Variant::Error(error)))
+                    }
+                    _ => (interest.ids, None),
+                };
+                let variant = if let Some(variant) = variant {
+                    variant
+                } else if no_key {
                     Variant::Error(Arc::from(RowError::NoPrimaryKey.text()))
                 } else if !interest.key_visible && row.kind != Kind::Delete {
                     Variant::Error(Arc::from(RowError::Unauthorized.text()))
@@ -691,7 +865,7 @@ impl ChangesCore {
                         _ => Variant::Row(Arc::clone(&interest.visible)),
                     }
                 };
-                targets.push((interest.key, interest.ids, variant));
+                targets.push((interest.key, ids, variant));
             }
             self.counts.deliveries += targets.len() as u64;
             let deliveries = payload::deliveries(&txn, index, &row, table, targets);
@@ -715,7 +889,8 @@ pub(crate) fn compile(binding: &Binding, table: &TableInfo, privileges: &[bool])
         let Some(index) = position.filter(|i| privileges.get(*i).copied().unwrap_or(false)) else {
             return Err(BindingException::InvalidFilterColumn { column: raw.column.clone() }.text());
         };
-        let compiled = filter::compile(raw, index, &table.columns[index].type_name).map_err(|e| e.0)?;
+        let column = &table.columns[index];
+        let compiled = filter::compile_ordered(raw, index, &column.type_name, &column.order).map_err(|e| e.0)?;
         filters.push((raw.column.clone(), compiled));
     }
     let readable = |i: usize| privileges.get(i).copied().unwrap_or(false);
@@ -732,7 +907,8 @@ pub(crate) fn compile(binding: &Binding, table: &TableInfo, privileges: &[bool])
         }
     }
     let key_visible = table.primary_key.iter().all(|k| table.columns.iter().position(|c| &c.name == k).is_some_and(readable));
-    Ok(Compiled { filters, visible: Arc::new(visible), key_visible })
+    let database = filters.iter().any(|(_, f)| f.database_collation().is_some());
+    Ok(Compiled { filters, visible: Arc::new(visible), key_visible, database })
 }
 
 /// Which published tables a binding covers.

@@ -37,7 +37,7 @@ fn relation() -> Relation {
 }
 
 fn table(rls_enabled: bool) -> Arc<TableInfo> {
-    let column = |name: &str, type_name: &str| ColumnInfo { name: name.into(), type_name: type_name.into(), type_sql: type_name.into() };
+    let column = |name: &str, type_name: &str| ColumnInfo::plain(name, type_name);
     Arc::new(TableInfo {
         oid: i64::from(OID),
         schema: "public".into(),
@@ -144,7 +144,7 @@ fn drain(core: &mut ChangesCore) -> Sent {
 
 /// Runs a batch with every RLS group answered by `visible(sub in claims, owner of the row)`.
 fn run_batch(core: &mut ChangesCore, batch: &[Arc<Txn>], visible: impl Fn(&str, &str) -> bool) -> Vec<RlsQuery> {
-    let matched = core.match_batch(batch);
+    let matched = core.match_batch(batch, &TextOrders::default());
     let queries = core.plan_rls(&matched);
     let mut verdicts = Verdicts::default();
     for query in &queries {
@@ -238,6 +238,90 @@ fn two_bindings_of_one_channel_give_one_delivery_with_both_ids() {
     assert_eq!(sent.changes[0].1["ids"], json!(expected));
 }
 
+/// A `todos` whose `title` is under a collation the database must apply.
+fn collated_outcome(bindings: &[Value], deterministic: bool) -> Result<(bool, Vec<BindingResult>), String> {
+    let mut info = (*table(false)).clone();
+    let collation = crate::filter::Collation { type_sql: "text".into(), collation_sql: "pg_catalog.\"und-x-icu\"".into(), deterministic };
+    info.columns[1].order = crate::filter::TextOrder::Database(Arc::new(collation));
+    let info = Arc::new(info);
+    let results = bindings
+        .iter()
+        .map(|raw| {
+            let binding = parse_binding(raw.as_object().expect("object")).expect("binding");
+            let compiled = compile(&binding, &info, &[true, true, true]).expect("compiles");
+            let tables = [((Arc::from("public"), Arc::from("todos")), compiled)].into_iter().collect();
+            BindingResult::Active(Bound { binding, tables }, vec![Arc::clone(&info)])
+        })
+        .collect();
+    Ok((true, results))
+}
+
+/// Text `gt` under a linguistic collation: the core asks the database for the order of the
+/// (value, operand) pairs of the changes whose other filters pass — once per distinct pair,
+/// one query per collation for the whole batch — and matches with its answers; a failed
+/// comparison is an error entry for the channels that needed it. Byte-order filters (`id`)
+/// never ask.
+#[test]
+fn collated_text_filters_are_ordered_by_the_database_once_per_batch() {
+    let mut core = core();
+    let gt = json!({"event": "*", "schema": "public", "table": "todos", "filter": "title=gt.b"});
+    let by_id = json!({"event": "INSERT", "schema": "public", "table": "todos", "filter": "id=gt.1"});
+    for (conn, binding) in [(1, &gt), (2, &gt)] {
+        let generation = core.begin_subscribe(key(conn));
+        core.finish_subscribe(key(conn), generation, "authenticated", &claims("u"), collated_outcome(std::slice::from_ref(binding), true));
+    }
+    let generation = core.begin_subscribe(key(3));
+    core.finish_subscribe(key(3), generation, "authenticated", &claims("u"), collated_outcome(std::slice::from_ref(&by_id), true));
+    drain(&mut core);
+    let batch = [txn(vec![insert(1, "a", "x"), insert(2, "B", "x"), insert(3, "B", "x"), delete(4)]), txn(vec![update(1, "C", "x")])];
+    let queries = core.plan_text_orders(&batch);
+    assert_eq!(queries.len(), 1, "one query for the collation");
+    let pairs: Vec<(&[u8], &[u8])> = queries[0].pairs.iter().map(|(v, o)| (&**v, &**o)).collect();
+    assert_eq!(pairs, vec![(&b"B"[..], &b"b"[..]), (b"C", b"b"), (b"a", b"b")], "distinct pairs; the DELETE's title is absent");
+    // The database's answer: case-insensitive, then lower case first ("B" > "b").
+    let linguistic = |a: &[u8], b: &[u8]| a.to_ascii_lowercase().cmp(&b.to_ascii_lowercase()).then(b.cmp(a));
+    let mut orders = TextOrders::default();
+    let answer = pairs.iter().map(|(a, b)| linguistic(a, b)).collect();
+    orders.record(queries[0].clone(), Ok(answer));
+    let matched = core.match_batch(&batch, &orders);
+    core.deliver(matched, &Verdicts::default());
+    let sent = drain(&mut core);
+    let mut got: Vec<(u64, i64)> = sent.changes.iter().map(|(k, p)| (k.conn.0, p["data"]["record"]["id"].as_i64().unwrap_or(-1))).collect();
+    got.sort_unstable();
+    assert_eq!(got, vec![(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3), (3, 2), (3, 3)], "'B' > 'b' and 'C' > 'b' linguistically; 'a' is not ('a' < 'b' in bytes too); UPDATE 1 to 'C' passes");
+    // The comparison failed: an error entry instead of a guess.
+    let batch = [txn(vec![insert(5, "z", "x")])];
+    let queries = core.plan_text_orders(&batch);
+    let mut orders = TextOrders::default();
+    orders.record(queries[0].clone(), Err("Query was cancelled, please try again".into()));
+    let matched = core.match_batch(&batch, &orders);
+    core.deliver(matched, &Verdicts::default());
+    let sent = drain(&mut core);
+    assert_eq!(sent.changes.len(), 3);
+    for (key, payload) in &sent.changes {
+        if key.conn.0 == 3 {
+            assert!(payload["data"]["record"].is_object(), "the byte-order filter is unaffected: {payload}");
+        } else {
+            assert_eq!(payload["data"]["errors"], json!(["Query was cancelled, please try again"]), "{payload}");
+        }
+    }
+}
+
+/// Under a nondeterministic collation equality is the database's too; under a deterministic
+/// one `eq` stays a byte comparison (no query).
+#[test]
+fn nondeterministic_collations_send_equality_to_the_database() {
+    for (deterministic, expected) in [(true, 0), (false, 1)] {
+        let mut core = core();
+        let eq = json!({"event": "*", "schema": "public", "table": "todos", "filter": "title=eq.b"});
+        let generation = core.begin_subscribe(key(1));
+        core.finish_subscribe(key(1), generation, "authenticated", &claims("u"), collated_outcome(std::slice::from_ref(&eq), deterministic));
+        assert_eq!(core.plan_text_orders(&[txn(vec![insert(1, "B", "x")])]).len(), expected);
+        core.unsubscribe(key(1));
+        assert!(core.is_empty(), "the count of bindings that need the database is back to 0");
+    }
+}
+
 // --- batching -------------------------------------------------------------------------------
 
 #[test]
@@ -290,7 +374,7 @@ fn a_failed_rls_check_is_an_error_entry_for_its_claims_group_only() {
     subscribe(&mut core, key(2), std::slice::from_ref(&binding), "bob", false, true);
     drain(&mut core);
     let batch = [txn(vec![insert(1, "a", "alice")])];
-    let matched = core.match_batch(&batch);
+    let matched = core.match_batch(&batch, &TextOrders::default());
     let queries = core.plan_rls(&matched);
     let mut verdicts = Verdicts::default();
     let results = queries[0].groups.iter().map(|((_, claims), _)| if claims.contains("alice") { Err("policy raised".to_string()) } else { Ok(vec![true]) }).collect();
@@ -516,7 +600,7 @@ fn simulate(seed: u64) -> (usize, usize) {
                         .collect();
                     expected.insert(id, who);
                 }
-                let matched = core.match_batch(&batch);
+                let matched = core.match_batch(&batch, &TextOrders::default());
                 let queries = core.plan_rls(&matched);
                 in_flight = Some(InFlight { matched, queries, batch, expected });
             }
@@ -692,7 +776,7 @@ fn simulate_lifecycle(seed: u64) -> (usize, usize, usize) {
                 let id = next_id;
                 next_id += 1;
                 let batch = vec![txn(vec![insert(id, "t", "alice")])];
-                let matched = core.match_batch(&batch);
+                let matched = core.match_batch(&batch, &TextOrders::default());
                 assert!(core.plan_rls(&matched).is_empty(), "seed {seed}: no RLS round trip for a table without RLS");
                 core.deliver(matched, &Verdicts::default());
                 let sent = drain(&mut core);
