@@ -4,8 +4,8 @@
 //! (convergence), the presence_diff frames per second the observers receive during the churn,
 //! and the time from the last re-track until every observer's view is exact. Loopback only.
 //!
-//! Usage: `cargo run --release -p powa-benches --bin cluster_presence -- [MEMBERS_PER_NODE] [ROUNDS]`
-//! (default 100 × 20). Needs `nats-server` on PATH.
+//! Usage: `cargo run --release -p powa-benches --bin cluster_presence -- [MEMBERS_PER_NODE] [ROUNDS] [rejoin|retrack]`
+//! (default 100 × 20, rejoin). Needs `nats-server` on PATH.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -97,7 +97,7 @@ fn next_frame(stream: &mut TcpStream) -> Option<Vec<u8>> {
 /// An observer's view: key → the `v` of each meta.
 type View = Arc<Mutex<BTreeMap<String, Vec<u64>>>>;
 
-fn observe(mut stream: TcpStream, view: View, diffs: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
+fn observe(mut stream: TcpStream, view: View, diffs: Arc<AtomicU64>, entries: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
     stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     while !stop.load(Ordering::Relaxed) {
         let Some(bytes) = next_frame(&mut stream) else { continue };
@@ -112,6 +112,8 @@ fn observe(mut stream: TcpStream, view: View, diffs: Arc<AtomicU64>, stop: Arc<A
             }
         } else if event == "presence_diff" {
             diffs.fetch_add(1, Ordering::Relaxed);
+            let count = |side: &str| payload[side].as_object().into_iter().flatten().map(|(_, e)| e["metas"].as_array().map_or(0, Vec::len) as u64).sum::<u64>();
+            entries.fetch_add(count("joins") + count("leaves"), Ordering::Relaxed);
             for (key, entry) in payload["leaves"].as_object().into_iter().flatten() {
                 if let Some(list) = view.get_mut(key) {
                     for v in metas(entry) {
@@ -151,6 +153,11 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let per_node: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(100);
     let rounds: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(20);
+    // `rejoin` (default): leave, join, track each round (each join renders the whole
+    // presence_state); `retrack`: track a new meta on the same channel (at most 4 rounds: the
+    // per-channel presence rate is 5 per 30 s).
+    let retrack = args.get(2).is_some_and(|mode| mode == "retrack");
+    let rounds = if retrack { rounds.min(4) } else { rounds };
     let dir = std::env::temp_dir().join(format!("powa-cluster-presence-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let nats_port = free_port();
@@ -180,6 +187,7 @@ fn main() {
     let anon = token("anon", "bench");
     let stop = Arc::new(AtomicBool::new(false));
     let diffs = Arc::new(AtomicU64::new(0));
+    let entries = Arc::new(AtomicU64::new(0));
     // One observer per node (it tracks nothing).
     let mut views = Vec::new();
     for (n, port) in ports.iter().enumerate() {
@@ -187,8 +195,8 @@ fn main() {
         join(&mut stream, &format!("observer{n}"), 1);
         let view: View = Arc::default();
         views.push(Arc::clone(&view));
-        let (diffs, stop) = (Arc::clone(&diffs), Arc::clone(&stop));
-        std::thread::spawn(move || observe(stream, view, diffs, stop));
+        let (diffs, entries, stop) = (Arc::clone(&diffs), Arc::clone(&entries), Arc::clone(&stop));
+        std::thread::spawn(move || observe(stream, view, diffs, entries, stop));
     }
     std::thread::sleep(Duration::from_millis(500));
     // Members, each with a drainer thread (they receive every diff too).
@@ -220,28 +228,41 @@ fn main() {
     println!("members: {total} over {NODES} nodes; tracks sent in {:.1} ms", sent.as_secs_f64() * 1e3);
     println!("initial convergence (every observer sees every member): {:?}", first.map(|d| d + sent));
     let diffs_before = diffs.load(Ordering::Relaxed);
+    let entries_before = entries.load(Ordering::Relaxed);
     let churn = Instant::now();
     // Churn: each member leaves, joins again and tracks a new meta (a re-track of the same
     // channel is capped at 5 per 30 s by the per-channel presence rate; a new join starts a new
     // window, as in upstream).
     for round in 1..=rounds {
         for (key, member) in &mut members {
-            leave(member, round);
-            join(member, key, round + 1);
-            track(member, round + 1, round);
+            if retrack {
+                track(member, 1, round);
+            } else {
+                leave(member, round);
+                join(member, key, round + 1);
+                track(member, round + 1, round);
+            }
         }
     }
     let churn_sent = churn.elapsed();
     let last = converged(&views, total, rounds, Duration::from_secs(120));
     let elapsed = churn.elapsed();
     let received = diffs.load(Ordering::Relaxed) - diffs_before;
+    let changes = entries.load(Ordering::Relaxed) - entries_before;
     println!(
-        "churn: {} leave + join + track ({rounds} rounds) sent in {:.2} s ({:.0}/s); observers got {received} presence_diff frames in {:.2} s ({:.0}/s per observer)",
+        "churn ({}): {} operations ({rounds} rounds) sent in {:.2} s ({:.0}/s); observers got {received} presence_diff frames in {:.2} s ({:.0}/s per observer)",
+        if retrack { "re-track" } else { "leave + join + track" },
         total as u64 * rounds,
         churn_sent.as_secs_f64(),
         (total as u64 * rounds) as f64 / churn_sent.as_secs_f64(),
         elapsed.as_secs_f64(),
         received as f64 / NODES as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "presence changes (joins + leaves) seen per observer: {:.0} in {:.2} s = {:.0}/s per observer",
+        changes as f64 / NODES as f64,
+        elapsed.as_secs_f64(),
+        changes as f64 / NODES as f64 / elapsed.as_secs_f64()
     );
     println!("convergence after the last churn frame was sent: {:?}", last.map(|_| elapsed.saturating_sub(churn_sent)));
     stop.store(true, Ordering::Relaxed);
