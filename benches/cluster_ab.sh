@@ -7,6 +7,8 @@
 # Single node: the server (1 shard) on CPU 0, the load generator on CPU 1.
 # Cluster:     node 2 (1 shard, every subscriber) on CPU 0; node 1 (1 shard, the publisher),
 #              nats-server and the load generator on CPU 1 (a 2-core machine has no third core).
+# NODE1_CPU=0 puts node 1 on CPU 0 beside node 2 instead (the load generator then shares its core
+# only with nats-server, as in the single-node runs).
 # BIN_DIR holds release builds of powa-realtime and powa-load; nats-server is on PATH.
 # Results: OUT_DIR/results.jsonl (powa-load's JSON lines, labels single/cluster),
 # OUT_DIR/nats.txt (NATS messages per broadcast from node 1's /metrics), OUT_DIR/load.log.
@@ -58,7 +60,7 @@ for round in $(seq 1 "$ROUNDS"); do
     taskset -c 1 nats-server -c "$natsdir/nats.conf" >>"$OUT/nats.log" 2>&1 &
     NATS=$!
     wait_port $((port + 5))
-    node 1 $((port + 1)) node1 nats://127.0.0.1:$((port + 5))
+    node "${NODE1_CPU:-1}" $((port + 1)) node1 nats://127.0.0.1:$((port + 5))
     node 0 $((port + 2)) node2 nats://127.0.0.1:$((port + 5))
     sleep 2
     out0=$(metric $((port + 1)) realtime_cluster_messages_out_total)
