@@ -509,7 +509,13 @@ impl Reader<'_> {
     }
 
     fn dot(&mut self) -> Result<Dot, WireError> {
-        Ok(Dot { replica: ReplicaId(self.u64()?), counter: self.counter()? })
+        let dot = Dot { replica: ReplicaId(self.u64()?), counter: self.counter()? };
+        // Counters start at 1: a dot 0 is not one a replica made (and inserting it would leave
+        // a context that encodes differently from how it decoded; found by the fuzzer).
+        if dot.counter == 0 {
+            return Err(WireError::Invalid("dot counter 0"));
+        }
+        Ok(dot)
     }
 
     /// A dot counter or a context's maximum: real ones are far below 2^62 (one per track), and
