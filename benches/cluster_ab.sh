@@ -7,6 +7,8 @@
 # Single node: the server (1 shard) on CPU 0, the load generator on CPU 1.
 # Cluster:     node 2 (1 shard, every subscriber) on CPU 0; node 1 (1 shard, the publisher),
 #              nats-server and the load generator on CPU 1 (a 2-core machine has no third core).
+# RATES=D1,D2,… replaces the ladder search by fixed deliveries/s steps (the same offered load
+# for both systems); NS="5000" picks the subscriber counts (default "1000 5000").
 # NODE1_CPU=0 puts node 1 on CPU 0 beside node 2 instead (the load generator then shares its core
 # only with nats-server, as in the single-node runs).
 # BIN_DIR holds release builds of powa-realtime and powa-load; nats-server is on PATH.
@@ -44,9 +46,10 @@ metric() { # port name
 }
 
 W1=(fanout --payload 100 --start 25000 --step-ms 1500 --drain-ms 2000 --max-steps 12)
+if [ -n "${RATES:-}" ]; then W1=(fanout --payload 100 --step-ms 2000 --drain-ms 2000 --rates "$RATES"); fi
 port=4800
 for round in $(seq 1 "$ROUNDS"); do
-  for n in 1000 5000; do
+  for n in ${NS:-1000 5000}; do
     port=$((port + 10))
     node 0 $port single
     echo "== single N=$n round $round" | tee -a "$OUT/load.log" >&2
