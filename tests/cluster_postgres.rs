@@ -6,34 +6,18 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use replication::cluster::Cluster;
 use serde_json::{json, Value};
 use support::nats::Nats;
+use support::psql_port as psql;
 use support::{http_request, service_key, Server};
 
 type Socket = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn psql(port: u16, sql: &str) -> Result<String, String> {
-    let psql = Cluster::bin_dir().map_err(|e| e.to_string())?.join("psql");
-    let output = Command::new(psql)
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-p"])
-        .arg(port.to_string())
-        .arg("-c")
-        .arg(sql)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| e.to_string())?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&output.stderr).into_owned())
-    }
-}
 
 fn node(nats: &Nats, cluster: &Cluster, name: &str) -> Server {
     Server::start(&[("DATABASE_URL", &cluster.url()), ("REALTIME_NATS_URL", &nats.url()), ("REALTIME_NODE_ID", name), ("REALTIME_NODE_TIMEOUT_SECS", "2"), ("REALTIME_DRAIN_SECS", "1")])

@@ -11,29 +11,13 @@ use std::time::{Duration, Instant};
 
 use replication::cluster::Cluster;
 use serde_json::{json, Value};
-use support::{service_key, Server};
+use support::{psql_port as psql, service_key, Server};
 
 type Socket = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
 
 const ROWS: i64 = 1000;
 const MISSED: &str = "Changes committed while the replication stream was down were missed (the server was away too long or too much WAL was pending); refetch the data";
 
-fn psql(port: u16, sql: &str) -> Result<String, String> {
-    let psql = Cluster::bin_dir().map_err(|e| e.to_string())?.join("psql");
-    let output = Command::new(psql)
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-p"])
-        .arg(port.to_string())
-        .arg("-c")
-        .arg(sql)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| e.to_string())?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&output.stderr).into_owned())
-    }
-}
 
 fn setup(cluster: &Cluster) {
     cluster

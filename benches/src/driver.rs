@@ -101,24 +101,29 @@ pub fn frame(text: &str) -> Vec<u8> {
 
 /// Reads one server frame's payload.
 pub fn read_frame(stream: &mut TcpStream) -> Vec<u8> {
+    try_read_frame(stream).expect("a server frame")
+}
+
+/// Reads one server frame's payload, or the read error (a timeout when none came).
+pub fn try_read_frame(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let mut header = [0u8; 2];
-    stream.read_exact(&mut header).unwrap();
+    stream.read_exact(&mut header)?;
     let len = match header[1] & 0x7F {
         126 => {
             let mut b = [0u8; 2];
-            stream.read_exact(&mut b).unwrap();
+            stream.read_exact(&mut b)?;
             u16::from_be_bytes(b) as usize
         }
         127 => {
             let mut b = [0u8; 8];
-            stream.read_exact(&mut b).unwrap();
+            stream.read_exact(&mut b)?;
             u64::from_be_bytes(b) as usize
         }
         n => n as usize,
     };
     let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).unwrap();
-    payload
+    stream.read_exact(&mut payload)?;
+    Ok(payload)
 }
 
 /// Whether `haystack` contains `needle`.

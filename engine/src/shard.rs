@@ -530,10 +530,12 @@ impl ShardState {
             }
             ShardMsg::Publish { topic, message } => {
                 assert_eq!(self.owner(&topic), self.id, "publish routed to a shard that does not own the topic");
+                // Single-node mode hands `message` to the fan-out as it is (no extra reference).
+                let for_link = self.cluster.is_some().then(|| Arc::clone(&message));
                 if let Some(owned) = self.owned.get(&topic) {
-                    fan_out(&topic, owned, Arc::clone(&message), out);
+                    fan_out(&topic, owned, message, out);
                 }
-                if self.cluster.is_some() {
+                if let Some(message) = for_link {
                     self.cluster_out.push(ToLink::Publish { topic, message });
                 }
                 None

@@ -224,3 +224,22 @@ fn http_exchange(addr: SocketAddr, host: &str, method: &str, path: &str, headers
         .unwrap_or(response.len());
     Ok((status, response[body_start..].to_vec()))
 }
+
+/// Runs `sql` with `psql` as `postgres` on the throwaway cluster listening on `port` (usable
+/// from any thread, while the cluster value lives elsewhere); stdout trimmed, or stderr.
+pub fn psql_port(port: u16, sql: &str) -> Result<String, String> {
+    let psql = replication::cluster::Cluster::bin_dir().map_err(|e| e.to_string())?.join("psql");
+    let output = Command::new(psql)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-p"])
+        .arg(port.to_string())
+        .arg("-c")
+        .arg(sql)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use powa_benches::driver::{binary, frame, token, upgrade, SECRET};
+use powa_benches::driver::{binary, frame, token, try_read_frame, upgrade, SECRET};
 
 const NODES: usize = 3;
 const TOPIC: &str = "realtime:bench-lobby";
@@ -68,30 +68,15 @@ fn track(stream: &mut TcpStream, join_ref: u64, version: u64) {
     stream.write_all(&frame(&track)).unwrap();
 }
 
-/// One server frame's payload, or `None` when none came within the read timeout.
+/// One server frame's payload, or `None` when none came within the read timeout (a frame that
+/// started arriving gets 10 s to finish).
 fn next_frame(stream: &mut TcpStream) -> Option<Vec<u8>> {
-    use std::io::Read;
-    let mut header = [0u8; 2];
-    stream.read_exact(&mut header).ok()?;
-    // Once a header arrived, wait for the rest of the frame.
+    let mut peek = [0u8; 1];
+    stream.peek(&mut peek).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    let len = match header[1] & 0x7F {
-        126 => {
-            let mut b = [0u8; 2];
-            stream.read_exact(&mut b).ok()?;
-            u16::from_be_bytes(b) as usize
-        }
-        127 => {
-            let mut b = [0u8; 8];
-            stream.read_exact(&mut b).ok()?;
-            u64::from_be_bytes(b) as usize
-        }
-        n => n as usize,
-    };
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).ok()?;
+    let frame = try_read_frame(stream).ok();
     stream.set_read_timeout(Some(Duration::from_millis(200))).ok()?;
-    Some(payload)
+    frame
 }
 
 /// An observer's view: key → the `v` of each meta.
