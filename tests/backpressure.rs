@@ -121,3 +121,69 @@ fn a_stalled_subscriber_is_closed_and_others_keep_receiving() {
     let mut server = server;
     assert!(server.is_running());
 }
+
+/// A subscriber whose socket stays full (it never reads) while its queue is below the bound is
+/// dropped once its write has made no progress for 30 s; the connection that keeps reading is
+/// unaffected. (Plain TCP: the idle sweep's write-stall check, `Conn::write_stalled_ms`.)
+#[test]
+fn a_subscriber_whose_socket_stays_full_for_30_seconds_is_dropped() {
+    let server = Server::start(&[]);
+    let key = anon_key();
+    let join = r#"{"topic":"stall","event":"phx_join","payload":{"config":{}},"ref":"1"}"#;
+    let mut stalled = connect(&server, &key);
+    let mut reader = connect(&server, &key);
+    let mut publisher = connect(&server, &key);
+    for stream in [&mut stalled, &mut reader, &mut publisher] {
+        send(stream, join);
+        let (_, reply) = read_frame(stream).expect("join reply");
+        assert!(String::from_utf8_lossy(&reply).contains("\"ok\""));
+    }
+    // 1,000 × 8 KB = 8 MB: more than the kernel buffers of a socket that is never read (its
+    // receive window stays small), less than the 11 MB outbound bound (no slow-consumer close).
+    const MESSAGES: usize = 1000;
+    let filler = "x".repeat(8000);
+    let reader_thread = std::thread::spawn(move || {
+        let mut seen = 0;
+        while seen < MESSAGES {
+            let (_, payload) = read_frame(&mut reader).expect("the reading subscriber keeps receiving");
+            if payload.windows(9).any(|w| w == b"broadcast") {
+                seen += 1;
+            }
+        }
+        seen
+    });
+    for i in 0..MESSAGES {
+        let frame = format!(r#"{{"topic":"stall","event":"broadcast","payload":{{"type":"broadcast","event":"e","payload":{{"i":{i},"f":"{filler}"}}}},"ref":null}}"#);
+        send(&mut publisher, &frame);
+    }
+    assert_eq!(reader_thread.join().unwrap(), MESSAGES, "no loss for the subscriber that keeps up");
+    // The stalled client keeps sending heartbeats (so the idle timeout is not what closes it)
+    // and reads nothing for 36 s.
+    let heartbeat = r#"{"topic":"phoenix","event":"heartbeat","payload":{},"ref":"hb"}"#;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(36) {
+        send(&mut stalled, heartbeat);
+        std::thread::sleep(Duration::from_secs(6));
+    }
+    // Now it reads: what the kernel held, then the end of the stream — no close frame (there
+    // was no room to send one), and not everything.
+    let mut received = 0;
+    let mut close = None;
+    while let Some((opcode, payload)) = read_frame(&mut stalled) {
+        if opcode == 0x8 {
+            close = Some(payload);
+            break;
+        }
+        if payload.windows(9).any(|w| w == b"broadcast") {
+            received += 1;
+        }
+    }
+    assert!(close.is_none(), "a dropped connection gets no close frame: {close:?}");
+    assert!(received < MESSAGES, "the stalled subscriber was dropped before it got everything ({received})");
+    // The others are fine.
+    send(&mut publisher, heartbeat);
+    let (_, reply) = read_frame(&mut publisher).expect("the publisher's connection is alive");
+    assert!(String::from_utf8_lossy(&reply).contains("\"ok\""));
+    let mut server = server;
+    assert!(server.is_running());
+}

@@ -5,10 +5,10 @@
 //! join errors to write after the join error delay, messages for other shards, and a close.
 //! No socket, timer or clock appears here, so the whole protocol is tested without IO.
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ahash::AHashMap;
 use bytes::Bytes;
 
 use auth::{AuthError, Claims, KeyStore};
@@ -24,6 +24,9 @@ use engine::changes::{ChannelKey, Command as PgCommand, Subscription};
 use crate::frame::{self, Event, Ref, TextFrame, UserBroadcastFrame};
 use crate::join::{parse_join, ChannelToken, JoinRequest};
 use crate::presence::{self, PresenceRequest};
+
+pub use credentials::{Credential, Credentials};
+use topic_map::TopicMap;
 
 /// The topic heartbeats go to.
 const PHOENIX_TOPIC: &str = "phoenix";
@@ -108,6 +111,8 @@ pub struct Context<'a> {
     pub presence_rate_exceeded: bool,
     /// The tenant's state.
     pub tenant: TenantGate,
+    /// This shard's verified tokens of the tenant (shared by its connections and channels).
+    pub credentials: &'a Credentials,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,16 +128,17 @@ enum ChannelState {
 struct Channel {
     serial: ChannelSerial,
     /// The join frame's `join_ref` (raw JSON), echoed in pushes and `phx_close`.
-    join_ref: Bytes,
+    join_ref: RawRef,
     /// The join frame's `ref` (raw JSON), for the delayed ok reply.
-    join_reply_ref: Bytes,
+    join_reply_ref: RawRef,
     key: TopicKey,
     state: ChannelState,
     broadcast_ack: bool,
     /// Whether the channel receives `presence_state` (PROTOCOL.md §4.1).
     presence_enabled: bool,
-    /// Presence key: `config.presence.key` or a UUID generated at join.
-    presence_key: Arc<str>,
+    /// Presence key: `config.presence.key`, or a UUID generated at the first track (`None`
+    /// until then: most channels never track, and the key would be kept for nothing).
+    presence_key: Option<Arc<str>>,
     /// Presence frames counted in the current window, and when the window opened (ms).
     presence_calls: u32,
     presence_window_start_ms: i64,
@@ -160,9 +166,9 @@ struct Channel {
     /// While `Authorizing`: when the join gives up waiting for the database (Unix seconds,
     /// [`engine::limits::AUTHORIZE_TIMEOUT_SECS`] after the join); `i64::MAX` otherwise.
     authorize_deadline_secs: i64,
-    /// The channel token and its claims (drive private-channel and RLS checks later).
-    token: String,
-    claims: Claims,
+    /// The channel token and its claims (drive private-channel and RLS checks later), shared
+    /// with every holder of the same token on this shard (`credentials.rs`).
+    cred: Rc<Credential>,
     /// A close decided while the join was still unanswered (a bad token refresh, a presence
     /// limit): sent right after the ok reply, as upstream (whose joins finish before the next
     /// frame is handled) would; dropped if the join fails.
@@ -175,28 +181,35 @@ pub struct Session {
     format: Format,
     shard: ShardId,
     conn: ConnId,
-    /// The connection token (cleaned), the fallback channel token.
-    conn_token: String,
-    /// Joined channels by topic as the client spelled it. Boxed: the map allocates room for
-    /// several entries even with one channel, and a `Channel` is ≈ 400 bytes.
-    channels: AHashMap<Box<str>, Box<Channel>>,
+    /// The connection token (cleaned, verified at the upgrade), the fallback channel token.
+    conn_cred: Rc<Credential>,
+    /// Joined channels by topic as the client spelled it (`topic_map.rs`: one inline entry, no
+    /// table). Boxed: a `Channel` is a few hundred bytes and the map moves entries.
+    channels: TopicMap<Box<Channel>>,
     next_serial: u32,
     /// Generated presence keys made by this session (uniqueness within one millisecond).
     presence_keys_made: u32,
 }
 
-fn raw(r: Ref<'_>) -> Bytes {
-    r.to_json()
+/// A ref kept by a channel, as raw JSON text: inline up to 16 bytes (refs are short counters;
+/// an idle channel keeps no allocation for them).
+type RawRef = smallvec::SmallVec<[u8; 16]>;
+
+fn raw(r: Ref<'_>) -> RawRef {
+    match r {
+        Ref::Json(text) => RawRef::from_slice(text.as_bytes()),
+        text => RawRef::from_vec(text.to_json().to_vec()),
+    }
 }
 
-fn as_ref(bytes: &Bytes) -> Ref<'_> {
+fn as_ref(bytes: &[u8]) -> Ref<'_> {
     Ref::Json(std::str::from_utf8(bytes).expect("stored refs are JSON text"))
 }
 
 impl Session {
-    /// A new session for a connection that passed the upgrade with `conn_token`.
-    pub fn new(format: Format, shard: ShardId, conn: ConnId, conn_token: String) -> Session {
-        Session { format, shard, conn, conn_token, channels: AHashMap::new(), next_serial: 1, presence_keys_made: 0 }
+    /// A new session for a connection that passed the upgrade with `conn_cred`.
+    pub fn new(format: Format, shard: ShardId, conn: ConnId, conn_cred: Rc<Credential>) -> Session {
+        Session { format, shard, conn, conn_cred, channels: TopicMap::default(), next_serial: 1, presence_keys_made: 0 }
     }
 
     /// The connection's wire format.
@@ -348,15 +361,12 @@ impl Session {
             fx.frames.push(frame::encode_close(self.format, as_ref(&old_ref), topic, "phx_close"));
         }
         match self.check_join(ctx, frame, fx) {
-            Ok((request, token, claims)) => {
+            Ok((request, cred)) => {
                 let serial = ChannelSerial(self.next_serial);
                 self.next_serial += 1;
                 let key = TopicKey::new(ctx.tenant.id, topic, request.private);
                 let join_response = join_response(&request.postgres_changes);
-                let presence_key: Arc<str> = match &request.presence_key {
-                    Some(key) => Arc::from(key.as_str()),
-                    None => Arc::from(self.generate_presence_key(ctx).as_str()),
-                };
+                let presence_key: Option<Arc<str>> = request.presence_key.as_deref().map(Arc::from);
                 self.channels.insert(
                     topic.into(),
                     Box::new(Channel {
@@ -382,8 +392,7 @@ impl Session {
                         pg_bindings: request.postgres_changes,
                         join_response,
                         authorize_deadline_secs: if request.private { ctx.now_secs.saturating_add(engine::limits::AUTHORIZE_TIMEOUT_SECS) } else { i64::MAX },
-                        token,
-                        claims,
+                        cred,
                         close_after_join: None,
                     }),
                 );
@@ -422,7 +431,7 @@ impl Session {
     }
 
     /// PROTOCOL.md §2.4, the steps that apply without a database.
-    fn check_join(&self, ctx: Context<'_>, frame: &TextFrame<'_>, fx: &mut Effects) -> Result<(JoinRequest, String, Claims), JoinError> {
+    fn check_join(&self, ctx: Context<'_>, frame: &TextFrame<'_>, fx: &mut Effects) -> Result<(JoinRequest, Rc<Credential>), JoinError> {
         let topic: &str = &frame.topic;
         if topic.is_empty() {
             return Err(JoinError::Unknown);
@@ -458,11 +467,13 @@ impl Session {
         if request.postgres_changes.len() > engine::limits::BINDINGS_PER_JOIN_MAX {
             return Err(JoinError::TooManyBindings { max: engine::limits::BINDINGS_PER_JOIN_MAX });
         }
-        let token = match &request.token {
-            ChannelToken::Connection => self.conn_token.clone(),
-            ChannelToken::Given(token) => auth::clean_token(token),
-        };
-        let claims = ctx.keys.verify(&token, ctx.now_secs).map_err(join_error)?;
+        let cred = match &request.token {
+            // Verified at the upgrade; only its expiry can have changed since.
+            ChannelToken::Connection if self.conn_cred.unexpired(ctx.now_secs) => Ok(Rc::clone(&self.conn_cred)),
+            ChannelToken::Connection => ctx.credentials.verify(ctx.keys, &self.conn_cred.token, ctx.now_secs),
+            ChannelToken::Given(token) => ctx.credentials.verify(ctx.keys, &auth::clean_token(token), ctx.now_secs),
+        }
+        .map_err(join_error)?;
         if request.replay.is_some() && !request.private {
             return Err(JoinError::ReplayPublic);
         }
@@ -476,7 +487,7 @@ impl Session {
                 return Err(JoinError::ReplayInvalid);
             }
         }
-        Ok((request, token, claims))
+        Ok((request, cred))
     }
 
     /// The topic owner registered a join: send the ok reply. Stale acks (the channel left or
@@ -496,7 +507,7 @@ impl Session {
         if !channel.pg_bindings.is_empty() {
             // Subscribed after the reply, so the `system` status never precedes it.
             let key = ChannelKey { shard: self.shard, conn: self.conn, channel: channel.serial };
-            fx.pg.push(PgCommand::Subscribe(subscription(key, &channel.claims, &channel.pg_bindings)));
+            fx.pg.push(PgCommand::Subscribe(subscription(key, &channel.cred.claims, &channel.pg_bindings)));
         }
         if let (true, Some(snapshot)) = (channel.presence_enabled, presence) {
             if presence_rate_exceeded {
@@ -517,9 +528,21 @@ impl Session {
     }
 
     /// A UUID v1 string for a channel that joined without a presence key (PROTOCOL.md §2.2).
-    fn generate_presence_key(&mut self, ctx: Context<'_>) -> String {
+    /// The presence key of channel `topic` (present), generated on first use.
+    fn presence_key(&mut self, topic: &str, now_ms: i64) -> Arc<str> {
+        if let Some(key) = &self.channels[topic].presence_key {
+            return Arc::clone(key);
+        }
+        let key: Arc<str> = Arc::from(self.generate_presence_key(now_ms).as_str());
+        if let Some(channel) = self.channels.get_mut(topic) {
+            channel.presence_key = Some(Arc::clone(&key));
+        }
+        key
+    }
+
+    fn generate_presence_key(&mut self, now_ms: i64) -> String {
         self.presence_keys_made = self.presence_keys_made.wrapping_add(1);
-        let millis = ctx.now_ms.max(0) as u64;
+        let millis = now_ms.max(0) as u64;
         // Sub-millisecond nanos from the per-session counter keep keys unique per session; the
         // node id (shard, connection) keeps them unique across sessions.
         // UUID v1 time has a 100 ns resolution: 10,000 distinct keys per millisecond.
@@ -586,8 +609,7 @@ impl Session {
                         None => return,
                     }
                 }
-                let channel = &self.channels[topic];
-                let presence_key = Arc::clone(&channel.presence_key);
+                let presence_key = self.presence_key(topic, ctx.now_ms);
                 fx.shard.push((state.owner(&key), ShardMsg::Track { topic: key, subscriber, key: presence_key, meta }));
                 ok(fx);
             }
@@ -635,13 +657,12 @@ impl Session {
         };
         let channel = self.channels.get_mut(topic).expect("caller checked the channel exists");
         let token = auth::clean_token(&token);
-        if token.starts_with("sb_") || token == channel.token {
+        if token.starts_with("sb_") || *token == *channel.cred.token {
             return;
         }
-        match ctx.keys.verify(&token, ctx.now_secs) {
-            Ok(claims) => {
-                channel.token = token;
-                channel.claims = claims;
+        match ctx.credentials.verify(ctx.keys, &token, ctx.now_secs) {
+            Ok(cred) => {
+                channel.cred = cred;
                 if channel.private {
                     // Re-check reads with the new claims; writes are re-checked at next use.
                     channel.write = private::WriteState::Unknown;
@@ -652,7 +673,7 @@ impl Session {
                 if !channel.pg_bindings.is_empty() {
                     // Re-subscribe with the new claims (PROTOCOL.md §6.3): a new status follows.
                     let key = ChannelKey { shard: self.shard, conn: self.conn, channel: channel.serial };
-                    fx.pg.push(PgCommand::Subscribe(subscription(key, &channel.claims, &channel.pg_bindings)));
+                    fx.pg.push(PgCommand::Subscribe(subscription(key, &channel.cred.claims, &channel.pg_bindings)));
                 }
             }
             Err(error) => self.close_channel(state, topic, system_message(error), fx),
@@ -696,8 +717,8 @@ impl Session {
             // Only joined channels: one still waiting for its policy check or owner ack is
             // answered first (its deadline bounds the wait) and expires at the next tick, with
             // the number of seconds counted then.
-            .filter(|(_, c)| c.state == ChannelState::Joined && c.claims.exp <= now_secs)
-            .map(|(topic, c)| (topic.clone(), now_secs - c.claims.exp))
+            .filter(|(_, c)| c.state == ChannelState::Joined && c.cred.claims.exp <= now_secs)
+            .map(|(topic, c)| (topic.clone(), now_secs - c.cred.claims.exp))
             .collect();
         for (topic, seconds_ago) in expired {
             self.close_channel(state, &topic, SystemMessage::TokenExpired { seconds_ago }, fx);
@@ -720,7 +741,7 @@ impl Session {
     /// The earliest `exp` or authorization deadline of the session's channels, so the driver
     /// can skip idle sessions.
     pub fn next_expiry(&self) -> Option<i64> {
-        self.channels.values().map(|c| c.claims.exp.min(c.authorize_deadline_secs)).min()
+        self.channels.values().map(|c| c.cred.claims.exp.min(c.authorize_deadline_secs)).min()
     }
 
     /// Whether channel `serial` already got database row `id` by replay.
@@ -735,8 +756,8 @@ impl Session {
 
     /// The topic, wire format and join_ref of a live channel (for pushes from the Postgres
     /// Changes core, which addresses channels by serial).
-    pub fn channel_by_serial(&self, serial: ChannelSerial) -> Option<(&str, &Bytes)> {
-        self.channels.iter().find(|(_, c)| c.serial == serial && c.state == ChannelState::Joined).map(|(topic, c)| (&**topic, &c.join_ref))
+    pub fn channel_by_serial(&self, serial: ChannelSerial) -> Option<(&str, &[u8])> {
+        self.channels.iter().find(|(_, c)| c.serial == serial && c.state == ChannelState::Joined).map(|(topic, c)| (&**topic, &c.join_ref[..]))
     }
 
     /// Whether channel `serial` takes the change at `position` (database commit order): false
@@ -762,6 +783,10 @@ impl Session {
 
 /// The ok reply's `response`: `{"postgres_changes":[<each binding as sent, plus "id">]}`.
 fn join_response(bindings: &[serde_json::Map<String, serde_json::Value>]) -> Bytes {
+    if bindings.is_empty() {
+        // Most channels: no allocation kept per channel.
+        return Bytes::from_static(br#"{"postgres_changes":[]}"#);
+    }
     let echoed: Vec<serde_json::Value> = bindings
         .iter()
         .map(|binding| {
@@ -819,7 +844,9 @@ pub fn join_error_delay(limits: &Limits) -> Duration {
     limits.join_error_delay
 }
 
+mod credentials;
 mod private;
+mod topic_map;
 
 #[cfg(test)]
 mod tests;

@@ -66,6 +66,7 @@ struct Harness {
     database: bool,
     limits: Limits,
     keys: auth::KeyStore,
+    credentials: crate::session::Credentials,
     state: ShardState,
     session: Session,
     now: i64,
@@ -82,13 +83,17 @@ struct Harness {
 impl Harness {
     fn new(mode: u8) -> Harness {
         let format = if mode & 1 == 0 { Format::V1 } else { Format::V2 };
+        let keys = auth::KeyStore::new(SECRET.to_vec());
+        let credentials = crate::session::Credentials::default();
+        let conn_cred = credentials.verify(&keys, &tokens()[0], NOW).expect("the connection token is valid");
         Harness {
             format,
             database: mode & 2 != 0,
             limits: Limits { channels_per_client_max: CHANNELS_MAX as u32, ..Limits::default() },
-            keys: auth::KeyStore::new(SECRET.to_vec()),
+            keys,
+            credentials,
             state: ShardState::new(ShardId(0), 1),
-            session: Session::new(format, ShardId(0), ConnId(0), tokens()[0].clone()),
+            session: Session::new(format, ShardId(0), ConnId(0), conn_cred),
             now: NOW,
             next_ref: 0,
             sent: HashSet::new(),
@@ -178,7 +183,7 @@ impl Harness {
             }
             self.sent.insert((decoded.topic.to_string(), ref_value));
         }
-        let ctx = Context { limits: &self.limits, keys: &self.keys, database: self.database, now_secs: self.now, now_ms: self.now * 1000, presence_rate_exceeded: false, tenant: crate::session::TenantGate::default() };
+        let ctx = Context { limits: &self.limits, keys: &self.keys, database: self.database, now_secs: self.now, now_ms: self.now * 1000, presence_rate_exceeded: false, tenant: crate::session::TenantGate::default(), credentials: &self.credentials };
         self.session.on_text(&mut self.state, ctx, frame.as_bytes(), fx);
     }
 
@@ -188,7 +193,7 @@ impl Harness {
                 self.sent.insert((push.topic.to_string(), Value::String(push.ref_.to_string())));
             }
         }
-        let ctx = Context { limits: &self.limits, keys: &self.keys, database: self.database, now_secs: self.now, now_ms: self.now * 1000, presence_rate_exceeded: false, tenant: crate::session::TenantGate::default() };
+        let ctx = Context { limits: &self.limits, keys: &self.keys, database: self.database, now_secs: self.now, now_ms: self.now * 1000, presence_rate_exceeded: false, tenant: crate::session::TenantGate::default(), credentials: &self.credentials };
         self.session.on_binary(&mut self.state, ctx, bytes, fx);
     }
 
@@ -201,7 +206,7 @@ impl Harness {
             2 => AuthzResult { broadcast: false, presence: false, error: None },
             _ => AuthzResult::failed("boom".into()),
         };
-        let ctx = Context { limits: &self.limits, keys: &self.keys, database: self.database, now_secs: self.now, now_ms: self.now * 1000, presence_rate_exceeded: false, tenant: crate::session::TenantGate::default() };
+        let ctx = Context { limits: &self.limits, keys: &self.keys, database: self.database, now_secs: self.now, now_ms: self.now * 1000, presence_rate_exceeded: false, tenant: crate::session::TenantGate::default(), credentials: &self.credentials };
         self.session.on_authorized(&mut self.state, ctx, key.channel, request.kind, result, fx);
     }
 

@@ -38,7 +38,7 @@ pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_SCRATCH_BYTES: usize = 64 * 1024;
 /// A write that makes no progress for this long means the peer stopped reading: the connection
 /// is dropped (its queue is already bounded; this frees the socket too).
-const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most bytes the writer gathers into one write.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
@@ -50,21 +50,150 @@ pub(crate) fn unix_now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// A connection's byte stream: plain TCP or TLS over it.
+/// A connection's byte stream before the upgrade: plain TCP or TLS over it.
 pub(crate) trait Transport: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + 'static {
+    /// What the connection's socket becomes once it is a WebSocket.
+    type Live: LiveSocket;
     /// The TCP socket underneath (timeouts, descriptor).
     fn tcp(&self) -> &TcpStream;
+    /// The socket for the connection's live phase (after the upgrade response was written).
+    fn into_live(self) -> std::io::Result<Self::Live>;
 }
 
 impl Transport for TcpStream {
+    type Live = PlainSocket;
+
     fn tcp(&self) -> &TcpStream {
         self
+    }
+
+    /// Keeps the bare descriptor and drops glommio's stream: a live plain connection is read
+    /// and written with non-blocking syscalls, waiting on the shard's epoll sets
+    /// (`readiness.rs`), so it keeps no io_uring request, timer record or poll source. glommio
+    /// gives its descriptor up only by closing it, so the socket is duplicated first; when the
+    /// process is out of descriptors (the duplicate needs one more for a moment), the connection
+    /// keeps glommio's stream instead and is served all the same.
+    fn into_live(self) -> std::io::Result<PlainSocket> {
+        // SAFETY: the descriptor belongs to `self`, open until `self` is dropped below; the
+        // duplicate (close-on-exec) refers to the same socket and is owned from here on.
+        match unsafe { std::os::fd::BorrowedFd::borrow_raw(self.as_raw_fd()) }.try_clone_to_owned() {
+            Ok(fd) => {
+                drop(self);
+                Ok(PlainSocket::Bare(fd))
+            }
+            Err(error) => {
+                tracing::debug!(%error, "no descriptor to spare: the connection keeps glommio's stream");
+                Ok(PlainSocket::Stream(Box::new(self)))
+            }
+        }
     }
 }
 
 impl Transport for futures_rustls::server::TlsStream<TcpStream> {
+    type Live = Self;
+
     fn tcp(&self) -> &TcpStream {
         self.get_ref().0
+    }
+
+    fn into_live(self) -> std::io::Result<Self> {
+        Ok(self)
+    }
+}
+
+/// A WebSocket connection's socket, as its task reads and (on the slow path) writes it.
+pub(crate) trait LiveSocket: 'static {
+    /// Plain TCP: the shard's flusher writes the socket directly while it has room.
+    const DIRECT: bool;
+    /// The descriptor (the flusher's writes, shutdown).
+    fn fd(&self) -> std::os::fd::RawFd;
+    /// Reads into `buf` through the shard's `scratch` buffer.
+    fn poll_recv(&mut self, cx: &mut TaskContext<'_>, conn: &Conn, id: engine::ConnId, scratch: &mut [u8], buf: &mut BytesMut) -> Poll<std::io::Result<usize>>;
+    /// Writes from `bytes`.
+    fn poll_send(&mut self, cx: &mut TaskContext<'_>, conn: &Conn, id: engine::ConnId, bytes: &[u8]) -> Poll<std::io::Result<usize>>;
+    /// Pushes out what the transport buffers (TLS records).
+    fn poll_flush_out(&mut self, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>>;
+    /// The client's address (for logs; looked up when needed rather than kept).
+    fn peer(&self) -> Option<std::net::SocketAddr>;
+}
+
+/// A live plain TCP connection: the bare descriptor (see [`Transport::into_live`]), or, when
+/// the process had no descriptor to spare at the upgrade, glommio's stream (boxed: rare).
+pub(crate) enum PlainSocket {
+    Bare(std::os::fd::OwnedFd),
+    Stream(Box<TcpStream>),
+}
+
+impl LiveSocket for PlainSocket {
+    const DIRECT: bool = true;
+
+    fn fd(&self) -> std::os::fd::RawFd {
+        match self {
+            PlainSocket::Bare(fd) => fd.as_raw_fd(),
+            PlainSocket::Stream(stream) => stream.as_raw_fd(),
+        }
+    }
+
+    fn poll_recv(&mut self, cx: &mut TaskContext<'_>, conn: &Conn, id: engine::ConnId, scratch: &mut [u8], buf: &mut BytesMut) -> Poll<std::io::Result<usize>> {
+        match self {
+            PlainSocket::Bare(_) => super::readiness::poll_read(cx, conn, id, scratch, buf),
+            PlainSocket::Stream(stream) => match futures_lite::AsyncRead::poll_read(Pin::new(&mut **stream), cx, scratch) {
+                Poll::Ready(Ok(n)) => {
+                    buf.extend_from_slice(&scratch[..n]);
+                    Poll::Ready(Ok(n))
+                }
+                other => other,
+            },
+        }
+    }
+
+    fn poll_send(&mut self, cx: &mut TaskContext<'_>, conn: &Conn, id: engine::ConnId, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self {
+            PlainSocket::Bare(_) => super::readiness::poll_write(cx, conn, id, bytes),
+            // glommio's write timeout (WRITE_STALL_TIMEOUT) bounds a stalled write.
+            PlainSocket::Stream(stream) => futures_lite::AsyncWrite::poll_write(Pin::new(&mut **stream), cx, bytes),
+        }
+    }
+
+    fn poll_flush_out(&mut self, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn peer(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            PlainSocket::Bare(fd) => socket2::SockRef::from(fd).peer_addr().ok().and_then(|address| address.as_socket()),
+            PlainSocket::Stream(stream) => stream.peer_addr().ok(),
+        }
+    }
+}
+
+impl LiveSocket for futures_rustls::server::TlsStream<TcpStream> {
+    const DIRECT: bool = false;
+
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.get_ref().0.as_raw_fd()
+    }
+
+    fn poll_recv(&mut self, cx: &mut TaskContext<'_>, _: &Conn, _: engine::ConnId, scratch: &mut [u8], buf: &mut BytesMut) -> Poll<std::io::Result<usize>> {
+        match futures_lite::AsyncRead::poll_read(Pin::new(self), cx, scratch) {
+            Poll::Ready(Ok(n)) => {
+                buf.extend_from_slice(&scratch[..n]);
+                Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
+    }
+
+    fn poll_send(&mut self, cx: &mut TaskContext<'_>, _: &Conn, _: engine::ConnId, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
+        futures_lite::AsyncWrite::poll_write(Pin::new(self), cx, bytes)
+    }
+
+    fn poll_flush_out(&mut self, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        futures_lite::AsyncWrite::poll_flush(Pin::new(self), cx)
+    }
+
+    fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.get_ref().0.peer_addr().ok()
     }
 }
 
@@ -408,10 +537,11 @@ async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head
     if leftover.is_empty() {
         leftover = BytesMut::new();
     }
-    if let Err(error) = tenant.keys.verify(&upgrade.token, unix_now()) {
-        return refuse(&shard, &mut stream, UpgradeRefusal::Refused(upgrade_error(error))).await;
-    }
     let shard_tenant = shard.shard_tenant(&tenant);
+    let conn_cred = match shard_tenant.credentials.verify(&tenant.keys, &upgrade.token, unix_now()) {
+        Ok(cred) => cred,
+        Err(error) => return refuse(&shard, &mut stream, UpgradeRefusal::Refused(upgrade_error(error))).await,
+    };
     let limited = if shard_tenant.users_full() {
         Some(UpgradeError::TooManyUsers)
     } else if shard_tenant.joins_exceeded() {
@@ -427,27 +557,31 @@ async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head
         return;
     }
     // No read timeout: the shard's idle sweep closes silent connections (`flush.rs`). A write
-    // that makes no progress for WRITE_STALL_TIMEOUT drops the connection.
+    // that makes no progress for WRITE_STALL_TIMEOUT drops the connection (TLS: glommio's write
+    // timeout; plain: the idle sweep, `Conn::write_stalled_ms`).
     let _ = stream.tcp().set_read_timeout(None);
     let _ = stream.tcp().set_write_timeout(Some(WRITE_STALL_TIMEOUT));
+    let peer = tracing::enabled!(tracing::Level::DEBUG).then(|| peer_of(&stream.tcp().peer_addr().ok()));
+    let Ok(socket) = stream.into_live() else { return };
     let id = shard.next_conn_id();
-    let direct = std::any::TypeId::of::<S>() == std::any::TypeId::of::<TcpStream>();
+    let direct = <S::Live as LiveSocket>::DIRECT;
     let conn = Rc::new(Conn {
         outbox: Outbox::new(direct),
-        session: RefCell::new(Session::new(upgrade.format, shard.id, id, upgrade.token)),
-        fd: stream.tcp().as_raw_fd(),
+        session: RefCell::new(Session::new(upgrade.format, shard.id, id, conn_cred)),
+        fd: socket.fd(),
         last_read_ms: std::cell::Cell::new(super::flush::clock_ms()),
         direct,
         tenant_epoch: tenant.epoch,
         tenant: Rc::clone(&shard_tenant),
         user: std::cell::Cell::new(false),
-        epoll_added: std::cell::Cell::new(false),
-        read_armed: std::cell::Cell::new(false),
-        read_waker: RefCell::new(None),
+        epoll_set: std::cell::Cell::new(super::readiness::SET_NONE),
+        chatty: std::cell::Cell::new(true),
+        epoll_armed: std::cell::Cell::new(0),
+        epoll_waker: RefCell::new(None),
+        write_stalled_ms: std::cell::Cell::new(0),
     });
     shard.conns.borrow_mut().insert(id, Rc::clone(&conn));
-    if tracing::enabled!(tracing::Level::DEBUG) {
-        let peer = peer_of(&stream.tcp().peer_addr().ok());
+    if let Some(peer) = peer {
         tracing::debug!(%peer, conn = id.0, shard = shard.id.0, "connection opened");
     }
     metrics::add(&shard.counters().connections_open, 1);
@@ -456,19 +590,32 @@ async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head
     // The connection lives on in a task of its own whose future holds only what a live
     // connection needs; the HTTP/upgrade task (sized for every path: TLS handshake, REST,
     // authorization) ends here and frees its memory.
-    glommio::spawn_local(live(shard, conn, id, stream, leftover)).detach();
+    glommio::spawn_local(live(shard, conn, id, socket, leftover)).detach();
 }
 
 /// A WebSocket connection after the upgrade, until it is closed.
-async fn live<S: Transport>(shard: Rc<Shard>, conn: Rc<Conn>, id: engine::ConnId, stream: S, leftover: BytesMut) {
-    let mut writer = TaskWriter::new(stream);
+async fn live<S: LiveSocket>(shard: Rc<Shard>, conn: Rc<Conn>, id: engine::ConnId, socket: S, leftover: BytesMut) {
+    let mut writer = TaskWriter::new(socket, id);
     let reason = read_loop(&shard, &conn, id, &mut writer, leftover).await;
     if tracing::enabled!(tracing::Level::DEBUG) {
         // Looked up now rather than kept for the connection's life (an idle connection holds as
         // little as it can); "?" once the socket no longer knows its peer.
-        let peer = peer_of(&writer.stream.tcp().peer_addr().ok());
+        let peer = peer_of(&writer.stream.peer());
         tracing::debug!(%peer, conn = id.0, close = reason.map(|r| r.code()), "connection closed");
     }
+    closed(&shard, &conn, reason);
+    // Whatever is still queued, then the close frame. The connection stays in the shard's map
+    // until then: the epoll thread's reports find its task through it (a plain socket that is
+    // full waits for writability there), and the idle sweep still drops it if that write stalls.
+    std::future::poll_fn(|cx| writer.poll_write_side(cx, &shard, &conn)).await;
+    shutdown(conn.fd);
+    shard.conns.borrow_mut().remove(&id);
+    metrics::sub(&shard.counters().connections_open, 1);
+}
+
+/// The connection's session ends (its channels leave, its counts drop); its queue closes with
+/// `reason`, or dies without one. Not part of `live`'s future: what it needs lives only here.
+fn closed(shard: &Rc<Shard>, conn: &Rc<Conn>, reason: Option<CloseReason>) {
     match reason {
         Some(reason) => conn.outbox.close(reason),
         None if conn.outbox.state() == OutboxState::Open => conn.outbox.kill(),
@@ -480,15 +627,10 @@ async fn live<S: Transport>(shard: Rc<Shard>, conn: Rc<Conn>, id: engine::ConnId
         conn.session.borrow_mut().on_close(&mut state, &mut fx);
     }
     shard.route(fx.shard);
-    shard.conns.borrow_mut().remove(&id);
     if conn.user.replace(false) {
         conn.tenant.add_user(false);
     }
     conn.tenant.add_connection(false);
-    // Whatever is still queued, then the close frame.
-    std::future::poll_fn(|cx| writer.poll_write_side(cx, &shard, &conn)).await;
-    shutdown(conn.fd);
-    metrics::sub(&shard.counters().connections_open, 1);
 }
 
 /// What woke the connection's task.
@@ -500,7 +642,7 @@ enum Event {
 
 /// Reads and handles messages until the connection ends; returns the close to send, if any.
 /// The same task writes whatever the shard's flusher does not (see `outbox.rs`).
-async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, id: engine::ConnId, writer: &mut TaskWriter<S>, mut buf: BytesMut) -> Option<CloseReason> {
+async fn read_loop<S: LiveSocket>(shard: &Rc<Shard>, conn: &Rc<Conn>, id: engine::ConnId, writer: &mut TaskWriter<S>, mut buf: BytesMut) -> Option<CloseReason> {
     let mut decoder = WsDecoder::new(WS_MESSAGE_BYTES_MAX);
     loop {
         loop {
@@ -514,7 +656,7 @@ async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, id: engine:
                 Err(WsError::TooBig) => return Some(CloseReason::MessageTooBig),
                 Err(WsError::InvalidUtf8) => return Some(CloseReason::InvalidPayload),
                 Err(error) => {
-                    tracing::debug!(peer = %peer_of(&writer.stream.tcp().peer_addr().ok()), %error, "WebSocket protocol error");
+                    tracing::debug!(peer = %peer_of(&writer.stream.peer()), %error, "WebSocket protocol error");
                     return Some(CloseReason::ProtocolError);
                 }
             }
@@ -530,7 +672,10 @@ async fn read_loop<S: Transport>(shard: &Rc<Shard>, conn: &Rc<Conn>, id: engine:
         let event = std::future::poll_fn(|cx| poll_read_or_write(cx, shard, conn, id, writer, &mut buf)).await;
         match event {
             Event::Read(Ok(0)) | Event::Read(Err(_)) | Event::WriterDone => return None,
-            Event::Read(Ok(_)) => conn.last_read_ms.set(super::flush::clock_ms()),
+            Event::Read(Ok(_)) => {
+                let now = super::flush::clock_ms();
+                conn.chatty.set(now.wrapping_sub(conn.last_read_ms.replace(now)) < super::readiness::CHATTY_GAP_MS);
+            }
         }
     }
 }
@@ -543,25 +688,12 @@ thread_local! {
 }
 
 /// The write side first (it may finish the connection), then a read into `buf`.
-fn poll_read_or_write<S: Transport>(cx: &mut TaskContext<'_>, shard: &Rc<Shard>, conn: &Rc<Conn>, id: engine::ConnId, writer: &mut TaskWriter<S>, buf: &mut BytesMut) -> Poll<Event> {
+fn poll_read_or_write<S: LiveSocket>(cx: &mut TaskContext<'_>, shard: &Rc<Shard>, conn: &Rc<Conn>, id: engine::ConnId, writer: &mut TaskWriter<S>, buf: &mut BytesMut) -> Poll<Event> {
     if writer.poll_write_side(cx, shard, conn).is_ready() {
         return Poll::Ready(Event::WriterDone);
     }
-    READ_SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        if conn.direct {
-            // Plain TCP: no io_uring request while idle (`readiness.rs`).
-            return super::readiness::poll_read(cx, conn, id, &mut scratch[..], buf).map(Event::Read);
-        }
-        match Pin::new(&mut writer.stream).poll_read(cx, &mut scratch[..]) {
-            Poll::Ready(Ok(n)) => {
-                buf.extend_from_slice(&scratch[..n]);
-                Poll::Ready(Event::Read(Ok(n)))
-            }
-            Poll::Ready(Err(error)) => Poll::Ready(Event::Read(Err(error))),
-            Poll::Pending => Poll::Pending,
-        }
-    })
+    // Plain TCP: a non-blocking `recv`, no io_uring request while idle (`readiness.rs`).
+    READ_SCRATCH.with(|scratch| writer.stream.poll_recv(cx, conn, id, &mut scratch.borrow_mut()[..], buf)).map(Event::Read)
 }
 
 fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, message: WsMessage) -> Option<CloseReason> {
@@ -593,6 +725,7 @@ fn handle(shard: &Rc<Shard>, conn: &Rc<Conn>, message: WsMessage) -> Option<Clos
 /// (TLS, a full socket, closing), then the close frame.
 struct TaskWriter<S> {
     stream: S,
+    id: engine::ConnId,
     /// Bytes being written and how far; empty when idle (no capacity kept after a burst).
     pending: Vec<u8>,
     written: usize,
@@ -602,9 +735,9 @@ struct TaskWriter<S> {
     frames: Vec<Bytes>,
 }
 
-impl<S: Transport> TaskWriter<S> {
-    fn new(stream: S) -> Self {
-        TaskWriter { stream, pending: Vec::new(), written: 0, flush_due: false, close_sent: false, done: false, frames: Vec::new() }
+impl<S: LiveSocket> TaskWriter<S> {
+    fn new(stream: S, id: engine::ConnId) -> Self {
+        TaskWriter { stream, id, pending: Vec::new(), written: 0, flush_due: false, close_sent: false, done: false, frames: Vec::new() }
     }
 
     /// Drives the write side; `Ready` once it is finished for good.
@@ -614,14 +747,14 @@ impl<S: Transport> TaskWriter<S> {
         }
         loop {
             while self.written < self.pending.len() {
-                match Pin::new(&mut self.stream).poll_write(cx, &self.pending[self.written..]) {
+                match self.stream.poll_send(cx, conn, self.id, &self.pending[self.written..]) {
                     Poll::Ready(Ok(n)) if n > 0 => self.written += n,
                     Poll::Ready(_) => return self.finish(conn, true),
                     Poll::Pending => return Poll::Pending,
                 }
             }
             if self.flush_due {
-                match Pin::new(&mut self.stream).poll_flush(cx) {
+                match self.stream.poll_flush_out(cx) {
                     Poll::Ready(Ok(())) => self.flush_due = false,
                     Poll::Ready(Err(_)) => return self.finish(conn, true),
                     Poll::Pending => return Poll::Pending,

@@ -115,13 +115,24 @@ impl Shard {
         }
     }
 
-    /// Closes every open connection silent for the idle timeout (called once a second).
+    /// Closes every open connection silent for the idle timeout, drops every plain one whose
+    /// write has made no progress for `WRITE_STALL_TIMEOUT`, and frees empty queues' buffers
+    /// (called once a second).
     pub(crate) fn sweep_idle(&self) {
         let now = clock_ms();
         let idle_ms = self.config.limits.idle_timeout.as_millis().min(u32::MAX as u128 / 2) as u32;
+        let stall_ms = super::conn::WRITE_STALL_TIMEOUT.as_millis() as u32;
         for conn in self.conns.borrow().values() {
+            conn.outbox.release_if_empty();
             if now.wrapping_sub(conn.last_read_ms.get()) >= idle_ms && conn.outbox.state() == OutboxState::Open {
                 conn.outbox.close(CloseReason::IdleTimeout);
+            }
+            let stalled = conn.write_stalled_ms.get();
+            if stalled != 0 && now.wrapping_sub(stalled) >= stall_ms && conn.outbox.state() != OutboxState::Dead {
+                // The peer stopped reading: its task's pending write ends (`TimedOut`) and the
+                // connection is dropped without a close frame (there is no room to send one).
+                conn.outbox.kill();
+                conn.wake_task();
             }
         }
     }

@@ -159,6 +159,15 @@ impl Outbox {
         }
     }
 
+    /// Frees the queue's buffer when it is empty (the idle sweep, once a second): an idle
+    /// connection keeps no queue allocation, and a busy one does not reallocate per write.
+    pub(crate) fn release_if_empty(&self) {
+        let mut frames = self.frames.borrow_mut();
+        if frames.is_empty() && frames.capacity() > 0 {
+            *frames = VecDeque::new();
+        }
+    }
+
     /// The socket is full: the connection's task writes from now on (awaiting writability)
     /// and hands the queue back once it is empty.
     pub(crate) fn hand_to_task(&self) {

@@ -127,11 +127,16 @@ pub(crate) struct Conn {
     pub(crate) tenant_epoch: u64,
     /// Counted as one of the tenant's connected users (it has a channel).
     pub(crate) user: Cell<bool>,
-    /// Epoll state of a plain connection (`super::readiness`): in the set, armed for one
-    /// report, and the task's waker for that report.
-    pub(crate) epoll_added: Cell<bool>,
-    pub(crate) read_armed: Cell<bool>,
-    pub(crate) read_waker: RefCell<Option<std::task::Waker>>,
+    /// Epoll state of a plain connection (`super::readiness`): which set it is in, the events
+    /// armed for one report (`EPOLLIN`, `EPOLLOUT`; 0 when none), the task's waker for it, and
+    /// whether its last two reads were close together (fast set) or not (slow set).
+    pub(crate) epoll_set: Cell<u8>,
+    pub(crate) chatty: Cell<bool>,
+    pub(crate) epoll_armed: Cell<u32>,
+    pub(crate) epoll_waker: RefCell<Option<std::task::Waker>>,
+    /// Plain TCP: when the task's write found the socket full and has made no progress since
+    /// ([`super::flush::clock_ms`], never 0 while stalled; 0 when not stalled).
+    pub(crate) write_stalled_ms: Cell<u32>,
 }
 
 pub(crate) struct Shard {
@@ -292,6 +297,7 @@ impl Shard {
             now_ms,
             presence_rate_exceeded: shard_tenant.presence_exceeded(),
             tenant: shard_tenant.gate(),
+            credentials: &shard_tenant.credentials,
         };
         f(ctx)
     }

@@ -37,6 +37,8 @@ pub(crate) struct ShardTenant {
     events_total: Cell<u64>,
     joins_total: Cell<u64>,
     limit_hits: Cell<u64>,
+    /// This shard's verified tokens of the tenant (cleared whenever its entry changes).
+    pub(crate) credentials: crate::session::Credentials,
 }
 
 impl ShardTenant {
@@ -53,6 +55,7 @@ impl ShardTenant {
             http: RefCell::new(HttpWindow::default()),
             events_total: Cell::new(0),
             joins_total: Cell::new(0),
+            credentials: crate::session::Credentials::default(),
             limit_hits: Cell::new(0),
         }
     }
@@ -234,6 +237,7 @@ impl ShardTenant {
             None => {
                 let was = self.gone.replace(true);
                 *self.db.borrow_mut() = None;
+                self.credentials.clear();
                 !was
             }
             Some(new) => {
@@ -241,6 +245,10 @@ impl ShardTenant {
                 let disconnect = new.epoch != tenant.epoch || self.gone.get();
                 if new.database_url != tenant.database_url {
                     *self.db.borrow_mut() = None;
+                }
+                if !Arc::ptr_eq(new, &tenant) {
+                    // Keys may have changed: nothing verified under the old entry is reused.
+                    self.credentials.clear();
                 }
                 *tenant = Arc::clone(new);
                 self.gone.set(false);

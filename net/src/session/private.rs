@@ -36,8 +36,8 @@ pub(super) enum WriteState {
 /// A send or track waiting for the write check.
 #[derive(Debug, Clone)]
 pub(super) enum PendingWrite {
-    Broadcast { ref_: Bytes, body: BroadcastBody },
-    Track { ref_: Bytes, meta: Bytes },
+    Broadcast { ref_: super::RawRef, body: BroadcastBody },
+    Track { ref_: super::RawRef, meta: Bytes },
 }
 
 impl PendingWrite {
@@ -50,9 +50,9 @@ impl Session {
     /// A policy check for `channel`, answered to this channel.
     pub(super) fn authorize(&self, channel: &Channel, kind: CheckKind) -> PgCommand {
         let request = AuthzRequest {
-            role: channel.claims.role.clone(),
-            claims_json: channel.claims.json.to_string(),
-            sub: channel.claims.sub.clone(),
+            role: channel.cred.claims.role.clone(),
+            claims_json: channel.cred.claims.json.to_string(),
+            sub: channel.cred.claims.sub.clone(),
             topic: channel.key.sub.to_string(),
             kind,
         };
@@ -232,10 +232,10 @@ impl Session {
                     let ref_text = String::from_utf8(ref_.to_vec()).expect("stored refs are JSON text");
                     let ref_ = Ref::Json(&ref_text);
                     if presence {
+                        let presence_key = self.presence_key(topic, ctx.now_ms);
                         let channel = &self.channels[topic];
                         let subscriber = Subscriber { shard: self.shard, conn: self.conn, channel: channel.serial };
                         let key = channel.key.clone();
-                        let presence_key = std::sync::Arc::clone(&channel.presence_key);
                         fx.shard.push((state.owner(&key), ShardMsg::Track { topic: key, subscriber, key: presence_key, meta }));
                         fx.frames.push(frame::encode_reply(self.format, as_ref(&join_ref), ref_, topic, "ok", b"{}"));
                     } else {

@@ -35,6 +35,8 @@ struct Harness {
     /// Joins counted toward the tenant's rate, and a close after the delayed frames.
     joins_counted: u64,
     close_after_delayed: Vec<Option<CloseReason>>,
+    /// The shard's verified tokens.
+    credentials: crate::session::Credentials,
 }
 
 impl Harness {
@@ -54,12 +56,13 @@ impl Harness {
             tenant: TenantGate::default(),
             joins_counted: 0,
             close_after_delayed: Vec::new(),
+            credentials: crate::session::Credentials::default(),
         }
     }
 
     fn connect(&mut self, format: Format) -> usize {
         let index = self.sessions.len();
-        self.sessions.push(Session::new(format, ShardId(0), ConnId(index as u64), token("anon", 3600)));
+        self.sessions.push(Session::new(format, ShardId(0), ConnId(index as u64), self.credentials.verify(&self.keys, &token("anon", 3600), NOW).expect("a valid token")));
         self.written.push(Vec::new());
         self.delayed.push(Vec::new());
         self.closed.push(None);
@@ -73,7 +76,7 @@ impl Harness {
 
     fn text(&mut self, conn: usize, frame: &str) {
         let (limits, keys) = self.ctx();
-        let ctx = Context { limits: &limits, keys: &keys, database: self.database, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms, presence_rate_exceeded: self.presence_rate_exceeded, tenant: self.tenant };
+        let ctx = Context { limits: &limits, keys: &keys, database: self.database, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms, presence_rate_exceeded: self.presence_rate_exceeded, tenant: self.tenant, credentials: &self.credentials };
         let mut fx = Effects::default();
         self.sessions[conn].on_text(&mut self.state, ctx, frame.as_bytes(), &mut fx);
         self.apply(conn, fx);
@@ -81,7 +84,7 @@ impl Harness {
 
     fn binary(&mut self, conn: usize, bytes: &[u8]) {
         let (limits, keys) = self.ctx();
-        let ctx = Context { limits: &limits, keys: &keys, database: self.database, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms, presence_rate_exceeded: self.presence_rate_exceeded, tenant: self.tenant };
+        let ctx = Context { limits: &limits, keys: &keys, database: self.database, now_secs: NOW, now_ms: NOW * 1000 + self.clock_ms, presence_rate_exceeded: self.presence_rate_exceeded, tenant: self.tenant, credentials: &self.credentials };
         let mut fx = Effects::default();
         self.sessions[conn].on_binary(&mut self.state, ctx, bytes, &mut fx);
         self.apply(conn, fx);
@@ -544,7 +547,7 @@ fn answer(h: &mut Harness, conn: usize, broadcast: bool, presence: bool) -> engi
     let index = h.pg.iter().position(|c| matches!(c, PgCommand::Authorize { reply: engine::changes::AuthzReply::Channel(k), .. } if k.conn.0 as usize == conn)).expect("a check was requested");
     let PgCommand::Authorize { request, reply: engine::changes::AuthzReply::Channel(key) } = h.pg.remove(index) else { unreachable!() };
     let (limits, keys) = h.ctx();
-    let ctx = Context { limits: &limits, keys: &keys, database: true, now_secs: NOW, now_ms: NOW * 1000, presence_rate_exceeded: false, tenant: TenantGate::default() };
+    let ctx = Context { limits: &limits, keys: &keys, database: true, now_secs: NOW, now_ms: NOW * 1000, presence_rate_exceeded: false, tenant: TenantGate::default(), credentials: &h.credentials };
     let mut fx = Effects::default();
     let result = engine::changes::AuthzResult { broadcast, presence, error: None };
     h.sessions[conn].on_authorized(&mut h.state, ctx, key.channel, request.kind, result, &mut fx);
@@ -721,7 +724,7 @@ fn disconnect_notices_cover_every_joined_channel_and_count_lifecycle() {
     );
     // Joins and leaves are reported for metrics; a refused join by its code.
     let (limits, keys) = h.ctx();
-    let ctx = Context { limits: &limits, keys: &keys, database: false, now_secs: NOW, now_ms: NOW * 1000, presence_rate_exceeded: false, tenant: TenantGate::default() };
+    let ctx = Context { limits: &limits, keys: &keys, database: false, now_secs: NOW, now_ms: NOW * 1000, presence_rate_exceeded: false, tenant: TenantGate::default(), credentials: &h.credentials };
     let mut fx = Effects::default();
     h.sessions[a].on_text(&mut h.state, ctx, br#"["3","3","three","phx_join",{"config":{},"access_token":"nope"}]"#, &mut fx);
     assert_eq!(fx.join_errors, vec![Box::<str>::from("MalformedJWT")]);
