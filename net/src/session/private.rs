@@ -160,7 +160,7 @@ impl Session {
     pub fn on_replayed(&mut self, state: &mut ShardState, serial: ChannelSerial, result: Result<Vec<ReplayedMessage>, String>, fx: &mut Effects) {
         let Some(topic) = self.topic_of(serial) else { return };
         let format = self.format;
-        let channel = self.channels.get_mut(&*topic).expect("found by serial");
+        let channel = self.channels.get_mut(&topic).expect("found by serial");
         if channel.state != ChannelState::Authorizing {
             return;
         }
@@ -172,7 +172,7 @@ impl Session {
                 let reply = frame::encode_error_reason(format, as_ref(&channel.join_ref), as_ref(&channel.join_reply_ref), &topic, &reason);
                 fx.join_errors.push(super::join_error_code(&reason));
                 fx.delayed.push(reply);
-                self.channels.remove(&*topic);
+                self.channels.remove(&topic);
                 return;
             }
         };
