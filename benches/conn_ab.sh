@@ -5,6 +5,8 @@
 #
 #   bash benches/conn_ab.sh BIN_DIR_A BIN_DIR_B OUT_DIR [w7|w1|w3|multi ...]
 #   C=BIN_DIR_C bash benches/conn_ab.sh …   # a third build, run after B each time
+#   SETTLE_MS=30000 bash benches/conn_ab.sh …  # W7: measure idle CPU in the steady state (after
+#                                              # every connection's first heartbeat; default 3000)
 #
 # Each BIN_DIR holds powa-realtime, powa-load and powa-rawfanout (release builds). Results:
 # OUT_DIR/results.jsonl (powa-load's JSON lines, labels A, B, raw, B-2shards), OUT_DIR/load.log.
@@ -14,6 +16,7 @@ C=${C:-}
 SYSTEMS="A B${C:+ C}"
 bin_of() { case $1 in A) echo "$A" ;; C) echo "$C" ;; *) echo "$B" ;; esac; }
 WHAT=${*:-w7 w1 w3 multi}
+SETTLE_MS=${SETTLE_MS:-3000}
 SECRET=bench-secret-not-for-production
 LOAD=$B/powa-load
 mkdir -p "$OUT"
@@ -59,10 +62,10 @@ for what in $WHAT; do
     w7)
       for n in 2000 5000 10000 15000; do
         for sys in $SYSTEMS; do
-          run "$sys" "$(bin_of $sys)" 1 1 1 idle --conns $n --concurrency 64 --settle-ms 3000 --hold-s 20
+          run "$sys" "$(bin_of $sys)" 1 1 1 idle --conns $n --concurrency 64 --settle-ms $SETTLE_MS --hold-s 20
         done
       done
-      run raw "$B" 1 1 1 idle --conns 15000 --concurrency 64 --settle-ms 3000 --hold-s 20
+      run raw "$B" 1 1 1 idle --conns 15000 --concurrency 64 --settle-ms $SETTLE_MS --hold-s 20
       ;;
     w1)
       for n in 1000 5000; do
@@ -81,7 +84,7 @@ for what in $WHAT; do
       # in the same layout (server unpinned, load unpinned).
       for shards in 1 2; do
         run "B-${shards}shard" "$B" "$shards" 1 0,1 fanout --subs 1000 --payload 100 --start 25000 --step-ms 1500 --drain-ms 2000 --max-steps 12
-        run "B-${shards}shard" "$B" "$shards" 1 0,1 idle --conns 15000 --concurrency 64 --settle-ms 3000 --hold-s 20
+        run "B-${shards}shard" "$B" "$shards" 1 0,1 idle --conns 15000 --concurrency 64 --settle-ms $SETTLE_MS --hold-s 20
       done
       ;;
   esac

@@ -576,7 +576,6 @@ async fn upgrade<S: Transport>(shard: Rc<Shard>, mut stream: S, head: http::Head
         user: std::cell::Cell::new(false),
         epoll_set: std::cell::Cell::new(super::readiness::SET_NONE),
         chatty: std::cell::Cell::new(true),
-        epoll_armed: std::cell::Cell::new(0),
         epoll_waker: RefCell::new(None),
         write_stalled_ms: std::cell::Cell::new(0),
     });

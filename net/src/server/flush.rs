@@ -116,9 +116,11 @@ impl Shard {
     }
 
     /// Closes every open connection silent for the idle timeout, drops every plain one whose
-    /// write has made no progress for `WRITE_STALL_TIMEOUT`, and frees empty queues' buffers
-    /// (called once a second).
-    pub(crate) fn sweep_idle(&self) {
+    /// write has made no progress for `WRITE_STALL_TIMEOUT`, frees empty queues' buffers, and
+    /// returns the connections with a channel whose token expired by `now_secs` (called once a
+    /// second).
+    pub(crate) fn sweep_idle(&self, now_secs: i64) -> Vec<Rc<Conn>> {
+        let mut expired = Vec::new();
         let now = clock_ms();
         let idle_ms = self.config.limits.idle_timeout.as_millis().min(u32::MAX as u128 / 2) as u32;
         let stall_ms = super::conn::WRITE_STALL_TIMEOUT.as_millis() as u32;
@@ -134,6 +136,10 @@ impl Shard {
                 conn.outbox.kill();
                 conn.wake_task();
             }
+            if conn.session.borrow().next_expiry().is_some_and(|exp| exp <= now_secs) {
+                expired.push(Rc::clone(conn));
+            }
         }
+        expired
     }
 }

@@ -6,13 +6,14 @@
 //! pending each). So a live plain connection has no io_uring request at all: it is a bare
 //! descriptor (`conn::PlainSocket`); its task reads with a non-blocking `recv` into the shard's
 //! scratch buffer and writes (when the shard's flusher could not) with a non-blocking `send`, and
-//! when the socket is empty (or full) registers the descriptor with one of the shard's two epoll
-//! sets (one-shot, `EPOLLIN` and/or `EPOLLOUT`). One thread per shard (pinned like the shard, it
+//! when the socket is empty (or full) waits on one of the shard's two epoll sets, where the
+//! descriptor is registered once, edge-triggered for reads and writes (no syscall to re-arm it
+//! per read). One thread per shard (pinned like the shard, it
 //! inherits its affinity) waits on them and passes the ready connections' ids to the shard in
 //! batches over a bounded channel; the shard wakes those tasks.
 //!
 //! The two sets: a connection whose last two reads were less than [`CHATTY_GAP_MS`] apart, or
-//! that waits to write, is registered in the *fast* set, reported as soon as it is ready. Any
+//! that waited to write, is registered in the *fast* set, reported as soon as it is ready. Any
 //! other (an idle connection whose next read is most likely its heartbeat) goes to the *slow*
 //! set, which the thread drains at most once per [`SLOW_TICK`]: the heartbeats of thousands of
 //! idle connections then share a wake-up of the thread and of the shard instead of costing two
@@ -21,8 +22,8 @@
 //! second or more waits up to one tick.
 //!
 //! Bound: the channel holds [`READY_BATCHES_MAX`] batches; when it is full the thread blocks
-//! (the shard is behind; one-shot registration means each connection is reported at most once
-//! until its task registers it again, so nothing accumulates).
+//! (the shard is behind; a connection is reported once per edge, and edges come only from what
+//! its peer sends or acknowledges, which the peer's own TCP window bounds).
 
 use std::cell::Cell;
 use std::os::fd::RawFd;
@@ -120,7 +121,8 @@ fn wait_loop(fast: RawFd, slow: RawFd, tx: flume::Sender<Vec<u64>>) {
     loop {
         let timeout_ms = match slow_due {
             None => -1,
-            Some(due) => due.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32,
+            // Rounded up: a wait of 0 ms for a tick due in under a millisecond would spin.
+            Some(due) => due.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
         };
         let Some(n) = wait(fast, &mut events, timeout_ms) else { return };
         let mut batch: Vec<u64> = Vec::with_capacity(n);
@@ -149,47 +151,43 @@ fn wait_loop(fast: RawFd, slow: RawFd, tx: flume::Sender<Vec<u64>>) {
     }
 }
 
-/// Registers `conn`'s socket for one readiness report covering `want` (`EPOLLIN`, `EPOLLOUT`)
-/// besides what is armed already, in the fast set when it is chatty or waits to write, else in
-/// the slow set. Returns `false` when the shard has no epoll sets or the registration failed
-/// (the caller then cannot wait this way).
-fn arm(conn: &Conn, id: ConnId, want: u32) -> bool {
-    let armed = conn.epoll_armed.get();
-    if armed & want == want {
+/// Makes sure `conn`'s socket is registered, edge-triggered, for reads and writes in the set it
+/// belongs in now: the fast set when it is chatty or `writing`, else the slow set. A socket is
+/// registered once and stays registered (no re-arming per read: the task always reads or
+/// writes until `EAGAIN` before it waits, so every later arrival is a new edge); it moves
+/// between the sets only when its pace changes (a delete and an add). Returns `false` when the
+/// shard has no epoll sets or the registration failed (the caller then cannot wait this way).
+fn register(conn: &Conn, id: ConnId, writing: bool) -> bool {
+    let set = if conn.chatty.get() || writing { SET_FAST } else { SET_SLOW };
+    let current = conn.epoll_set.get();
+    if current == set {
         return true;
     }
     let (fast, slow) = EPOLL_FDS.with(|fds| fds.get());
     if fast < 0 {
         return false;
     }
-    let wanted = armed | want;
-    let set = if conn.chatty.get() || wanted & libc::EPOLLOUT as u32 != 0 { SET_FAST } else { SET_SLOW };
-    let epfd = if set == SET_FAST { fast } else { slow };
-    let mut event = libc::epoll_event { events: wanted | (libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32, u64: id.0 };
-    let current = conn.epoll_set.get();
-    if current != SET_NONE && current != set {
-        // Moving between the sets (rare: a connection turning chatty or quiet).
+    if current != SET_NONE {
         let old = if current == SET_FAST { fast } else { slow };
         // SAFETY: `conn.fd` is open (its task, the caller, holds the socket).
         unsafe { libc::epoll_ctl(old, libc::EPOLL_CTL_DEL, conn.fd, std::ptr::null_mut()) };
         conn.epoll_set.set(SET_NONE);
     }
-    let op = if conn.epoll_set.get() == set { libc::EPOLL_CTL_MOD } else { libc::EPOLL_CTL_ADD };
+    let epfd = if set == SET_FAST { fast } else { slow };
+    let mut event = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32, u64: id.0 };
     // SAFETY: `conn.fd` is open (its task, the caller, holds the socket).
-    let rc = unsafe { libc::epoll_ctl(epfd, op, conn.fd, &mut event) };
-    if rc == 0 {
-        conn.epoll_set.set(set);
-        conn.epoll_armed.set(wanted);
-        return true;
+    if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, conn.fd, &mut event) } != 0 {
+        return false;
     }
-    false
+    conn.epoll_set.set(set);
+    true
 }
 
 impl Conn {
-    /// The epoll thread reported the socket (one-shot: the registration is spent), or the idle
-    /// sweep gave up on a stalled write: the task polls both directions again.
+    /// The epoll thread reported the socket (an edge: something arrived, room freed up, or the
+    /// peer closed), or the idle sweep gave up on a stalled write: the task polls both
+    /// directions again.
     pub(crate) fn wake_task(&self) {
-        self.epoll_armed.set(0);
         if let Some(waker) = self.epoll_waker.borrow_mut().take() {
             waker.wake();
         }
@@ -218,7 +216,7 @@ pub(crate) fn poll_read(cx: &mut std::task::Context<'_>, conn: &Conn, id: ConnId
             std::io::ErrorKind::Interrupted => continue,
             std::io::ErrorKind::WouldBlock => {
                 conn.keep_waker(cx);
-                if !arm(conn, id, libc::EPOLLIN as u32) {
+                if !register(conn, id, false) {
                     return Poll::Ready(Err(std::io::Error::last_os_error()));
                 }
                 return Poll::Pending;
@@ -253,7 +251,7 @@ pub(crate) fn poll_write(cx: &mut std::task::Context<'_>, conn: &Conn, id: ConnI
                     conn.write_stalled_ms.set(super::flush::clock_ms() | 1);
                 }
                 conn.keep_waker(cx);
-                if !arm(conn, id, libc::EPOLLOUT as u32) {
+                if !register(conn, id, true) {
                     return Poll::Ready(Err(std::io::Error::last_os_error()));
                 }
                 return Poll::Pending;

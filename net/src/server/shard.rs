@@ -127,12 +127,11 @@ pub(crate) struct Conn {
     pub(crate) tenant_epoch: u64,
     /// Counted as one of the tenant's connected users (it has a channel).
     pub(crate) user: Cell<bool>,
-    /// Epoll state of a plain connection (`super::readiness`): which set it is in, the events
-    /// armed for one report (`EPOLLIN`, `EPOLLOUT`; 0 when none), the task's waker for it, and
-    /// whether its last two reads were close together (fast set) or not (slow set).
+    /// Epoll state of a plain connection (`super::readiness`): which set it is registered in
+    /// (edge-triggered), the task's waker for its reports, and whether its last two reads were
+    /// close together (fast set) or not (slow set).
     pub(crate) epoll_set: Cell<u8>,
     pub(crate) chatty: Cell<bool>,
-    pub(crate) epoll_armed: Cell<u32>,
     pub(crate) epoll_waker: RefCell<Option<std::task::Waker>>,
     /// Plain TCP: when the task's write found the socket full and has made no progress since
     /// ([`super::flush::clock_ms`], never 0 while stalled; 0 when not stalled).
@@ -780,7 +779,9 @@ impl Shard {
     pub(crate) async fn expire_tokens(self: Rc<Self>) {
         loop {
             glommio::timer::sleep(std::time::Duration::from_secs(1)).await;
-            self.sweep_idle();
+            let now = super::conn::unix_now();
+            // One walk of the connections: idle and stalled ones, empty queues, expired tokens.
+            let due = self.sweep_idle(now);
             if self.tenants_version.get() != self.config.tenants.version() {
                 self.sync_tenants();
             }
@@ -788,14 +789,6 @@ impl Shard {
                 tenant.publish_totals();
                 tenant.tick_http();
             }
-            let now = super::conn::unix_now();
-            let due: Vec<Rc<Conn>> = self
-                .conns
-                .borrow()
-                .values()
-                .filter(|c| c.session.borrow().next_expiry().is_some_and(|exp| exp <= now))
-                .cloned()
-                .collect();
             for conn in due {
                 let mut fx = Effects::default();
                 {
