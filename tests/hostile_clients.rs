@@ -337,9 +337,10 @@ fn stalled_subscriber_round(server: &Server, pid: u32, topic: &str) -> (usize, u
 
 /// A subscriber that never reads while 20 MB is broadcast to its channel, four times: each is
 /// closed as a slow consumer (1008) once its queue passes the bound, the subscriber that reads
-/// gets every message, memory stays bounded, and later rounds reuse what earlier ones freed
-/// (the allocator keeps some of it: RSS after a round moves between about +6 and +15 MiB over
-/// the baseline on this machine, without a trend).
+/// gets every message, memory stays bounded, and it comes back: after an overflow the shard's
+/// sweep returns free heap to the system for a few seconds (`outbox::trim_if_wanted`), so RSS
+/// after a round is within about 1 MiB of the baseline on this machine (without the trim glibc
+/// kept +6 to +15 MiB, and sometimes more after a later round).
 #[test]
 fn a_subscriber_that_never_reads_twenty_megabytes_is_cut_and_its_memory_comes_back() {
     let mut server = Server::start(&[]);

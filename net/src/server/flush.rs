@@ -140,6 +140,7 @@ impl Shard {
                 expired.push(Rc::clone(conn));
             }
         }
+        super::outbox::trim_if_wanted();
         expired
     }
 }

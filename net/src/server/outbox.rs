@@ -21,6 +21,30 @@ use bytes::Bytes;
 use engine::client_error::CloseReason;
 use engine::limits::OUTBOUND_QUEUED_BYTES_MAX;
 
+/// Sweeps (seconds) that return free heap to the system after a queue overflowed.
+const TRIM_SWEEPS: u8 = 3;
+
+thread_local! {
+    /// Sweeps left that trim the heap (`trim_if_wanted`): set when a queue of this shard
+    /// overflowed and was cleared.
+    static TRIM_WANTED: Cell<u8> = const { Cell::new(0) };
+}
+
+/// After a slow consumer's queue (up to `OUTBOUND_QUEUED_BYTES_MAX`) was cleared: returns free
+/// heap to the system (`malloc_trim`) at the next few sweeps (the frames it shared with other
+/// subscribers are freed once those have sent them), so a burst to a stalled subscriber does not
+/// leave the process's RSS megabytes higher. Called by the once-a-second sweep; a no-op otherwise.
+pub(crate) fn trim_if_wanted() {
+    let left = TRIM_WANTED.with(Cell::get);
+    if left > 0 {
+        TRIM_WANTED.with(|wanted| wanted.set(left - 1));
+        // SAFETY: glibc's malloc_trim only releases free memory; it is thread-safe.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OutboxState {
     Open,
@@ -192,6 +216,8 @@ impl Outbox {
             self.probe.set(None);
             self.state.set(OutboxState::Closing(CloseReason::SlowConsumer));
             self.wake();
+            // Megabytes just went back to the allocator: the sweep hands them to the system.
+            TRIM_WANTED.with(|wanted| wanted.set(TRIM_SWEEPS));
             return false;
         }
         self.queued_bytes.set(queued);
