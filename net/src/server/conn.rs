@@ -117,6 +117,18 @@ pub(crate) trait LiveSocket: 'static {
     fn peer(&self) -> Option<std::net::SocketAddr>;
 }
 
+/// A read through glommio (TLS, or a plain stream kept for want of a descriptor) into the
+/// shard's `scratch`, appended to `buf`.
+fn poll_read_into<R: futures_lite::AsyncRead + Unpin>(reader: &mut R, cx: &mut TaskContext<'_>, scratch: &mut [u8], buf: &mut BytesMut) -> Poll<std::io::Result<usize>> {
+    match Pin::new(reader).poll_read(cx, scratch) {
+        Poll::Ready(Ok(n)) => {
+            buf.extend_from_slice(&scratch[..n]);
+            Poll::Ready(Ok(n))
+        }
+        other => other,
+    }
+}
+
 /// A live plain TCP connection: the bare descriptor (see [`Transport::into_live`]), or, when
 /// the process had no descriptor to spare at the upgrade, glommio's stream (boxed: rare).
 pub(crate) enum PlainSocket {
@@ -137,13 +149,7 @@ impl LiveSocket for PlainSocket {
     fn poll_recv(&mut self, cx: &mut TaskContext<'_>, conn: &Conn, id: engine::ConnId, scratch: &mut [u8], buf: &mut BytesMut) -> Poll<std::io::Result<usize>> {
         match self {
             PlainSocket::Bare(_) => super::readiness::poll_read(cx, conn, id, scratch, buf),
-            PlainSocket::Stream(stream) => match futures_lite::AsyncRead::poll_read(Pin::new(&mut **stream), cx, scratch) {
-                Poll::Ready(Ok(n)) => {
-                    buf.extend_from_slice(&scratch[..n]);
-                    Poll::Ready(Ok(n))
-                }
-                other => other,
-            },
+            PlainSocket::Stream(stream) => poll_read_into(&mut **stream, cx, scratch, buf),
         }
     }
 
@@ -175,13 +181,7 @@ impl LiveSocket for futures_rustls::server::TlsStream<TcpStream> {
     }
 
     fn poll_recv(&mut self, cx: &mut TaskContext<'_>, _: &Conn, _: engine::ConnId, scratch: &mut [u8], buf: &mut BytesMut) -> Poll<std::io::Result<usize>> {
-        match futures_lite::AsyncRead::poll_read(Pin::new(self), cx, scratch) {
-            Poll::Ready(Ok(n)) => {
-                buf.extend_from_slice(&scratch[..n]);
-                Poll::Ready(Ok(n))
-            }
-            other => other,
-        }
+        poll_read_into(self, cx, scratch, buf)
     }
 
     fn poll_send(&mut self, cx: &mut TaskContext<'_>, _: &Conn, _: engine::ConnId, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
