@@ -66,19 +66,24 @@ fn read_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     Some((header[0] & 0x0F, payload))
 }
 
+/// Three connections joined to `topic` (each join answered ok): the test's stalled subscriber,
+/// reading subscriber and publisher.
+fn three_joined(server: &Server, token: &str, topic: &str) -> [TcpStream; 3] {
+    let join = format!(r#"{{"topic":"{topic}","event":"phx_join","payload":{{"config":{{}}}},"ref":"1"}}"#);
+    let mut streams = [connect(server, token), connect(server, token), connect(server, token)];
+    for stream in &mut streams {
+        send(stream, &join);
+        let (_, reply) = read_frame(stream).expect("join reply");
+        assert!(String::from_utf8_lossy(&reply).contains("\"ok\""));
+    }
+    streams
+}
+
 #[test]
 fn a_stalled_subscriber_is_closed_and_others_keep_receiving() {
     let server = Server::start(&[]);
     let key = anon_key();
-    let join = r#"{"topic":"flood","event":"phx_join","payload":{"config":{}},"ref":"1"}"#;
-    let mut stalled = connect(&server, &key);
-    let mut reader = connect(&server, &key);
-    let mut publisher = connect(&server, &key);
-    for stream in [&mut stalled, &mut reader, &mut publisher] {
-        send(stream, join);
-        let (_, reply) = read_frame(stream).expect("join reply");
-        assert!(String::from_utf8_lossy(&reply).contains("\"ok\""));
-    }
+    let [mut stalled, mut reader, mut publisher] = three_joined(&server, &key, "flood");
     // The stalled subscriber never reads until the flood is over.
     // 4,000 × 8 KB = 32 MB: far past the 11 MB outbound bound plus the kernel buffers.
     let filler = "x".repeat(8000);
@@ -129,15 +134,7 @@ fn a_stalled_subscriber_is_closed_and_others_keep_receiving() {
 fn a_subscriber_whose_socket_stays_full_for_30_seconds_is_dropped() {
     let server = Server::start(&[]);
     let key = anon_key();
-    let join = r#"{"topic":"stall","event":"phx_join","payload":{"config":{}},"ref":"1"}"#;
-    let mut stalled = connect(&server, &key);
-    let mut reader = connect(&server, &key);
-    let mut publisher = connect(&server, &key);
-    for stream in [&mut stalled, &mut reader, &mut publisher] {
-        send(stream, join);
-        let (_, reply) = read_frame(stream).expect("join reply");
-        assert!(String::from_utf8_lossy(&reply).contains("\"ok\""));
-    }
+    let [mut stalled, mut reader, mut publisher] = three_joined(&server, &key, "stall");
     // 1,000 × 8 KB = 8 MB: more than the kernel buffers of a socket that is never read (its
     // receive window stays small), less than the 11 MB outbound bound (no slow-consumer close).
     const MESSAGES: usize = 1000;
