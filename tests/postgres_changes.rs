@@ -1282,7 +1282,7 @@ fn replication_backend_killed_is_survived_and_later_changes_arrive() {
 #[test]
 fn hostile_filters_get_their_error_and_nothing_else_happens() {
     let mut db = Db::new();
-    db.exec("CREATE TABLE public.hostile (id int PRIMARY KEY, title text)");
+    db.exec("CREATE TABLE public.hostile (id int PRIMARY KEY, title text, at timestamptz)");
     db.exec("CREATE PUBLICATION supabase_realtime FOR TABLE public.hostile");
     let server = db.server();
     db.exec("GRANT SELECT ON public.hostile TO anon, authenticated");
@@ -1320,6 +1320,10 @@ fn hostile_filters_get_their_error_and_nothing_else_happens() {
             Some(r#"[event: *, schema: public, table: hostile, filters: [{"id", "eq", "abc", false}], select: nil]"#),
         ),
         ("realtime:h-in-quotes", "title=in.(\"a'b\",\"c;d\")".into(), None, None),
+        // Found by the panic review of issue 16: this zone was sliced inside the `€`, which
+        // panicked the changes core and ended the process. An operand that does not read as a
+        // timestamp is compared as text, so the join succeeds.
+        ("realtime:h-zone-multibyte", "at=lt.2024-01-01T10:00+a€".into(), None, None),
     ];
     let mut h = Conn::open(&server, anon(), Vsn::V2, "hostile");
     let mut case_ids = HashMap::new();
@@ -1363,6 +1367,7 @@ fn hostile_filters_get_their_error_and_nothing_else_happens() {
     let delivered = |h: &Conn, topic: &str| -> Vec<Value> { h.pending_changes(topic).iter().map(record_id).collect() };
     assert_eq!(delivered(&h, "realtime:h-text-injection"), [json!(1)], "{}", h.dump());
     assert_eq!(delivered(&h, "realtime:h-in-quotes"), [json!(2), json!(3)], "{}", h.dump());
+    assert!(delivered(&h, "realtime:h-zone-multibyte").is_empty(), "NULL is never less than anything\n{}", h.dump());
     for (topic, _, exception, _) in &cases {
         if exception.is_some() {
             assert!(delivered(&h, topic).is_empty(), "{topic} failed to subscribe but got changes\n{}", h.dump());

@@ -182,7 +182,7 @@ fn claims_at(all: Map<String, Value>, now: i64) -> Result<Claims, AuthError> {
     }
     if let Some(exp) = exp {
         if exp <= now {
-            return Err(AuthError::Expired { seconds_ago: now - exp });
+            return Err(AuthError::Expired { seconds_ago: now.saturating_sub(exp) });
         }
     }
     let role = match all.get("role") {
@@ -249,6 +249,16 @@ mod tests {
         assert_eq!(check(&no_exp), Err(AuthError::MissingClaims));
         let bad_iat = token(json!({"role":"anon","exp":NOW+10,"iat":"x"}), b"secret");
         assert_eq!(check(&bad_iat), Err(AuthError::NotJwt));
+    }
+
+    /// Found by the panic review of issue 16: `now - exp` overflowed (a panic in debug builds)
+    /// for a signed token whose `exp` is `i64::MIN` or a float beyond it.
+    #[test]
+    fn an_exp_at_the_bottom_of_the_range_is_expired_without_overflow() {
+        for exp in [json!(i64::MIN), json!(-1e300), json!(i64::MIN + 1)] {
+            let ancient = token(json!({"role":"anon","exp":exp}), b"secret");
+            assert!(matches!(check(&ancient), Err(AuthError::Expired { seconds_ago }) if seconds_ago > 0), "{exp}");
+        }
     }
 
     #[test]

@@ -362,8 +362,7 @@ impl Session {
         }
         match self.check_join(ctx, frame, fx) {
             Ok((request, cred)) => {
-                let serial = ChannelSerial(self.next_serial);
-                self.next_serial += 1;
+                let serial = self.fresh_serial();
                 let key = TopicKey::new(ctx.tenant.id, topic, request.private);
                 let join_response = join_response(&request.postgres_changes);
                 let presence_key: Option<Arc<str>> = request.presence_key.as_deref().map(Arc::from);
@@ -750,6 +749,18 @@ impl Session {
     }
 
     /// The topic of a channel by serial, whatever its state.
+    /// The next channel serial: counts from 1 and wraps after 2^32 joins on one socket, skipping
+    /// 0 and any serial a live channel still holds (so two live channels never share one).
+    fn fresh_serial(&mut self) -> ChannelSerial {
+        loop {
+            let candidate = self.next_serial;
+            self.next_serial = self.next_serial.checked_add(1).unwrap_or(1);
+            if !self.channels.iter().any(|(_, c)| c.serial.0 == candidate) {
+                return ChannelSerial(candidate);
+            }
+        }
+    }
+
     fn topic_of(&self, serial: ChannelSerial) -> Option<Box<str>> {
         self.channels.iter().find(|(_, c)| c.serial == serial).map(|(topic, _)| topic.clone())
     }

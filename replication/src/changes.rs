@@ -433,7 +433,7 @@ async fn watch_slot(meta: &Db, client: &Rc<Client>, control: &crate::reader::Rea
     );
     match tokio::time::timeout(SLOT_WATCH_DEADLINE, query).await {
         Ok(Ok(rows)) => {
-            let retained = rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0).max(0) as u64;
+            let retained = rows.first().and_then(|r| r.try_get::<_, Option<i64>>(0).ok().flatten()).unwrap_or(0).max(0) as u64;
             if retained > max {
                 tracing::warn!(%slot, retained_bytes = retained, max_bytes = max, "the replication slot retains more WAL than allowed while streaming");
                 control.over_bound.store(retained, std::sync::atomic::Ordering::Relaxed);
@@ -463,9 +463,11 @@ async fn replay(client: &Client, topic: &str, since_ms: i64, limit: i64) -> Resu
     Ok(rows
         .iter()
         .filter_map(|row| {
-            let id: Option<String> = row.get(0);
-            let event: Option<String> = row.get(1);
-            Some(ReplayedMessage { id: id?, event: event?, payload: row.get(2), binary: row.get(3) })
+            // A row whose columns do not read as these types (the table altered by hand) is
+            // skipped, like one without an id or event.
+            let id: Option<String> = row.try_get(0).ok()?;
+            let event: Option<String> = row.try_get(1).ok()?;
+            Some(ReplayedMessage { id: id?, event: event?, payload: row.try_get(2).ok()?, binary: row.try_get(3).ok()? })
         })
         .filter(|m| m.payload.is_some() || m.binary.is_some())
         .collect())

@@ -137,9 +137,9 @@ async fn load_all(client: &Client) -> Result<Vec<(TenantConfig, String)>, Contro
         .map_err(|e| ControlError::Database(error_text(&e)))?;
     let mut tenants = Vec::with_capacity(rows.len());
     for row in rows {
-        let text: String = row.get(0);
-        let config: TenantConfig = serde_json::from_str(&text).map_err(|e| ControlError::Tenants(e.to_string()))?;
-        tenants.push((config, row.get(1)));
+        let cell = |i: usize| row.try_get::<_, String>(i).map_err(|e| ControlError::Database(error_text(&e)));
+        let config: TenantConfig = serde_json::from_str(&cell(0)?).map_err(|e| ControlError::Tenants(e.to_string()))?;
+        tenants.push((config, cell(1)?));
     }
     Ok(tenants)
 }
@@ -235,7 +235,7 @@ async fn run(client: &Client, registry: &Registry, operation: Operation) -> Resu
                 .query_opt("SELECT config::text FROM _realtime.tenants WHERE external_id = $1", &[&external_id])
                 .await
                 .map_err(db)?
-                .and_then(|row| serde_json::from_str::<TenantConfig>(&row.get::<_, String>(0)).ok());
+                .and_then(|row| serde_json::from_str::<TenantConfig>(&row.try_get::<_, String>(0).ok()?).ok());
             let config = match api::merge(existing.as_ref(), &fields) {
                 Ok(config) => config,
                 Err(response) => return Ok(response),
@@ -250,8 +250,8 @@ async fn run(client: &Client, registry: &Registry, operation: Operation) -> Resu
                 )
                 .await
                 .map_err(db)?;
-            let created: bool = row.get(0);
-            let inserted_at: String = row.get(1);
+            let created: bool = row.try_get(0).map_err(db)?;
+            let inserted_at: String = row.try_get(1).map_err(db)?;
             reload(client, registry).await?;
             let body = json!({ "data": api::render(&config, &process, Some(&inserted_at)) });
             if created {

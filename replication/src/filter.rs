@@ -741,6 +741,26 @@ mod tests {
         assert_eq!(check(&huge, "int4"), "too many values for `in` filter. Maximum 100");
     }
 
+    /// Found by the panic review of issue 16: a four-byte zone holding a multi-byte character
+    /// (`+a€`) was sliced at byte 2, inside the character, which panicked the changes core (and
+    /// with it the process) at a client's join. An exponent of `i64::MIN` overflowed `abs()`.
+    #[test]
+    fn hostile_operands_compile_without_panics() {
+        let check = |filter: &str, type_name: &str| compile(&parse(filter).unwrap()[0], 0, type_name).unwrap_err().0;
+        for type_name in ["timestamptz", "timestamp", "timetz", "time"] {
+            for filter in ["t=lt.2024-01-01T10:00+a€", "t=lt.10:00+a€", "t=lt.10:00-€a", "t=in.(10:00+a€,10:00)", "t=gt.2024-01-01 10:00:00+ü1"] {
+                // A temporal operand that does not read as one is compared as text (as for
+                // `now` or `infinity` spelled otherwise), so these compile.
+                let compiled = compile(&parse(filter).unwrap()[0], 0, type_name);
+                assert!(compiled.is_ok(), "{filter} as {type_name}: {compiled:?}");
+            }
+        }
+        assert!(eval("t=lt.10:00+0130", "timetz", Some("10:00:00+02")), "the four-digit zone still reads");
+        for filter in ["n=lt.0.01e-9223372036854775808", "n=lt.1e9223372036854775807", "n=lt.1e-1000000"] {
+            assert_eq!(check(filter, "numeric"), format!("invalid input syntax for type numeric: \"{}\"", &filter[5..]));
+        }
+    }
+
     proptest! {
         #[test]
         fn arbitrary_filters_never_panic(filter in "\\PC{0,60}", value in proptest::option::of("\\PC{0,20}")) {

@@ -758,7 +758,7 @@ async fn lead(run: Arc<Run>, cluster: FleetCluster, params: ConnParams, slot: Sl
         let attempt = async {
             let client = tokio::time::timeout(CONNECT_TIMEOUT, crate::sql::connect(&run.url)).await.ok()?.ok()?;
             let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await.ok()?;
-            row.get::<_, bool>(0).then_some(client)
+            row.try_get::<_, bool>(0).ok()?.then_some(client)
         };
         let Some(client) = attempt.await else {
             if wait_or_stop(&run, LEADER_RETRY).await {

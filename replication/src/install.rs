@@ -213,14 +213,21 @@ fn database_error(migration: Option<&Migration>, error: &tokio_postgres::Error) 
 /// connection.
 pub async fn install(client: &mut tokio_postgres::Client) -> Result<Vec<i32>, InstallError> {
     let row = client.query_one(preflight_sql(), &[]).await.map_err(|e| database_error(None, &e))?;
-    let wal_level: String = row.get("wal_level");
-    check_preflight(&wal_level, row.get("is_superuser"), row.get("can_replicate"), row.get("can_create_role"))?;
-    if !row.get::<_, bool>("can_create_schema") {
+    let flag = |name: &str| row.try_get::<_, bool>(name).map_err(|e| database_error(None, &e));
+    let wal_level: String = row.try_get("wal_level").map_err(|e| database_error(None, &e))?;
+    check_preflight(&wal_level, flag("is_superuser")?, flag("can_replicate")?, flag("can_create_role")?)?;
+    if !flag("can_create_schema")? {
         return Err(InstallError::NoCreateSchema);
     }
     let transaction = client.transaction().await.map_err(|e| database_error(None, &e))?;
     transaction.batch_execute(BOOTSTRAP_SQL).await.map_err(|e| database_error(None, &e))?;
-    let applied: Vec<i32> = transaction.query(APPLIED_SQL, &[]).await.map_err(|e| database_error(None, &e))?.iter().map(|row| row.get(0)).collect();
+    let applied: Vec<i32> = transaction
+        .query(APPLIED_SQL, &[])
+        .await
+        .map_err(|e| database_error(None, &e))?
+        .iter()
+        .map(|row| row.try_get(0).map_err(|e| database_error(None, &e)))
+        .collect::<Result<_, _>>()?;
     let mut done = Vec::new();
     for migration in pending(&applied) {
         let script = format!("{}\n;\n{}", migration.sql, record_sql(migration));

@@ -108,7 +108,7 @@ pub async fn published_tables(client: &Client) -> Result<(bool, Vec<(String, Str
         client.query_typed("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[(&PUBLICATION, Type::TEXT)]),
     )
     .await?;
-    Ok((!exists.is_empty(), rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
+    Ok((!exists.is_empty(), rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, SqlError>>()?))
 }
 
 /// Metadata of `schema.table`, or `None` when it does not exist.
@@ -169,8 +169,8 @@ impl Collations {
             known.insert(*oid, None);
         }
         for row in rows {
-            let oid: i64 = row.get(0);
-            known.insert(oid, Some(CollationRow { sql: row.get(1), byte_order: row.get::<_, Option<bool>>(2).unwrap_or(false), deterministic: row.get(3) }));
+            let oid: i64 = row.try_get(0)?;
+            known.insert(oid, Some(CollationRow { sql: row.try_get(1)?, byte_order: row.try_get::<_, Option<bool>>(2)?.unwrap_or(false), deterministic: row.try_get(3)? }));
         }
         Ok(())
     }
@@ -188,8 +188,8 @@ pub async fn table_info_for(client: &Client, schema: &str, table: &str, role: Op
         )
         .await?;
     let Some(row) = rows.first() else { return Ok(None) };
-    let oid: i64 = row.get(0);
-    let rls_enabled: bool = row.get(1);
+    let oid: i64 = row.try_get(0)?;
+    let rls_enabled: bool = row.try_get(1)?;
     let oid_param: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] = [(&oid, Type::INT8)];
     let columns_sql = "SELECT a.attname::text, t.typname::text, format_type(a.atttypid, a.atttypmod), a.attcollation::int8 \
          FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
@@ -207,13 +207,13 @@ pub async fn table_info_for(client: &Client, schema: &str, table: &str, role: Op
         }
     };
     let (columns, primary_key, privileges) = futures_util::future::try_join3(columns, primary_key, privileges).await?;
-    let oids: Vec<i64> = columns.iter().map(|r| r.get::<_, i64>(3)).collect();
+    let oids: Vec<i64> = columns.iter().map(|r| r.try_get::<_, i64>(3)).collect::<Result<_, SqlError>>()?;
     collations.resolve(client, &oids).await?;
     let columns = columns
         .iter()
         .zip(oids)
         .map(|(r, oid)| {
-            let type_sql: String = r.get(2);
+            let type_sql: String = r.try_get(2)?;
             let (collation_sql, order) = match collations.get(oid) {
                 Some(found) => {
                     let order = if found.byte_order {
@@ -229,17 +229,17 @@ pub async fn table_info_for(client: &Client, schema: &str, table: &str, role: Op
                 }
                 None => (None, crate::filter::TextOrder::Bytes),
             };
-            ColumnInfo { name: r.get(0), type_name: r.get(1), type_sql, collation_sql, order }
+            Ok(ColumnInfo { name: r.try_get(0)?, type_name: r.try_get(1)?, type_sql, collation_sql, order })
         })
-        .collect();
-    let primary_key = primary_key.iter().map(|r| r.get(0)).collect();
+        .collect::<Result<_, SqlError>>()?;
+    let primary_key = primary_key.iter().map(|r| r.try_get(0)).collect::<Result<_, SqlError>>()?;
     Ok(Some((Arc::new(TableInfo { oid, schema: schema.into(), table: table.into(), columns, primary_key, rls_enabled }), privileges)))
 }
 
 /// The role, or `None` when no such role exists.
 pub async fn role_info(client: &Client, role: &str) -> Result<Option<RoleInfo>, SqlError> {
     let rows = client.query_typed("SELECT rolbypassrls OR rolsuper FROM pg_roles WHERE rolname = $1", &[(&role, Type::TEXT)]).await?;
-    Ok(rows.first().map(|r| RoleInfo { bypasses_rls: r.get(0) }))
+    rows.first().map(|r| Ok(RoleInfo { bypasses_rls: r.try_get(0)? })).transpose()
 }
 
 /// Which columns of table `oid` the role may SELECT, in `attnum` order.
@@ -251,7 +251,8 @@ pub async fn selectable_columns(client: &Client, role: &str, oid: i64) -> Result
             &[(&role, Type::TEXT), (&oid, Type::INT8)],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    // NULL (a column dropped while the statement ran) reads as not selectable.
+    rows.iter().map(|r| Ok(r.try_get::<_, Option<bool>>(0)?.unwrap_or(false))).collect()
 }
 
 /// Most (value, operand) pairs one text-order statement carries; more go into further
@@ -331,7 +332,9 @@ pub async fn compile_rls(client: &Client, table: &TableInfo, role: &str) -> Resu
         )
         .await?;
     let Some(row) = rows.first() else { return Ok("false".into()) };
-    let (rls, force, owner, bypass, may_select): (bool, bool, bool, bool, bool) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    // NULL (the table or role dropped while the statement ran) reads as false: no access.
+    let flag = |i: usize| -> Result<bool, SqlError> { Ok(row.try_get::<_, Option<bool>>(i)?.unwrap_or(false)) };
+    let (rls, force, owner, bypass, may_select) = (flag(0)?, flag(1)?, flag(2)?, flag(3)?, flag(4)?);
     if bypass {
         return Ok("true".into());
     }
@@ -353,8 +356,8 @@ pub async fn compile_rls(client: &Client, table: &TableInfo, role: &str) -> Resu
     let mut permissive = Vec::new();
     let mut restrictive = Vec::new();
     for policy in &policies {
-        let expr: String = policy.get(1);
-        if policy.get::<_, bool>(0) {
+        let expr: String = policy.try_get(1)?;
+        if policy.try_get::<_, bool>(0)? {
             permissive.push(format!("({expr})"));
         } else {
             restrictive.push(format!("({expr})"));
@@ -385,7 +388,7 @@ pub async fn rls_fingerprint(client: &Client) -> Result<String, SqlError> {
             &[],
         )
         .await?;
-    Ok(row.get(0))
+    row.try_get(0)
 }
 
 /// RLS checks for several claims groups on one table, **pipelined**: the statements are
@@ -510,7 +513,7 @@ async fn rls_pipeline(client: &Client, table: &TableInfo, groups: &[RlsGroup<'_>
         match outcome {
             Ok(Some((g, rows))) => {
                 for row in rows {
-                    let position: Option<i32> = row.get(0);
+                    let position: Option<i32> = row.try_get(0).ok().flatten();
                     if let Some(slot) = position.and_then(|p| visible[g].get_mut(p as usize)) {
                         *slot = true;
                     }

@@ -74,12 +74,12 @@ impl TenantCounters {
     /// The sum of one field over every shard of every node (this node's shards plus the other
     /// nodes' last reported sums).
     pub fn sum(&self, field: impl Fn(&ShardSlot) -> &AtomicU64) -> u64 {
-        self.local_sum(&field) + field(&self.remote).load(Ordering::Relaxed)
+        self.local_sum(&field).saturating_add(field(&self.remote).load(Ordering::Relaxed))
     }
 
     /// The sum of one field over this node's shards.
     pub fn local_sum(&self, field: impl Fn(&ShardSlot) -> &AtomicU64) -> u64 {
-        self.slots.iter().map(|slot| field(slot).load(Ordering::Relaxed)).sum()
+        self.slots.iter().fold(0u64, |sum, slot| sum.saturating_add(field(slot).load(Ordering::Relaxed)))
     }
 
     /// Tenant-wide (cluster-wide) connected users.
@@ -109,5 +109,17 @@ mod tests {
         assert_eq!(counters.local_sum(|s| &s.users), 7);
         assert_eq!(counters.connections(), 1);
         assert!(std::mem::size_of::<ShardSlot>().is_multiple_of(64));
+    }
+
+    /// Found by the panic review of issue 16: a peer's heartbeat near `u64::MAX` (bytes from
+    /// NATS) overflowed the sum (a panic in debug builds, a wrap below the limits in release).
+    #[test]
+    fn sums_saturate_instead_of_wrapping() {
+        let counters = TenantCounters::new(2);
+        counters.slot(0).users.store(u64::MAX - 1, Ordering::Relaxed);
+        counters.slot(1).users.store(5, Ordering::Relaxed);
+        assert_eq!(counters.local_sum(|s| &s.users), u64::MAX);
+        counters.remote.users.store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(counters.users(), u64::MAX, "still above every limit");
     }
 }

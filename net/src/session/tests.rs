@@ -797,3 +797,27 @@ fn topics_carry_the_connections_tenant() {
     h.text(a, r#"{"topic":"realtime:room","event":"broadcast","payload":{"event":"e","payload":{}},"ref":"3","join_ref":"1"}"#);
     assert!(h.take(b).is_empty(), "a broadcast in tenant 7 never reaches tenant 8's channel of the same name");
 }
+
+/// Found by the panic review of issue 16: the channel serial was `+= 1` on a `u32` (a panic
+/// in debug builds after 2^32 joins on one socket; in release a wrap that could hand a live
+/// channel's serial to a new one, so database pushes would reach the wrong channel).
+#[test]
+fn channel_serials_wrap_without_reusing_a_live_one() {
+    let mut h = Harness::new();
+    let a = h.connect(Format::V2);
+    h.sessions[a].next_serial = u32::MAX - 1;
+    for room in ["realtime:r1", "realtime:r2", "realtime:r3"] {
+        h.text(a, &v2_join(room, json!({"broadcast": {"self": true}})));
+    }
+    h.sessions[a].next_serial = u32::MAX - 1;
+    h.text(a, &v2_join("realtime:r4", json!({"broadcast": {"self": true}})));
+    let serial = |h: &Harness, topic: &str| h.sessions[a].channels.get(topic).map(|c| c.serial.0);
+    let serials: Vec<_> = ["realtime:r1", "realtime:r2", "realtime:r3", "realtime:r4"].iter().map(|t| serial(&h, t)).collect();
+    assert_eq!(serials, vec![Some(u32::MAX - 1), Some(u32::MAX), Some(1), Some(2)], "0 and the live serials are skipped");
+    h.take(a);
+    // Every channel still gets its own broadcasts.
+    for (n, room) in ["realtime:r1", "realtime:r2", "realtime:r3", "realtime:r4"].iter().enumerate() {
+        h.text(a, &json!([null, null, room, "broadcast", {"type": "broadcast", "event": "e", "payload": n}]).to_string());
+        assert_eq!(h.take(a), vec![json!([null, null, room, "broadcast", {"type": "broadcast", "event": "e", "payload": n}])]);
+    }
+}

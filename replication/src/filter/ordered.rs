@@ -35,7 +35,7 @@ impl Numeric {
             _ => (false, &lower[..]),
         };
         let (mantissa, exp) = match rest.split_once('e') {
-            Some((m, e)) => (m, e.parse::<i64>().ok().filter(|e| e.abs() < 1_000_000)?),
+            Some((m, e)) => (m, e.parse::<i64>().ok().filter(|e| e.unsigned_abs() < 1_000_000)?),
             None => (rest, 0),
         };
         let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
@@ -268,7 +268,8 @@ fn time_of_day(text: &str) -> Option<(i64, Option<i64>)> {
             let negative = z.starts_with('-');
             let mut parts = z[1..].splitn(3, ':');
             let first = parts.next()?;
-            let (h, m) = if first.len() == 4 && !z[1..].contains(':') { (digits(&first[..2])?, digits(&first[2..])?) } else { (digits(first)?, parts.next().map(digits).unwrap_or(Some(0))?) };
+            // `get`, not indexing: `first` may hold multi-byte characters (`+a€`), cut inside by `..2`.
+            let (h, m) = if first.len() == 4 && !z[1..].contains(':') { (digits(first.get(..2)?)?, digits(first.get(2..)?)?) } else { (digits(first)?, parts.next().map(digits).unwrap_or(Some(0))?) };
             let s = parts.next().map(digits).unwrap_or(Some(0))?;
             let seconds = h * 3600 + m * 60 + s;
             Some(if negative { -seconds } else { seconds })
