@@ -1608,3 +1608,65 @@ fn python_client_receives_an_insert() {
     let status = script.wait_exit(Duration::from_secs(15));
     assert!(matches!(status, Some(s) if s.success()), "the Python script exited with {status:?}\n{}", script.dump());
 }
+
+// ---------------------------------------------------------------------------------------------
+// 10. Connections that go away
+// ---------------------------------------------------------------------------------------------
+
+/// A series from `/metrics`, summed over its label sets.
+fn metric(server: &Server, name: &str) -> u64 {
+    let (status, body) = support::http_request(server.addr, "GET", "/metrics", &[], b"").unwrap();
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    text.lines()
+        .filter(|line| line.split([' ', '{']).next() == Some(name))
+        .filter_map(|line| line.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum::<f64>() as u64
+}
+
+fn wait_for_subscriptions(server: &Server, want: u64, context: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = metric(server, "realtime_postgres_changes_subscriptions");
+        if now == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{context}: the changes core holds {now} subscriptions, expected {want}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Found by the RefCell review of issue 16: a connection that closed (with or without a close
+/// frame) dropped its channels' Unsubscribe commands, so the changes core kept matching and
+/// checking rows for channels nobody could receive, for ever; and its channels were not
+/// counted in `realtime_leaves_total`.
+#[test]
+fn a_closed_connections_subscriptions_leave_the_changes_core() {
+    let mut db = Db::new();
+    db.exec("CREATE TABLE public.gone (id int PRIMARY KEY)");
+    db.exec("CREATE PUBLICATION supabase_realtime FOR TABLE public.gone");
+    let server = db.server();
+    db.exec("GRANT SELECT ON public.gone TO anon, authenticated");
+    let mut stay = Conn::open(&server, anon(), Vsn::V1, "stay");
+    stay.join("realtime:stay", &json!([binding("*", "gone")]), None);
+    stay.subscribed("realtime:stay");
+    wait_for_subscriptions(&server, 1, "one subscriber");
+    for (round, with_close_frame) in [(0, false), (1, true), (2, false)] {
+        let mut leaving = Conn::open(&server, anon(), Vsn::V2, "leaving");
+        for topic in ["realtime:a", "realtime:b"] {
+            leaving.join(topic, &json!([binding("INSERT", "gone"), filtered("DELETE", "gone", "id=eq.1")]), None);
+            leaving.subscribed(topic);
+        }
+        wait_for_subscriptions(&server, 3, &format!("round {round}: joined"));
+        let leaves = metric(&server, "realtime_leaves_total");
+        if with_close_frame {
+            leaving.ws.close();
+        }
+        drop(leaving);
+        wait_for_subscriptions(&server, 1, &format!("round {round}: closed (close frame: {with_close_frame})"));
+        assert_eq!(metric(&server, "realtime_leaves_total"), leaves + 2, "round {round}: both channels counted as left");
+    }
+    // The one left still gets its changes.
+    db.exec("INSERT INTO public.gone VALUES (1)");
+    assert_eq!(summary(&stay.change("realtime:stay").0), ("INSERT".into(), json!(1)), "{}", stay.dump());
+}

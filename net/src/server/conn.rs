@@ -625,6 +625,13 @@ fn closed(shard: &Rc<Shard>, conn: &Rc<Conn>, reason: Option<CloseReason>) {
         let mut state = shard.state.borrow_mut();
         conn.session.borrow_mut().on_close(&mut state, &mut fx);
     }
+    if fx.left > 0 {
+        metrics::add(&shard.counters().leaves, fx.left);
+    }
+    // The channels' Postgres Changes subscriptions leave the core with the connection.
+    for command in fx.pg {
+        shard.send_command(&conn.tenant, command);
+    }
     shard.route(fx.shard);
     if conn.user.replace(false) {
         conn.tenant.add_user(false);

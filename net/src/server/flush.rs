@@ -42,7 +42,9 @@ impl Shard {
     /// flusher.
     pub(crate) fn schedule(&self, conn: &Rc<Conn>) {
         self.ready.borrow_mut().push(Rc::clone(conn));
-        if let Some(waker) = self.flusher.borrow_mut().take() {
+        // Taken first: the borrow ends before `wake`, whatever the waker does.
+        let waker = self.flusher.borrow_mut().take();
+        if let Some(waker) = waker {
             waker.wake();
         }
     }

@@ -269,7 +269,9 @@ impl Outbox {
     }
 
     fn wake(&self) {
-        if let Some(waker) = self.waker.borrow_mut().take() {
+        // Taken first: the borrow ends before `wake`, whatever the waker does.
+        let waker = self.waker.borrow_mut().take();
+        if let Some(waker) = waker {
             waker.wake();
         }
     }

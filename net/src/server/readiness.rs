@@ -188,7 +188,9 @@ impl Conn {
     /// peer closed), or the idle sweep gave up on a stalled write: the task polls both
     /// directions again.
     pub(crate) fn wake_task(&self) {
-        if let Some(waker) = self.epoll_waker.borrow_mut().take() {
+        // Taken first: the borrow ends before `wake`, whatever the waker does.
+        let waker = self.epoll_waker.borrow_mut().take();
+        if let Some(waker) = waker {
             waker.wake();
         }
     }

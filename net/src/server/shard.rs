@@ -372,7 +372,7 @@ impl Shard {
 
     /// Sends a command to the Postgres Changes core without waiting: straight into its queue
     /// when there is room and nothing waits before it, else into the overflow.
-    fn send_command(self: &Rc<Self>, tenant: &ShardTenant, command: engine::changes::Command) {
+    pub(super) fn send_command(self: &Rc<Self>, tenant: &ShardTenant, command: engine::changes::Command) {
         let Some(link) = &self.config.postgres else { return };
         let Some(db) = tenant.db(link) else { return };
         let to = db.commands;
