@@ -144,6 +144,16 @@ fn each_tenants_database_feeds_only_its_own_subscribers() {
         assert!(Instant::now() < deadline, "globex's slot outlived its tenant: {slots}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Closing globex's sockets unsubscribes their channels; that must not start a stream again
+    // for the removed tenant (found by review: it did, as `tenant-N`, slot and all). The socket
+    // is closed by now (it got its notice); the fleet must settle at acme's stream alone.
+    drop(globex);
+    std::thread::sleep(Duration::from_secs(2));
+    let slots = db.one("SELECT coalesce(string_agg(slot_name, ',' ORDER BY slot_name), '') FROM pg_replication_slots");
+    assert!(slots.starts_with("mt_acme_") && !slots.contains(','), "only acme streams: {slots}");
+    let (_, metrics) = http_request(server.addr, "GET", "/metrics", &[], b"").unwrap();
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(metrics.contains("realtime_tenant_databases{state=\"running\"} 1"), "{metrics}");
     db.exec("\\c acme");
     db.exec("INSERT INTO public.todos VALUES (2, 'still streaming')");
     let row = change(&mut acme, Duration::from_secs(15)).expect("acme streams on");

@@ -669,7 +669,10 @@ impl Session {
                     fx.pg.push(self.authorize(channel, engine::changes::CheckKind::Read));
                 }
                 let channel = self.channels.get_mut(topic).expect("present");
-                if !channel.pg_bindings.is_empty() {
+                // Only a joined channel is subscribed; one still joining subscribes at its join
+                // ack, with the credential just set. (Subscribing here too leaked the
+                // subscription of a private join that was then refused: found by review.)
+                if channel.state == ChannelState::Joined && !channel.pg_bindings.is_empty() {
                     // Re-subscribe with the new claims (PROTOCOL.md §6.3): a new status follows.
                     let key = ChannelKey { shard: self.shard, conn: self.conn, channel: channel.serial };
                     fx.pg.push(PgCommand::Subscribe(subscription(key, &channel.cred.claims, &channel.pg_bindings)));
@@ -759,6 +762,12 @@ impl Session {
                 return ChannelSerial(candidate);
             }
         }
+    }
+
+    /// Whether a channel with this serial is in the session (in any state): the fuzz harness's
+    /// check that no Postgres Changes subscription outlives its channel.
+    pub(crate) fn holds_serial(&self, serial: ChannelSerial) -> bool {
+        self.channels.values().any(|c| c.serial == serial)
     }
 
     fn topic_of(&self, serial: ChannelSerial) -> Option<Box<str>> {

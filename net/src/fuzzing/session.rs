@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use engine::changes::{AuthzReply, AuthzResult, Command as PgCommand};
 use engine::limits::Limits;
-use engine::{ConnId, Format, ShardId, ShardState};
+use engine::{ChannelSerial, ConnId, Format, ShardId, ShardState};
 
 use crate::frame::{self, Event};
 use crate::session::{Context, Effects, Session};
@@ -36,7 +36,11 @@ fn tokens() -> &'static [String; 3] {
 /// answers (granted, denied, failed), and the clock moving past token expiry and authorization
 /// deadlines.
 ///
-/// Invariants: no panic; never more channels than the limit (4 here); every reply carries the
+/// Joins may carry a Postgres Changes binding (bit 7 of a join's byte).
+///
+/// Invariants: no panic; never more channels than the limit (4 here); every Postgres Changes
+/// subscription the session asked the core for belongs to a channel it still holds, and none
+/// is left once the connection closes; every reply carries the
 /// topic and ref of a frame the client sent; no push (broadcast, presence, system) for a topic
 /// the client never joined successfully, and no `phx_close` for one it never asked to join;
 /// every frame is a valid server frame (JSON text or kind-4 binary).
@@ -55,10 +59,18 @@ pub fn session(data: &[u8]) {
         let closed = fx.close.is_some();
         harness.pump(fx);
         assert!(harness.session.channel_count() <= CHANNELS_MAX, "{} channels, limit {CHANNELS_MAX}", harness.session.channel_count());
+        for serial in &harness.subscribed {
+            assert!(harness.session.holds_serial(*serial), "a Postgres Changes subscription for channel {serial:?}, which the session no longer holds");
+        }
         if closed {
-            return;
+            break;
         }
     }
+    // The connection closes: nothing may stay subscribed in the core.
+    let mut fx = Effects::default();
+    harness.session.on_close(&mut harness.state, &mut fx);
+    harness.pump(fx);
+    assert!(harness.subscribed.is_empty(), "subscriptions left after the close: {:?}", harness.subscribed);
 }
 
 struct Harness {
@@ -78,6 +90,8 @@ struct Harness {
     joined: HashSet<String>,
     /// Policy checks waiting for an answer (bounded).
     pg: VecDeque<PgCommand>,
+    /// Channels with a Postgres Changes subscription in the core (Subscribe minus Unsubscribe).
+    subscribed: HashSet<ChannelSerial>,
 }
 
 impl Harness {
@@ -100,6 +114,7 @@ impl Harness {
             joins_sent: HashSet::new(),
             joined: HashSet::new(),
             pg: VecDeque::new(),
+            subscribed: HashSet::new(),
         }
     }
 
@@ -119,7 +134,8 @@ impl Harness {
         match op & 0x0F {
             0 | 1 => {
                 let private = op & 0x10 != 0 && op & 1 != 0;
-                let config = json!({"broadcast": {"self": true, "ack": op & 0x40 != 0}, "presence": {"key": "", "enabled": op & 0x20 != 0}, "postgres_changes": [], "private": private});
+                let bindings = if op & 0x80 != 0 { json!([{"event": "*", "schema": "public", "table": "items"}]) } else { json!([]) };
+                let config = json!({"broadcast": {"self": true, "ack": op & 0x40 != 0}, "presence": {"key": "", "enabled": op & 0x20 != 0}, "postgres_changes": bindings, "private": private});
                 self.send_text(text(self.format, "phx_join", json!({ "config": config })), fx);
             }
             2 => self.send_text(text(self.format, "phx_leave", json!({})), fx),
@@ -210,12 +226,29 @@ impl Harness {
         self.session.on_authorized(&mut self.state, ctx, key.channel, request.kind, result, fx);
     }
 
+    /// What the core would hold after these commands.
+    fn track_subscriptions(&mut self, commands: &[PgCommand]) {
+        for command in commands {
+            match command {
+                PgCommand::Subscribe(subscription) => {
+                    self.subscribed.insert(subscription.key.channel);
+                }
+                PgCommand::Unsubscribe(key) => {
+                    self.subscribed.remove(&key.channel);
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Delivers shard messages (join acks, broadcasts) until quiet, then checks every frame the
     /// client got.
     fn pump(&mut self, mut fx: Effects) {
         let mut written: Vec<Bytes> = std::mem::take(&mut fx.frames);
         written.extend(std::mem::take(&mut fx.delayed));
-        self.pg.extend(std::mem::take(&mut fx.pg).into_iter().filter(|c| matches!(c, PgCommand::Authorize { reply: AuthzReply::Channel(_), .. })));
+        let commands = std::mem::take(&mut fx.pg);
+        self.track_subscriptions(&commands);
+        self.pg.extend(commands.into_iter().filter(|c| matches!(c, PgCommand::Authorize { reply: AuthzReply::Channel(_), .. })));
         self.pg.truncate(64);
         let mut queue: VecDeque<_> = std::mem::take(&mut fx.shard).into();
         let mut steps = 0;
@@ -227,6 +260,7 @@ impl Harness {
                 Some(engine::shard::LocalEffect::JoinAcked { topic, subscriber, presence }) => {
                     let mut ack = Effects::default();
                     self.session.on_join_ack(&mut self.state, &topic, subscriber.channel, presence, false, &mut ack);
+                    self.track_subscriptions(&ack.pg);
                     written.extend(ack.frames);
                     written.extend(ack.delayed);
                     queue.extend(ack.shard);

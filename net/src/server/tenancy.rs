@@ -258,8 +258,12 @@ impl ShardTenant {
     }
 
     /// The tenant's core: cached; asked again when it stopped (the sender reports
-    /// disconnected) or was never asked. `None` without a database.
+    /// disconnected) or was never asked. `None` without a database, and for a tenant removed
+    /// from the directory: its closing sockets' unsubscribes must not start its stream again.
     pub(crate) fn db(&self, link: &super::PgLink) -> Option<DbHandle> {
+        if self.gone.get() {
+            return None;
+        }
         if let Some(handle) = self.db.borrow().as_ref() {
             if !handle.commands.is_disconnected() {
                 return Some(handle.clone());
