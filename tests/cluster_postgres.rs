@@ -133,6 +133,36 @@ fn one_node_streams_and_subscribers_on_every_node_get_each_change_once_with_rls(
     let (ids, _) = collect(&mut bobs, bob_ids.len(), WAIT);
     assert_eq!(ids, bob_ids, "bob sees only his rows");
     assert_eq!(walsenders(port), 1);
+
+    // Sockets closing on the other nodes unsubscribe their channels in the leader's core (found
+    // by the review of issue 16: a closing connection dropped its unsubscribes, so the leader
+    // kept matching and checking rows for them).
+    let leader_name = leaders[0][0]["leader"].as_str().expect("a leader").to_string();
+    let leader = [("a", &a), ("b", &b), ("c", &c)].into_iter().find(|(name, _)| *name == leader_name).expect("a known node").1;
+    wait_for_subscriptions(leader, 4);
+    let sockets: Vec<(&str, Socket)> = ["a", "b", "c"].into_iter().zip(anns).chain([("b", bobs)]).collect();
+    let (kept, closed): (Vec<_>, Vec<_>) = sockets.into_iter().partition(|(name, _)| *name == leader_name);
+    drop(closed);
+    wait_for_subscriptions(leader, kept.len() as u64);
+}
+
+/// Waits until the node's changes core holds `want` subscriptions
+/// (`realtime_postgres_changes_subscriptions`).
+fn wait_for_subscriptions(server: &Server, want: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = http_request(server.addr, "GET", "/metrics", &[], b"").expect("metrics");
+        let now: u64 = String::from_utf8_lossy(&body)
+            .lines()
+            .filter(|line| line.split([' ', '{']).next() == Some("realtime_postgres_changes_subscriptions"))
+            .filter_map(|line| line.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum::<f64>() as u64;
+        if now == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the leader's core holds {now} subscriptions, expected {want}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

@@ -289,19 +289,25 @@ impl Shared {
         self.next_request.set(id + 1);
         let (done, answers) = tokio::sync::oneshot::channel();
         self.syncs.borrow_mut().insert(id, PendingSync { want, got: Vec::new(), done: Some(done) });
+        // The entry goes however this ends: the topic's task may be aborted at an await below
+        // (interest off or on again), and a node that never answers would leave it for ever.
+        let guard = ForgetSync { syncs: &self.syncs, id };
         let request = wire::encode(&Wire::SyncRequest { tenant: tenant.to_owned(), private: topic.private, sub: Arc::clone(&topic.sub) });
         let sent = self.publish(subject::sync(&self.config.cluster), Some(format!("{}.{id}", self.inbox)), request).await;
         let states = match sent {
             true => tokio::time::timeout(SYNC_WAIT, answers).await.ok().and_then(Result::ok),
             false => None,
         };
-        match states {
+        let states = match states {
             Some(states) => states,
             None => {
                 Stats::add(&self.stats.sync_timeouts, 1);
-                self.syncs.borrow_mut().remove(&id).map(|pending| pending.got).unwrap_or_default()
+                let got = self.syncs.borrow_mut().remove(&id).map(|pending| pending.got).unwrap_or_default();
+                got
             }
-        }
+        };
+        drop(guard);
+        states
     }
 
     /// Tells every shard.
@@ -618,6 +624,18 @@ fn heal(shared: &Rc<Shared>) {
 /// Two heartbeat periods.
 fn heal_delay(config: &LinkConfig) -> Duration {
     (config.node_timeout / 3).clamp(Duration::from_millis(100), Duration::from_secs(1)) * 2
+}
+
+/// Removes a pending sync when its `sync` call ends or is dropped.
+struct ForgetSync<'a> {
+    syncs: &'a RefCell<HashMap<u64, PendingSync>>,
+    id: u64,
+}
+
+impl Drop for ForgetSync<'_> {
+    fn drop(&mut self) {
+        self.syncs.borrow_mut().remove(&self.id);
+    }
 }
 
 /// Re-syncs every topic with interest (its owner merges the answers).

@@ -108,6 +108,9 @@ pub(crate) struct PgState {
     virtual_ids: RefCell<HashMap<(u32, u16), u16>>,
     virtual_of: RefCell<HashMap<u16, (u32, u16)>>,
     next_virtual: Cell<u16>,
+    /// Ids of nodes that went, oldest first: reused only once the fresh range is spent, so a
+    /// late answer for a gone node's channel cannot reach a node that just got its id.
+    free_virtual: RefCell<std::collections::VecDeque<u16>>,
     /// Other nodes' channels subscribed in this node's cores (unsubscribed when the node goes).
     remote_keys: RefCell<HashMap<u32, HashSet<(TenantId, ChannelKey)>>>,
 }
@@ -129,6 +132,7 @@ impl PgState {
             virtual_ids: RefCell::default(),
             virtual_of: RefCell::default(),
             next_virtual: Cell::new(REMOTE_SHARD_BASE),
+            free_virtual: RefCell::default(),
             remote_keys: RefCell::default(),
         }
     }
@@ -207,6 +211,10 @@ impl PgState {
         };
         let key = ChannelKey { shard: ShardId(virtual_shard), conn: ConnId(conn), channel: ChannelSerial(channel) };
         let command = match command {
+            // A subscription sent while the sender still thought this node leads: its core no
+            // longer streams the tenant, and nothing would ever unsubscribe it here (the
+            // sender re-sends its subscriptions to the leader it learns of next).
+            PgCommand::Subscribe { .. } if !self.leading.borrow().contains(&tenant) => return,
             PgCommand::Subscribe { role, claims, bindings, .. } => {
                 self.remote_keys.borrow_mut().entry(from).or_default().insert((tenant, key));
                 Command::Subscribe(Subscription { key, role, claims_json: claims, bindings })
@@ -226,10 +234,12 @@ impl PgState {
             return Some(*id);
         }
         let id = self.next_virtual.get();
-        if id == u16::MAX {
-            return None;
-        }
-        self.next_virtual.set(id + 1);
+        let id = if id < u16::MAX {
+            self.next_virtual.set(id + 1);
+            id
+        } else {
+            self.free_virtual.borrow_mut().pop_front()?
+        };
         self.virtual_ids.borrow_mut().insert((node, shard), id);
         self.virtual_of.borrow_mut().insert(id, (node, shard));
         Some(id)
@@ -317,6 +327,14 @@ impl PgState {
         for (tenant, key) in keys {
             self.to_local(tenant, Command::Unsubscribe(key)).await;
         }
+        // Its virtual shard ids go back to the pool (after the fresh ones).
+        let mut ids = self.virtual_ids.borrow_mut();
+        let gone: Vec<((u32, u16), u16)> = ids.iter().filter(|((n, _), _)| *n == node).map(|(k, v)| (*k, *v)).collect();
+        for (pair, id) in gone {
+            ids.remove(&pair);
+            self.virtual_of.borrow_mut().remove(&id);
+            self.free_virtual.borrow_mut().push_back(id);
+        }
     }
 
     /// Recomputes each routed tenant's leader; for each change, what to do. `external_id`
@@ -346,6 +364,9 @@ impl PgState {
             if before == Some(self.me) {
                 // This node no longer streams: its core lets go of every channel.
                 let remote: Vec<(TenantId, ChannelKey)> = self.remote_keys.borrow().values().flatten().filter(|(t, _)| *t == tenant).copied().collect();
+                for keys in self.remote_keys.borrow_mut().values_mut() {
+                    keys.retain(|(t, _)| *t != tenant);
+                }
                 for (_, key) in remote {
                     self.to_local(tenant, Command::Unsubscribe(key)).await;
                 }
