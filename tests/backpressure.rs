@@ -28,6 +28,10 @@ fn connect(server: &Server, token: &str) -> TcpStream {
 }
 
 fn send(stream: &mut TcpStream, text: &str) {
+    try_send(stream, text).unwrap();
+}
+
+fn try_send(stream: &mut TcpStream, text: &str) -> std::io::Result<()> {
     let mut frame = vec![0x81u8];
     let len = text.len();
     if len < 126 {
@@ -41,7 +45,7 @@ fn send(stream: &mut TcpStream, text: &str) {
     }
     frame.extend_from_slice(&[0, 0, 0, 0]);
     frame.extend_from_slice(text.as_bytes());
-    stream.write_all(&frame).unwrap();
+    stream.write_all(&frame)
 }
 
 /// Reads one frame: (opcode, payload). `None` at EOF.
@@ -68,6 +72,22 @@ fn read_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
 
 /// Three connections joined to `topic` (each join answered ok): the test's stalled subscriber,
 /// reading subscriber and publisher.
+/// The server's `realtime_connections` gauge.
+fn open_connections(server: &Server) -> u64 {
+    let (status, body) = http_request(server.addr, "GET", "/metrics", &[], b"").unwrap();
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    text.lines().find_map(|l| l.strip_prefix("realtime_connections ")).and_then(|v| v.trim().parse::<f64>().ok()).expect("realtime_connections") as u64
+}
+
+/// `SO_RCVBUF` (which also turns the kernel's receive autotuning off for the socket).
+fn set_receive_buffer(stream: &TcpStream, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a live socket descriptor and a pointer to a c_int of the size passed.
+    let rc = unsafe { libc::setsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, (&bytes as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t) };
+    assert_eq!(rc, 0, "setsockopt(SO_RCVBUF): {}", std::io::Error::last_os_error());
+}
+
 fn three_joined(server: &Server, token: &str, topic: &str) -> [TcpStream; 3] {
     let join = format!(r#"{{"topic":"{topic}","event":"phx_join","payload":{{"config":{{}}}},"ref":"1"}}"#);
     let mut streams = [connect(server, token), connect(server, token), connect(server, token)];
@@ -135,6 +155,9 @@ fn a_subscriber_whose_socket_stays_full_for_30_seconds_is_dropped() {
     let server = Server::start(&[]);
     let key = anon_key();
     let [mut stalled, mut reader, mut publisher] = three_joined(&server, &key, "stall");
+    // A fixed, small receive buffer (receive autotuning off; `tcp_rmem` max is 32 MB here), so
+    // what the kernel holds for the client that never reads stays far below what is sent.
+    set_receive_buffer(&stalled, 64 * 1024);
     // 1,000 × 8 KB = 8 MB: more than the kernel buffers of a socket that is never read (its
     // receive window stays small), less than the 11 MB outbound bound (no slow-consumer close).
     const MESSAGES: usize = 1000;
@@ -147,21 +170,36 @@ fn a_subscriber_whose_socket_stays_full_for_30_seconds_is_dropped() {
                 seen += 1;
             }
         }
-        seen
+        // Handed back: it stays open (the gauge below counts on it).
+        (seen, reader)
     });
+    let flood_started = Instant::now();
     for i in 0..MESSAGES {
         let frame = format!(r#"{{"topic":"stall","event":"broadcast","payload":{{"type":"broadcast","event":"e","payload":{{"i":{i},"f":"{filler}"}}}},"ref":null}}"#);
         send(&mut publisher, &frame);
     }
-    assert_eq!(reader_thread.join().unwrap(), MESSAGES, "no loss for the subscriber that keeps up");
+    let (seen, _reader) = reader_thread.join().unwrap();
+    assert_eq!(seen, MESSAGES, "no loss for the subscriber that keeps up");
     // The stalled client keeps sending heartbeats (so the idle timeout is not what closes it)
-    // and reads nothing for 36 s.
+    // and reads nothing until the server has dropped it (the open-connections gauge falls to 2).
+    // The drop comes 30 s after the last progress of the server's write; that is at least 30 s
+    // after the flood started, and may be later: the kernel can still take a few bytes now and
+    // then (receive-queue collapsing), and each is progress.
     let heartbeat = r#"{"topic":"phoenix","event":"heartbeat","payload":{},"ref":"hb"}"#;
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(36) {
-        send(&mut stalled, heartbeat);
-        std::thread::sleep(Duration::from_secs(6));
-    }
+    let mut last_heartbeat: Option<Instant> = None;
+    let dropped_after = loop {
+        if open_connections(&server) == 2 {
+            break flood_started.elapsed();
+        }
+        assert!(flood_started.elapsed() < Duration::from_secs(120), "the stalled subscriber was not dropped within 120 s");
+        if last_heartbeat.is_none_or(|at| at.elapsed() >= Duration::from_secs(6)) {
+            // Best effort: the server may drop the connection at any moment now.
+            let _ = try_send(&mut stalled, heartbeat);
+            last_heartbeat = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(dropped_after >= Duration::from_secs(30), "dropped after {dropped_after:?}, before 30 s without progress");
     // Now it reads: what the kernel held, then the end of the stream — no close frame (there
     // was no room to send one), and not everything.
     let mut received = 0;
@@ -177,6 +215,7 @@ fn a_subscriber_whose_socket_stays_full_for_30_seconds_is_dropped() {
     }
     assert!(close.is_none(), "a dropped connection gets no close frame: {close:?}");
     assert!(received < MESSAGES, "the stalled subscriber was dropped before it got everything ({received})");
+    eprintln!("stalled subscriber dropped {dropped_after:?} after the flood started; it then read {received} of {MESSAGES} messages");
     // The others are fine.
     send(&mut publisher, heartbeat);
     let (_, reply) = read_frame(&mut publisher).expect("the publisher's connection is alive");
