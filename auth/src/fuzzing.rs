@@ -12,7 +12,8 @@ const JWKS: &str = r#"{"keys":[{"kty":"oct","kid":"k1","alg":"HS256","k":"ZnV6ei
 
 /// Any bytes as a token (raw, then cleaned as the upgrade does): verification answers with
 /// claims or a typed error, never panics; accepted claims have an `exp` in the future. A token the harness signs itself from the input's claims verifies
-/// exactly when they have a string `role` and a future integer `exp`.
+/// when they have a string `role`, a future integer `exp` and no `iat` that is not a number
+/// (PROTOCOL.md §6.1: `iat`, when present, must be a number).
 pub fn jwt(data: &[u8]) {
     let store = KeyStore::new(SECRET).with_jwks_json(JWKS).expect("the harness's JWKS parses");
     let now = 1_800_000_000;
@@ -29,7 +30,9 @@ pub fn jwt(data: &[u8]) {
 
 fn check_signed(store: &KeyStore, claims: Map<String, Value>, now: i64) {
     let token = sign_hs256(SECRET, &claims);
-    let valid = claims.get("role").is_some_and(Value::is_string) && claims.get("exp").and_then(Value::as_i64).is_some_and(|exp| exp > now);
+    let valid = claims.get("role").is_some_and(Value::is_string)
+        && claims.get("exp").and_then(Value::as_i64).is_some_and(|exp| exp > now)
+        && claims.get("iat").is_none_or(Value::is_number);
     let verified = store.verify(&token, now);
     if valid {
         assert!(verified.is_ok(), "a well-formed token was refused: {claims:?} → {verified:?}");
