@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod plain_json;
 mod verify;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -138,7 +138,7 @@ fn check_header_alg(token: &str) -> Result<(), AuthError> {
     const SUPPORTED: [&str; 9] = ["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"];
     let header = token.split('.').next().ok_or(AuthError::NotJwt)?;
     let bytes = URL_SAFE_NO_PAD.decode(header.trim_end_matches('=')).map_err(|_| AuthError::NotJwt)?;
-    let Ok(Value::Object(header)) = serde_json::from_slice::<Value>(&bytes) else {
+    let Ok(Value::Object(header)) = crate::plain_json::from_slice(&bytes) else {
         return Err(AuthError::NotJwt);
     };
     match header.get("alg").and_then(Value::as_str) {
@@ -160,7 +160,7 @@ fn decode_claims_segment(token: &str) -> Result<Map<String, Value>, AuthError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(claims.trim_end_matches('='))
         .map_err(|_| AuthError::NotJwt)?;
-    match serde_json::from_slice::<Value>(&bytes) {
+    match crate::plain_json::from_slice(&bytes) {
         Ok(Value::Object(map)) => Ok(map),
         _ => Err(AuthError::NotJwt),
     }

@@ -68,5 +68,19 @@ fn encode(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode, encode);
+/// Untrusted JSON into a `Value` (join payloads, presence metas, REST bodies): serde_json's own
+/// `Value` against `auth::plain_json` (the same tree, without the raw-value rule; issue 16).
+fn json_value(c: &mut Criterion) {
+    let join = r#"{"config":{"broadcast":{"ack":false,"self":true},"presence":{"key":"user-42","enabled":true},"postgres_changes":[{"event":"*","schema":"public","table":"todos","filter":"owner=eq.42"}],"private":false},"access_token":"eyJhbGciOiJIUzI1NiJ9.e30.c2ln"}"#;
+    let meta = r#"{"type":"presence","event":"track","payload":{"user":"ann","online_at":"2026-12-02T15:50:00.000Z","cursor":{"x":120,"y":48},"tags":["a","b","c"]}}"#;
+    let mut group = c.benchmark_group("json_value");
+    for (name, text) in [("join", join), ("presence", meta)] {
+        group.throughput(Throughput::Bytes(text.len() as u64));
+        group.bench_with_input(BenchmarkId::new("serde_json_value", name), &text, |b, text| b.iter(|| serde_json::from_str::<serde_json::Value>(std::hint::black_box(text)).unwrap()));
+        group.bench_with_input(BenchmarkId::new("plain_json", name), &text, |b, text| b.iter(|| auth::plain_json::from_str(std::hint::black_box(text)).unwrap()));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decode, encode, json_value);
 criterion_main!(benches);

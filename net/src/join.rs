@@ -56,7 +56,7 @@ pub struct JoinPayloadNotObject;
 
 /// Parses a join payload.
 pub fn parse_join(payload: &RawValue) -> Result<JoinRequest, JoinPayloadNotObject> {
-    let Ok(Value::Object(payload)) = serde_json::from_str::<Value>(payload.get()) else {
+    let Ok(Value::Object(payload)) = auth::plain_json::from_str(payload.get()) else {
         return Err(JoinPayloadNotObject);
     };
     let config = payload.get("config");

@@ -27,7 +27,7 @@ pub enum PresenceRequest {
 /// `{"type":"presence","event":"track","payload":{...}}`, Python the same without `type`. The
 /// event is compared case-insensitively.
 pub fn parse_presence(payload: &str) -> PresenceRequest {
-    let Ok(Value::Object(mut object)) = serde_json::from_str::<Value>(payload) else {
+    let Ok(Value::Object(mut object)) = auth::plain_json::from_str(payload) else {
         return PresenceRequest::NoEvent;
     };
     match object.get("event") {
@@ -42,7 +42,7 @@ pub fn parse_presence(payload: &str) -> PresenceRequest {
 /// `{"action":"track","data":{...}}` / `{"action":"untrack"}`, PROTOCOL.md §0.4). `None` when
 /// it is not that shape (the frame is then ignored like any unknown event).
 pub fn parse_docs_presence(payload: &str) -> Option<PresenceRequest> {
-    let Ok(Value::Object(mut object)) = serde_json::from_str::<Value>(payload) else {
+    let Ok(Value::Object(mut object)) = auth::plain_json::from_str(payload) else {
         return None;
     };
     match object.get("action") {

@@ -180,7 +180,7 @@ fn placeholder_claims() -> Claims {
 
 fn batch(tenant: engine::TenantId, body: &[u8], bypasses_rls: bool, database: bool, payload_bytes_max: usize) -> RestResult {
     let invalid = |errors: Value| RestResult { response: response(422, json!({ "errors": errors }).to_string().as_bytes()), outgoing: Vec::new(), private_checks: None };
-    let parsed: Value = match serde_json::from_slice(body) {
+    let parsed: Value = match auth::plain_json::from_slice(body) {
         Ok(value) => value,
         Err(_) => return invalid(json!({"messages": [RestError::Blank.text()]})),
     };
@@ -279,7 +279,7 @@ fn single(tenant: engine::TenantId, topic: &str, event: &str, content_type: Opti
             if body.iter().all(u8::is_ascii_whitespace) {
                 return refuse(response(422, field_error("payload", RestError::Blank).as_bytes()));
             }
-            let value: Value = match serde_json::from_slice(body) {
+            let value: Value = match auth::plain_json::from_slice(body) {
                 Ok(value) => value,
                 Err(_) => return refuse(response(422, field_error("payload", RestError::Invalid).as_bytes())),
             };

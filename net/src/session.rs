@@ -649,9 +649,9 @@ impl Session {
     fn access_token(&mut self, state: &mut ShardState, ctx: Context<'_>, topic: &str, payload: &str, fx: &mut Effects) {
         #[derive(serde::Deserialize)]
         struct Refresh {
-            access_token: Option<serde_json::Value>,
+            access_token: Option<auth::plain_json::Plain>,
         }
-        let Ok(Refresh { access_token: Some(serde_json::Value::String(token)) }) = serde_json::from_str::<Refresh>(payload) else {
+        let Ok(Refresh { access_token: Some(auth::plain_json::Plain(serde_json::Value::String(token))) }) = serde_json::from_str::<Refresh>(payload) else {
             return;
         };
         let channel = self.channels.get_mut(topic).expect("caller checked the channel exists");

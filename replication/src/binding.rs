@@ -142,10 +142,10 @@ pub fn parse_binding(raw: &Map<String, Value>) -> Result<Binding, String> {
 
 /// [`parse_binding`] for a binding carried as JSON object text ([`engine::changes::Subscription`]).
 pub fn parse_binding_text(text: &str) -> Result<Binding, String> {
-    match serde_json::from_str::<Map<String, Value>>(text) {
-        Ok(raw) => parse_binding(&raw),
+    match auth::plain_json::from_str(text) {
+        Ok(Value::Object(raw)) => parse_binding(&raw),
         // The session serialises a JSON object, so this is not reached; still an answer, not a panic.
-        Err(_) => Err(BindingError::NoSubscriptionParams { shown: "<invalid JSON>".into() }.text()),
+        _ => Err(BindingError::NoSubscriptionParams { shown: "<invalid JSON>".into() }.text()),
     }
 }
 

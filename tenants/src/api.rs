@@ -175,7 +175,7 @@ fn percent_decode(text: &str) -> String {
 
 /// The `tenant` object of a body.
 fn tenant_fields(body: &[u8]) -> Result<Map<String, Value>, ApiResponse> {
-    match serde_json::from_slice::<Value>(body) {
+    match auth::plain_json::from_slice(body) {
         Ok(Value::Object(mut object)) => match object.remove("tenant") {
             Some(Value::Object(fields)) => Ok(fields),
             _ => Err(ApiResponse::unprocessable(&[("tenant", "can't be blank".into())])),
