@@ -74,10 +74,7 @@ fn read_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
 /// reading subscriber and publisher.
 /// The server's `realtime_connections` gauge.
 fn open_connections(server: &Server) -> u64 {
-    let (status, body) = http_request(server.addr, "GET", "/metrics", &[], b"").unwrap();
-    assert_eq!(status, 200);
-    let text = String::from_utf8(body).unwrap();
-    text.lines().find_map(|l| l.strip_prefix("realtime_connections ")).and_then(|v| v.trim().parse::<f64>().ok()).expect("realtime_connections") as u64
+    support::metric(server.addr, "realtime_connections")
 }
 
 /// `SO_RCVBUF` (which also turns the kernel's receive autotuning off for the socket).

@@ -151,12 +151,7 @@ fn one_node_streams_and_subscribers_on_every_node_get_each_change_once_with_rls(
 fn wait_for_subscriptions(server: &Server, want: u64) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let (_, body) = http_request(server.addr, "GET", "/metrics", &[], b"").expect("metrics");
-        let now: u64 = String::from_utf8_lossy(&body)
-            .lines()
-            .filter(|line| line.split([' ', '{']).next() == Some("realtime_postgres_changes_subscriptions"))
-            .filter_map(|line| line.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-            .sum::<f64>() as u64;
+        let now = support::metric(server.addr, "realtime_postgres_changes_subscriptions");
         if now == want {
             return;
         }

@@ -1613,15 +1613,8 @@ fn python_client_receives_an_insert() {
 // 10. Connections that go away
 // ---------------------------------------------------------------------------------------------
 
-/// A series from `/metrics`, summed over its label sets.
 fn metric(server: &Server, name: &str) -> u64 {
-    let (status, body) = support::http_request(server.addr, "GET", "/metrics", &[], b"").unwrap();
-    assert_eq!(status, 200);
-    let text = String::from_utf8(body).unwrap();
-    text.lines()
-        .filter(|line| line.split([' ', '{']).next() == Some(name))
-        .filter_map(|line| line.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-        .sum::<f64>() as u64
+    support::metric(server.addr, name)
 }
 
 fn wait_for_subscriptions(server: &Server, want: u64, context: &str) {

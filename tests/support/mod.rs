@@ -243,3 +243,15 @@ pub fn psql_port(port: u16, sql: &str) -> Result<String, String> {
         Err(String::from_utf8_lossy(&output.stderr).into_owned())
     }
 }
+
+/// A series from the server's `/metrics`, summed over its label sets (0 when absent).
+#[allow(dead_code)]
+pub fn metric(addr: SocketAddr, name: &str) -> u64 {
+    let (status, body) = http_request(addr, "GET", "/metrics", &[], b"").expect("metrics");
+    assert_eq!(status, 200);
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|line| line.split([' ', '{']).next() == Some(name))
+        .filter_map(|line| line.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum::<f64>() as u64
+}
