@@ -149,15 +149,7 @@ fn one_node_streams_and_subscribers_on_every_node_get_each_change_once_with_rls(
 /// Waits until the node's changes core holds `want` subscriptions
 /// (`realtime_postgres_changes_subscriptions`).
 fn wait_for_subscriptions(server: &Server, want: u64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let now = support::metric(server.addr, "realtime_postgres_changes_subscriptions");
-        if now == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the leader's core holds {now} subscriptions, expected {want}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    support::wait_for_metric(server.addr, "realtime_postgres_changes_subscriptions", want, WAIT, "the leader's core");
 }
 
 #[test]

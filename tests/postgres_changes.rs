@@ -1618,15 +1618,7 @@ fn metric(server: &Server, name: &str) -> u64 {
 }
 
 fn wait_for_subscriptions(server: &Server, want: u64, context: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = metric(server, "realtime_postgres_changes_subscriptions");
-        if now == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{context}: the changes core holds {now} subscriptions, expected {want}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    support::wait_for_metric(server.addr, "realtime_postgres_changes_subscriptions", want, Duration::from_secs(10), context);
 }
 
 /// Found by the RefCell review of issue 16: a connection that closed (with or without a close

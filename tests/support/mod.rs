@@ -255,3 +255,17 @@ pub fn metric(addr: SocketAddr, name: &str) -> u64 {
         .filter_map(|line| line.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
         .sum::<f64>() as u64
 }
+
+/// Polls [`metric`] until it reads `want`; fails with `context` after `within`.
+#[allow(dead_code)]
+pub fn wait_for_metric(addr: SocketAddr, name: &str, want: u64, within: std::time::Duration, context: &str) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let now = metric(addr, name);
+        if now == want {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{context}: {name} is {now}, expected {want}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
