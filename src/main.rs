@@ -39,11 +39,19 @@ const PANIC_EXIT_STATUS: i32 = 101;
 /// A panic anywhere (a shard, the replication or changes thread) is a bug, and a process with
 /// one thread gone is worse than none: a dead shard's listener would keep taking connections
 /// that are never served. So the process logs the panic and exits at once, non-zero, for its
-/// supervisor to restart it (ARCHITECTURE.md, "A panic ends the process").
+/// supervisor to restart it (ARCHITECTURE.md, "A panic ends the process"). One exception: a
+/// panic inside the NATS client on the cluster link's thread, which bytes from another NATS
+/// client can cause; only that client's task ends and the link connects again
+/// (`powa_cluster::link::contains_panic`).
 fn install_panic_exit() {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+        let current = std::thread::current();
+        if powa_cluster::link::contains_panic(current.name(), info.location().map(|l| l.file())) {
+            tracing::error!(panic = %info, "a panic inside a dependency on the cluster link's thread: that task ends, the link connects again");
+            return;
+        }
+        let thread = current.name().unwrap_or("unnamed").to_string();
         tracing::error!(thread, panic = %info, "a thread panicked; exiting so that a supervisor restarts the server");
         default_hook(info);
         dev::shutdown_after_panic();

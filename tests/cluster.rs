@@ -299,3 +299,156 @@ fn a_killed_node_s_realtime_js_clients_come_back_through_another_node() {
     let _ = std::fs::remove_file(&ready);
     drop(a);
 }
+
+/// Publishes one message with headers on `subject` as a plain NATS client (not a node): the
+/// raw protocol, so that the header block is exactly `header`. Returns once the server
+/// answered the PING after it (it has processed the message).
+fn raw_nats_publish_with_header(nats: &Nats, subject: &str, header: &str, payload: &str) {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", nats.port)).expect("connect to NATS");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("INFO");
+    assert!(line.starts_with("INFO "), "{line}");
+    let mut writer = stream;
+    let message = format!(
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true,\"protocol\":1,\"name\":\"not-a-node\"}}\r\nHPUB {subject} {} {}\r\n{header}{payload}\r\nPING\r\n",
+        header.len(),
+        header.len() + payload.len()
+    );
+    writer.write_all(message.as_bytes()).expect("publish");
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("PONG");
+        assert!(!line.starts_with("-ERR"), "NATS refused the message: {line}");
+        if line.starts_with("PONG") {
+            return;
+        }
+    }
+}
+
+/// Any client allowed to publish on the cluster's subjects could stop every node at once:
+/// async-nats 0.51 parses a message's headers inside its connection task and asserts that a
+/// header value holds no `\r`, but its line splitting keeps a lone `\r` inside the value (found
+/// by reading its source, issue 16's dependency review). The link now survives a panic inside
+/// the NATS client (ARCHITECTURE.md "A panic ends the process", the one exception): that task
+/// ends, the link connects again, every topic re-subscribes and re-syncs, and cross-node
+/// delivery resumes.
+#[test]
+fn a_hostile_nats_header_does_not_stop_the_nodes() {
+    let nats = Nats::start();
+    let (mut a, mut b) = (node(&nats, "a"), node(&nats, "b"));
+    wait_for_nodes(&[&a, &b], 1);
+    let mut on_a = connect(&a, "1.0.0");
+    join_v1(&mut on_a, "realtime:room", json!({}));
+    rest_broadcast(&b, "room", json!({"before": true}));
+    assert_eq!(next_broadcast_v1(&mut on_a)["payload"]["before"], true);
+
+    for round in 0..3 {
+        raw_nats_publish_with_header(&nats, "powa.hb", "NATS/1.0\r\nX: a\rb\r\n\r\n", "boom");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(a.is_running() && b.is_running(), "round {round}: a node exited on a hostile NATS header");
+        // Each node's link started again, once per hostile message.
+        for (name, server) in [("a", &a), ("b", &b)] {
+            crate::support::wait_for_metric(server.addr, "realtime_cluster_link_restarts_total", round + 1, WAIT, &format!("node {name}, round {round}"));
+        }
+        wait_for_nodes(&[&a, &b], 1);
+        // The joined channel (its topic's subscription re-made on the new connection) hears
+        // node b again; a broadcast published while the subscription was being re-made may
+        // be lost (as while NATS is away), so retry until one arrives.
+        let deadline = Instant::now() + WAIT;
+        'delivered: loop {
+            rest_broadcast(&b, "room", json!({"round": round}));
+            let until = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < until {
+                match on_a.recv_frame(Duration::from_millis(100)) {
+                    wsclient::Frame::Text(text) if text.contains("\"round\":") => {
+                        let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+                        if frame["payload"]["payload"]["round"] == round {
+                            break 'delivered;
+                        }
+                    }
+                    wsclient::Frame::Close(..) | wsclient::Frame::Dropped(_) => panic!("round {round}: the client on node a was dropped"),
+                    _ => {}
+                }
+            }
+            assert!(Instant::now() < deadline, "round {round}: no broadcast from node b reached node a after the link restarted");
+        }
+    }
+    // Presence still crosses nodes after the restarts.
+    let mut view_a = View::join(&a, "realtime:people", "ann");
+    let mut view_b = View::join(&b, "realtime:people", "bob");
+    view_a.track("realtime:people", "ann");
+    view_b.track("realtime:people", "bob");
+    view_a.wait_for(&["ann", "bob"], WAIT);
+    view_b.wait_for(&["ann", "bob"], WAIT);
+}
+
+/// A fake NATS server for the hostile-server test: it greets each connection, answers its
+/// `PING`s, and sends `hostile[i]` to the i-th connection once the client is set up (later
+/// connections get nothing hostile).
+fn fake_nats(hostile: Vec<&'static str>) -> u16 {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the fake NATS");
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for (i, stream) in listener.incoming().enumerate() {
+            let Ok(stream) = stream else { continue };
+            let bad = hostile.get(i).copied();
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().unwrap();
+                let info = format!("INFO {{\"server_id\":\"fake\",\"server_name\":\"fake\",\"version\":\"2.9.11\",\"proto\":1,\"go\":\"go1.19\",\"host\":\"127.0.0.1\",\"port\":{port},\"headers\":true,\"max_payload\":8388608}}\r\n");
+                if writer.write_all(info.as_bytes()).is_err() {
+                    return;
+                }
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                let mut sent_bad = false;
+                loop {
+                    line.clear();
+                    match reader.read_line(&mut line) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    if line.starts_with("PING") && writer.write_all(b"PONG\r\n").is_err() {
+                        return;
+                    }
+                    // Once the client subscribes, it is past its handshake.
+                    if line.starts_with("SUB ") && !sent_bad {
+                        if let Some(bad) = bad {
+                            let _ = writer.write_all(bad.as_bytes());
+                        }
+                        sent_bad = true;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// What a hostile NATS server (or anyone in the middle of a plain `nats://` link) can send to
+/// make async-nats 0.51 panic inside its connection task, read off its parser in issue 16's
+/// dependency review: a bare `-ERR` line (slices `[5..4]`), a `MSG` whose length is
+/// `usize::MAX` (the length check overflows) and a header value with a lone `\r`. Each ends
+/// only the client's task: the node connects again and keeps serving.
+#[test]
+fn a_hostile_nats_server_does_not_stop_a_node() {
+    let hostile = vec!["-ERR\r\n", "MSG powa.hb 1 18446744073709551615\r\nx\r\n", "HMSG powa.hb 1 20 21\r\nNATS/1.0\r\nX: a\rb\r\n\r\nx\r\n"];
+    let port = fake_nats(hostile.clone());
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut server = Server::start(&[("REALTIME_NATS_URL", &url), ("REALTIME_NODE_ID", "a"), ("REALTIME_NODE_TIMEOUT_SECS", "2")]);
+    crate::support::wait_for_metric(server.addr, "realtime_cluster_link_restarts_total", hostile.len() as u64, Duration::from_secs(20), "one restart per hostile message");
+    assert!(server.is_running(), "the node exited");
+    let deadline = Instant::now() + WAIT;
+    while cluster_status(&server)["nats_connected"] != true {
+        assert!(Instant::now() < deadline, "the node did not connect again after the last hostile message");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its own clients were served all along.
+    let mut client = connect(&server, "1.0.0");
+    join_v1(&mut client, "realtime:room", json!({}));
+    rest_broadcast(&server, "room", json!({"after": true}));
+    assert_eq!(next_broadcast_v1(&mut client)["payload"]["after"], true);
+}

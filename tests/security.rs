@@ -127,3 +127,41 @@ fn hostile_channel_names_and_filter_values_never_reach_sql_text() {
     let leaked: Vec<&str> = with_marker.into_iter().filter(|line| !line.contains("INSERT INTO public.notes")).collect();
     assert!(leaked.is_empty(), "client text reached SQL statements:\n{}", leaked.join("\n"));
 }
+
+/// A token header nesting JSON strings in strings under serde_json's raw-value key (issue 16's
+/// dependency review): jsonwebtoken read the header's unknown members as `serde_json::Value`s
+/// before any signature check, and each raw-value string was parsed again with a fresh
+/// recursion limit, so one unsigned token overflowed a shard's stack and aborted the process.
+/// On the old code the debug build's shard overflowed its stack on the join below (process
+/// abort); the upgrade's 10 levels only got the signature error. Now both are "not a JWT" (14
+/// levels, 92 KB, in a join's `access_token`; 10 levels fit in the 16 KiB head) and the server
+/// keeps serving.
+#[test]
+fn a_token_header_nesting_raw_values_is_not_a_jwt() {
+    let server = support::Server::start(&[]);
+    let exp = now_s() + 3600;
+    let nested = |levels: usize| {
+        let mut nested = String::from("1");
+        for _ in 0..levels {
+            let inner = format!("{}{}{}", "[".repeat(120), nested, "]".repeat(120));
+            nested = format!(r#"{{"$serde_json::private::RawValue":{}}}"#, serde_json::to_string(&inner).unwrap());
+        }
+        let header = format!(r#"{{"alg":"HS256","typ":"JWT","x":{nested}}}"#);
+        let claims = json!({"role": "anon", "exp": exp}).to_string();
+        use base64::Engine as _;
+        let part = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.c2lnbmF0dXJl", part(&header), part(&claims))
+    };
+    let mut c = Conn::open(&server, wsclient::anon(), Vsn::V1, "client");
+    let reason = c.join_error("realtime:room", config(false, false, false), Some(&nested(14)));
+    assert_eq!(reason, "MalformedJWT: The token provided is not a valid JWT");
+    c.heartbeat();
+
+    let small = nested(10);
+    assert!(small.len() < 15_000, "{}", small.len());
+    let answer = upgrade_with(&server, &small);
+    assert_eq!((answer.status, answer.body_json()), (401, json!({"error": "The token provided is not a valid JWT"})));
+
+    let fresh = hs256(support::SECRET.as_bytes(), json!({"role": "anon", "exp": exp}));
+    assert_eq!(upgrade_with(&server, &fresh).status, 101, "still serving");
+}

@@ -88,6 +88,32 @@ impl<'de> Visitor<'de> for PlainVisitor {
     }
 }
 
+/// The object key with which serde_json's `Value` reader parses a string again as JSON text
+/// (the `raw_value` feature's private marker).
+pub const RAW_VALUE_KEY: &str = "$serde_json::private::RawValue";
+
+/// Whether `value` holds, at any depth, an object with the [`RAW_VALUE_KEY`] key. Such a value
+/// must not be handed to code that reads it as a `serde_json::Value` (a dependency's `Value`
+/// field, `serde_json::from_value`): that reader would parse the string again with a fresh
+/// recursion limit, and strings nested in strings overflow the stack. Iterative, so it needs no
+/// stack of its own whatever the depth.
+pub fn holds_raw_value_key(value: &Value) -> bool {
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        match value {
+            Value::Object(map) => {
+                if map.contains_key(RAW_VALUE_KEY) {
+                    return true;
+                }
+                pending.extend(map.values());
+            }
+            Value::Array(items) => pending.extend(items),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Parses `text` as one JSON value (serde_json's syntax and recursion limit).
 pub fn from_str(text: &str) -> serde_json::Result<Value> {
     serde_json::from_str::<Plain>(text).map(|plain| plain.0)
@@ -102,7 +128,7 @@ pub fn from_slice(bytes: &[u8]) -> serde_json::Result<Value> {
 mod tests {
     use super::*;
 
-    const TOKEN_KEY: &str = "$serde_json::private::RawValue";
+    const TOKEN_KEY: &str = RAW_VALUE_KEY;
 
     #[test]
     fn reads_what_serde_json_reads() {
@@ -131,5 +157,14 @@ mod tests {
         }
         let parsed = std::thread::Builder::new().stack_size(256 * 1024).spawn(move || from_str(&nested).is_ok()).unwrap().join();
         assert_eq!(parsed.ok(), Some(true), "parsed on a small stack");
+    }
+
+    #[test]
+    fn finds_the_raw_value_key_at_any_depth() {
+        assert!(!holds_raw_value_key(&from_str(r#"{"alg":"HS256","x":[{"y":"$serde_json::private::RawValue"}]}"#).unwrap()));
+        assert!(holds_raw_value_key(&from_str(&format!(r#"{{"{TOKEN_KEY}":"1"}}"#)).unwrap()));
+        assert!(holds_raw_value_key(&from_str(&format!(r#"{{"alg":"HS256","x":[1,{{"y":{{"z":1,"{TOKEN_KEY}":"[]"}}}}]}}"#)).unwrap()));
+        let deep = format!("{}{{\"{TOKEN_KEY}\":1}}{}", "[".repeat(120), "]".repeat(120));
+        assert!(holds_raw_value_key(&from_str(&deep).unwrap()));
     }
 }

@@ -71,7 +71,9 @@ impl KeyStore {
         validation.validate_aud = false;
         validation.validate_nbf = false;
         validation.required_spec_claims.clear();
-        jsonwebtoken::decode::<Value>(token, &key, &validation).map_err(|e| {
+        // The claims were read above (`raw_claims`); decoding them again into a `Value` here
+        // would go through serde_json's raw-value rule, so they are only skipped.
+        jsonwebtoken::decode::<serde::de::IgnoredAny>(token, &key, &validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
                 ErrorKind::InvalidSignature => AuthError::BadSignature,
@@ -141,6 +143,13 @@ fn check_header_alg(token: &str) -> Result<(), AuthError> {
     let Ok(Value::Object(header)) = crate::plain_json::from_slice(&bytes) else {
         return Err(AuthError::NotJwt);
     };
+    // jsonwebtoken reads the header's other members as `serde_json::Value`s, before any
+    // signature check: with the raw-value key an unsigned header would nest strings in strings
+    // past serde_json's recursion limit and overflow the stack (issue 16's dependency review).
+    // No real header carries that key.
+    if header.contains_key(crate::plain_json::RAW_VALUE_KEY) || header.values().any(crate::plain_json::holds_raw_value_key) {
+        return Err(AuthError::NotJwt);
+    }
     match header.get("alg").and_then(Value::as_str) {
         Some(alg) if SUPPORTED.contains(&alg) => Ok(()),
         Some(_) => Err(AuthError::NoSigner { kid: None }),
@@ -282,5 +291,32 @@ mod tests {
     fn cleans_tokens() {
         assert_eq!(clean_token("ab%20c\n d"), "abcd");
         assert_eq!(clean_token("x.y.z"), "x.y.z");
+    }
+
+    /// Found by issue 16's dependency review: jsonwebtoken keeps a header's unknown members as
+    /// `serde_json::Value`s, and with serde_json's `raw_value` feature an object whose key is
+    /// the raw-value marker has its string parsed again, with a fresh recursion limit. A header
+    /// of strings nested in strings (checked before any signature) overflowed the stack: on the
+    /// old code this test aborts the test process. Now such a header is not a JWT, and a
+    /// signed token with the key in its claims verifies without reading them as a `Value`.
+    #[test]
+    fn a_header_nesting_raw_values_is_refused_on_a_small_stack() {
+        let key = crate::plain_json::RAW_VALUE_KEY;
+        let mut nested = String::from("1");
+        for _ in 0..14 {
+            let inner = format!("{}{}{}", "[".repeat(120), nested, "]".repeat(120));
+            nested = format!(r#"{{"{key}":{}}}"#, serde_json::to_string(&inner).unwrap());
+        }
+        let header = format!(r#"{{"alg":"HS256","typ":"JWT","x":{nested}}}"#);
+        let claims = URL_SAFE_NO_PAD.encode(json!({"role":"anon","exp":NOW+10}).to_string());
+        let hostile = format!("{}.{claims}.c2ln", URL_SAFE_NO_PAD.encode(header));
+        let outcome = std::thread::Builder::new().stack_size(256 * 1024).spawn(move || check(&hostile)).unwrap().join();
+        assert_eq!(outcome.ok(), Some(Err(AuthError::NotJwt)), "refused on a small stack");
+        let shallow = format!("{}.{claims}.c2ln", URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"HS256","x":{{"{key}":"1"}}}}"#)));
+        assert_eq!(check(&shallow), Err(AuthError::NotJwt));
+
+        let marked = token(json!({"role":"anon","exp":NOW+10,"x":{key: "[1]"}}), b"secret");
+        let claims = std::thread::Builder::new().stack_size(256 * 1024).spawn(move || check(&marked)).unwrap().join().unwrap().unwrap();
+        assert_eq!(claims.role, "anon");
     }
 }

@@ -51,6 +51,24 @@ const OP_TIMEOUT: Duration = Duration::from_secs(2);
 const SYNC_WAIT: Duration = Duration::from_millis(500);
 /// Commands async-nats buffers for its connection task.
 const CLIENT_CAPACITY: usize = 65_536;
+/// The link thread's name (the process's panic hook recognises it: [`contains_panic`]).
+pub const THREAD_NAME: &str = "cluster-link";
+
+/// Whether the process survives a panic on `thread` raised at `file` (the panic location):
+/// yes for one on the link thread inside a dependency, no for anything else.
+///
+/// async-nats parses what the NATS server sends inside its connection task, and that parser
+/// can panic on bytes another NATS client published (0.51 asserts that a header value holds no
+/// `\r`, but its line splitting keeps a lone `\r` in the value): with the rule "a panic ends
+/// the process", any client allowed to publish on the cluster's subjects could stop every node
+/// at once. tokio catches a task's panic and ends only that task; the link sees the client's
+/// event stream end and connects again with a new client ([`run`]). A panic in the link's own
+/// code (a workspace file: cargo names those by paths relative to the workspace, dependencies
+/// by absolute paths) still ends the process, and so does one that unwinds the link's loop
+/// itself rather than a task of the client.
+pub fn contains_panic(thread: Option<&str>, file: Option<&str>) -> bool {
+    thread == Some(THREAD_NAME) && file.is_some_and(|file| std::path::Path::new(file).is_absolute())
+}
 
 /// How the link is set up (from CONTRACT.md's variables).
 #[derive(Debug, Clone)]
@@ -141,7 +159,7 @@ impl Link {
             None => (None, None),
         };
         std::thread::Builder::new()
-            .name("cluster-link".into())
+            .name(THREAD_NAME.into())
             .spawn(move || {
                 let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(runtime) => runtime,
@@ -152,7 +170,13 @@ impl Link {
                 };
                 let local = tokio::task::LocalSet::new();
                 let queues = Queues { data: data_rx, control: control_rx, inboxes: inbox_tx, leave: leave_rx, pg, new_tenants };
-                local.block_on(&runtime, run(config, urls, incarnation, registry, thread_stats, queues));
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| local.block_on(&runtime, run(config, urls, incarnation, registry, thread_stats, queues))));
+                if ran.is_err() {
+                    // A panic inside a dependency that the hook let through (`contains_panic`)
+                    // unwound the link's own loop, not a task of the NATS client: the link
+                    // cannot go on, and a panic raised here ends the process.
+                    panic!("the cluster link's loop unwound from a panic inside a dependency");
+                }
             })
             .map_err(ClusterError::Thread)?;
         Ok(Link { incarnation, data, control, inboxes, stats, pg_router, leave })
@@ -189,6 +213,10 @@ struct PendingSync {
 
 struct TopicSub {
     task: tokio::task::JoinHandle<()>,
+    /// The interest's generation, and whether its owner got the confirmation: a task started
+    /// again on a new client confirms only if the first one had not.
+    generation: u64,
+    confirmed: Rc<Cell<bool>>,
 }
 
 /// The queues the link thread serves.
@@ -205,7 +233,8 @@ struct Queues {
 pub(crate) struct Shared {
     config: LinkConfig,
     incarnation: u32,
-    client: async_nats::Client,
+    /// Replaced when the client's connection task ends ([`contains_panic`]).
+    client: RefCell<async_nats::Client>,
     registry: Arc<tenants::Registry>,
     stats: Arc<Stats>,
     inboxes: Vec<flume::Sender<FromLink>>,
@@ -229,7 +258,12 @@ fn count_fields() -> [fn(&tenants::ShardSlot) -> &std::sync::atomic::AtomicU64; 
 
 impl Shared {
     fn connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
+        self.client().connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The current NATS client (a handle: cheap to clone).
+    fn client(&self) -> async_nats::Client {
+        self.client.borrow().clone()
     }
 
     pub(crate) fn external_id(&self, tenant: TenantId) -> Option<Arc<str>> {
@@ -255,8 +289,8 @@ impl Shared {
         }
         let len = payload.len() as u64;
         let sent = match reply {
-            Some(reply) => tokio::time::timeout(OP_TIMEOUT, self.client.publish_with_reply(subject, reply, payload)).await,
-            None => tokio::time::timeout(OP_TIMEOUT, self.client.publish(subject, payload)).await,
+            Some(reply) => tokio::time::timeout(OP_TIMEOUT, self.client().publish_with_reply(subject, reply, payload)).await,
+            None => tokio::time::timeout(OP_TIMEOUT, self.client().publish(subject, payload)).await,
         };
         match sent {
             Ok(Ok(())) => {
@@ -441,9 +475,11 @@ impl Shared {
     }
 }
 
-async fn run(config: LinkConfig, urls: Vec<async_nats::ServerAddr>, incarnation: u32, registry: Arc<tenants::Registry>, stats: Arc<Stats>, queues: Queues) {
-    let Queues { data: data_rx, control: control_rx, inboxes, leave: leave_rx, pg, new_tenants } = queues;
-    let (event_tx, mut events) = tokio::sync::mpsc::channel::<async_nats::Event>(256);
+/// A NATS client that connects in the background (retrying for ever), with its events.
+async fn connect(config: &LinkConfig, urls: &[async_nats::ServerAddr]) -> Option<(async_nats::Client, tokio::sync::mpsc::Receiver<async_nats::Event>)> {
+    // The sender lives in the client's connection task (through the callback), so the
+    // receiver ends when that task does.
+    let (event_tx, events) = tokio::sync::mpsc::channel::<async_nats::Event>(256);
     let options = async_nats::ConnectOptions::new()
         .name(format!("powa-realtime {}", config.node_id))
         .no_echo()
@@ -460,19 +496,24 @@ async fn run(config: LinkConfig, urls: Vec<async_nats::ServerAddr>, incarnation:
                 let _ = event_tx.try_send(event);
             }
         });
-    let client = match options.connect(urls).await {
-        Ok(client) => client,
+    match options.connect(urls.to_vec()).await {
+        Ok(client) => Some((client, events)),
         Err(error) => {
             tracing::error!(%error, "cluster link: cannot use REALTIME_NATS_URL; this node runs alone");
-            return;
+            None
         }
-    };
+    }
+}
+
+async fn run(config: LinkConfig, urls: Vec<async_nats::ServerAddr>, incarnation: u32, registry: Arc<tenants::Registry>, stats: Arc<Stats>, queues: Queues) {
+    let Queues { data: data_rx, control: control_rx, inboxes, leave: leave_rx, pg, new_tenants } = queues;
+    let Some((client, mut events)) = connect(&config, &urls).await else { return };
     tracing::info!(node = %config.node_id, incarnation = format!("{incarnation:08x}"), cluster = %config.cluster, "cluster link started");
     let shared = Rc::new(Shared {
         inbox: subject::inbox(&config.cluster, incarnation),
         config,
         incarnation,
-        client,
+        client: RefCell::new(client),
         registry,
         stats,
         inboxes,
@@ -486,7 +527,7 @@ async fn run(config: LinkConfig, urls: Vec<async_nats::ServerAddr>, incarnation:
         pg: pg.map(|port| crate::pg::PgState::new(port, incarnation)),
     });
     let subscribe = |subject: String| {
-        let client = shared.client.clone();
+        let client = shared.client();
         async move {
             loop {
                 match client.subscribe(subject.clone()).await {
@@ -516,7 +557,7 @@ async fn run(config: LinkConfig, urls: Vec<async_nats::ServerAddr>, incarnation:
             leave = leave_rx.recv_async() => {
                 let bye = wire::encode(&Wire::Bye { incarnation: shared.incarnation });
                 shared.publish(subject::heartbeat(&shared.config.cluster), None, bye).await;
-                let _ = tokio::time::timeout(OP_TIMEOUT, shared.client.flush()).await;
+                let _ = tokio::time::timeout(OP_TIMEOUT, shared.client().flush()).await;
                 tracing::info!("cluster link: goodbye sent");
                 if let Ok(done) = leave {
                     let _ = done.try_send(());
@@ -525,7 +566,28 @@ async fn run(config: LinkConfig, urls: Vec<async_nats::ServerAddr>, incarnation:
                 // other nodes already dropped this node.
                 break;
             }
-            Some(event) = events.recv() => on_event(&shared, event).await,
+            event = events.recv() => match event {
+                Some(event) => on_event(&shared, event).await,
+                None => {
+                    // The client's connection task ended: only a panic inside it does that
+                    // (`contains_panic`), and every subscription went with it. A new client;
+                    // its first `Connected` heals (re-syncs presence, republishes ours).
+                    Stats::add(&shared.stats.link_restarts, 1);
+                    shared.stats.connected.store(false, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!("cluster link: the NATS client failed inside (see the panic above); connecting again with a new client");
+                    let Some((client, new_events)) = connect(&shared.config, &urls).await else { return };
+                    *shared.client.borrow_mut() = client;
+                    events = new_events;
+                    heartbeats = subscribe(subject::heartbeat(&shared.config.cluster)).await;
+                    sync_requests = subscribe(subject::sync(&shared.config.cluster)).await;
+                    answers = subscribe(format!("{}.*", shared.inbox)).await;
+                    if shared.pg.is_some() {
+                        pg_commands = Some(subscribe(subject::pg_commands(&shared.config.cluster, incarnation)).await);
+                        pg_out = Some(subscribe(subject::pg_out(&shared.config.cluster, incarnation)).await);
+                    }
+                    resubscribe_topics(&shared);
+                }
+            },
             message = control_rx.recv_async() => match message {
                 Ok(message) => on_shard_message(&shared, message).await,
                 Err(_) => return,
@@ -654,8 +716,9 @@ fn resync_all(shared: &Rc<Shared>) {
 async fn on_shard_message(shared: &Rc<Shared>, message: ToLink) {
     match message {
         ToLink::Interest { topic, on: true, generation } => {
-            let task = tokio::task::spawn_local(topic_task(Rc::clone(shared), topic.clone(), generation));
-            if let Some(old) = shared.topics.borrow_mut().insert(topic, TopicSub { task }) {
+            let confirmed = Rc::new(Cell::new(false));
+            let task = tokio::task::spawn_local(topic_task(Rc::clone(shared), topic.clone(), generation, Rc::clone(&confirmed)));
+            if let Some(old) = shared.topics.borrow_mut().insert(topic, TopicSub { task, generation, confirmed }) {
                 old.task.abort();
             }
             shared.stats.routed_topics.store(shared.topics.borrow().len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -695,35 +758,49 @@ async fn on_shard_message(shared: &Rc<Shared>, message: ToLink) {
     }
 }
 
-/// One topic's subscription: subscribe, confirm by a round trip, sync presence, tell the owner,
-/// then forward what other nodes send until the interest ends (the task is aborted).
-async fn topic_task(shared: Rc<Shared>, topic: TopicKey, generation: u64) {
+/// A new client: every topic's task starts again on it (confirming its interest only if the
+/// old task had not).
+fn resubscribe_topics(shared: &Rc<Shared>) {
+    let mut topics = shared.topics.borrow_mut();
+    for (topic, sub) in topics.iter_mut() {
+        sub.task.abort();
+        // Spawned, not run: the task borrows `topics` only after this borrow ends.
+        sub.task = tokio::task::spawn_local(topic_task(Rc::clone(shared), topic.clone(), sub.generation, Rc::clone(&sub.confirmed)));
+    }
+}
+
+/// One topic's subscription: subscribe, confirm by a round trip, sync presence, tell the owner
+/// (once per interest: `confirmed`), then forward what other nodes send until the interest ends
+/// (the task is aborted).
+async fn topic_task(shared: Rc<Shared>, topic: TopicKey, generation: u64, confirmed: Rc<Cell<bool>>) {
     let inbox = shared.owner_inbox(&topic).clone();
     let Some(tenant) = shared.external_id(topic.tenant) else {
-        let _ = inbox.send_async(FromLink::Synced { topic, generation: Some(generation), states: Vec::new() }).await;
+        if !confirmed.get() {
+            let _ = inbox.send_async(FromLink::Synced { topic, generation: Some(generation), states: Vec::new() }).await;
+            confirmed.set(true);
+        }
         return;
     };
     let subject = subject::topic(&shared.config.cluster, &tenant, topic.private, &topic.sub);
     let mut subscription = None;
-    let mut confirmed = false;
     loop {
         if subscription.is_none() {
-            if let Ok(Ok(sub)) = tokio::time::timeout(OP_TIMEOUT, shared.client.subscribe(subject.clone())).await {
+            if let Ok(Ok(sub)) = tokio::time::timeout(OP_TIMEOUT, shared.client().subscribe(subject.clone())).await {
                 subscription = Some(sub);
             }
         }
         let mut states = Vec::new();
         if subscription.is_some() && shared.connected() {
-            let barrier = tokio::time::timeout(OP_TIMEOUT, shared.client.request(subject::barrier(&shared.config.cluster, shared.incarnation), Bytes::new())).await;
+            let barrier = tokio::time::timeout(OP_TIMEOUT, shared.client().request(subject::barrier(&shared.config.cluster, shared.incarnation), Bytes::new())).await;
             // "No responders" (or any answer) means the server processed the subscription.
             if matches!(barrier, Ok(Ok(_)) | Ok(Err(_))) {
                 states = shared.sync(&tenant, &topic).await;
             }
         }
-        if !confirmed {
+        if !confirmed.get() {
             // Degraded or not: the joins waiting on this topic are answered now.
             let _ = inbox.send_async(FromLink::Synced { topic: topic.clone(), generation: Some(generation), states }).await;
-            confirmed = true;
+            confirmed.set(true);
         } else if !states.is_empty() {
             let _ = inbox.send_async(FromLink::Synced { topic: topic.clone(), generation: None, states }).await;
         }
@@ -896,5 +973,23 @@ async fn on_pg_out(shared: &Rc<Shared>, message: async_nats::Message) {
             Stats::add(&shared.stats.dropped_in, dropped);
         }
         _ => Stats::add(&shared.stats.malformed_in, 1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contains_only_dependency_panics_on_the_link_thread() {
+        let dependency = "/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/async-nats-0.51.0/src/header.rs";
+        assert!(contains_panic(Some(THREAD_NAME), Some(dependency)));
+        assert!(!contains_panic(Some(THREAD_NAME), Some("cluster/src/link.rs")));
+        assert!(!contains_panic(Some("shard0"), Some(dependency)));
+        assert!(!contains_panic(None, Some(dependency)));
+        assert!(!contains_panic(Some(THREAD_NAME), None));
+        // The rule rests on cargo naming workspace files by relative paths: a build that
+        // remaps them would make the link's own panics look like a dependency's.
+        assert!(!std::path::Path::new(file!()).is_absolute(), "{}", file!());
     }
 }

@@ -45,6 +45,9 @@ pub struct Stats {
     pub reconnects: AtomicU64,
     /// Nodes declared gone (timeout or goodbye).
     pub nodes_gone: AtomicU64,
+    /// Times the NATS client's connection task ended (a panic inside it) and the link made a
+    /// new client.
+    pub link_restarts: AtomicU64,
     nodes: Mutex<Vec<NodeInfo>>,
     /// Database streams per tenant (external id, `""` in single-tenant mode): the leader node's
     /// name, or `None` when no leader is known.
@@ -105,5 +108,6 @@ impl Stats {
         counter(out, "realtime_cluster_sync_timeouts_total", "Presence syncs that ended at their deadline with answers missing.", &self.sync_timeouts);
         counter(out, "realtime_cluster_reconnects_total", "Times the NATS connection came back.", &self.reconnects);
         counter(out, "realtime_cluster_nodes_gone_total", "Nodes declared gone (timeout or goodbye).", &self.nodes_gone);
+        counter(out, "realtime_cluster_link_restarts_total", "Times the NATS client failed inside (a panic in its connection task) and the link connected again.", &self.link_restarts);
     }
 }

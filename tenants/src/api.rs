@@ -196,6 +196,13 @@ pub fn merge(existing: Option<&TenantConfig>, fields: &Map<String, Value>) -> Re
         None => Map::new(),
     };
     for (key, value) in fields {
+        // `jwt_jwks` and extension settings are read as `serde_json::Value`s, whose reader
+        // parses a string under the raw-value key again (no recursion limit across strings):
+        // such a field is refused before it reaches that reader.
+        if auth::plain_json::holds_raw_value_key(value) {
+            errors.push((known_field(key), "is invalid".to_string()));
+            continue;
+        }
         // Each field alone must have the right type (so the 422 can name it).
         let alone = json!({ key.as_str(): value });
         if serde_json::from_value::<TenantConfig>(alone).is_err() {
@@ -381,6 +388,32 @@ mod tests {
         no_key.insert("external_id".into(), json!("new"));
         let body: Value = serde_json::from_slice(&merge(None, &no_key).unwrap_err().body).unwrap();
         assert_eq!(body["errors"]["jwt_secret"], json!(["or jwt_jwks is required"]));
+    }
+
+    /// Issue 16's dependency review: `jwt_jwks` and extension settings are `serde_json::Value`
+    /// fields, whose reader parses a string under the raw-value key again with a fresh
+    /// recursion limit; strings nested in strings overflowed the stack of the thread serving
+    /// the tenant API (on the old code this test aborts the test process).
+    #[test]
+    fn a_field_nesting_raw_values_is_invalid_on_a_small_stack() {
+        let key = auth::plain_json::RAW_VALUE_KEY;
+        let mut nested = String::from("1");
+        for _ in 0..14 {
+            let inner = format!("{}{}{}", "[".repeat(120), nested, "]".repeat(120));
+            nested = format!(r#"{{"{key}":{}}}"#, serde_json::to_string(&inner).unwrap());
+        }
+        let body = format!(r#"{{"external_id":"acme","jwt_secret":"s","jwt_jwks":{{"keys":[{nested}]}},"extensions":[{{"type":"postgres_cdc_rls","settings":{nested}}}]}}"#);
+        let outcome = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let Ok(Value::Object(fields)) = auth::plain_json::from_str(&body) else { panic!("the body is JSON") };
+                let response = merge(None, &fields).unwrap_err();
+                (response.status, serde_json::from_slice::<Value>(&response.body).unwrap())
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(outcome, (422, json!({"errors": {"jwt_jwks": ["is invalid"], "extensions": ["is invalid"]}})));
     }
 
     #[test]
