@@ -141,11 +141,7 @@ fn a_token_header_nesting_raw_values_is_not_a_jwt() {
     let server = support::Server::start(&[]);
     let exp = now_s() + 3600;
     let nested = |levels: usize| {
-        let mut nested = String::from("1");
-        for _ in 0..levels {
-            let inner = format!("{}{}{}", "[".repeat(120), nested, "]".repeat(120));
-            nested = format!(r#"{{"$serde_json::private::RawValue":{}}}"#, serde_json::to_string(&inner).unwrap());
-        }
+        let nested = auth::plain_json::nested_raw_values(levels);
         let header = format!(r#"{{"alg":"HS256","typ":"JWT","x":{nested}}}"#);
         let claims = json!({"role": "anon", "exp": exp}).to_string();
         use base64::Engine as _;

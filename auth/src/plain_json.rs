@@ -114,6 +114,20 @@ pub fn holds_raw_value_key(value: &Value) -> bool {
     false
 }
 
+/// JSON text of `levels` objects keyed [`RAW_VALUE_KEY`], each holding as a string 120 arrays
+/// around the next: what serde_json's `Value` reader recurses through string after string. For
+/// the tests that check it is refused (here, in tenants and end to end); not used in serving.
+#[doc(hidden)]
+pub fn nested_raw_values(levels: usize) -> String {
+    let mut nested = String::from("1");
+    for _ in 0..levels {
+        let inner = format!("{}{}{}", "[".repeat(120), nested, "]".repeat(120));
+        let quoted = serde_json::to_string(&inner).expect("a string serialises");
+        nested = format!(r#"{{"{RAW_VALUE_KEY}":{quoted}}}"#);
+    }
+    nested
+}
+
 /// Parses `text` as one JSON value (serde_json's syntax and recursion limit).
 pub fn from_str(text: &str) -> serde_json::Result<Value> {
     serde_json::from_str::<Plain>(text).map(|plain| plain.0)
@@ -150,11 +164,7 @@ mod tests {
         assert_eq!(value[TOKEN_KEY], "[1]");
         assert_eq!(from_slice(&serde_json::to_vec(&value).unwrap()).unwrap(), value);
         // Strings nested in strings: no recursion beyond the one level of each string.
-        let mut nested = String::from("1");
-        for _ in 0..12 {
-            let inner = format!("{}{}{}", "[".repeat(120), nested, "]".repeat(120));
-            nested = format!(r#"{{"{TOKEN_KEY}":{}}}"#, serde_json::to_string(&inner).unwrap());
-        }
+        let nested = nested_raw_values(12);
         let parsed = std::thread::Builder::new().stack_size(256 * 1024).spawn(move || from_str(&nested).is_ok()).unwrap().join();
         assert_eq!(parsed.ok(), Some(true), "parsed on a small stack");
     }

@@ -302,11 +302,7 @@ mod tests {
     #[test]
     fn a_header_nesting_raw_values_is_refused_on_a_small_stack() {
         let key = crate::plain_json::RAW_VALUE_KEY;
-        let mut nested = String::from("1");
-        for _ in 0..14 {
-            let inner = format!("{}{}{}", "[".repeat(120), nested, "]".repeat(120));
-            nested = format!(r#"{{"{key}":{}}}"#, serde_json::to_string(&inner).unwrap());
-        }
+        let nested = crate::plain_json::nested_raw_values(14);
         let header = format!(r#"{{"alg":"HS256","typ":"JWT","x":{nested}}}"#);
         let claims = URL_SAFE_NO_PAD.encode(json!({"role":"anon","exp":NOW+10}).to_string());
         let hostile = format!("{}.{claims}.c2ln", URL_SAFE_NO_PAD.encode(header));

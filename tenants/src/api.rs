@@ -396,12 +396,7 @@ mod tests {
     /// the tenant API (on the old code this test aborts the test process).
     #[test]
     fn a_field_nesting_raw_values_is_invalid_on_a_small_stack() {
-        let key = auth::plain_json::RAW_VALUE_KEY;
-        let mut nested = String::from("1");
-        for _ in 0..14 {
-            let inner = format!("{}{}{}", "[".repeat(120), nested, "]".repeat(120));
-            nested = format!(r#"{{"{key}":{}}}"#, serde_json::to_string(&inner).unwrap());
-        }
+        let nested = auth::plain_json::nested_raw_values(14);
         let body = format!(r#"{{"external_id":"acme","jwt_secret":"s","jwt_jwks":{{"keys":[{nested}]}},"extensions":[{{"type":"postgres_cdc_rls","settings":{nested}}}]}}"#);
         let outcome = std::thread::Builder::new()
             .stack_size(256 * 1024)
